@@ -1,0 +1,43 @@
+from shardmesh.v1 import router_pb2 as _router_pb2
+from shardmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExpertGroup(_message.Message):
+    __slots__ = ("layer", "expert", "hidden_states")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    hidden_states: _tensor_pb2.Tensor
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ComputeExpertsRequest(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
+    def __init__(self, groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ...) -> None: ...
+
+class ComputeExpertsResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class GetExpertInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertInfo(_message.Message):
+    __slots__ = ("name", "experts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    experts: _containers.RepeatedCompositeFieldContainer[_router_pb2.ExpertKey]
+    def __init__(self, name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[_router_pb2.ExpertKey, _Mapping]]] = ...) -> None: ...
