@@ -1,0 +1,1 @@
+"""The router: the public API, the cluster map, the scheduler, sampling."""

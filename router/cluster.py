@@ -1,0 +1,88 @@
+"""ClusterMap: the topology the router was given and the servers that registered against it.
+
+The router owns it; it is the one place that knows which address serves which layers and
+experts, and the version of the expert placement pushed to stages."""
+
+import dataclasses
+
+from shardmesh.config import ModelConfig
+from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardmesh.topology import ExpertServerSpec, StageSpec, Topology
+from shardmesh.v1 import router_pb2, stage_pb2
+
+
+@dataclasses.dataclass
+class Registration:
+    spec: StageSpec | ExpertServerSpec
+    address: str = ""
+
+
+class ClusterMap:
+    def __init__(self, topology: Topology, config: ModelConfig):
+        self.topology = topology.validate(config)
+        self.config = config
+        self.servers = {spec.name: Registration(spec) for spec in (*topology.stages, *topology.expert_servers)}
+        self.placement_version = 0
+
+    @property
+    def complete(self) -> bool:
+        return all(r.address for r in self.servers.values())
+
+    def missing(self) -> list[str]:
+        return [name for name, r in self.servers.items() if not r.address]
+
+    def stage_addresses(self) -> list[tuple[str, str]]:
+        """(name, address) of each stage in pipeline order."""
+        return [(s.name, self.servers[s.name].address) for s in self.topology.stages]
+
+    def register(self, request: router_pb2.RegisterServerRequest) -> Registration:
+        """Check a registration against the topology and record it (raises naming the field)."""
+        if request.name not in self.servers:
+            raise NotFound("name", f"{request.name!r} is not in the topology (has {sorted(self.servers)})")
+        if not request.address or ":" not in request.address:
+            raise InvalidArgument("address", f"{request.address!r} is not host:port")
+        if request.model_fingerprint != self.config.fingerprint:
+            raise FailedPrecondition("model_fingerprint", f"{request.model_fingerprint!r} differs from the router's "
+                                     f"{self.config.fingerprint!r}: servers must load the same checkpoint")
+        registration = self.servers[request.name]
+        spec = registration.spec
+        if isinstance(spec, StageSpec):
+            if request.role != router_pb2.SERVER_ROLE_STAGE:
+                raise FailedPrecondition("role", f"{spec.name!r} is a stage in the topology")
+            held = (request.layers.start, request.layers.end)
+            if held != (spec.start_layer, spec.end_layer):
+                raise FailedPrecondition("layers", f"{spec.name!r} holds {list(held)} but the topology says "
+                                         f"[{spec.start_layer}, {spec.end_layer})")
+        else:
+            if request.role != router_pb2.SERVER_ROLE_EXPERT:
+                raise FailedPrecondition("role", f"{spec.name!r} is an expert server in the topology")
+            held = tuple(sorted((k.layer, k.expert) for k in request.experts))
+            if held != spec.experts:
+                raise FailedPrecondition("experts", f"{spec.name!r} holds {len(held)} experts that differ from "
+                                         f"the topology's {len(spec.experts)}")
+            self.placement_version += 1
+        registration.address = request.address
+        return registration
+
+    def placement(self) -> stage_pb2.ExpertPlacement:
+        replicas = self.topology.replicas()
+        return stage_pb2.ExpertPlacement(version=self.placement_version, locations=[
+            stage_pb2.ExpertLocation(layer=layer, expert=expert,
+                                     addresses=[self.servers[n].address for n in names if self.servers[n].address])
+            for (layer, expert), names in sorted(replicas.items())])
+
+    def status(self, serving: bool, active_sequences: int) -> router_pb2.ClusterStatus:
+        servers = []
+        for name, registration in self.servers.items():
+            spec = registration.spec
+            status = router_pb2.ServerStatus(name=name, address=registration.address,
+                                             registered=bool(registration.address))
+            if isinstance(spec, StageSpec):
+                status.role = router_pb2.SERVER_ROLE_STAGE
+                status.layers.start, status.layers.end = spec.start_layer, spec.end_layer
+            else:
+                status.role = router_pb2.SERVER_ROLE_EXPERT
+                status.experts.extend(router_pb2.ExpertKey(layer=l, expert=e) for l, e in spec.experts)
+            servers.append(status)
+        return router_pb2.ClusterStatus(serving=serving, placement_version=self.placement_version,
+                                        servers=servers, active_sequences=active_sequences)

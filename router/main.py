@@ -1,0 +1,82 @@
+"""Run the router: the public API, the registry, the scheduler loop."""
+
+import asyncio
+import logging
+
+import grpc
+
+from shardmesh import grpc_util
+from shardmesh.grpc_util import CONTROL_DEADLINE_S
+from shardmesh.scheduler import Scheduler
+from shardmesh.service_config import ServiceConfig
+from shardmesh.text import TextCodec
+from shardmesh.v1 import router_pb2, router_pb2_grpc, stage_pb2_grpc
+
+from router.cluster import ClusterMap
+from router.pipeline import StagePipeline
+from router.servicer import RegistryServicer, RouterServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = [router_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Router", "Registry")]
+
+
+class RouterState:
+    """Everything the router's servicers share."""
+
+    def __init__(self, config: ServiceConfig, max_context: int, max_batch_sequences: int):
+        self.config = config.model
+        self.cluster = ClusterMap(config.topology, config.model)
+        self.text = TextCodec.from_model_dir(config.model_dir)
+        self.max_context = max_context
+        self.pipeline = StagePipeline()
+        self.scheduler = Scheduler(self.pipeline, max_batch_sequences)
+        self.registry_lock = asyncio.Lock()
+        self.serving = False
+        self.health = None
+
+    async def on_cluster_change(self) -> None:
+        """After a registration: reconnect stages and, once complete, push the placement."""
+        await self.pipeline.connect([(n, a) for n, a in self.cluster.stage_addresses() if a])
+        if not self.cluster.complete:
+            return
+        placement = self.cluster.placement()
+        for name, address in self.cluster.stage_addresses():
+            async with grpc_util.insecure_channel(address) as channel:
+                try:
+                    await stage_pb2_grpc.StageStub(channel).UpdatePlacement(placement, timeout=CONTROL_DEADLINE_S)
+                except grpc.aio.AioRpcError as error:
+                    log.error("pushing placement v%d to %s failed: %s", placement.version, name, error.details())
+                    return
+        if not self.serving:
+            log.info("every server registered: serving")
+        self.serving = True
+        await grpc_util.set_serving(self.health, SERVICE_NAMES, True)
+
+
+class RouterServer:
+    def __init__(self, server, port: int, state: RouterState):
+        self.server, self.port, self.state = server, port, state
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        self.state.serving = False
+        await grpc_util.set_serving(self.state.health, SERVICE_NAMES, False)
+        await self.server.stop(grace)
+        await self.state.scheduler.stop()
+        await self.state.pipeline.close()
+
+
+async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_sequences: int = 64) -> RouterServer:
+    model_limit = config.model.max_position_embeddings
+    if max_context > model_limit:
+        raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
+    state = RouterState(config, max_context or model_limit, max_batch_sequences)
+    server = grpc_util.new_server()
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(state), server)
+    router_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
+    state.health = grpc_util.add_health_and_reflection(server, SERVICE_NAMES)
+    await grpc_util.set_serving(state.health, SERVICE_NAMES, False)
+    port = grpc_util.bind(server, config.host, config.port)
+    await server.start()
+    state.scheduler.start()
+    log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())
+    return RouterServer(server, port, state)

@@ -1,0 +1,117 @@
+"""RouterServicer (public API) and RegistryServicer (servers joining), thin over core code."""
+
+import asyncio
+import itertools
+import logging
+
+import grpc
+
+from shardmesh import codec
+from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError, Unavailable
+from shardmesh.grpc_util import abort_for, translate_errors
+from shardmesh.sampling import Sampler, SamplingParams
+from shardmesh.scheduler import Sequence
+from shardmesh.text import IncrementalDecoder
+from shardmesh.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+FINISH_REASONS = {None: router_pb2.FINISH_REASON_UNSPECIFIED, "length": router_pb2.FINISH_REASON_LENGTH,
+                  "stop": router_pb2.FINISH_REASON_STOP}
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, state):
+        self.state = state  # router.main.RouterState
+        self._sequence_ids = itertools.count(1)
+
+    def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:
+        config = self.state.config
+        if request.prompt_token_ids and request.prompt_text:
+            raise InvalidArgument("prompt_text", "give prompt_token_ids or prompt_text, not both")
+        if request.prompt_text:
+            if self.state.text is None:
+                raise FailedPrecondition("prompt_text", "this checkpoint has no tokenizer.json: send prompt_token_ids")
+            prompt = self.state.text.encode(request.prompt_text)
+            if not prompt:
+                raise InvalidArgument("prompt_text", "the text tokenizes to no tokens")
+            return prompt
+        if not request.prompt_token_ids:
+            raise InvalidArgument("prompt_token_ids", "empty prompt: give prompt_token_ids or prompt_text")
+        for i, token_id in enumerate(request.prompt_token_ids):
+            if not 0 <= token_id < config.vocab_size:
+                raise InvalidArgument(f"prompt_token_ids[{i}]", f"{token_id} is outside [0, {config.vocab_size})")
+        return list(request.prompt_token_ids)
+
+    def _sequence(self, request: router_pb2.GenerateRequest) -> Sequence:
+        prompt = self._prompt(request)
+        max_context = self.state.max_context
+        if request.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens", f"{request.max_new_tokens} must be >= 1")
+        if len(prompt) + request.max_new_tokens > max_context:
+            raise InvalidArgument("max_new_tokens", f"prompt ({len(prompt)} tokens) + max_new_tokens "
+                                  f"({request.max_new_tokens}) exceeds the context limit {max_context}")
+        for i, token_id in enumerate(request.stop_token_ids):
+            if not 0 <= token_id < self.state.config.vocab_size:
+                raise InvalidArgument(f"stop_token_ids[{i}]", f"{token_id} is outside [0, {self.state.config.vocab_size})")
+        sampling = request.sampling
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+                                seed=sampling.seed if sampling.HasField("seed") else None)
+        stop = set(request.stop_token_ids)
+        if not request.ignore_eos:
+            stop.update(self.state.config.eos_token_ids)
+        return Sequence(next(self._sequence_ids), prompt, request.max_new_tokens, frozenset(stop),
+                        Sampler(params), return_logits=request.return_logits)
+
+    async def Generate(self, request, context):
+        try:
+            sequence = self._sequence(request)
+            if not self.state.serving:
+                raise Unavailable("router", f"the mesh is not serving yet: waiting for {self.state.cluster.missing()}")
+        except RequestError as error:
+            await abort_for(context, error)
+            return
+        decoder = IncrementalDecoder(self.state.text)
+        self.state.scheduler.submit(sequence)
+        try:
+            while True:
+                event = await sequence.events.get()
+                if isinstance(event, Exception):
+                    code = event.code if isinstance(event, RequestError) else "UNAVAILABLE"
+                    await context.abort(getattr(grpc.StatusCode, code), str(event))
+                    return
+                response = router_pb2.GenerateResponse(
+                    token_id=event.token_id, text=decoder.push(event.token_id), index=event.index,
+                    finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(sequence.prompt))
+                if event.logits is not None:
+                    response.logits.CopyFrom(codec.encode(event.logits))
+                yield response
+                if event.finish_reason:
+                    return
+        finally:
+            # Client cancelled or disconnected (or the stream ended): free the sequence everywhere.
+            self.state.scheduler.cancel(sequence)
+
+    async def GetModelInfo(self, request, context):
+        config = self.state.config
+        return router_pb2.ModelInfo(
+            family=config.family, num_layers=config.num_layers, hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size, max_context=self.state.max_context, num_experts=config.num_experts,
+            experts_per_token=config.experts_per_token, has_tokenizer=self.state.text is not None,
+            eos_token_ids=list(config.eos_token_ids), model_fingerprint=config.fingerprint)
+
+    async def GetClusterStatus(self, request, context):
+        return self.state.cluster.status(self.state.serving, self.state.scheduler.active)
+
+
+class RegistryServicer(router_pb2_grpc.RegistryServicer):
+    def __init__(self, state):
+        self.state = state
+
+    @translate_errors
+    async def RegisterServer(self, request, context):
+        async with self.state.registry_lock:
+            self.state.cluster.register(request)
+            log.info("registered %s at %s", request.name, request.address)
+            await self.state.on_cluster_change()
+        return router_pb2.RegisterServerResponse(placement_version=self.state.cluster.placement_version)

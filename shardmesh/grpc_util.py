@@ -1,0 +1,126 @@
+"""What every shardmesh service shares on the gRPC side: message limits, health, reflection,
+error translation, and registration with the router. Servicers stay thin: they decode, call core
+code, and map `shardmesh.errors.RequestError` to a status naming the field."""
+
+import asyncio
+import functools
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from shardmesh.errors import RequestError
+from shardmesh.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Set deliberately on both sides: activations of a long prefill are large, and a too-small
+# default (4 MiB) would fail them; anything beyond this is refused before it is allocated.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+# Servers accept client keepalive pings every 5 s or more.
+SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+
+CONTROL_DEADLINE_S = 10.0  # registration, placement, free, info calls
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def insecure_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind host:port (0 = let the OS choose) and return the bound port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    return bound
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health_aio.HealthServicer:
+    """Serve grpc.health.v1 (every service NOT_SERVING until the caller says otherwise) and reflection."""
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    return health
+
+
+async def set_serving(health: health_aio.HealthServicer, service_names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await health.set(name, status)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: RequestError):
+    await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+
+def translate_errors(method):
+    """Unary methods: a RequestError raised by core code becomes a status naming its field."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except RequestError as error:
+            await abort_for(context, error)
+
+    return wrapper
+
+
+async def wait_for_health(address: str, timeout: float, service: str = "") -> None:
+    """Poll grpc.health.v1 on `address` until SERVING; raise TimeoutError after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.02
+    async with insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 2.0))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.5)
+
+
+async def register_with_router(router_address: str, request: router_pb2.RegisterServerRequest,
+                               timeout: float = 120.0) -> router_pb2.RegisterServerResponse:
+    """Register this server, retrying while the router is not reachable yet (bounded by `timeout`).
+
+    A refusal (wrong layers, wrong model...) is raised at once: retrying cannot fix it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.05
+    async with insecure_channel(router_address) as channel:
+        stub = router_pb2_grpc.RegistryStub(channel)
+        while True:
+            try:
+                return await stub.RegisterServer(request, timeout=CONTROL_DEADLINE_S)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if loop.time() + delay > deadline:
+                    raise TimeoutError(f"router at {router_address} unreachable for {timeout:.0f} s") from error
+                log.info("router %s not reachable yet (%s); retrying", router_address, error.code().name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)

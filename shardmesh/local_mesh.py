@@ -1,0 +1,53 @@
+"""A whole mesh inside one asyncio event loop, every service a real grpc.aio server on loopback
+(ports chosen by the OS), talking over the real wire. For tests and benchmarks: torch is
+imported once and nothing is spawned. `shardmesh up` runs the same services as processes."""
+
+import asyncio
+import dataclasses
+import pathlib
+
+from shardmesh import grpc_util
+from shardmesh.service_config import ServiceConfig
+from shardmesh.topology import Topology
+
+
+@dataclasses.dataclass
+class LocalMesh:
+    router: object
+    stages: list
+    experts: list
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.router.port}"
+
+    async def stop(self) -> None:
+        await self.router.stop(grace=None)
+        for server in (*self.stages, *self.experts):
+            await server.stop(grace=None)
+
+
+async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | None = None, *,
+                           dtype: str = "float32", max_context: int = 0, ready_timeout: float = 60.0) -> LocalMesh:
+    """Start a router, then every stage and expert server of `topology` (default: the model's),
+    and return once the router reports SERVING on grpc.health.v1."""
+    from expert_server.main import start_expert_server
+    from router.main import start_router
+    from stage_server.main import start_stage_server
+
+    base = ServiceConfig(model_dir=model_dir, topology=topology, dtype=dtype)
+    router = await start_router(base, max_context=max_context)
+    address = f"127.0.0.1:{router.port}"
+    mesh = LocalMesh(router, [], [])
+    try:
+        def config(name: str) -> ServiceConfig:
+            return dataclasses.replace(base, name=name, router_address=address, topology=base.topology)
+
+        mesh.stages = list(await asyncio.gather(*(start_stage_server(config(s.name)) for s in base.topology.stages)))
+        mesh.experts = list(await asyncio.gather(
+            *(start_expert_server(config(e.name)) for e in base.topology.expert_servers)))
+        await grpc_util.wait_for_health(address, ready_timeout)
+    except BaseException:
+        await mesh.stop()
+        raise
+    return mesh

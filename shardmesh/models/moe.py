@@ -1,0 +1,116 @@
+"""The MoE block's verbs: `route` (the gate's rule), `dispatch` (group tokens by expert), `combine`
+(weighted sum back in token order), and `reference_moe`, the slow obvious version to test them by.
+
+    groups, handle = dispatch(hidden_states, router_logits, top_k)
+    outputs = {e: expert_e(x) for e, x in groups.items()}      # anywhere: in process or remote
+    hidden_states = combine(outputs, handle)
+
+Routing is Mixtral's (transformers `MixtralTopKRouter`): softmax over all experts in float32, top-k
+of the probabilities, the k weights renormalized to sum to 1.
+
+Shape legend: T tokens, H hidden_size, E experts, K experts per token (top_k), n_e tokens of expert e.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class MoEGate:
+    """The router's linear layer: hidden_states [T, H] -> router_logits [T, E] (in the hidden dtype)."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int):
+        self.weight = weight  # [E, H]
+        self.top_k = top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight)
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights float32 [T, K], topk_idx int64 [T, K]), Mixtral's rule."""
+    probs = torch.softmax(router_logits.float(), dim=-1)          # [T, E]
+    topk_weights, topk_idx = torch.topk(probs, top_k, dim=-1)     # [T, K]
+    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_idx
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchHandle:
+    """What `combine` needs to undo a `dispatch`. Rows are the T*K (token, expert) pairs sorted by
+    expert (stable, so tokens stay in order within an expert)."""
+
+    num_tokens: int                 # T
+    experts: tuple[int, ...]        # expert ids with at least one token, ascending = order of rows
+    counts: tuple[int, ...]         # n_e for each of `experts`
+    token_idx: torch.Tensor         # int64 [T*K]: the token each row came from
+    weights: torch.Tensor           # float32 [T*K]: that row's routing weight
+    topk_idx: torch.Tensor          # int64 [T, K]: the experts each token chose (for load statistics)
+
+
+def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+             top_k: int) -> tuple[dict[int, torch.Tensor], DispatchHandle]:
+    """Group tokens by the experts the gate picks for them.
+
+    hidden_states [T, H], router_logits [T, E] -> (groups, handle): groups maps each expert that got
+    at least one token to its tokens' hidden_states [n_e, H] (in token order); experts with no
+    tokens are absent. A token appears in K groups."""
+    num_tokens, num_experts = router_logits.shape
+    assert hidden_states.shape[0] == num_tokens, (hidden_states.shape, router_logits.shape)
+    topk_weights, topk_idx = route(router_logits, top_k)
+    flat_experts = topk_idx.reshape(-1)                                 # [T*K]
+    order = torch.argsort(flat_experts, stable=True)                    # [T*K]
+    token_idx = order // top_k                                          # [T*K]
+    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    rows = hidden_states[token_idx].split(counts)                       # E tensors [n_e, H]
+    groups = {expert: rows[expert] for expert in range(num_experts) if counts[expert] > 0}
+    handle = DispatchHandle(
+        num_tokens=num_tokens,
+        experts=tuple(groups),
+        counts=tuple(counts[e] for e in groups),
+        token_idx=token_idx,
+        weights=topk_weights.reshape(-1)[order],
+        topk_idx=topk_idx,
+    )
+    return groups, handle
+
+
+def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.Tensor:
+    """Each token's expert outputs weighted by its routing weights and summed: -> [T, H].
+
+    outputs maps every expert of the dispatch to its unweighted output [n_e, H] (same row order as
+    its group). Accumulates in float32; returns the outputs' dtype. Raises ValueError when an
+    expert is missing or has the wrong number of rows (outputs may come from the network)."""
+    missing = [e for e in handle.experts if e not in outputs]
+    if missing:
+        raise ValueError(f"combine: no output for experts {missing}")
+    for expert, count in zip(handle.experts, handle.counts):
+        if outputs[expert].dim() != 2 or outputs[expert].shape[0] != count:
+            raise ValueError(f"combine: expert {expert} returned shape {list(outputs[expert].shape)}, "
+                             f"expected [{count}, hidden_size]")
+    rows = torch.cat([outputs[e] for e in handle.experts])               # [T*K, H]
+    weighted = rows.float() * handle.weights[:, None]                    # [T*K, H]
+    combined = torch.zeros(handle.num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
+    combined.index_add_(0, handle.token_idx, weighted)                   # [T, H]
+    return combined.to(rows.dtype)
+
+
+def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, top_k: int,
+                  expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The slow obvious MoE block: for each token, for each of its top-k experts, add weight * expert(x).
+
+    expert(e, x [n, H]) -> [n, H]. Returns [T, H] in hidden_states' dtype. For tests only."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    result = torch.zeros(hidden_states.shape, dtype=torch.float32)
+    for t in range(hidden_states.shape[0]):
+        weights, chosen = torch.topk(probs[t], top_k)
+        weights = weights / weights.sum()
+        for weight, e in zip(weights.tolist(), chosen.tolist()):
+            result[t] += weight * expert(e, hidden_states[t:t + 1])[0].float()
+    return result.to(hidden_states.dtype)

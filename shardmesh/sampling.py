@@ -1,0 +1,51 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded."""
+
+import dataclasses
+import math
+import secrets
+
+import torch
+
+from shardmesh.errors import InvalidArgument
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0     # 0 = greedy
+    top_k: int = 0               # 0 = off
+    top_p: float = 1.0           # in (0, 1]
+    seed: int | None = None      # None = random
+
+    def __post_init__(self):
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgument("sampling.temperature", f"{self.temperature} must be finite and >= 0")
+        if self.top_k < 0:
+            raise InvalidArgument("sampling.top_k", f"{self.top_k} must be >= 0")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgument("sampling.top_p", f"{self.top_p} must be in (0, 1]")
+
+
+class Sampler:
+    """One per sequence: its own generator, so its tokens do not depend on its batch mates."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: [V] float32 -> the chosen token id."""
+        if self.params.temperature == 0.0:
+            return int(torch.argmax(logits))
+        scores = logits.double() / self.params.temperature           # [V]
+        if 0 < self.params.top_k < scores.shape[0]:
+            kth = torch.topk(scores, self.params.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.params.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (always the top token).
+            drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= self.params.top_p
+            scores = scores.scatter(0, order[drop_sorted], -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

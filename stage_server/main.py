@@ -1,0 +1,53 @@
+"""Run one stage server: load its layers, serve, register with the router."""
+
+import logging
+
+from shardmesh import grpc_util
+from shardmesh.checkpoint import CheckpointReader
+from shardmesh.service_config import ServiceConfig
+from shardmesh.stage_model import StageModel
+from shardmesh.topology import StageSpec
+from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
+
+from stage_server.remote_experts import RemoteExperts
+from stage_server.servicer import StageServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+
+
+class StageServer:
+    """A running stage server; `stop()` ends it."""
+
+    def __init__(self, server, port: int, servicer: StageServicer, health):
+        self.server, self.port, self.servicer, self.health = server, port, servicer, health
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.servicer.experts.close()
+
+
+async def start_stage_server(config: ServiceConfig) -> StageServer:
+    spec = config.topology.server(config.name)
+    if not isinstance(spec, StageSpec):
+        raise ValueError(f"{config.name!r} is an expert server in the topology, not a stage")
+    reader = CheckpointReader(config.model_dir, device=config.device)
+    log.info("%s: loading layers [%d, %d)", config.name, spec.start_layer, spec.end_layer)
+    model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype)
+    reader.close()
+    servicer = StageServicer(config.name, model, RemoteExperts())
+    server = grpc_util.new_server()
+    stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+    port = grpc_util.bind(server, config.host, config.port)
+    await server.start()
+    address = f"{config.host}:{port}"
+    # SERVING once started; a step before the placement arrives gets FAILED_PRECONDITION.
+    await grpc_util.set_serving(health, [SERVICE_NAME], True)
+    if config.router_address:
+        await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
+            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=address,
+            layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),
+            model_fingerprint=config.model.fingerprint))
+    log.info("%s: stage server listening on %s", config.name, address)
+    return StageServer(server, port, servicer, health)
