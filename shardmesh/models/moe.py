@@ -94,7 +94,7 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
         if outputs[expert].dim() != 2 or outputs[expert].shape[0] != count:
             raise ValueError(f"combine: expert {expert} returned shape {list(outputs[expert].shape)}, "
                              f"expected [{count}, hidden_size]")
-    rows = torch.cat([outputs[e] for e in handle.experts])               # [T*K, H]
+    rows = torch.cat([outputs[e] for e in handle.experts]).to(handle.weights.device)  # [T*K, H]
     weighted = rows.float() * handle.weights[:, None]                    # [T*K, H]
     combined = torch.zeros(handle.num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
     combined.index_add_(0, handle.token_idx, weighted)                   # [T, H]

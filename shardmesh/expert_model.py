@@ -1,0 +1,72 @@
+"""Experts of an MoE model held by one process: `ExpertShard` (the math) and `LocalExperts` (an
+in-process `ExpertBackend` over shards, for tests and one-process use).
+
+Shape legend: n tokens routed to one expert, H hidden_size.
+"""
+
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+
+from shardmesh.checkpoint import CheckpointReader
+from shardmesh.config import ModelConfig
+from shardmesh.errors import InvalidArgument, NotFound, Unavailable
+from shardmesh.models import get_family
+from shardmesh.models.layers import SwiGLUMLP
+
+
+class ExpertShard:
+    def __init__(self, config: ModelConfig, experts: Iterable[tuple[int, int]], reader: CheckpointReader,
+                 dtype: torch.dtype = torch.float32):
+        """Loads only `block_sparse_moe.experts.E.{w1,w2,w3}` of each (layer, expert) in `experts`."""
+        family = get_family(config.family)
+        if not config.is_moe or not hasattr(family, "load_expert"):
+            raise ValueError(f"{config.family} is a dense model: it has no experts to hold")
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(reader.device)
+        self.experts: list[tuple[int, int]] = sorted(set((int(l), int(e)) for l, e in experts))
+        for layer, expert in self.experts:
+            if not (0 <= layer < config.num_layers and 0 <= expert < config.num_experts):
+                raise ValueError(f"(layer {layer}, expert {expert}) is outside {config.num_layers} layers "
+                                 f"x {config.num_experts} experts")
+        self._mlps = {key: family.load_expert(reader, *key, dtype) for key in self.experts}
+
+    def holds(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self._mlps
+
+    def compute(self, layer: int, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """All tokens routed to one expert in one pass: [n, H] -> w2(silu(w1 x) * w3 x) [n, H] (unweighted)."""
+        if (layer, expert) not in self._mlps:
+            raise NotFound("expert", f"(layer {layer}, expert {expert}) is not held here")
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.config.hidden_size:
+            raise InvalidArgument("hidden_states", f"shape {list(hidden_states.shape)} is not "
+                                                   f"[num_tokens, {self.config.hidden_size}]")
+        return self._mlps[(layer, expert)](hidden_states.to(self.device, self.dtype))
+
+
+class LocalExperts:
+    """ExpertBackend over in-process shards; replicas of an expert are used in turn."""
+
+    def __init__(self, shards: list[ExpertShard]):
+        self.shards = list(shards)
+        self._holders: dict[tuple[int, int], list[ExpertShard]] = {}
+        for shard in self.shards:
+            for key in shard.experts:
+                self._holders.setdefault(key, []).append(shard)
+        self._turn = 0
+        self.tokens_routed: Counter[tuple[int, int, int]] = Counter()  # (layer, expert, shard index) -> tokens
+
+    async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """groups: expert id -> hidden_states [n_e, H]; returns expert id -> output [n_e, H]."""
+        outputs = {}
+        for expert, hidden_states in groups.items():
+            holders = self._holders.get((layer, expert))
+            if not holders:
+                raise Unavailable("experts", f"no local shard holds (layer {layer}, expert {expert})")
+            shard = holders[self._turn % len(holders)]
+            self._turn += 1
+            self.tokens_routed[(layer, expert, self.shards.index(shard))] += hidden_states.shape[0]
+            outputs[expert] = shard.compute(layer, expert, hidden_states).to(hidden_states.device)
+        return outputs

@@ -1,0 +1,140 @@
+"""`shardmesh up`: every service of a topology as its own process on loopback.
+
+The router starts first on a port the OS chooses (it writes it to a file); stage and expert
+servers then start with `--router` and register themselves. `Launcher` waits for the router's
+grpc.health.v1 SERVING, watches its children, and stops them all (SIGTERM, then SIGKILL after a
+grace period) when it is closed."""
+
+import asyncio
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from shardmesh.config import ModelConfig
+from shardmesh.topology import Topology
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+class Launcher:
+    def __init__(self, model_dir: str | pathlib.Path, topology_file: str | pathlib.Path | None = None, *,
+                 host: str = "127.0.0.1", dtype: str = "float32", threads_per_service: int = 1,
+                 log_level: str = "WARNING", ready_timeout: float = 180.0):
+        self.model_dir = pathlib.Path(model_dir).resolve()
+        self.config = ModelConfig.from_dir(self.model_dir)
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="shardmesh-up-"))
+        if topology_file is None:
+            topology = Topology.default(self.config)
+            topology_file = self.workdir / "topology.toml"
+            topology_file.write_text(topology.to_toml())
+        self.topology_file = pathlib.Path(topology_file).resolve()
+        self.topology = Topology.from_file(self.topology_file, self.config)
+        self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
+        self.ready_timeout = ready_timeout
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.router_address = ""
+
+    def _spawn(self, name: str, role: str, *extra: str) -> None:
+        command = [sys.executable, "-m", "shardmesh.cli", role, "--model", str(self.model_dir),
+                   "--topology", str(self.topology_file), "--host", self.host, "--dtype", self.dtype,
+                   "--threads", str(self.threads), "--log-level", self.log_level, *extra]
+        log_file = open(self.workdir / f"{name}.log", "wb")
+        self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.workdir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise ServiceFailed(f"{name} exited with code {process.returncode}:\n{self.log_tail(name)}")
+
+    def start(self) -> str:
+        """Start everything; return the router's host:port once it is SERVING."""
+        port_file = self.workdir / "router.port"
+        self._spawn("router", "router", "--port-file", str(port_file))
+        deadline = time.monotonic() + self.ready_timeout
+        while not port_file.exists():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise ServiceFailed(f"router did not start within {self.ready_timeout:.0f} s")
+            time.sleep(0.05)
+        self.router_address = f"{self.host}:{int(port_file.read_text())}"
+        for spec in (*self.topology.stages, *self.topology.expert_servers):
+            role = "stage" if spec in self.topology.stages else "expert"
+            self._spawn(spec.name, role, "--name", spec.name, "--router", self.router_address)
+        asyncio.run(self._wait_serving(deadline))
+        return self.router_address
+
+    async def _wait_serving(self, deadline: float) -> None:
+        from shardmesh.grpc_util import wait_for_health
+        while True:
+            self.check_alive()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServiceFailed(f"the mesh was not SERVING within {self.ready_timeout:.0f} s")
+            try:
+                await wait_for_health(self.router_address, min(remaining, 1.0))
+                return
+            except TimeoutError:
+                continue
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every service (servers first, router last), SIGKILL what is left after `grace`."""
+        order = [n for n in self.processes if n != "router"] + (["router"] if "router" in self.processes else [])
+        for name in order:
+            if self.processes[name].poll() is None:
+                self.processes[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name in order:
+            try:
+                self.processes[name].wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.processes[name].kill()
+                self.processes[name].wait()
+
+    def __enter__(self) -> "Launcher":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str) -> int:
+    """Foreground `shardmesh up`: start, print where the router listens, stop on Ctrl-C/SIGTERM."""
+    launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, threads_per_service=threads,
+                        log_level=log_level)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"starting {len(launcher.topology.stages)} stage(s) and {len(launcher.topology.expert_servers)} "
+              f"expert server(s); logs in {launcher.workdir}", flush=True)
+        address = launcher.start()
+        print(f"router listening on {address}  (Ctrl-C to stop)", flush=True)
+        while True:
+            launcher.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping the mesh", flush=True)
+        return 0
+    except ServiceFailed as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        launcher.stop()

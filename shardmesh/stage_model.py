@@ -1,0 +1,201 @@
+"""StageModel: a contiguous layer range [start_layer, end_layer) of the model, its KV cache and MoE gates.
+
+The first stage also holds the token embedding, the last the final norm and LM head. A step takes
+a packed batch of several sequences' new tokens (`StageBatch`), runs every linear layer on the
+whole batch and attention per sequence against its cache, and, for MoE layers, sends each
+expert's tokens through an `ExpertBackend` (in process or remote). Transport-free: servicers call
+`validate` / `forward` / `free` and translate `shardmesh.errors` into statuses.
+
+Shape legend: N new tokens in the step (all sequences packed), H hidden_size, V vocab_size,
+S sequences in the step.
+"""
+
+import dataclasses
+import typing
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from shardmesh.checkpoint import CheckpointReader
+from shardmesh.config import ModelConfig
+from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardmesh.kv_cache import KVCache
+from shardmesh.models import get_family
+from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, SwiGLUMLP
+from shardmesh.models.moe import MoEGate, combine, dispatch
+
+
+@dataclasses.dataclass
+class StageBatch:
+    sequence_ids: list[int]
+    start_positions: list[int]   # per sequence; must equal tokens already cached for it (0 = new sequence)
+    num_tokens: list[int]        # per sequence, >= 1; N = sum(num_tokens); tokens packed in sequence order
+    inputs: torch.Tensor         # first stage: token ids int64 [N]; other stages: hidden_states [N, H] (stage dtype)
+
+
+class ExpertBackend(typing.Protocol):
+    async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """groups: expert id -> hidden_states [n_e, H] routed to it; returns expert id -> that expert's output [n_e, H] (unweighted)."""
+        ...
+
+
+@dataclasses.dataclass
+class DecoderLayer:
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    post_attention_layernorm: RMSNorm
+    ffn: SwiGLUMLP | MoEGate
+
+
+class StageModel:
+    def __init__(self, config: ModelConfig, start_layer: int, end_layer: int, reader: CheckpointReader,
+                 dtype: torch.dtype = torch.float32):
+        """Loads only what the stage holds: its layers' attention, norms and MLP (dense) or gate (MoE);
+        embed_tokens if first; final norm and lm_head (or the tied embedding) if last. Never experts."""
+        if not 0 <= start_layer < end_layer <= config.num_layers:
+            raise ValueError(f"layer range [{start_layer}, {end_layer}) is not inside [0, {config.num_layers})")
+        family = get_family(config.family)
+        self.config, self.start_layer, self.end_layer, self.dtype = config, start_layer, end_layer, dtype
+        self.is_first = start_layer == 0
+        self.is_last = end_layer == config.num_layers
+        self.device = torch.device(reader.device)
+        eps = config.rms_norm_eps
+        self.layers: list[DecoderLayer] = []
+        for layer in range(start_layer, end_layer):
+            prefix = family.layer_prefix(layer)
+            self.layers.append(DecoderLayer(
+                input_layernorm=RMSNorm(reader.get(prefix + "input_layernorm.weight", dtype), eps),
+                self_attn=Attention.load(config, reader, prefix + "self_attn.", dtype),
+                post_attention_layernorm=RMSNorm(reader.get(prefix + "post_attention_layernorm.weight", dtype), eps),
+                ffn=family.load_ffn(config, layer, reader, dtype),
+            ))
+        self.embed_tokens = reader.get(family.EMBED_TOKENS, dtype) if self.is_first else None  # [V, H]
+        self.norm = self.lm_head = None
+        if self.is_last:
+            self.norm = RMSNorm(reader.get(family.FINAL_NORM, dtype), eps)
+            if not config.tie_word_embeddings and family.LM_HEAD in reader:
+                self.lm_head = reader.get(family.LM_HEAD, dtype)  # [V, H]
+            else:
+                self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
+        self.cache = KVCache(end_layer - start_layer, config.num_key_value_heads, config.head_dim,
+                             config.max_position_embeddings, dtype, self.device)
+        self._in_flight: set[int] = set()  # sequences inside a forward that has not finished
+        self._freed_in_flight: set[int] = set()  # freed while in flight: not committed when that step ends
+
+    def validate(self, batch: StageBatch) -> None:
+        """Raise InvalidArgument / NotFound / FailedPrecondition naming the offending request field."""
+        count = len(batch.sequence_ids)
+        if count == 0:
+            raise InvalidArgument("sequences", "a step needs at least one sequence")
+        if len(batch.start_positions) != count or len(batch.num_tokens) != count:
+            raise InvalidArgument("sequences", f"{count} sequence ids but {len(batch.start_positions)} start "
+                                               f"positions and {len(batch.num_tokens)} token counts")
+        seen = set()
+        for i, (sequence_id, start, num_tokens) in enumerate(
+                zip(batch.sequence_ids, batch.start_positions, batch.num_tokens)):
+            if sequence_id in seen:
+                raise InvalidArgument("sequences", f"sequence id {sequence_id} appears twice in one step")
+            seen.add(sequence_id)
+            if num_tokens < 1:
+                raise InvalidArgument(f"sequences[{i}].num_tokens", f"{num_tokens} < 1")
+            if start < 0:
+                raise InvalidArgument(f"sequences[{i}].start_position", f"{start} < 0")
+            if start + num_tokens > self.config.max_position_embeddings:
+                raise InvalidArgument(f"sequences[{i}].num_tokens", f"positions up to {start + num_tokens} exceed "
+                                      f"max_position_embeddings {self.config.max_position_embeddings}")
+            if sequence_id in self._in_flight:
+                raise FailedPrecondition(f"sequences[{i}].sequence_id",
+                                         f"sequence {sequence_id} is already in a step that has not finished")
+            if sequence_id not in self.cache:
+                if start > 0:
+                    raise NotFound(f"sequences[{i}].sequence_id",
+                                   f"sequence {sequence_id} is not cached here (start_position {start} > 0)")
+            elif start != self.cache.length(sequence_id):
+                raise FailedPrecondition(f"sequences[{i}].start_position", f"{start} but sequence {sequence_id} "
+                                         f"has {self.cache.length(sequence_id)} tokens cached")
+        self._validate_inputs(batch.inputs, sum(batch.num_tokens))
+
+    def _validate_inputs(self, inputs: torch.Tensor, num_tokens: int) -> None:
+        if self.is_first:
+            if inputs.dim() != 1 or inputs.shape[0] != num_tokens or inputs.dtype.is_floating_point \
+                    or inputs.dtype == torch.bool or inputs.is_complex():
+                raise InvalidArgument("token_ids", f"{inputs.dtype} {list(inputs.shape)} is not "
+                                                   f"integer [{num_tokens}] (the sum of num_tokens)")
+            if num_tokens and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
+                bad = inputs[(inputs < 0) | (inputs >= self.config.vocab_size)][0]
+                raise InvalidArgument("token_ids", f"token id {int(bad)} is outside [0, {self.config.vocab_size})")
+        else:
+            expected = [num_tokens, self.config.hidden_size]
+            if list(inputs.shape) != expected or inputs.dtype != self.dtype:
+                raise InvalidArgument("hidden_states", f"{inputs.dtype} {list(inputs.shape)} is not "
+                                                       f"{self.dtype} {expected}")
+
+    async def forward(self, batch: StageBatch, experts: "ExpertBackend | None") -> torch.Tensor:
+        """Run the stage's layers on the step's new tokens; atomic with respect to the KV cache.
+
+        Returns hidden_states [N, H] (stage dtype), or on the last stage logits float32 [S, V] at each
+        sequence's last new token. The cache of this step's sequences is extended only when the whole
+        step succeeds; on any exception it is as it was before the call."""
+        self.validate(batch)
+        if experts is None and self.config.is_moe:
+            raise ValueError("an MoE stage needs an ExpertBackend")
+        segments, offset = [], 0
+        for start, num_tokens in zip(batch.start_positions, batch.num_tokens):
+            segments.append(Segment(offset, start, num_tokens))
+            offset += num_tokens
+        buffers = [self.cache.reserve(sid, s.start_position + s.num_tokens)
+                   for sid, s in zip(batch.sequence_ids, segments)]  # each [layers, 2, G, capacity, D]
+        self._in_flight.update(batch.sequence_ids)
+        try:
+            output = await self._run_layers(batch.inputs.to(self.device), segments, buffers, experts)
+        finally:
+            self._in_flight.difference_update(batch.sequence_ids)
+            freed, self._freed_in_flight = self._freed_in_flight & set(batch.sequence_ids), \
+                self._freed_in_flight - set(batch.sequence_ids)
+        for sequence_id, segment, buffer in zip(batch.sequence_ids, segments, buffers):
+            if sequence_id not in freed:
+                self.cache.commit(sequence_id, buffer, segment.start_position + segment.num_tokens)
+        return output
+
+    async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
+                          experts: "ExpertBackend | None") -> torch.Tensor:
+        positions = torch.cat([torch.arange(s.start_position, s.start_position + s.num_tokens) for s in segments])
+        cos, sin = self.rotary(positions.to(self.device), self.dtype)  # [N, D] each
+        if self.is_first:
+            hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
+        else:
+            hidden_states = inputs                                          # [N, H]
+        for index, layer in enumerate(self.layers):
+            residual = hidden_states
+            hidden_states = layer.input_layernorm(hidden_states)
+            hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [b[index] for b in buffers])
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = layer.post_attention_layernorm(hidden_states)
+            if isinstance(layer.ffn, MoEGate):
+                groups, handle = dispatch(hidden_states, layer.ffn(hidden_states), layer.ffn.top_k)
+                outputs = await experts.run(self.start_layer + index, groups)
+                hidden_states = combine(outputs, handle).to(self.dtype)
+            else:
+                hidden_states = layer.ffn(hidden_states)
+            hidden_states = residual + hidden_states
+        if not self.is_last:
+            return hidden_states
+        last_rows = torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)
+        return F.linear(self.norm(hidden_states[last_rows]), self.lm_head).float()  # [S, V]
+
+    def free(self, sequence_ids: Iterable[int]) -> int:
+        """Drop these sequences' KV cache; returns how many were cached (unknown ids are ignored).
+        A sequence freed while a step runs on it is not cached when that step ends."""
+        sequence_ids = list(sequence_ids)
+        self._freed_in_flight.update(self._in_flight.intersection(sequence_ids))
+        return self.cache.free(sequence_ids)
+
+    def cached_sequence_ids(self) -> list[int]:
+        return self.cache.sequence_ids()
+
+    def cached_length(self, sequence_id: int) -> int:
+        """Tokens cached for this sequence (0 if unknown)."""
+        return self.cache.length(sequence_id)
