@@ -39,8 +39,9 @@ class ClusterMap:
         """Check a registration against the topology and record it (raises naming the field)."""
         if request.name not in self.servers:
             raise NotFound("name", f"{request.name!r} is not in the topology (has {sorted(self.servers)})")
-        if not request.address or ":" not in request.address:
-            raise InvalidArgument("address", f"{request.address!r} is not host:port")
+        host, _, port = request.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument("address", f"{request.address!r} is not host:port with a port in [1, 65535]")
         if request.model_fingerprint != self.config.fingerprint:
             raise FailedPrecondition("model_fingerprint", f"{request.model_fingerprint!r} differs from the router's "
                                      f"{self.config.fingerprint!r}: servers must load the same checkpoint")

@@ -117,11 +117,28 @@ class TokenStream:
 
 
 class AsyncTokenStream:
-    """Async iterator of `Token`s of one Generate call. `aclose()` (or `async with`) cancels it."""
+    """Async iterator of `Token`s of one Generate call. `aclose()` (or `async with`) cancels it.
+
+    Dropping it unfinished (e.g. `break` out of `async for`) cancels the call too: grpc.aio's
+    call object sits in reference cycles of the event loop and would otherwise live on.
+    """
 
     def __init__(self, call):
         self._call = call
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self):
+        if getattr(self, "_closed", True):
+            return
+        try:
+            if asyncio.get_running_loop() is self._loop:
+                self._call.cancel()
+                return
+        except RuntimeError:  # no running loop in this thread (a GC pass elsewhere)
+            pass
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._call.cancel)
 
     def __aiter__(self) -> "AsyncTokenStream":
         return self

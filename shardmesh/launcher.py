@@ -26,14 +26,14 @@ class Launcher:
     def __init__(self, model_dir: str | pathlib.Path, topology_file: str | pathlib.Path | None = None, *,
                  host: str = "127.0.0.1", dtype: str = "float32", threads_per_service: int = 1,
                  log_level: str = "WARNING", ready_timeout: float = 180.0):
-        self.model_dir = pathlib.Path(model_dir).resolve()
+        self.model_dir = pathlib.Path(model_dir).absolute()
         self.config = ModelConfig.from_dir(self.model_dir)
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="shardmesh-up-"))
         if topology_file is None:
             topology = Topology.default(self.config)
             topology_file = self.workdir / "topology.toml"
             topology_file.write_text(topology.to_toml())
-        self.topology_file = pathlib.Path(topology_file).resolve()
+        self.topology_file = pathlib.Path(topology_file).absolute()
         self.topology = Topology.from_file(self.topology_file, self.config)
         self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
         self.ready_timeout = ready_timeout

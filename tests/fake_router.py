@@ -103,7 +103,8 @@ class FakeRouter:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = grpc.aio.server()
+        # Like the real router: accept the SDK's keepalive pings (every 30 s) during a long call.
+        server = grpc.aio.server(options=[("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -151,3 +151,126 @@ def test_bfloat16_stage_runs(mixtral_dir):
     logits = asyncio.run(stages[1].forward(StageBatch([1], [0], [3], hidden_states), experts))
     assert logits.dtype == torch.float32 and logits.shape == (1, config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+# --- validate(): every bad field is named -----------------------------------------------------
+
+def _bad_batches(config: ModelConfig):
+    """(description, stage index, batch, error class name, field) against stages [0,2) and [2,4)
+    where sequence 1 has 4 tokens cached."""
+    H, V = config.hidden_size, config.vocab_size
+    ids = lambda n: torch.arange(3, 3 + n)  # noqa: E731
+    return [
+        ("empty", 0, StageBatch([], [], [], ids(0)), "InvalidArgument", "sequences"),
+        ("duplicate ids", 0, StageBatch([1, 1], [4, 4], [1, 1], ids(2)), "InvalidArgument", "sequences"),
+        ("ragged lists", 0, StageBatch([1, 2], [4], [1, 1], ids(2)), "InvalidArgument", "sequences"),
+        ("zero tokens", 0, StageBatch([1, 2], [4, 0], [1, 0], ids(1)), "InvalidArgument", "sequences[1].num_tokens"),
+        ("negative start", 0, StageBatch([2], [-1], [1], ids(1)), "InvalidArgument", "sequences[0].start_position"),
+        ("past max positions", 0, StageBatch([1], [4], [509], ids(509)), "InvalidArgument", "sequences[0].num_tokens"),
+        ("unknown sequence", 0, StageBatch([1, 9], [4, 3], [1, 1], ids(2)), "NotFound", "sequences[1].sequence_id"),
+        ("start behind cache", 0, StageBatch([1], [2], [1], ids(1)), "FailedPrecondition", "sequences[0].start_position"),
+        ("restart known", 0, StageBatch([1], [0], [1], ids(1)), "FailedPrecondition", "sequences[0].start_position"),
+        ("token id = vocab", 0, StageBatch([2], [0], [2], torch.tensor([3, V])), "InvalidArgument", "token_ids"),
+        ("token id < 0", 0, StageBatch([2], [0], [1], torch.tensor([-1])), "InvalidArgument", "token_ids"),
+        ("token count", 0, StageBatch([2], [0], [3], ids(2)), "InvalidArgument", "token_ids"),
+        ("float token ids", 0, StageBatch([2], [0], [2], torch.ones(2)), "InvalidArgument", "token_ids"),
+        ("hidden shape", 1, StageBatch([2], [0], [2], torch.zeros(3, H)), "InvalidArgument", "hidden_states"),
+        ("hidden width", 1, StageBatch([2], [0], [2], torch.zeros(2, H + 1)), "InvalidArgument", "hidden_states"),
+        ("hidden dtype", 1, StageBatch([2], [0], [2], torch.zeros(2, H, dtype=torch.float64)), "InvalidArgument",
+         "hidden_states"),
+        ("token ids to a later stage", 1, StageBatch([2], [0], [2], ids(2)), "InvalidArgument", "hidden_states"),
+    ]
+
+
+def test_validate_names_each_field(llama_dir):
+    from shardmesh import errors
+
+    config = ModelConfig.from_dir(llama_dir)
+    stages = load_stages(llama_dir, [(0, 2), (2, 4)])
+    asyncio.run(pipeline_step(stages, None, [1], [0], [4], [3, 4, 5, 6]))
+    for description, index, batch, error_name, field in _bad_batches(config):
+        with pytest.raises(getattr(errors, error_name)) as caught:
+            asyncio.run(stages[index].forward(batch, None))
+        assert caught.value.field == field, f"{description}: field {caught.value.field!r}, expected {field!r}"
+        assert [s.cached_sequence_ids() for s in stages] == [[1], [1]], description
+        assert [s.cached_length(1) for s in stages] == [4, 4], description
+
+
+# --- atomicity: a failed step leaves the cache as it was --------------------------------------
+
+class FlakyExperts:
+    """Wraps an ExpertBackend; raises Unavailable on `fail_layer` while `failing`."""
+
+    def __init__(self, inner, fail_layer: int):
+        self.inner, self.fail_layer, self.failing = inner, fail_layer, True
+
+    async def run(self, layer, groups):
+        from shardmesh.errors import Unavailable
+
+        if self.failing and layer == self.fail_layer:
+            raise Unavailable("experts", f"expert server for layer {layer} is down")
+        return await self.inner.run(layer, groups)
+
+
+@pytest.mark.parametrize("fail_layer", [2, 3])  # the first or the last layer of stage [2, 4)
+def test_failed_step_leaves_cache_unchanged(mixtral_dir, fail_layer):
+    from shardmesh.errors import Unavailable
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    stages = load_stages(mixtral_dir, [(0, 2), (2, 4)])
+    experts = FlakyExperts(load_experts(mixtral_dir, [every_layer(config, range(8))]), fail_layer)
+    experts.failing = False
+    prompt_a = list(range(10, 26))  # 16 tokens: the next one makes the cache grow (copy on reserve)
+    logits = asyncio.run(pipeline_step(stages, experts, [1], [0], [16], prompt_a))
+    next_a = int(logits[0].argmax())
+    prompt_b = [7, 8, 9]
+
+    experts.failing = True
+    batch = StageBatch([1, 2], [16, 0], [1, 3], torch.tensor([next_a, *prompt_b]))
+    hidden_states = asyncio.run(stages[0].forward(batch, experts))  # stage [0, 2) does not touch layer 2-3
+    batch = dataclasses.replace(batch, inputs=hidden_states)
+    with pytest.raises(Unavailable):
+        asyncio.run(stages[1].forward(batch, experts))
+    assert stages[1].cached_sequence_ids() == [1] and stages[1].cached_length(1) == 16
+
+    experts.failing = False  # the router retries the failed stage with the same inputs
+    logits = asyncio.run(stages[1].forward(batch, experts))
+    ref_a, ref_a_logits = reference_greedy(mixtral_dir, prompt_a, 2)
+    ref_b, ref_b_logits = reference_greedy(mixtral_dir, prompt_b, 1)
+    assert next_a == ref_a[0]
+    assert_greedy_matches([int(logits[0].argmax())], [logits[0]], ref_a[1:], ref_a_logits[1:], context="retried a")
+    assert_greedy_matches([int(logits[1].argmax())], [logits[1]], ref_b, ref_b_logits, context="retried b")
+    assert stages[1].cached_sequence_ids() == [1, 2] and stages[1].cached_length(1) == 17
+
+
+class GatedExperts:
+    """Holds every call until `release` is set, so a test can act while a step is in flight."""
+
+    def __init__(self, inner):
+        self.inner, self.entered, self.release = inner, asyncio.Event(), asyncio.Event()
+
+    async def run(self, layer, groups):
+        self.entered.set()
+        await self.release.wait()
+        return await self.inner.run(layer, groups)
+
+
+def test_sequence_in_flight_is_refused_and_free_wins(mixtral_dir):
+    from shardmesh.errors import FailedPrecondition
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    (stage,) = load_stages(mixtral_dir, [(0, 4)])
+
+    async def scenario():
+        experts = GatedExperts(load_experts(mixtral_dir, [every_layer(config, range(8))]))
+        step = asyncio.create_task(stage.forward(StageBatch([1, 2], [0, 0], [2, 1], torch.tensor([4, 5, 6])), experts))
+        await experts.entered.wait()
+        with pytest.raises(FailedPrecondition) as caught:
+            await stage.forward(StageBatch([3, 2], [0, 0], [1, 1], torch.tensor([4, 5])), experts)
+        assert caught.value.field == "sequences[1].sequence_id"
+        assert stage.free([2]) == 0  # not cached yet, but must not be cached when the step ends
+        experts.release.set()
+        await step
+
+    asyncio.run(scenario())
+    assert stage.cached_sequence_ids() == [1] and stage.cached_length(1) == 2

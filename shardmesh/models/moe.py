@@ -47,6 +47,8 @@ class DispatchHandle:
     expert (stable, so tokens stay in order within an expert)."""
 
     num_tokens: int                 # T
+    hidden_size: int                # H
+    dtype: torch.dtype              # of the dispatched hidden_states, and of combine's result
     experts: tuple[int, ...]        # expert ids with at least one token, ascending = order of rows
     counts: tuple[int, ...]         # n_e for each of `experts`
     token_idx: torch.Tensor         # int64 [T*K]: the token each row came from
@@ -72,6 +74,8 @@ def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     groups = {expert: rows[expert] for expert in range(num_experts) if counts[expert] > 0}
     handle = DispatchHandle(
         num_tokens=num_tokens,
+        hidden_size=hidden_states.shape[1],
+        dtype=hidden_states.dtype,
         experts=tuple(groups),
         counts=tuple(counts[e] for e in groups),
         token_idx=token_idx,
@@ -85,20 +89,21 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
     """Each token's expert outputs weighted by its routing weights and summed: -> [T, H].
 
     outputs maps every expert of the dispatch to its unweighted output [n_e, H] (same row order as
-    its group). Accumulates in float32; returns the outputs' dtype. Raises ValueError when an
+    its group). Accumulates in float32; returns the dispatched dtype. Raises ValueError when an
     expert is missing or has the wrong number of rows (outputs may come from the network)."""
     missing = [e for e in handle.experts if e not in outputs]
     if missing:
         raise ValueError(f"combine: no output for experts {missing}")
     for expert, count in zip(handle.experts, handle.counts):
-        if outputs[expert].dim() != 2 or outputs[expert].shape[0] != count:
+        if list(outputs[expert].shape) != [count, handle.hidden_size]:
             raise ValueError(f"combine: expert {expert} returned shape {list(outputs[expert].shape)}, "
-                             f"expected [{count}, hidden_size]")
-    rows = torch.cat([outputs[e] for e in handle.experts]).to(handle.weights.device)  # [T*K, H]
-    weighted = rows.float() * handle.weights[:, None]                    # [T*K, H]
-    combined = torch.zeros(handle.num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
-    combined.index_add_(0, handle.token_idx, weighted)                   # [T, H]
-    return combined.to(rows.dtype)
+                             f"expected [{count}, {handle.hidden_size}]")
+    device = handle.weights.device
+    combined = torch.zeros(handle.num_tokens, handle.hidden_size, dtype=torch.float32, device=device)  # [T, H]
+    if handle.experts:
+        rows = torch.cat([outputs[e].to(device, torch.float32) for e in handle.experts])  # [T*K, H]
+        combined.index_add_(0, handle.token_idx, rows * handle.weights[:, None])
+    return combined.to(handle.dtype)
 
 
 def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, top_k: int,

@@ -1,0 +1,104 @@
+"""What users run, as real processes: `shardmesh up` (every service its own process on loopback),
+`shardmesh generate`, Ctrl-C/SIGTERM stopping everything, and the demo (the main job)."""
+
+import os
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shardmesh.client import Client
+from shardmesh.reference import transformers_greedy
+
+pytestmark = pytest.mark.slow
+SHARDMESH = [sys.executable, "-m", "shardmesh.cli"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of live processes whose command line mentions `text` (ours: a unique temp path)."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def read_lines(process: subprocess.Popen) -> "queue.Queue[str]":
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump():
+        for line in process.stdout:
+            lines.put(line)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_for_line(lines: "queue.Queue[str]", prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r} within {timeout} s; got {''.join(seen)!r}")
+
+
+def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
+    model = tmp_path / "model"
+    model.symlink_to(mixtral_dir)  # a path unique to this test, to find our processes by
+    up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = read_lines(up)
+        line = wait_for_line(lines, "router listening on", timeout=120)
+        address = line.split()[3]
+        assert len(set(processes_mentioning(str(model))) - {up.pid}) == 5  # router, 2 stages, 2 expert servers
+
+        with Client(address, timeout=60) as client:
+            tokens = client.generate_all([1, 9, 27, 81], max_new_tokens=6, ignore_eos=True).token_ids
+        assert tokens == transformers_greedy(mixtral_dir, [1, 9, 27, 81], 6, ignore_eos=True)
+
+        cli = subprocess.run([*SHARDMESH, "generate", "--router", address, "--prompt-ids", "1,9,27,81",
+                              "--max-new-tokens", "6", "--ignore-eos", "--output", "ids"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert all(str(t) in cli.stdout for t in tokens), cli.stdout
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while processes_mentioning(str(model)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_mentioning(str(model)) == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for pid in processes_mentioning(str(model)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_demo_runs_the_main_job(tmp_path):
+    demo = subprocess.run([*SHARDMESH, "demo", "--max-new-tokens", "8"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "making a seeded demo checkpoint" in out and (tmp_path / "demo-model" / "tokenizer.json").exists()
+    assert "mesh SERVING" in out and "mesh stopped" in out
+    assert "check: 3/3 generations identical to transformers" in out and "OK" in out
+    assert processes_mentioning(str(tmp_path)) == []
