@@ -16,10 +16,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.shard = shard
         self.dtype = dtype
         self.hidden_size = shard.config.hidden_size
+        self.layers = {layer for layer, _ in shard.experts}
         self.tokens_computed = 0
 
     def _decode_group(self, index: int, group: expert_pb2.ExpertGroup) -> torch.Tensor:
         field = f"groups[{index}]"
+        if group.layer not in self.layers:
+            raise NotFound(f"{field}.layer", f"{self.name} holds no expert of layer {group.layer}")
         if not self.shard.holds(group.layer, group.expert):
             raise NotFound(f"{field}.expert", f"(layer {group.layer}, expert {group.expert}) is not held by {self.name}")
         hidden_states = codec.decode(group.hidden_states, f"{field}.hidden_states")

@@ -48,7 +48,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if request.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens", f"{request.max_new_tokens} must be >= 1")
         if len(prompt) + request.max_new_tokens > max_context:
-            raise InvalidArgument("max_new_tokens", f"prompt ({len(prompt)} tokens) + max_new_tokens "
+            # A prompt that leaves no room for one new token is the prompt's fault, else max_new_tokens'.
+            field = "max_new_tokens" if len(prompt) < max_context else (
+                "prompt_text" if request.prompt_text else "prompt_token_ids")
+            raise InvalidArgument(field, f"prompt ({len(prompt)} tokens) + max_new_tokens "
                                   f"({request.max_new_tokens}) exceeds the context limit {max_context}")
         for i, token_id in enumerate(request.stop_token_ids):
             if not 0 <= token_id < self.state.config.vocab_size:

@@ -1,7 +1,7 @@
 """`shardmesh generate`: stream tokens from a running mesh to the terminal (client SDK only, no torch).
 
     shardmesh generate --router 127.0.0.1:50051 --prompt "Once upon a time" --max-new-tokens 32
-    shardmesh generate --router 127.0.0.1:50051 --prompt-ids 1,15043,3186 --output ids
+    shardmesh generate --router 127.0.0.1:50051 --prompt-ids 1,15043,3186 --output jsonl
 
 Tokens go to stdout as they arrive; a one-line summary (finish reason, counts, time) goes to
 stderr. A failed call prints `shardmesh generate: CODE: details` to stderr and exits 1.
@@ -47,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--wait-serving", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the mesh to be serving (default: do not wait)")
     parser.add_argument("--output", choices=("auto", "text", "ids", "jsonl"), default="auto",
-                        help="auto (default): each token's text, or its id where it has none; jsonl: one object per token")
+                        help="auto (default): ids for --prompt-ids, else text (a token without text: its id); "
+                             "jsonl: one object per token")
     parser.set_defaults(run=run)
     return parser
 
@@ -64,6 +65,7 @@ def _show(token: Token, output: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `shardmesh generate` with parsed arguments; returns the exit code."""
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    output = args.output if args.output != "auto" else ("ids" if args.prompt is None else "auto")
     start = time.monotonic()
     last = None
     count = 0
@@ -76,17 +78,17 @@ def run(args: argparse.Namespace) -> int:
                                  stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos) as stream:
                 for last in stream:
                     count += 1
-                    sys.stdout.write(_show(last, args.output))
+                    sys.stdout.write(_show(last, output))
                     sys.stdout.flush()
     except ShardmeshError as error:
-        _end_line(count, args.output)
+        _end_line(count, output)
         print(f"shardmesh generate: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # leaving the `with` blocks cancelled the call
-        _end_line(count, args.output)
+        _end_line(count, output)
         print("shardmesh generate: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    _end_line(count, args.output)
+    _end_line(count, output)
     prompt_tokens = last.prompt_tokens if last is not None else 0
     reason = last.finish_reason if last is not None else None
     print(f"[finish_reason={reason} prompt_tokens={prompt_tokens} new_tokens={count} "

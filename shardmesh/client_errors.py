@@ -49,7 +49,7 @@ class FailedPreconditionError(_StatusError):
 
 
 class ResourceExhaustedError(_StatusError):
-    """Too long, too many, or too big (context length, queue, message size); retry later or smaller."""
+    """Too long, too many, or too big (admission queue, message size; a prompt past the context limit is InvalidArgumentError); retry later or smaller."""
 
     STATUS = "RESOURCE_EXHAUSTED"
 

@@ -5,6 +5,7 @@ length matching) and raises `InvalidArgument` naming the field, so a servicer ca
 precise status. Nothing is pickled.
 """
 
+import math
 import sys
 import warnings
 
@@ -49,9 +50,9 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
     shape = list(message.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"{field}.shape", f"negative dimension in {shape}")
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    if math.prod(dim for dim in shape if dim) >= 2**63:  # torch cannot even make an empty tensor of it
+        raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
+    numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(message.data) != numel * itemsize:
         raise InvalidArgument(

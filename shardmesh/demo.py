@@ -43,7 +43,7 @@ def run_demo(model_dir: pathlib.Path | None, max_new_tokens: int = 16) -> int:
     print(f"starting the mesh for {model_dir}/ ...", flush=True)
     started = time.monotonic()
     try:
-        launcher = Launcher(model_dir).__enter__()
+        launcher = Launcher(model_dir, progress=lambda m: print(f"  {m}", flush=True)).__enter__()
     except ServiceFailed as error:
         print(f"error: the mesh did not start: {error}", file=sys.stderr)
         return 1

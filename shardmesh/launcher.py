@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from shardmesh.config import ModelConfig
 from shardmesh.topology import Topology
@@ -25,7 +26,8 @@ class ServiceFailed(RuntimeError):
 class Launcher:
     def __init__(self, model_dir: str | pathlib.Path, topology_file: str | pathlib.Path | None = None, *,
                  host: str = "127.0.0.1", dtype: str = "float32", threads_per_service: int = 1,
-                 log_level: str = "WARNING", ready_timeout: float = 180.0):
+                 log_level: str = "WARNING", ready_timeout: float = 180.0,
+                 progress: Callable[[str], None] | None = None):
         self.model_dir = pathlib.Path(model_dir).absolute()
         self.config = ModelConfig.from_dir(self.model_dir)
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="shardmesh-up-"))
@@ -37,6 +39,7 @@ class Launcher:
         self.topology = Topology.from_file(self.topology_file, self.config)
         self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
         self.ready_timeout = ready_timeout
+        self.progress = progress or (lambda message: None)
         self.processes: dict[str, subprocess.Popen] = {}
         self.router_address = ""
 
@@ -75,17 +78,32 @@ class Launcher:
         return self.router_address
 
     async def _wait_serving(self, deadline: float) -> None:
-        from shardmesh.grpc_util import wait_for_health
-        while True:
-            self.check_alive()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ServiceFailed(f"the mesh was not SERVING within {self.ready_timeout:.0f} s")
-            try:
-                await wait_for_health(self.router_address, min(remaining, 1.0))
-                return
-            except TimeoutError:
-                continue
+        import grpc
+
+        from shardmesh.grpc_util import insecure_channel, wait_for_health
+        from shardmesh.v1 import router_pb2, router_pb2_grpc
+
+        announced: set[str] = set()
+        async with insecure_channel(self.router_address) as channel:
+            router = router_pb2_grpc.RouterStub(channel)
+            while True:
+                self.check_alive()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServiceFailed(f"the mesh was not SERVING within {self.ready_timeout:.0f} s")
+                try:
+                    status = await router.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    status = None
+                for server in status.servers if status else ():
+                    if server.registered and server.name not in announced:
+                        announced.add(server.name)
+                        self.progress(f"{server.name} registered at {server.address} "
+                                      f"({len(announced)}/{len(status.servers)})")
+                if status is not None and status.serving:
+                    await wait_for_health(self.router_address, remaining)  # grpc.health.v1 agrees
+                    return
+                await asyncio.sleep(0.1)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service (servers first, router last), SIGKILL what is left after `grace`."""
@@ -120,7 +138,7 @@ def _interrupt(signum, frame):
 def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str) -> int:
     """Foreground `shardmesh up`: start, print where the router listens, stop on Ctrl-C/SIGTERM."""
     launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, threads_per_service=threads,
-                        log_level=log_level)
+                        log_level=log_level, progress=lambda message: print(f"  {message}", flush=True))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting {len(launcher.topology.stages)} stage(s) and {len(launcher.topology.expert_servers)} "

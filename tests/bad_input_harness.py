@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from shardmesh import codec, grpc_util
-from shardmesh.checkpoint_maker import make_checkpoint
 from shardmesh.local_mesh import LocalMesh, start_local_mesh
 from shardmesh.topology import ExpertServerSpec, StageSpec, Topology
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -34,9 +33,9 @@ FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_model(tmp_path_factory) -> pathlib.Path:
+def tiny_moe_model(make_model_dir) -> pathlib.Path:
     """No tokenizer: text prompts must be refused."""
-    return make_checkpoint(tmp_path_factory.mktemp("bad-input-model"), "mixtral", seed=7, with_tokenizer=False, **SHAPE)
+    return make_model_dir("mixtral", seed=7, with_tokenizer=False, **SHAPE)
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ BAD_GENERATE = {
     "zero_max_new_tokens": (dict(prompt_token_ids=PROMPT, max_new_tokens=0), INVALID, "max_new_tokens"),
     "past_context_limit": (dict(prompt_token_ids=PROMPT, max_new_tokens=MAX_CONTEXT - len(PROMPT) + 1),
                            INVALID, "max_new_tokens"),
-    "prompt_past_context_limit": (dict(prompt_token_ids=[5] * MAX_CONTEXT, max_new_tokens=1), INVALID, "max_new_tokens"),
+    "prompt_fills_context": (dict(prompt_token_ids=[5] * MAX_CONTEXT, max_new_tokens=1), INVALID, "prompt_token_ids"),
     "top_p_zero": (sampling(temperature=1.0, top_p=0.0), INVALID, "sampling.top_p"),
     "top_p_above_one": (sampling(temperature=1.0, top_p=1.5), INVALID, "sampling.top_p"),
     "top_p_nan": (sampling(temperature=1.0, top_p=math.nan), INVALID, "sampling.top_p"),

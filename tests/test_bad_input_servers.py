@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from bad_input_harness import (BAD_SEQUENCE_ID, FAILED, HIDDEN, INVALID, LONG_NEW_TOKENS, LONG_PROMPT, MAX_POSITIONS,
-                               NOT_FOUND, TOPOLOGY, VOCAB, assert_status, call_error, compute_experts,
-                               generate_request, harness, hidden_states, step_error, tensor,  # noqa: F401
-                               tiny_moe_model)  # noqa: F401  (fixtures)
+                               NOT_FOUND, TOPOLOGY, VOCAB, assert_status, call_error, compute_experts, generate_request,
+                               harness, hidden_states, step_error, tensor, tiny_moe_model)  # noqa: F401  (fixtures)
 from shardmesh import codec, grpc_util
 from shardmesh.service_config import ServiceConfig
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
@@ -113,7 +112,7 @@ def test_bad_steps_leave_a_generation_in_flight_untouched(harness):
                 (0, step([(live, 0, 1)], ids([5])), FAILED, "sequences[0].start_position"),
                 (1, step([(live, 0, 1)], hidden=hidden_states(1)), FAILED, "sequences[0].start_position"),
                 (0, step([(SEQ, 0, 1), (live, 0, 1)], ids([5, 6])), FAILED, "sequences[1].start_position"),
-                (0, step([(live, 1, 1), (live, 1, 1)], ids([5, 6])), INVALID, "sequences"),
+                (0, step([(SEQ, 0, 1), (SEQ, 0, 1), (live, 0, 1)], ids([5, 6, 7])), INVALID, "sequences"),
                 (1, step([(SEQ, 0, 2), (live, 0, 1)], hidden=hidden_states(3, HIDDEN // 2)),
                  FAILED, "sequences[1].start_position"),
                 (0, step([(SEQ, 0, 2)], ids([5, VOCAB])), INVALID, "token_ids"),
@@ -126,7 +125,8 @@ def test_bad_steps_leave_a_generation_in_flight_untouched(harness):
                 assert freed.freed == 0
                 info = await stub.GetStageInfo(stage_pb2.GetStageInfoRequest(), timeout=10)
                 assert live in info.cached_sequence_ids  # the bad input really came mid-generation
-            tokens += [response.token_id async for response in call]
+            while (response := await call.read()) is not grpc.aio.EOF:
+                tokens.append(response.token_id)
         assert tokens == harness.long_reference
         await harness.expect_serving()
 
@@ -222,7 +222,9 @@ def test_large_message_passes(harness):
         expected = codec.decode(reply.outputs[0])                                  # [8, H]
         output = codec.decode(reply.outputs[1])
         assert list(output.shape) == [num_tokens, HIDDEN] and output.dtype == torch.float32
-        torch.testing.assert_close(output.view(-1, 8, HIDDEN), expected.expand(num_tokens // 8, 8, HIDDEN))
+        # Every block of 8 rows is the small call's answer (up to matmul blocking; assert_close costs 1 s here).
+        error = (output.view(-1, 8, HIDDEN) - expected).abs().max()
+        assert error <= 1e-5 * expected.abs().max(), error
         await harness.expect_serving()
 
     harness.run(body())

@@ -76,7 +76,7 @@ def test_unserved_dtype_is_refused_on_encode():
 
 
 @pytest.mark.parametrize("message, field, words", [
-    (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "hidden_states.dtype", "dtype"),
+    (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), "hidden_states.dtype", "0"),
     (tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0" * 4), "hidden_states.dtype", "99"),
     (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20), "hidden_states.data", "20 bytes"),
     (tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_BFLOAT16, shape=[4], data=b"\0" * 16), "hidden_states.data", "16 bytes"),
