@@ -49,7 +49,9 @@ class FailedPreconditionError(_StatusError):
 
 
 class ResourceExhaustedError(_StatusError):
-    """Too long, too many, or too big (admission queue, message size; a prompt past the context limit is InvalidArgumentError); retry later or smaller."""
+    """Too many or too big (admission queue, message size); retry later or smaller.
+
+    A prompt past the context limit is an InvalidArgumentError naming the field."""
 
     STATUS = "RESOURCE_EXHAUSTED"
 
