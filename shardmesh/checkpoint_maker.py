@@ -95,23 +95,16 @@ def _check_layout(out_dir: pathlib.Path, family: str) -> None:
 
 def write_tokenizer(out_dir: str | pathlib.Path, vocab_size: int) -> pathlib.Path:
     """Train a BPE tokenizer with at most `vocab_size` pieces on TOKENIZER_TEXT; write tokenizer.json
-    (+ tokenizer_config.json naming the special tokens). Byte-level when the vocabulary has room for
-    the 256 bytes, else character-level with <unk>."""
+    (+ tokenizer_config.json naming the special tokens). Character-level BPE with <unk> and
+    Metaspace word boundaries rather than byte-level: every piece is whole characters, so the
+    arbitrary token sequences a random model emits still decode to readable text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    byte_level = vocab_size >= 256 + len(SPECIAL_TOKENS) + 32
-    if byte_level:
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        tokenizer.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                      limit_alphabet=max(1, min(60, vocab_size - len(SPECIAL_TOKENS) - 8)))
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  limit_alphabet=max(1, min(100, vocab_size - len(SPECIAL_TOKENS) - 8)))
     tokenizer.train_from_iterator(TOKENIZER_TEXT.splitlines(), trainer)
     assert tokenizer.get_vocab_size() <= vocab_size, (tokenizer.get_vocab_size(), vocab_size)
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]

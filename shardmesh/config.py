@@ -21,7 +21,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # capped at sliding_window, where the checkpoint has one
     tie_word_embeddings: bool
     num_experts: int = 0         # 0 = dense
     experts_per_token: int = 0   # top-k of the MoE gate
@@ -57,6 +57,11 @@ class ModelConfig:
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        max_positions = raw.get("max_position_embeddings", 2048)
+        window = raw.get("sliding_window")
+        if window is not None and window < max_positions:
+            # Within the window, sliding-window attention equals full attention: serve that far.
+            max_positions = window
         if raw.get("attention_bias") or raw.get("mlp_bias"):
             raise ValueError(f"{path}: attention_bias / mlp_bias are not served yet")
         return cls(
@@ -70,7 +75,7 @@ class ModelConfig:
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             num_experts=raw.get("num_local_experts", 0) if model_type == "mixtral" else 0,
             experts_per_token=raw.get("num_experts_per_tok", 0) if model_type == "mixtral" else 0,

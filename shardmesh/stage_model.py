@@ -152,8 +152,8 @@ class StageModel:
             output = await self._run_layers(batch.inputs.to(self.device), segments, buffers, experts)
         finally:
             self._in_flight.difference_update(batch.sequence_ids)
-            freed, self._freed_in_flight = self._freed_in_flight & set(batch.sequence_ids), \
-                self._freed_in_flight - set(batch.sequence_ids)
+            freed = self._freed_in_flight.intersection(batch.sequence_ids)
+            self._freed_in_flight -= freed
         for sequence_id, segment, buffer in zip(batch.sequence_ids, segments, buffers):
             if sequence_id not in freed:
                 self.cache.commit(sequence_id, buffer, segment.start_position + segment.num_tokens)

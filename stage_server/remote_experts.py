@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from shardmesh import codec
-from shardmesh.errors import FailedPrecondition, Unavailable
+from shardmesh.errors import FailedPrecondition, RequestError, Unavailable
 from shardmesh.grpc_util import insecure_channel
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
@@ -73,7 +73,17 @@ class RemoteExperts:
             self._in_flight[address] -= sum(groups[e].shape[0] for e in experts)
         if len(reply.outputs) != len(experts):
             raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(experts)} groups")
-        return {e: codec.decode(out, f"outputs[{i}]") for i, (e, out) in enumerate(zip(experts, reply.outputs))}
+        outputs = {}
+        for i, (expert, message) in enumerate(zip(experts, reply.outputs)):
+            try:
+                output = codec.decode(message, f"outputs[{i}]")
+            except RequestError as error:
+                raise Unavailable("experts", f"expert server {address} sent a bad tensor: {error}") from error
+            if output.shape != groups[expert].shape or output.dtype != groups[expert].dtype:
+                raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} "
+                                             f"{output.dtype} for {list(groups[expert].shape)} {groups[expert].dtype}")
+            outputs[expert] = output
+        return outputs
 
     async def close(self) -> None:
         for channel in self._channels.values():
