@@ -15,17 +15,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 
 
-class ExpertServer:
-    """A running expert server; `stop()` ends it."""
-
-    def __init__(self, server, port: int, servicer: ExpertServicer, health):
-        self.server, self.port, self.servicer, self.health = server, port, servicer, health
-
-    async def stop(self, grace: float | None = 1.0) -> None:
-        await self.server.stop(grace)
-
-
-async def start_expert_server(config: ServiceConfig) -> ExpertServer:
+async def start_expert_server(config: ServiceConfig) -> grpc_util.RunningServer:
     spec = config.topology.server(config.name)
     if not isinstance(spec, ExpertServerSpec):
         raise ValueError(f"{config.name!r} is a stage in the topology, not an expert server")
@@ -34,17 +24,12 @@ async def start_expert_server(config: ServiceConfig) -> ExpertServer:
     shard = ExpertShard(config.model, spec.experts, reader, dtype=config.torch_dtype)
     reader.close()
     servicer = ExpertServicer(config.name, shard, config.torch_dtype)
-    server = grpc_util.new_server()
-    expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
-    port = grpc_util.bind(server, config.host, config.port)
-    await server.start()
-    address = f"{config.host}:{port}"
-    await grpc_util.set_serving(health, [SERVICE_NAME], True)
+    running = await grpc_util.start_server(servicer, expert_pb2_grpc.add_ExpertServicer_to_server, SERVICE_NAME,
+                                           config.host, config.port)
     if config.router_address:
         await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
-            name=config.name, role=router_pb2.SERVER_ROLE_EXPERT, address=address,
+            name=config.name, role=router_pb2.SERVER_ROLE_EXPERT, address=running.address,
             experts=[router_pb2.ExpertKey(layer=l, expert=e) for l, e in spec.experts],
             model_fingerprint=config.model.fingerprint))
-    log.info("%s: expert server listening on %s", config.name, address)
-    return ExpertServer(server, port, servicer, health)
+    log.info("%s: expert server listening on %s", config.name, running.address)
+    return running

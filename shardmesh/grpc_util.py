@@ -64,6 +64,35 @@ async def set_serving(health: health_aio.HealthServicer, service_names: list[str
         await health.set(name, status)
 
 
+class RunningServer:
+    """A started grpc.aio server, what it serves and how to stop it."""
+
+    def __init__(self, server: grpc.aio.Server, host: str, port: int, servicer, health, on_stop=None):
+        self.server, self.host, self.port, self.servicer, self.health = server, host, port, servicer, health
+        self._on_stop = on_stop
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        if self._on_stop is not None:
+            await self._on_stop()
+
+
+async def start_server(servicer, add_to_server, service_name: str, host: str, port: int,
+                       serving: bool = True, on_stop=None) -> RunningServer:
+    """Serve `servicer` (plus health and reflection) on host:port (0 = the OS chooses)."""
+    server = new_server()
+    add_to_server(servicer, server)
+    health = add_health_and_reflection(server, [service_name])
+    await set_serving(health, [service_name], serving)
+    bound = bind(server, host, port)
+    await server.start()
+    return RunningServer(server, host, bound, servicer, health, on_stop)
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: RequestError):
     await context.abort(getattr(grpc.StatusCode, error.code), str(error))
 

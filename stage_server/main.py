@@ -16,18 +16,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
-class StageServer:
-    """A running stage server; `stop()` ends it."""
-
-    def __init__(self, server, port: int, servicer: StageServicer, health):
-        self.server, self.port, self.servicer, self.health = server, port, servicer, health
-
-    async def stop(self, grace: float | None = 1.0) -> None:
-        await self.server.stop(grace)
-        await self.servicer.experts.close()
-
-
-async def start_stage_server(config: ServiceConfig) -> StageServer:
+async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
     spec = config.topology.server(config.name)
     if not isinstance(spec, StageSpec):
         raise ValueError(f"{config.name!r} is an expert server in the topology, not a stage")
@@ -36,18 +25,13 @@ async def start_stage_server(config: ServiceConfig) -> StageServer:
     model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype)
     reader.close()
     servicer = StageServicer(config.name, model, RemoteExperts())
-    server = grpc_util.new_server()
-    stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
-    port = grpc_util.bind(server, config.host, config.port)
-    await server.start()
-    address = f"{config.host}:{port}"
     # SERVING once started; a step before the placement arrives gets FAILED_PRECONDITION.
-    await grpc_util.set_serving(health, [SERVICE_NAME], True)
+    running = await grpc_util.start_server(servicer, stage_pb2_grpc.add_StageServicer_to_server, SERVICE_NAME,
+                                           config.host, config.port, on_stop=servicer.experts.close)
     if config.router_address:
         await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
-            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=address,
+            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=running.address,
             layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),
             model_fingerprint=config.model.fingerprint))
-    log.info("%s: stage server listening on %s", config.name, address)
-    return StageServer(server, port, servicer, health)
+    log.info("%s: stage server listening on %s", config.name, running.address)
+    return running
