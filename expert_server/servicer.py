@@ -4,20 +4,29 @@ import grpc
 import torch
 
 from shardmesh import codec
+from shardmesh.compute_pool import parallel_map
 from shardmesh.errors import InvalidArgument, NotFound
 from shardmesh.expert_model import ExpertShard
 from shardmesh.grpc_util import translate_errors
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2
 
+from expert_server.load import ExpertLoadMeter
+from expert_server.placement_rpcs import ExpertPlacementRpcs
 
-class ExpertServicer(expert_pb2_grpc.ExpertServicer):
-    def __init__(self, name: str, shard: ExpertShard, dtype: torch.dtype):
+
+class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
+    def __init__(self, name: str, shard: ExpertShard, dtype: torch.dtype, model_dir=None):
         self.name = name
         self.shard = shard
         self.dtype = dtype
         self.hidden_size = shard.config.hidden_size
-        self.layers = {layer for layer, _ in shard.experts}
         self.tokens_computed = 0
+        self.meter = ExpertLoadMeter()  # load accounting and drains (placement_rpcs.py)
+        self.model_dir = model_dir      # where LoadExperts reads new experts; None = cannot load
+
+    @property
+    def layers(self) -> set[int]:
+        return {layer for layer, _ in self.shard.experts}
 
     def _decode_group(self, index: int, group: expert_pb2.ExpertGroup) -> torch.Tensor:
         field = f"groups[{index}]"
@@ -38,9 +47,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         # Decode and check every group before computing any, so a bad group costs nothing.
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         outputs = []
-        for group, hidden_states in zip(request.groups, inputs):
-            outputs.append(codec.encode(self.shard.compute(group.layer, group.expert, hidden_states)))
-            self.tokens_computed += hidden_states.shape[0]
+        with self.meter.computing((g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs)):
+            pairs = list(zip(request.groups, inputs))
+            # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
+            computed = parallel_map(lambda pair: self.shard.compute(pair[0].layer, pair[0].expert, pair[1]), pairs)
+            for (group, hidden_states), output in zip(pairs, computed):
+                outputs.append(codec.encode(output))
+                self.tokens_computed += hidden_states.shape[0]
         return expert_pb2.ComputeExpertsResponse(outputs=outputs)
 
     async def GetExpertInfo(self, request, context):

@@ -8,28 +8,41 @@ import grpc
 from shardmesh import grpc_util
 from shardmesh.grpc_util import CONTROL_DEADLINE_S
 from shardmesh.scheduler import Scheduler
+from shardmesh.serve import DEFAULT_PREFILL_CHUNK_TOKENS
 from shardmesh.service_config import ServiceConfig
 from shardmesh.text import TextCodec
-from shardmesh.v1 import router_pb2, router_pb2_grpc, stage_pb2_grpc
+from shardmesh.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc, stage_pb2_grpc
 
+from router.admin import AdminServicer
 from router.cluster import ClusterMap
 from router.pipeline import StagePipeline
 from router.servicer import RegistryServicer, RouterServicer
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = [router_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Router", "Registry")]
+SERVICE_NAMES = [router_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Router", "Registry")] + [
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name]
+DEFAULT_MAX_QUEUED = 256  # requests waiting for a batch slot; past it Generate gets RESOURCE_EXHAUSTED
+# The router receives prompts and registrations, never activations (those arrive as responses on
+# its own channels): a request over this is refused before it is buffered.
+MAX_REQUEST_BYTES = 8 * 2**20
 
 
 class RouterState:
     """Everything the router's servicers share."""
 
-    def __init__(self, config: ServiceConfig, max_context: int, max_batch_sequences: int):
+    def __init__(self, config: ServiceConfig, max_context: int, max_batch_sequences: int,
+                 max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
         self.config = config.model
+        self.security = config.security
+        self.max_queued = max_queued
         self.cluster = ClusterMap(config.topology, config.model)
         self.text = TextCodec.from_model_dir(config.model_dir)
         self.max_context = max_context
-        self.pipeline = StagePipeline()
-        self.scheduler = Scheduler(self.pipeline, max_batch_sequences)
+        self.pipeline = StagePipeline(config.security, data_plane=config.data_plane)
+        # Micro-batches in flight: one per stage unless said otherwise (fills the pipeline).
+        self.scheduler = Scheduler(self.pipeline, max_batch_sequences, micro_batches or len(config.topology.stages),
+                                   prefill_chunk_tokens)
         self.registry_lock = asyncio.Lock()
         self.serving = False
         self.health = None
@@ -41,7 +54,7 @@ class RouterState:
             return
         placement = self.cluster.placement()
         for name, address in self.cluster.stage_addresses():
-            async with grpc_util.insecure_channel(address) as channel:
+            async with grpc_util.open_channel(address, self.security) as channel:
                 try:
                     await stage_pb2_grpc.StageStub(channel).UpdatePlacement(placement, timeout=CONTROL_DEADLINE_S)
                 except grpc.aio.AioRpcError as error:
@@ -51,6 +64,11 @@ class RouterState:
             log.info("every server registered: serving")
         self.serving = True
         await grpc_util.set_serving(self.health, SERVICE_NAMES, True)
+
+    def admission_full(self) -> bool:
+        """True when `max_queued` requests already wait for a batch slot (bounds the router's memory)."""
+        scheduler = self.scheduler
+        return scheduler.active >= scheduler.max_batch_sequences + self.max_queued
 
 
 class RouterServer:
@@ -65,17 +83,27 @@ class RouterServer:
         await self.state.pipeline.close()
 
 
-async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_sequences: int = 64) -> RouterServer:
+async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_sequences: int = 64,
+                       max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
+                       prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> RouterServer:
+    """micro_batches: steps in flight through the pipeline (0 = one per stage); prefill_chunk_tokens:
+    prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler."""
     model_limit = config.model.max_position_embeddings
     if max_context > model_limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
-    state = RouterState(config, max_context or model_limit, max_batch_sequences)
-    server = grpc_util.new_server()
+    if micro_batches < 0 or prefill_chunk_tokens < 0:
+        raise ValueError(f"micro_batches {micro_batches} and prefill_chunk_tokens {prefill_chunk_tokens} must be >= 0")
+    if max_queued < 0 or max_batch_sequences < 1:
+        raise ValueError(f"max_queued {max_queued} must be >= 0 and max_batch_sequences {max_batch_sequences} >= 1")
+    state = RouterState(config, max_context or model_limit, max_batch_sequences, max_queued, micro_batches,
+                        prefill_chunk_tokens)
+    server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(state), server)
     router_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(state), server)
     state.health = grpc_util.add_health_and_reflection(server, SERVICE_NAMES)
     await grpc_util.set_serving(state.health, SERVICE_NAMES, False)
-    port = grpc_util.bind(server, config.host, config.port)
+    port = grpc_util.bind(server, config.host, config.port, config.security)
     await server.start()
     state.scheduler.start()
     log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())

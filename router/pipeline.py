@@ -1,9 +1,12 @@
-"""StagePipeline: runs one batch step through every stage over long-lived Step streams.
+"""StagePipeline: runs batch steps through every stage over long-lived Step streams.
 
 Hidden states travel from one stage's response into the next stage's request as they came
-(bytes are not decoded at the router); only the last stage's logits are decoded."""
+(bytes are not decoded at the router); only the last stage's logits are decoded. Several steps
+(micro-batches) may be in flight at once: each link writes them on its stream in call order and a
+reader task hands the responses, which come back in the same order, to their callers."""
 
 import asyncio
+import collections
 import itertools
 import logging
 
@@ -11,43 +14,114 @@ import grpc
 import torch
 
 from shardmesh import codec
-from shardmesh.errors import Unavailable
-from shardmesh.grpc_util import CONTROL_DEADLINE_S, insecure_channel
+from shardmesh.errors import RequestError, Unavailable
+from shardmesh.grpc_util import CONTROL_DEADLINE_S, open_channel
 from shardmesh.scheduler import SequenceSlice
-from shardmesh.v1 import stage_pb2, stage_pb2_grpc
+from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
 STEP_DEADLINE_S = 120.0
+STEP_METHOD = "shardmesh.v1.Stage/Step"
 
 
 class StageLink:
     """One stage server: its channel and the current Step stream (reopened after a failure)."""
 
-    def __init__(self, name: str, address: str):
+    def __init__(self, name: str, address: str, security=None, data_planes: DataPlanes | None = None):
         self.name, self.address = name, address
-        self.channel = insecure_channel(address)
+        self.data_planes = data_planes  # a stage on this host is reached over shared memory when it offers it
+        self.channel = open_channel(address, security)
         self.stub = stage_pb2_grpc.StageStub(self.channel)
         self._call = None
+        self._pending: collections.deque = collections.deque()  # (step_id, future) of the current call, in order
+        self._reader: asyncio.Task | None = None
+        self._write_lock = asyncio.Lock()
 
     async def step(self, request: stage_pb2.StepRequest) -> stage_pb2.StepResponse:
-        if self._call is None:
-            self._call = self.stub.Step()
+        """Send one step and await its response; other steps may be in flight on the same stream."""
+        future = asyncio.get_running_loop().create_future()
+        async with self._write_lock:  # the order of `_pending` is the order of writes
+            if self._call is None:
+                self._open()
+            call, pending = self._call, self._pending
+            pending.append((request.step_id, future))
+            try:
+                await call.write(request)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+                self._fail(call, pending, error)
         try:
-            await self._call.write(request)
-            response = await asyncio.wait_for(self._call.read(), STEP_DEADLINE_S)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError) as error:
-            self._drop_call()
-            detail = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else repr(error)
-            raise Unavailable("stage", f"stage {self.name} ({self.address}) failed a step: {detail}") from error
-        if response is grpc.aio.EOF or response.step_id != request.step_id:
-            self._drop_call()
-            raise Unavailable("stage", f"stage {self.name} ({self.address}) ended its step stream")
-        return response
+            return await asyncio.wait_for(future, STEP_DEADLINE_S)
+        except asyncio.TimeoutError as error:
+            self._fail(call, pending, error)
+            raise self._unavailable(error) from error
+
+    def _open(self) -> None:
+        self._call = self.stub.Step()
+        self._pending = collections.deque()
+        self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pending),
+                                                              name=f"step-reader-{self.name}")
+
+    async def _read(self, call, pending: collections.deque) -> None:
+        """Hand each response to the oldest step in flight; any failure fails every step in flight."""
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise EOFError("the stage ended its step stream")
+                if not pending:
+                    raise EOFError(f"the stage answered step {response.step_id}, which was not asked")
+                step_id, future = pending.popleft()
+                if response.step_id != step_id:
+                    raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
+                if not future.done():
+                    future.set_result(response)
+        except asyncio.CancelledError:
+            self._fail(call, pending, EOFError("the link was closed"))
+            raise
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, EOFError) as error:
+            self._fail(call, pending, error)
+
+    def _unavailable(self, error: BaseException) -> Unavailable:
+        detail = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else repr(error)
+        return Unavailable("stage", f"stage {self.name} ({self.address}) failed a step: {detail}")
+
+    def _fail(self, call, pending: collections.deque, error: BaseException) -> None:
+        """Drop `call` (if still current) and fail every step in flight on it."""
+        if self._call is call and call is not None:
+            self._call = None
+            call.cancel()
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()
+            self._reader = None
+        while pending:
+            _, future = pending.popleft()
+            if not future.done():
+                future.set_exception(self._unavailable(error))
 
     def _drop_call(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
+        self._fail(self._call, self._pending, EOFError("the link was closed"))
+
+    async def forward(self, step_id: int, sequences: list, field: str, inputs):
+        """One step through this stage. inputs: the step's token_ids or hidden_states, as a tensor or
+        as the wire Tensor a previous stage sent (gRPC: passed on undecoded). Returns the stage's
+        hidden_states or logits: the wire Tensor as it came (gRPC) or a tensor (shared memory, copied out)."""
+        shm = await self.data_planes.get(self.address, self.channel) if self.data_planes else None
+        if shm is None:
+            message = inputs if isinstance(inputs, tensor_pb2.Tensor) else codec.encode(inputs, arena=None)
+            response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message}))
+            return response.logits if response.HasField("logits") else response.hidden_states
+        try:
+            async with shm.session() as call:
+                tensor = inputs if isinstance(inputs, torch.Tensor) else codec.decode(inputs, field, segment=None)
+                request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: call.encode(tensor)})
+                response = await call.invoke(STEP_METHOD, request, stage_pb2.StepResponse, STEP_DEADLINE_S)
+                if response.step_id != step_id:
+                    raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
+                name = "logits" if response.HasField("logits") else "hidden_states"
+                return call.decode(getattr(response, name), name)
+        except (DataPlaneError, RequestError, EOFError) as error:
+            raise self._unavailable(error) from error
 
     async def free(self, sequence_ids: list[int]) -> None:
         try:
@@ -62,7 +136,9 @@ class StageLink:
 
 
 class StagePipeline:
-    def __init__(self):
+    def __init__(self, security=None, data_plane: str = "grpc"):
+        self.security = security  # shardmesh.security.Security of the router's outgoing channels
+        self.data_planes = DataPlanes(enabled=data_plane == "shm")
         self.links: list[StageLink] = []
         self._step_ids = itertools.count(1)
 
@@ -75,7 +151,7 @@ class StagePipeline:
             if link is None or link.address != address:
                 if link is not None:
                     await link.close()
-                link = StageLink(name, address)
+                link = StageLink(name, address, self.security, self.data_planes)
             links.append(link)
         for link in old.values():
             await link.close()
@@ -85,12 +161,13 @@ class StagePipeline:
         step_id = next(self._step_ids)
         sequences = [stage_pb2.SequenceSlice(sequence_id=s.sequence_id, start_position=s.start_position,
                                              num_tokens=s.num_tokens) for s in slices]
-        request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, token_ids=codec.encode(token_ids))
-        for link in self.links[:-1]:
-            response = await link.step(request)
-            request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, hidden_states=response.hidden_states)
-        response = await self.links[-1].step(request)
-        return codec.decode(response.logits, "logits")  # [B, V]
+        payload, field = token_ids, "token_ids"
+        for link in self.links:
+            payload = await link.forward(step_id, sequences, field, payload)
+            field = "hidden_states"
+        if isinstance(payload, torch.Tensor):
+            return payload  # [B, V]
+        return codec.decode(payload, "logits", segment=None)  # [B, V]
 
     async def free(self, sequence_ids: list[int]) -> None:
         if sequence_ids:
@@ -99,3 +176,4 @@ class StagePipeline:
     async def close(self) -> None:
         for link in self.links:
             await link.close()
+        await self.data_planes.close()

@@ -7,12 +7,14 @@ import logging
 import grpc
 
 from shardmesh import codec
-from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError, Unavailable
+from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError, ResourceExhausted, Unavailable
 from shardmesh.grpc_util import abort_for, translate_errors
 from shardmesh.sampling import Sampler, SamplingParams
 from shardmesh.scheduler import Sequence
 from shardmesh.text import IncrementalDecoder
 from shardmesh.v1 import router_pb2, router_pb2_grpc
+
+from router.load import add_load_to_status
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = {None: router_pb2.FINISH_REASON_UNSPECIFIED, "length": router_pb2.FINISH_REASON_LENGTH,
@@ -68,6 +70,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         try:
+            if self.state.admission_full():  # first: a refusal under overload must cost next to nothing
+                raise ResourceExhausted("router", f"{self.state.max_queued} requests already wait for a batch slot "
+                                        "(--max-queued): retry later")
             sequence = self._sequence(request)
             if not self.state.serving:
                 raise Unavailable("router", f"the mesh is not serving yet: waiting for {self.state.cluster.missing()}")
@@ -103,8 +108,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             experts_per_token=config.experts_per_token, has_tokenizer=self.state.text is not None,
             eos_token_ids=list(config.eos_token_ids), model_fingerprint=config.fingerprint)
 
+    @translate_errors
     async def GetClusterStatus(self, request, context):
-        return self.state.cluster.status(self.state.serving, self.state.scheduler.active)
+        status = self.state.cluster.status(self.state.serving, self.state.scheduler.active)
+        if request.include_expert_load:
+            await add_load_to_status(status, request, self.state)  # router/load.py
+        return status
 
 
 class RegistryServicer(router_pb2_grpc.RegistryServicer):
@@ -115,6 +124,7 @@ class RegistryServicer(router_pb2_grpc.RegistryServicer):
     async def RegisterServer(self, request, context):
         async with self.state.registry_lock:
             self.state.cluster.register(request)
-            log.info("registered %s at %s", request.name, request.address)
+            log.info("registered %s%s at %s", request.name,
+                     f" replica {request.replica_id!r}" if request.replica_id else "", request.address)
             await self.state.on_cluster_change()
         return router_pb2.RegisterServerResponse(placement_version=self.state.cluster.placement_version)

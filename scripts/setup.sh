@@ -9,3 +9,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+# Debian's docker-compose (v1) checks the files in deploy/compose (tests/test_deploy.py); no engine needed.
+if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing docker-compose (apt)"
+    # Quiet unless it fails: then its whole output, and setup fails.
+    if ! apt_log=$( { apt-get update -qq && DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a \
+            apt-get install -y -qq docker-compose; } 2>&1 ); then
+        echo "$apt_log" >&2
+        exit 1
+    fi
+fi

@@ -26,6 +26,10 @@ class CheckpointReader:
         index_path = self.model_dir / "model.safetensors.index.json"
         if index_path.is_file():
             weight_map = json.loads(index_path.read_text())["weight_map"]
+            pickled = sorted({name for name in weight_map.values() if not name.endswith(".safetensors")})
+            if pickled:
+                raise ValueError(f"{index_path} names {pickled[:3]}: only *.safetensors are read "
+                                 "(pickle formats are refused)")
             return {key: self.model_dir / name for key, name in weight_map.items()}
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
@@ -47,11 +51,12 @@ class CheckpointReader:
 
     def _handle(self, path: pathlib.Path):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            # Straight to this reader's device: safetensors places each tensor there as it reads it.
+            self._handles[path] = safe_open(path, framework="pt", device=str(self.device))
         return self._handles[path]
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole tensor `key`, cast to `dtype` and moved to this reader's device."""
+        """The whole tensor `key`, read onto this reader's device and cast there to `dtype`."""
         if key not in self._key_to_file:
             raise KeyError(f"{key} is not in the checkpoint at {self.model_dir}")
         tensor = self._handle(self._key_to_file[key]).get_tensor(key)
@@ -59,7 +64,7 @@ class CheckpointReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         if dtype is not None:
             tensor = tensor.to(dtype)
-        return tensor.to(self.device)
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()

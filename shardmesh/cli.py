@@ -4,8 +4,13 @@
     shardmesh up --model DIR           every service of a topology as local processes
     shardmesh router|stage|expert ...  one service (what a container runs)
     shardmesh generate --router ADDR   stream a generation (needs only grpcio + protobuf)
+    shardmesh status --router ADDR     servers and expert load per layer (grpcio + protobuf)
+    shardmesh rebalance --router ADDR  re-place experts by observed load, live (grpcio + protobuf)
     shardmesh make-checkpoint DIR      a seeded random checkpoint (needs transformers)
+    shardmesh certs DIR                a local test CA and certificates for (mutual) TLS
     shardmesh topology --model DIR     print the default topology for a model
+    shardmesh health --address ADDR    exit 0 if a server's grpc.health.v1 says SERVING (health checks)
+    shardmesh compose|k8s ...          docker-compose file / Kubernetes manifests from a topology file
 
 Subcommands import what they need when they run, so `shardmesh generate` works without torch."""
 
@@ -27,9 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model", required=True, type=pathlib.Path)
     up.add_argument("--topology", type=pathlib.Path, help="topology TOML (default: the model's default)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--device", default="cpu", help="cpu or cuda:N for every service (default cpu)")
+    up.add_argument("--dtype", default="", choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
     up.add_argument("--threads", type=int, default=1, help="torch threads per service")
     up.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    up.add_argument("--no-auth", action="store_true", help="no tokens (default: fresh random ones, printed)")
+    from shardmesh.security import add_tls_arguments
+    add_tls_arguments(up)
 
     from shardmesh.serve import add_service_arguments
     for role in ("router", "stage", "expert"):
@@ -37,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
 
     from shardmesh.cli_generate import add_parser as add_generate
     add_generate(commands)
+    from shardmesh.cli_rebalance import add_parser as add_rebalance
+    from shardmesh.cli_status import add_parser as add_status
+    add_status(commands)
+    add_rebalance(commands)
+
+    from shardmesh.cli_health import add_parser as add_health
+    add_health(commands)
+    from shardmesh.cli_deploy import add_parsers as add_deploy
+    add_deploy(commands)
+
+    certs = commands.add_parser("certs", help="make a local test CA and service/client certificates (for TLS)")
+    certs.add_argument("dir", type=pathlib.Path)
+    certs.add_argument("--hosts", default="127.0.0.1,localhost", metavar="NAME,IP,...",
+                       help="names and addresses the services are reached by (default: %(default)s)")
+    certs.add_argument("--days", type=int, default=30)
 
     make = commands.add_parser("make-checkpoint", help="write a seeded random checkpoint (needs transformers)")
     make.add_argument("out", type=pathlib.Path)
@@ -57,7 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_service(args.command, args)
     if args.command == "up":
         from shardmesh.launcher import run_up
-        return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level)
+        return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
+                      device=args.device, no_auth=args.no_auth, tls=_tls_files(args))
+    if args.command == "certs":
+        from shardmesh.certs import run
+        return run(args)
+    if args.command == "health":
+        from shardmesh.cli_health import run
+        return run(args)
+    if args.command in ("compose", "k8s"):
+        from shardmesh.cli_deploy import run
+        return run(args, sys.argv[1:] if argv is None else argv)
+    if args.command in ("status", "rebalance"):
+        from shardmesh import cli_rebalance, cli_status
+        return (cli_status if args.command == "status" else cli_rebalance).run(args)
     if args.command == "generate":
         from shardmesh.cli_generate import run
         return run(args)
@@ -75,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         print(Topology.default(ModelConfig.from_dir(args.model), args.stages, args.expert_servers).to_toml())
         return 0
     return 2
+
+
+def _tls_files(args: argparse.Namespace):
+    """`up`'s TLS flags: none, or all three (its services verify each other by the CA)."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise SystemExit("shardmesh up: give --tls-cert, --tls-key and --tls-ca together (see `shardmesh certs`)")
+    from shardmesh.mesh_secrets import TlsFiles
+    return TlsFiles(*(path.absolute() for path in given))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
     shardmesh generate --router 127.0.0.1:50051 --prompt "Once upon a time" --max-new-tokens 32
     shardmesh generate --router 127.0.0.1:50051 --prompt-ids 1,15043,3186 --output jsonl
+    shardmesh generate --router HOST:PORT --token-file FILE --tls-ca ca.pem --prompt "..."
+
+The router's bearer token comes from --token-file, else $SHARDMESH_AUTH_TOKEN (`shardmesh up`
+prints its file). --tls-ca makes the channel TLS; --tls-cert/--tls-key add a client certificate
+for a router that requires mutual TLS.
 
 Tokens go to stdout as they arrive; a one-line summary (finish reason, counts, time) goes to
 stderr. A failed call prints `shardmesh generate: CODE: details` to stderr and exits 1.
@@ -14,6 +19,7 @@ import time
 
 from shardmesh.client import Client, ShardmeshError
 from shardmesh.client_types import DEFAULT_MAX_NEW_TOKENS, Token
+from shardmesh.security import CLIENT_TOKEN_ENV, add_tls_arguments, client_credentials, read_token
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -46,6 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="deadline of the whole generation (default: none)")
     parser.add_argument("--wait-serving", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the mesh to be serving (default: do not wait)")
+    parser.add_argument("--token-file", metavar="FILE", help=f"the router's bearer token (else ${CLIENT_TOKEN_ENV})")
+    add_tls_arguments(parser, client=True)
     parser.add_argument("--output", choices=("auto", "text", "ids", "jsonl"), default="auto",
                         help="auto (default): ids for --prompt-ids, else text (a token without text: its id); "
                              "jsonl: one object per token")
@@ -70,7 +78,14 @@ def run(args: argparse.Namespace) -> int:
     last = None
     count = 0
     try:
-        with Client(args.router, timeout=args.timeout) as client:
+        token = read_token(args.token_file, CLIENT_TOKEN_ENV)
+        credentials = (client_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+                       if args.tls_ca or args.tls_cert or args.tls_key else None)
+    except (OSError, ValueError) as error:
+        print(f"shardmesh generate: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        with Client(args.router, timeout=args.timeout, token=token, credentials=credentials) as client:
             if args.wait_serving > 0:
                 client.wait_until_serving(timeout=args.wait_serving)
             with client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

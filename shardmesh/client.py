@@ -24,6 +24,7 @@ from shardmesh.client_errors import (  # noqa: F401  (re-exported: the SDK's pub
 )
 from shardmesh.client_streams import AsyncTokenStream, TokenStream
 from shardmesh.client_types import DEFAULT_MAX_NEW_TOKENS, Generation, Token, build_request  # noqa: F401
+from shardmesh.security import bearer_metadata, check_token, client_credentials  # noqa: F401  (re-exported)
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 # Set deliberately (gRPC's default receive limit is 4 MiB): a response carrying full-vocabulary
@@ -77,9 +78,11 @@ class _ServingWait:
 
 
 class _ClientBase:
-    def __init__(self, address: str, timeout: float | None):
+    def __init__(self, address: str, timeout: float | None, token: str | None):
         self.address = address
         self.timeout = timeout
+        # Sent on every call as `authorization: Bearer <token>` (the router's --auth-token-file).
+        self._metadata = bearer_metadata(check_token(token, "token") if token is not None else None)
 
     def _call_timeout(self, timeout: float | None, unary: bool) -> float | None:
         if timeout is not None:
@@ -95,15 +98,16 @@ class Client(_ClientBase):
     `timeout` is the default deadline in seconds of every call (a Generate call's deadline covers
     the whole stream); None = no deadline for generate, UNARY_TIMEOUT_S for the unary calls.
     `options` are extra gRPC channel options (they override the SDK's); `credentials` makes the
-    channel secure.
+    channel secure (`client_credentials(ca_file, cert_file, key_file)` reads PEM files); `token`
+    is the router's bearer token (a wrong or missing one: UnauthenticatedError).
     """
 
     def __init__(self, address: str, *, timeout: float | None = None,
                  max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
                  max_send_message_bytes: int = MAX_SEND_MESSAGE_BYTES,
                  options: Sequence[tuple[str, object]] = (),
-                 credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(address, timeout)
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        super().__init__(address, timeout, token)
         opts = channel_options(max_receive_message_bytes, max_send_message_bytes, options)
         self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.insecure_channel(address, options=opts))
@@ -121,7 +125,8 @@ class Client(_ClientBase):
         request = build_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 return_logits=return_logits)
-        return TokenStream(self._stub.Generate(request, timeout=self._call_timeout(timeout, unary=False)))
+        return TokenStream(self._stub.Generate(request, timeout=self._call_timeout(timeout, unary=False),
+                                               metadata=self._metadata))
 
     def generate_all(self, prompt: Sequence[int] | str, **kwargs) -> Generation:
         """Generate to the end and return every token (same arguments as `generate`)."""
@@ -130,7 +135,7 @@ class Client(_ClientBase):
 
     def _unary(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self._call_timeout(timeout, unary=True))
+            return method(request, timeout=self._call_timeout(timeout, unary=True), metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
 
@@ -177,8 +182,8 @@ class AsyncClient(_ClientBase):
                  max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
                  max_send_message_bytes: int = MAX_SEND_MESSAGE_BYTES,
                  options: Sequence[tuple[str, object]] = (),
-                 credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(address, timeout)
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        super().__init__(address, timeout, token)
         opts = channel_options(max_receive_message_bytes, max_send_message_bytes, options)
         self._channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.aio.insecure_channel(address, options=opts))
@@ -192,7 +197,8 @@ class AsyncClient(_ClientBase):
         request = build_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
                                 return_logits=return_logits)
-        return AsyncTokenStream(self._stub.Generate(request, timeout=self._call_timeout(timeout, unary=False)))
+        return AsyncTokenStream(self._stub.Generate(request, timeout=self._call_timeout(timeout, unary=False),
+                                                    metadata=self._metadata))
 
     async def generate_all(self, prompt: Sequence[int] | str, **kwargs) -> Generation:
         """Generate to the end and return every token (same arguments as `generate`)."""
@@ -201,7 +207,7 @@ class AsyncClient(_ClientBase):
 
     async def _unary(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=self._call_timeout(timeout, unary=True))
+            return await method(request, timeout=self._call_timeout(timeout, unary=True), metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from error
 

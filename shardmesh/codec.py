@@ -3,8 +3,15 @@
 Decoding validates everything that came from the network (dtype known, shape non-negative, byte
 length matching) and raises `InvalidArgument` naming the field, so a servicer can answer with a
 precise status. Nothing is pickled.
+
+On the shared-memory data plane (shardmesh.shm_plane) a tensor's bytes may instead lie in a
+segment both processes map (`Tensor.shm`): `decode` views them in place and `encode` writes them
+there. By default both use the segment of the shared-memory call being served in the current
+context (`inbound_call`, set by the plane around a servicer method), so servicers need not know
+which plane a call came by; clients of a plane pass their own segment/arena (or None) explicitly.
 """
 
+import contextvars
 import math
 import sys
 import warnings
@@ -28,21 +35,39 @@ WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
 # bf16 has no numpy dtype: move it as int16 bits.
 _VIEW_AS = {torch.bfloat16: torch.int16}
 
+INBOUND = object()  # default of `arena` / `segment`: the shared-memory call served in this context, if any
+# (shm_segment.Segment, shm_segment.ReplyArena) of the shared-memory call this context serves, else None.
+inbound_call: contextvars.ContextVar = contextvars.ContextVar("shardmesh_inbound_shm_call", default=None)
 
-def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
-    """Encode any CPU or CUDA tensor of a served dtype (copied to contiguous CPU memory)."""
+
+def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
+    """Encode any CPU or CUDA tensor of a served dtype (copied to contiguous CPU memory).
+
+    With a reply arena (shm_segment.ReplyArena; by default the reply arena of the shared-memory
+    call served in this context) the bytes are written there when they fit (`Tensor.shm`), else
+    they go in `data`; arena=None always uses `data`."""
     if tensor.dtype not in TORCH_TO_WIRE:
         raise TypeError(f"dtype {tensor.dtype} is not served on the wire")
+    if arena is INBOUND:
+        call = inbound_call.get()
+        arena = call[1] if call is not None else None
+    if arena is not None:
+        placed = arena.put(tensor.detach())
+        if placed is not None:
+            return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape),
+                                     shm=tensor_pb2.SharedMemorySpan(offset=placed[0], length=placed[1]))
     flat = tensor.detach().to("cpu").contiguous()
     data = flat.view(_VIEW_AS.get(flat.dtype, flat.dtype)).numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
-def decode(message: tensor_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
+def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.
 
     The result shares memory with the message's bytes and is read-only in spirit: clone it
-    before an in-place write.
+    before an in-place write. A tensor in shared memory (`shm`) is a view of `segment`
+    (shm_segment.Segment; by default that of the shared-memory call served in this context),
+    valid while that call lasts; with no such segment it is refused.
     """
     dtype = WIRE_TO_TORCH.get(message.dtype)
     if dtype is None:
@@ -53,7 +78,9 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
     if math.prod(dim for dim in shape if dim) >= 2**63:  # torch cannot even make an empty tensor of it
         raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
+    if message.HasField("shm"):
+        return _decode_shared(message, field, segment, dtype, shape, numel * itemsize)
     if len(message.data) != numel * itemsize:
         raise InvalidArgument(
             f"{field}.data",
@@ -67,3 +94,18 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(message.data, dtype=wire_dtype)
     return flat.view(dtype).reshape(shape)
+
+
+def _decode_shared(message: tensor_pb2.Tensor, field: str, segment, dtype: torch.dtype, shape: list[int],
+                   nbytes: int) -> torch.Tensor:
+    if segment is INBOUND:
+        call = inbound_call.get()
+        segment = call[0] if call is not None else None
+    if segment is None:
+        raise InvalidArgument(f"{field}.shm", "shared-memory tensors are only accepted on the shared-memory data plane")
+    if message.data:
+        raise InvalidArgument(f"{field}.data", "give data or shm, not both")
+    if message.shm.length != nbytes:
+        raise InvalidArgument(f"{field}.shm.length", f"{message.shm.length} bytes do not match shape {shape} "
+                                                     f"of {dtype} ({nbytes} bytes)")
+    return segment.view(message.shm.offset, message.shm.length, dtype, shape, field)

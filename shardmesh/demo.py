@@ -58,7 +58,7 @@ def run_demo(model_dir: pathlib.Path | None, max_new_tokens: int = 16) -> int:
         print(f"  replicated experts: {replicated}", flush=True)
         results: dict[int, object] = {}
         lock = threading.Lock()
-        with Client(launcher.router_address, timeout=120) as client:
+        with Client(launcher.router_address, timeout=120, token=launcher.client_token) as client:
             threads = [threading.Thread(target=_stream, args=(client, i, p, max_new_tokens, results, lock))
                        for i, p in enumerate(PROMPTS)]
             for thread in threads:

@@ -26,15 +26,50 @@ class ExpertShard:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(reader.device)
-        self.experts: list[tuple[int, int]] = sorted(set((int(l), int(e)) for l, e in experts))
-        for layer, expert in self.experts:
-            if not (0 <= layer < config.num_layers and 0 <= expert < config.num_experts):
-                raise ValueError(f"(layer {layer}, expert {expert}) is outside {config.num_layers} layers "
-                                 f"x {config.num_experts} experts")
-        self._mlps = {key: family.load_expert(reader, *key, dtype) for key in self.experts}
+        self._family = family
+        self.experts: list[tuple[int, int]] = []
+        self._mlps: dict[tuple[int, int], SwiGLUMLP] = {}
+        self.add(experts, reader)
 
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._mlps
+
+    def read(self, experts: Iterable[tuple[int, int]], reader: CheckpointReader, warm: bool = False) -> dict:
+        """Read these experts (those not held yet) from the checkpoint without installing them:
+        (layer, expert) -> module. warm: run each once on one zero token. Touches no state of the
+        shard, so it may run in a worker thread while the shard serves."""
+        keys = sorted(set((int(l), int(e)) for l, e in experts))
+        for layer, expert in keys:
+            if not (0 <= layer < self.config.num_layers and 0 <= expert < self.config.num_experts):
+                raise ValueError(f"(layer {layer}, expert {expert}) is outside {self.config.num_layers} layers "
+                                 f"x {self.config.num_experts} experts")
+        mlps = {key: self._family.load_expert(reader, *key, self.dtype) for key in keys if key not in self._mlps}
+        if warm:
+            probe = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [1, H]
+            for mlp in mlps.values():
+                mlp(probe)
+        return mlps
+
+    def install(self, mlps: dict) -> None:
+        """Serve what `read` returned (a dict assignment: safe between two computes)."""
+        self._mlps.update(mlps)
+        self.experts = sorted(self._mlps)
+
+    def add(self, experts: Iterable[tuple[int, int]], reader: CheckpointReader) -> list[tuple[int, int]]:
+        """Load and serve these experts; returns the ones that were not held before."""
+        mlps = self.read(experts, reader)
+        self.install(mlps)
+        return sorted(mlps)
+
+    def remove(self, experts: Iterable[tuple[int, int]]) -> None:
+        """Free these experts (all must be held: raises NotFound naming the first that is not)."""
+        keys = sorted(set((int(l), int(e)) for l, e in experts))
+        for layer, expert in keys:
+            if (layer, expert) not in self._mlps:
+                raise NotFound("experts", f"(layer {layer}, expert {expert}) is not held here")
+        for key in keys:
+            del self._mlps[key]
+        self.experts = sorted(self._mlps)
 
     def compute(self, layer: int, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """All tokens routed to one expert in one pass: [n, H] -> w2(silu(w1 x) * w3 x) [n, H] (unweighted)."""

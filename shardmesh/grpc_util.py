@@ -12,6 +12,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from shardmesh.errors import RequestError
+from shardmesh.request_guard import MalformedRequestGuard
+from shardmesh.security import Security
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,17 +35,36 @@ SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms"
 CONTROL_DEADLINE_S = 10.0  # registration, placement, free, info calls
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def new_server(security: Security | None = None, max_receive_bytes: int | None = None) -> grpc.aio.Server:
+    """A server with our options (`max_receive_bytes` overrides the receive limit) whose calls
+    are token-checked as `security` says (see shardmesh.security), then refused with
+    INVALID_ARGUMENT when their bytes are not the method's message (see shardmesh.request_guard)."""
+    options = [(key, max_receive_bytes if key == "grpc.max_receive_message_length" and max_receive_bytes else value)
+               for key, value in SERVER_OPTIONS]
+    interceptors = [*(security.server_interceptors() if security else ()), MalformedRequestGuard()]
+    return grpc.aio.server(options=options, interceptors=interceptors)
+
+
+def open_channel(address: str, security: Security | None = None) -> grpc.aio.Channel:
+    """A channel to another service: TLS (presenting our certificate under mutual TLS) and the
+    internal token when `security` has them, plaintext otherwise."""
+    interceptors = (security.channel_interceptors() or None) if security else None
+    if security is not None and security.tls:
+        return grpc.aio.secure_channel(address, security.channel_credentials(), options=GRPC_OPTIONS,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    return open_channel(address)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind host:port (0 = let the OS choose) and return the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, security: Security | None = None) -> int:
+    """Bind host:port (0 = let the OS choose), with TLS when `security` has it; return the bound port."""
+    if security is not None and security.tls:
+        bound = server.add_secure_port(f"{host}:{port}", security.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return bound
@@ -82,13 +103,18 @@ class RunningServer:
 
 
 async def start_server(servicer, add_to_server, service_name: str, host: str, port: int,
-                       serving: bool = True, on_stop=None) -> RunningServer:
-    """Serve `servicer` (plus health and reflection) on host:port (0 = the OS chooses)."""
-    server = new_server()
+                       serving: bool = True, on_stop=None, security: Security | None = None,
+                       extra_services=()) -> RunningServer:
+    """Serve `servicer` (plus health and reflection) on host:port (0 = the OS chooses).
+    extra_services: more (servicer, add_to_server, service_name) on the same port."""
+    server = new_server(security)
     add_to_server(servicer, server)
-    health = add_health_and_reflection(server, [service_name])
-    await set_serving(health, [service_name], serving)
-    bound = bind(server, host, port)
+    for extra, add_extra, _ in extra_services:
+        add_extra(extra, server)
+    names = [service_name, *(name for _, _, name in extra_services)]
+    health = add_health_and_reflection(server, names)
+    await set_serving(health, names, serving)
+    bound = bind(server, host, port, security)
     await server.start()
     return RunningServer(server, host, bound, servicer, health, on_stop)
 
@@ -110,12 +136,13 @@ def translate_errors(method):
     return wrapper
 
 
-async def wait_for_health(address: str, timeout: float, service: str = "") -> None:
+async def wait_for_health(address: str, timeout: float, service: str = "",
+                          security: Security | None = None) -> None:
     """Poll grpc.health.v1 on `address` until SERVING; raise TimeoutError after `timeout` s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = 0.02
-    async with insecure_channel(address) as channel:
+    async with open_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - loop.time()
@@ -133,14 +160,15 @@ async def wait_for_health(address: str, timeout: float, service: str = "") -> No
 
 
 async def register_with_router(router_address: str, request: router_pb2.RegisterServerRequest,
-                               timeout: float = 120.0) -> router_pb2.RegisterServerResponse:
+                               timeout: float = 120.0,
+                               security: Security | None = None) -> router_pb2.RegisterServerResponse:
     """Register this server, retrying while the router is not reachable yet (bounded by `timeout`).
 
     A refusal (wrong layers, wrong model...) is raised at once: retrying cannot fix it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = 0.05
-    async with insecure_channel(router_address) as channel:
+    async with open_channel(router_address, security) as channel:
         stub = router_pb2_grpc.RegistryStub(channel)
         while True:
             try:
@@ -149,7 +177,8 @@ async def register_with_router(router_address: str, request: router_pb2.Register
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 if loop.time() + delay > deadline:
-                    raise TimeoutError(f"router at {router_address} unreachable for {timeout:.0f} s") from error
+                    raise TimeoutError(f"router at {router_address} unreachable for {timeout:.0f} s "
+                                       f"(last: {error.details()}; a TLS mismatch looks like this too)") from error
                 log.info("router %s not reachable yet (%s); retrying", router_address, error.code().name)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

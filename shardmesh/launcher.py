@@ -16,7 +16,17 @@ import time
 from collections.abc import Callable
 
 from shardmesh.config import ModelConfig
+from shardmesh.mesh_secrets import MeshSecrets, TlsFiles
 from shardmesh.topology import Topology
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux), so
+    a killed `shardmesh up` leaves no orphaned services."""
+    if sys.platform == "linux":
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServiceFailed(RuntimeError):
@@ -25,9 +35,16 @@ class ServiceFailed(RuntimeError):
 
 class Launcher:
     def __init__(self, model_dir: str | pathlib.Path, topology_file: str | pathlib.Path | None = None, *,
-                 host: str = "127.0.0.1", dtype: str = "float32", threads_per_service: int = 1,
-                 log_level: str = "WARNING", ready_timeout: float = 180.0,
-                 progress: Callable[[str], None] | None = None):
+                 host: str = "127.0.0.1", dtype: str = "", device: str = "cpu",
+                 threads_per_service: int | dict[str, int] = 1, log_level: str = "WARNING",
+                 ready_timeout: float = 180.0, progress: Callable[[str], None] | None = None,
+                 service_args: dict[str, list[str]] | None = None, no_auth: bool = False,
+                 tls: TlsFiles | None = None):
+        """threads_per_service: torch threads of every service, or a dict role ("router" | "stage" |
+        "expert") -> threads (roles not named get 1). service_args: role -> extra command-line
+        arguments of that role's services (e.g. {"router": ["--micro-batches", "2"]}).
+        Fresh random tokens protect the mesh (`client_token`, `secrets.client_token_file`) unless
+        `no_auth`; `tls` makes every service speak mutual TLS (see shardmesh.mesh_secrets)."""
         self.model_dir = pathlib.Path(model_dir).absolute()
         self.config = ModelConfig.from_dir(self.model_dir)
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="shardmesh-up-"))
@@ -38,18 +55,31 @@ class Launcher:
         self.topology_file = pathlib.Path(topology_file).absolute()
         self.topology = Topology.from_file(self.topology_file, self.config)
         self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
+        self.device = device  # every service's; "" dtype = each service's default for it
+        self.service_args = {role: list(args) for role, args in (service_args or {}).items()}
         self.ready_timeout = ready_timeout
         self.progress = progress or (lambda message: None)
         self.processes: dict[str, subprocess.Popen] = {}
         self.router_address = ""
+        self.secrets = MeshSecrets.create(self.workdir, no_auth, tls)
+
+    @property
+    def client_token(self) -> str | None:
+        """What a client sends as `Client(address, token=...)`; None under no_auth."""
+        return self.secrets.client_token
 
     def _spawn(self, name: str, role: str, *extra: str) -> None:
         command = [sys.executable, "-m", "shardmesh.cli", role, "--model", str(self.model_dir),
-                   "--topology", str(self.topology_file), "--host", self.host, "--dtype", self.dtype,
-                   "--threads", str(self.threads), "--log-level", self.log_level, *extra]
+                   "--topology", str(self.topology_file), "--host", self.host, "--device", self.device,
+                   *(["--dtype", self.dtype] if self.dtype else []),
+                   "--threads", str(self._threads(role)), "--log-level", self.log_level,
+                   *self.service_args.get(role, ()), *self.secrets.service_args(role), *extra]
         log_file = open(self.workdir / f"{name}.log", "wb")
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def _threads(self, role: str) -> int:
+        return self.threads.get(role, 1) if isinstance(self.threads, dict) else self.threads
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         path = self.workdir / f"{name}.log"
@@ -80,11 +110,12 @@ class Launcher:
     async def _wait_serving(self, deadline: float) -> None:
         import grpc
 
-        from shardmesh.grpc_util import insecure_channel, wait_for_health
+        from shardmesh.grpc_util import open_channel, wait_for_health
         from shardmesh.v1 import router_pb2, router_pb2_grpc
 
         announced: set[str] = set()
-        async with insecure_channel(self.router_address) as channel:
+        security = self.secrets.client_security()
+        async with open_channel(self.router_address, security) as channel:
             router = router_pb2_grpc.RouterStub(channel)
             while True:
                 self.check_alive()
@@ -92,7 +123,8 @@ class Launcher:
                 if remaining <= 0:
                     raise ServiceFailed(f"the mesh was not SERVING within {self.ready_timeout:.0f} s")
                 try:
-                    status = await router.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=2.0)
+                    status = await router.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=2.0,
+                                                           metadata=self.secrets.client_metadata())
                 except grpc.aio.AioRpcError:
                     status = None
                 for server in status.servers if status else ():
@@ -101,7 +133,7 @@ class Launcher:
                         self.progress(f"{server.name} registered at {server.address} "
                                       f"({len(announced)}/{len(status.servers)})")
                 if status is not None and status.serving:
-                    await wait_for_health(self.router_address, remaining)  # grpc.health.v1 agrees
+                    await wait_for_health(self.router_address, remaining, security=security)  # grpc.health.v1 agrees
                     return
                 await asyncio.sleep(0.1)
 
@@ -135,16 +167,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str) -> int:
+def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str, device: str = "cpu",
+           no_auth: bool = False, tls: TlsFiles | None = None) -> int:
     """Foreground `shardmesh up`: start, print where the router listens, stop on Ctrl-C/SIGTERM."""
-    launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, threads_per_service=threads,
-                        log_level=log_level, progress=lambda message: print(f"  {message}", flush=True))
+    launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, device=device, threads_per_service=threads,
+                        log_level=log_level, progress=lambda message: print(f"  {message}", flush=True),
+                        no_auth=no_auth, tls=tls)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting {len(launcher.topology.stages)} stage(s) and {len(launcher.topology.expert_servers)} "
               f"expert server(s); logs in {launcher.workdir}", flush=True)
         address = launcher.start()
         print(f"router listening on {address}  (Ctrl-C to stop)", flush=True)
+        token_file = launcher.secrets.client_token_file
+        tls_args = f" --tls-ca {tls.ca} --tls-cert CLIENT.pem --tls-key CLIENT-key.pem" if tls else ""
+        print(f"client token in {token_file}: shardmesh generate --router {address} --token-file {token_file}"
+              f"{tls_args} --prompt ..." if token_file else "authentication off (--no-auth): for local use only",
+              flush=True)
         while True:
             launcher.check_alive()
             time.sleep(0.5)

@@ -7,6 +7,7 @@ import dataclasses
 import pathlib
 
 from shardmesh import grpc_util
+from shardmesh.security import Security
 from shardmesh.service_config import ServiceConfig
 from shardmesh.topology import Topology
 
@@ -28,25 +29,39 @@ class LocalMesh:
 
 
 async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | None = None, *,
-                           dtype: str = "float32", max_context: int = 0, ready_timeout: float = 60.0) -> LocalMesh:
+                           dtype: str = "", device: str = "cpu", devices: dict[str, str] | None = None,
+                           max_context: int = 0, ready_timeout: float = 60.0, security: Security | None = None,
+                           router_options: dict | None = None, data_plane: str = "shm") -> LocalMesh:
     """Start a router, then every stage and expert server of `topology` (default: the model's),
-    and return once the router reports SERVING on grpc.health.v1."""
+    and return once the router reports SERVING on grpc.health.v1.
+
+    Every server runs on `device` ("cpu" or "cuda:N") unless `devices` (server name -> device)
+    says otherwise; `dtype` "" is the default of `device` (bfloat16 on CUDA, float32 on CPU) and
+    one dtype serves the whole mesh, whatever the devices (the wire checks activations' dtype).
+    `security` (default: none) is every service's; `router_options` go to `start_router`;
+    `data_plane` ("shm" | "grpc") is every service's (ServiceConfig.data_plane)."""
     from expert_server.main import start_expert_server
     from router.main import start_router
     from stage_server.main import start_stage_server
 
-    base = ServiceConfig(model_dir=model_dir, topology=topology, dtype=dtype)
-    router = await start_router(base, max_context=max_context)
+    base = ServiceConfig(model_dir=model_dir, topology=topology, dtype=dtype, device=device,
+                         security=security or Security(), data_plane=data_plane)
+    devices = dict(devices or {})
+    unknown = set(devices) - {s.name for s in (*base.topology.stages, *base.topology.expert_servers)}
+    if unknown:
+        raise KeyError(f"devices names servers not in the topology: {sorted(unknown)}")
+    router = await start_router(base, max_context=max_context, **(router_options or {}))
     address = f"127.0.0.1:{router.port}"
     mesh = LocalMesh(router, [], [])
     try:
         def config(name: str) -> ServiceConfig:
-            return dataclasses.replace(base, name=name, router_address=address, topology=base.topology)
+            return dataclasses.replace(base, name=name, router_address=address, topology=base.topology,
+                                       device=devices.get(name, base.device))
 
         mesh.stages = list(await asyncio.gather(*(start_stage_server(config(s.name)) for s in base.topology.stages)))
         mesh.experts = list(await asyncio.gather(
             *(start_expert_server(config(e.name)) for e in base.topology.expert_servers)))
-        await grpc_util.wait_for_health(address, ready_timeout)
+        await grpc_util.wait_for_health(address, ready_timeout, security=base.security)
     except BaseException:
         await mesh.stop()
         raise

@@ -5,10 +5,36 @@ import pathlib
 
 import torch
 
+from shardmesh import advertise
 from shardmesh.config import ModelConfig
-from shardmesh.topology import Topology
+from shardmesh.security import Security
+from shardmesh.topology import ExpertServerSpec, Topology
 
+DATA_PLANES = ("shm", "grpc")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on CUDA, float32 on CPU: what `--dtype` means when it is not given."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def check_device(device: str) -> str:
+    """`device` normalized ("cpu" or "cuda:N"); ValueError naming it when this machine lacks it."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not 'cpu' or 'cuda:N' ({error})") from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type != "cuda":
+        raise ValueError(f"device {device!r} is not 'cpu' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    index = 0 if parsed.index is None else parsed.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{index}"
 
 
 @dataclasses.dataclass
@@ -20,15 +46,27 @@ class ServiceConfig:
     router_address: str = ""        # host:port of the router (stage / expert servers)
     host: str = "127.0.0.1"         # bind address: loopback unless said otherwise
     port: int = 0                   # 0 = the OS chooses
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = ""                 # "" = default_dtype(device): bfloat16 on CUDA, float32 on CPU
+    device: str = "cpu"             # "cpu" or "cuda:N": weights, KV caches and compute live there
+    advertise_address: str = ""     # HOST[:PORT] registered with the router; "" = host:bound port (see advertise.py)
+    replica_id: str = ""            # tells replicas of one expert server apart ("" = the only one)
+    # "shm": tensors to and from services of this host through shared memory (negotiated per
+    # peer, gRPC bytes with the others); "grpc": always in gRPC messages (shardmesh.shm_plane).
+    data_plane: str = "shm"
+    # TLS and tokens (shardmesh.security); the default, for in-process meshes, checks nothing.
+    # The command line requires tokens unless --no-auth (security.service_security).
+    security: Security = dataclasses.field(default_factory=Security)
 
     def __post_init__(self):
         self.model_dir = pathlib.Path(self.model_dir)
+        self.device = check_device(self.device)
+        self.dtype = self.dtype or default_dtype(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(f"data_plane {self.data_plane!r} is not one of {list(DATA_PLANES)}")
         self.model = ModelConfig.from_dir(self.model_dir)
         if self.topology_file is not None:
             self.topology = Topology.from_file(self.topology_file, self.model)
@@ -38,6 +76,14 @@ class ServiceConfig:
             self.topology = Topology.default(self.model)
         if self.name:
             self.topology.server(self.name)  # raises KeyError naming what the topology has
+        self.advertise_address = advertise.check(self.advertise_address)
+        self.replica_id = advertise.expand(self.replica_id)
+        if self.replica_id and not (self.name and isinstance(self.topology.server(self.name), ExpertServerSpec)):
+            raise ValueError(f"replica id {self.replica_id!r}: only expert servers have replicas, {self.name!r} is not one")
+
+    def advertised(self, bound_port: int) -> str:
+        """host:port to register with the router, once bound to `bound_port`."""
+        return advertise.advertised_address(self.advertise_address, self.host, bound_port)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from shardmesh.checkpoint import CheckpointReader
+from shardmesh.compute_pool import parallel_linear
 from shardmesh.config import ModelConfig
 from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from shardmesh.kv_cache import KVCache
@@ -184,7 +185,8 @@ class StageModel:
         if not self.is_last:
             return hidden_states
         last_rows = torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)
-        return F.linear(self.norm(hidden_states[last_rows]), self.lm_head).float()  # [S, V]
+        # The LM head is the stage's largest matmul: split over the compute threads (compute_pool).
+        return parallel_linear(self.norm(hidden_states[last_rows]), self.lm_head).float()  # [S, V]
 
     def free(self, sequence_ids: Iterable[int]) -> int:
         """Drop these sequences' KV cache; returns how many were cached (unknown ids are ignored).

@@ -5,6 +5,7 @@ import logging
 from shardmesh import grpc_util
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.service_config import ServiceConfig
+from shardmesh.shm_server import Method, start_data_plane
 from shardmesh.stage_model import StageModel
 from shardmesh.topology import StageSpec
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
@@ -24,14 +25,26 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
     log.info("%s: loading layers [%d, %d)", config.name, spec.start_layer, spec.end_layer)
     model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype)
     reader.close()
-    servicer = StageServicer(config.name, model, RemoteExperts())
+    servicer = StageServicer(config.name, model, RemoteExperts(config.security, data_plane=config.data_plane))
+    # The router's Step stream may also come over shared memory (shardmesh.shm_plane).
+    plane, plane_service = await start_data_plane(config.name, {
+        f"{SERVICE_NAME}/Step": Method(stage_pb2.StepRequest, servicer.Step, streaming=True)},
+        enabled=config.data_plane == "shm")
+
+    async def on_stop() -> None:
+        if plane is not None:
+            await plane.stop()
+        await servicer.experts.close()
+
     # SERVING once started; a step before the placement arrives gets FAILED_PRECONDITION.
     running = await grpc_util.start_server(servicer, stage_pb2_grpc.add_StageServicer_to_server, SERVICE_NAME,
-                                           config.host, config.port, on_stop=servicer.experts.close)
+                                           config.host, config.port, on_stop=on_stop,
+                                           security=config.security, extra_services=[plane_service])
     if config.router_address:
         await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
-            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=running.address,
+            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=config.advertised(running.port),
             layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),
-            model_fingerprint=config.model.fingerprint))
-    log.info("%s: stage server listening on %s", config.name, running.address)
+            model_fingerprint=config.model.fingerprint), security=config.security)
+    log.info("%s: stage server listening on %s, advertised as %s", config.name, running.address,
+             config.advertised(running.port))
     return running

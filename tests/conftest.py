@@ -72,3 +72,17 @@ def llama_dir(model_dirs):
 @pytest.fixture(scope="session")
 def llama_mha_dir(model_dirs):
     return model_dirs["llama_mha"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, on a machine without it (CI)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False here")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from shardmesh.client import Client
+from shardmesh.client import Client, UnauthenticatedError
 from shardmesh.reference import transformers_greedy
 
 pytestmark = pytest.mark.slow
@@ -67,13 +67,19 @@ def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
         lines = read_lines(up)
         line = wait_for_line(lines, "router listening on", timeout=120)
         address = line.split()[3]
+        token_file = wait_for_line(lines, "client token in ", timeout=5).split()[3].rstrip(":")
         assert len(set(processes_mentioning(str(model))) - {up.pid}) == 5  # router, 2 stages, 2 expert servers
 
+        # A fresh random token protects the mesh by default; without it nothing is served.
         with Client(address, timeout=60) as client:
+            with pytest.raises(UnauthenticatedError):
+                client.generate_all([1, 9, 27, 81], max_new_tokens=6, ignore_eos=True)
+        with Client(address, timeout=60, token=pathlib.Path(token_file).read_text().strip()) as client:
             tokens = client.generate_all([1, 9, 27, 81], max_new_tokens=6, ignore_eos=True).token_ids
         assert tokens == transformers_greedy(mixtral_dir, [1, 9, 27, 81], 6, ignore_eos=True)
 
-        cli = subprocess.run([*SHARDMESH, "generate", "--router", address, "--prompt-ids", "1,9,27,81",
+        cli = subprocess.run([*SHARDMESH, "generate", "--router", address, "--token-file", token_file,
+                              "--prompt-ids", "1,9,27,81",
                               "--max-new-tokens", "6", "--ignore-eos", "--output", "ids"],
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
@@ -82,6 +88,28 @@ def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
+        while processes_mentioning(str(model)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_mentioning(str(model)) == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for pid in processes_mentioning(str(model)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_killed_launcher_leaves_no_orphans(mixtral_dir, tmp_path):
+    model = tmp_path / "model"
+    model.symlink_to(mixtral_dir)
+    up = subprocess.Popen([*SHARDMESH, "up", "--no-auth", "--model", str(model)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(read_lines(up), "router listening on", timeout=120)
+        assert len(set(processes_mentioning(str(model))) - {up.pid}) == 5
+        up.kill()  # SIGKILL: the launcher cannot clean up; its children must go by themselves
+        up.wait()
+        deadline = time.monotonic() + 15
         while processes_mentioning(str(model)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert processes_mentioning(str(model)) == []

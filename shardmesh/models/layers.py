@@ -94,19 +94,21 @@ class Attention:
         query = apply_rotary(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)   # [N, A, D]
         key = apply_rotary(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)    # [N, G, D]
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)                         # [N, G, D]
-        groups = self.num_heads // self.num_kv_heads
+        gqa = self.num_heads != self.num_kv_heads  # SDPA repeats each key/value head for its query heads
+        queries, keys, values = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [heads, N, D]
         outputs = []
         for segment, buffer in zip(segments, kv_buffers):
             rows = slice(segment.offset, segment.offset + segment.num_tokens)
-            end = segment.start_position + segment.num_tokens
-            buffer[0, :, segment.start_position:end] = key[rows].transpose(0, 1)
-            buffer[1, :, segment.start_position:end] = value[rows].transpose(0, 1)
-            keys = buffer[0, :, :end].repeat_interleave(groups, dim=0)    # [A, L, D]
-            values = buffer[1, :, :end].repeat_interleave(groups, dim=0)  # [A, L, D]
-            query_positions = torch.arange(segment.start_position, end, device=buffer.device)
-            mask = torch.arange(end, device=buffer.device)[None, :] <= query_positions[:, None]  # [n, L]
+            start, end = segment.start_position, segment.start_position + segment.num_tokens
+            buffer[0, :, start:end] = keys[:, rows]
+            buffer[1, :, start:end] = values[:, rows]
+            mask = None  # one new token sees every cached one; a whole prompt is plainly causal
+            if segment.num_tokens > 1 and start > 0:  # a prompt chunk after cached tokens
+                query_positions = torch.arange(start, end, device=buffer.device)
+                mask = torch.arange(end, device=buffer.device)[None, :] <= query_positions[:, None]  # [n, L]
             attended = F.scaled_dot_product_attention(
-                query[rows].transpose(0, 1), keys, values, attn_mask=mask, scale=self.scaling)  # [A, n, D]
+                queries[:, rows], buffer[0, :, :end], buffer[1, :, :end], attn_mask=mask, scale=self.scaling,
+                is_causal=mask is None and segment.num_tokens > 1, enable_gqa=gqa)  # [A, n, D]
             outputs.append(attended.transpose(0, 1).reshape(segment.num_tokens, q_size))
         return F.linear(torch.cat(outputs), self.o_proj)
 

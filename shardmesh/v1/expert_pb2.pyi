@@ -41,3 +41,43 @@ class ExpertInfo(_message.Message):
     name: str
     experts: _containers.RepeatedCompositeFieldContainer[_router_pb2.ExpertKey]
     def __init__(self, name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[_router_pb2.ExpertKey, _Mapping]]] = ...) -> None: ...
+
+class GetExpertLoadRequest(_message.Message):
+    __slots__ = ("window_seconds",)
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    window_seconds: float
+    def __init__(self, window_seconds: _Optional[float] = ...) -> None: ...
+
+class ExpertTokens(_message.Message):
+    __slots__ = ("layer", "expert", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    tokens: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ExpertLoadReport(_message.Message):
+    __slots__ = ("tokens", "busy_seconds", "window_seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
+    busy_seconds: float
+    window_seconds: float
+    def __init__(self, tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., busy_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadExpertsRequest(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[_router_pb2.ExpertKey]
+    def __init__(self, experts: _Optional[_Iterable[_Union[_router_pb2.ExpertKey, _Mapping]]] = ...) -> None: ...
+
+class DropExpertsRequest(_message.Message):
+    __slots__ = ("experts", "drain_timeout_seconds")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[_router_pb2.ExpertKey]
+    drain_timeout_seconds: float
+    def __init__(self, experts: _Optional[_Iterable[_Union[_router_pb2.ExpertKey, _Mapping]]] = ..., drain_timeout_seconds: _Optional[float] = ...) -> None: ...

@@ -44,6 +44,21 @@ class ExpertStub:
                 request_serializer=shardmesh_dot_v1_dot_expert__pb2.GetExpertInfoRequest.SerializeToString,
                 response_deserializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
                 _registered_method=True)
+        self.GetExpertLoad = channel.unary_unary(
+                '/shardmesh.v1.Expert/GetExpertLoad',
+                request_serializer=shardmesh_dot_v1_dot_expert__pb2.GetExpertLoadRequest.SerializeToString,
+                response_deserializer=shardmesh_dot_v1_dot_expert__pb2.ExpertLoadReport.FromString,
+                _registered_method=True)
+        self.LoadExperts = channel.unary_unary(
+                '/shardmesh.v1.Expert/LoadExperts',
+                request_serializer=shardmesh_dot_v1_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+                response_deserializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
+                _registered_method=True)
+        self.DropExperts = channel.unary_unary(
+                '/shardmesh.v1.Expert/DropExperts',
+                request_serializer=shardmesh_dot_v1_dot_expert__pb2.DropExpertsRequest.SerializeToString,
+                response_deserializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -64,6 +79,30 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpertLoad(self, request, context):
+        """Unary: token rows computed per (layer, expert) and time spent computing, over a recent
+        window (the router's load accounting polls it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadExperts(self, request, context):
+        """Unary, slow (reads the checkpoint): load these experts, run each once on one token (warm),
+        then serve them. The router calls it before a placement that sends tokens here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropExperts(self, request, context):
+        """Unary: wait until no ComputeExperts call is using these experts (drain), then free them.
+        The router calls it only once every stage has switched to a placement without them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +114,21 @@ def add_ExpertServicer_to_server(servicer, server):
             'GetExpertInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExpertInfo,
                     request_deserializer=shardmesh_dot_v1_dot_expert__pb2.GetExpertInfoRequest.FromString,
+                    response_serializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.SerializeToString,
+            ),
+            'GetExpertLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpertLoad,
+                    request_deserializer=shardmesh_dot_v1_dot_expert__pb2.GetExpertLoadRequest.FromString,
+                    response_serializer=shardmesh_dot_v1_dot_expert__pb2.ExpertLoadReport.SerializeToString,
+            ),
+            'LoadExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadExperts,
+                    request_deserializer=shardmesh_dot_v1_dot_expert__pb2.LoadExpertsRequest.FromString,
+                    response_serializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.SerializeToString,
+            ),
+            'DropExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropExperts,
+                    request_deserializer=shardmesh_dot_v1_dot_expert__pb2.DropExpertsRequest.FromString,
                     response_serializer=shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.SerializeToString,
             ),
     }
@@ -131,6 +185,87 @@ class Expert:
             target,
             '/shardmesh.v1.Expert/GetExpertInfo',
             shardmesh_dot_v1_dot_expert__pb2.GetExpertInfoRequest.SerializeToString,
+            shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpertLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardmesh.v1.Expert/GetExpertLoad',
+            shardmesh_dot_v1_dot_expert__pb2.GetExpertLoadRequest.SerializeToString,
+            shardmesh_dot_v1_dot_expert__pb2.ExpertLoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardmesh.v1.Expert/LoadExperts',
+            shardmesh_dot_v1_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
+            shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardmesh.v1.Expert/DropExperts',
+            shardmesh_dot_v1_dot_expert__pb2.DropExpertsRequest.SerializeToString,
             shardmesh_dot_v1_dot_expert__pb2.ExpertInfo.FromString,
             options,
             channel_credentials,

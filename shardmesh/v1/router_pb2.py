@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from shardmesh.v1 import tensor_pb2 as shardmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/router.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xcb\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x03\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardmesh.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x15\n\rreturn_logits\x18\x07 \x01(\x08\"\xb1\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardmesh.v1.FinishReason\x12$\n\x06logits\x18\x05 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xe6\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\x12\x15\n\reos_token_ids\x18\t \x03(\x03\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\"\x19\n\x17GetClusterStatusRequest\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xbd\x01\n\x0cServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.shardmesh.v1.ServerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nregistered\x18\x04 \x01(\x08\x12(\n\x06layers\x18\x05 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12(\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\"\x82\x01\n\rClusterStatus\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12+\n\x07servers\x18\x03 \x03(\x0b\x32\x1a.shardmesh.v1.ServerStatus\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\"\xcd\x01\n\x15RegisterServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.shardmesh.v1.ServerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"3\n\x16RegisterServerResponse\x12\x19\n\x11placement_version\x18\x01 \x01(\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02*X\n\nServerRole\x12\x1b\n\x17SERVER_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11SERVER_ROLE_STAGE\x10\x01\x12\x16\n\x12SERVER_ROLE_EXPERT\x10\x02\x32\xf9\x01\n\x06Router\x12K\n\x08Generate\x12\x1d.shardmesh.v1.GenerateRequest\x1a\x1e.shardmesh.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.shardmesh.v1.GetModelInfoRequest\x1a\x17.shardmesh.v1.ModelInfo\x12V\n\x10GetClusterStatus\x12%.shardmesh.v1.GetClusterStatusRequest\x1a\x1b.shardmesh.v1.ClusterStatus2g\n\x08Registry\x12[\n\x0eRegisterServer\x12#.shardmesh.v1.RegisterServerRequest\x1a$.shardmesh.v1.RegisterServerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/router.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/tensor.proto\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xcb\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x03\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardmesh.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x15\n\rreturn_logits\x18\x07 \x01(\x08\"\xb1\x01\n\x10GenerateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardmesh.v1.FinishReason\x12$\n\x06logits\x18\x05 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xe6\x01\n\tModelInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\x07 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x08 \x01(\x08\x12\x15\n\reos_token_ids\x18\t \x03(\x03\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\"S\n\x17GetClusterStatusRequest\x12\x1b\n\x13include_expert_load\x18\x01 \x01(\x08\x12\x1b\n\x13load_window_seconds\x18\x02 \x01(\x02\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"\xd8\x01\n\x0cServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.shardmesh.v1.ServerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nregistered\x18\x04 \x01(\x08\x12(\n\x06layers\x18\x05 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12(\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\x12\x19\n\x11replica_addresses\x18\x07 \x03(\t\"\x9e\x02\n\rClusterStatus\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12+\n\x07servers\x18\x03 \x03(\x0b\x32\x1a.shardmesh.v1.ServerStatus\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\x12-\n\x0b\x65xpert_load\x18\x05 \x03(\x0b\x32\x18.shardmesh.v1.ExpertLoad\x12\x36\n\x0e\x65xpert_servers\x18\x06 \x03(\x0b\x32\x1e.shardmesh.v1.ExpertServerLoad\x12\x1b\n\x13load_window_seconds\x18\x07 \x01(\x01\x12\x16\n\x0eload_imbalance\x18\x08 \x01(\x01\"n\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x19\n\x11replica_addresses\x18\x04 \x03(\t\x12\x16\n\x0ereplica_tokens\x18\x05 \x03(\x04\"\x8f\x01\n\x10\x45xpertServerLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\r\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x05 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\xe1\x01\n\x15RegisterServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.shardmesh.v1.ServerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12(\n\x06layers\x18\x04 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x12\n\nreplica_id\x18\x07 \x01(\t\"3\n\x16RegisterServerResponse\x12\x19\n\x11placement_version\x18\x01 \x01(\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02*X\n\nServerRole\x12\x1b\n\x17SERVER_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11SERVER_ROLE_STAGE\x10\x01\x12\x16\n\x12SERVER_ROLE_EXPERT\x10\x02\x32\xf9\x01\n\x06Router\x12K\n\x08Generate\x12\x1d.shardmesh.v1.GenerateRequest\x1a\x1e.shardmesh.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.shardmesh.v1.GetModelInfoRequest\x1a\x17.shardmesh.v1.ModelInfo\x12V\n\x10GetClusterStatus\x12%.shardmesh.v1.GetClusterStatusRequest\x1a\x1b.shardmesh.v1.ClusterStatus2g\n\x08Registry\x12[\n\x0eRegisterServer\x12#.shardmesh.v1.RegisterServerRequest\x1a$.shardmesh.v1.RegisterServerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardmesh.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1523
-  _globals['_FINISHREASON']._serialized_end=1618
-  _globals['_SERVERROLE']._serialized_start=1620
-  _globals['_SERVERROLE']._serialized_end=1708
+  _globals['_FINISHREASON']._serialized_start=2042
+  _globals['_FINISHREASON']._serialized_end=2137
+  _globals['_SERVERROLE']._serialized_start=2139
+  _globals['_SERVERROLE']._serialized_end=2227
   _globals['_SAMPLINGPARAMS']._serialized_start=70
   _globals['_SAMPLINGPARAMS']._serialized_end=180
   _globals['_GENERATEREQUEST']._serialized_start=183
@@ -47,21 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=592
   _globals['_MODELINFO']._serialized_end=822
   _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=824
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=849
-  _globals['_LAYERRANGE']._serialized_start=851
-  _globals['_LAYERRANGE']._serialized_end=891
-  _globals['_EXPERTKEY']._serialized_start=893
-  _globals['_EXPERTKEY']._serialized_end=935
-  _globals['_SERVERSTATUS']._serialized_start=938
-  _globals['_SERVERSTATUS']._serialized_end=1127
-  _globals['_CLUSTERSTATUS']._serialized_start=1130
-  _globals['_CLUSTERSTATUS']._serialized_end=1260
-  _globals['_REGISTERSERVERREQUEST']._serialized_start=1263
-  _globals['_REGISTERSERVERREQUEST']._serialized_end=1468
-  _globals['_REGISTERSERVERRESPONSE']._serialized_start=1470
-  _globals['_REGISTERSERVERRESPONSE']._serialized_end=1521
-  _globals['_ROUTER']._serialized_start=1711
-  _globals['_ROUTER']._serialized_end=1960
-  _globals['_REGISTRY']._serialized_start=1962
-  _globals['_REGISTRY']._serialized_end=2065
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=907
+  _globals['_LAYERRANGE']._serialized_start=909
+  _globals['_LAYERRANGE']._serialized_end=949
+  _globals['_EXPERTKEY']._serialized_start=951
+  _globals['_EXPERTKEY']._serialized_end=993
+  _globals['_SERVERSTATUS']._serialized_start=996
+  _globals['_SERVERSTATUS']._serialized_end=1212
+  _globals['_CLUSTERSTATUS']._serialized_start=1215
+  _globals['_CLUSTERSTATUS']._serialized_end=1501
+  _globals['_EXPERTLOAD']._serialized_start=1503
+  _globals['_EXPERTLOAD']._serialized_end=1613
+  _globals['_EXPERTSERVERLOAD']._serialized_start=1616
+  _globals['_EXPERTSERVERLOAD']._serialized_end=1759
+  _globals['_REGISTERSERVERREQUEST']._serialized_start=1762
+  _globals['_REGISTERSERVERREQUEST']._serialized_end=1987
+  _globals['_REGISTERSERVERRESPONSE']._serialized_start=1989
+  _globals['_REGISTERSERVERRESPONSE']._serialized_end=2040
+  _globals['_ROUTER']._serialized_start=2230
+  _globals['_ROUTER']._serialized_end=2479
+  _globals['_REGISTRY']._serialized_start=2481
+  _globals['_REGISTRY']._serialized_end=2584
 # @@protoc_insertion_point(module_scope)

@@ -101,8 +101,12 @@ class ModelInfo(_message.Message):
     def __init__(self, family: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class GetClusterStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_expert_load", "load_window_seconds")
+    INCLUDE_EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    include_expert_load: bool
+    load_window_seconds: float
+    def __init__(self, include_expert_load: _Optional[bool] = ..., load_window_seconds: _Optional[float] = ...) -> None: ...
 
 class LayerRange(_message.Message):
     __slots__ = ("start", "end")
@@ -121,48 +125,92 @@ class ExpertKey(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("name", "role", "address", "registered", "layers", "experts")
+    __slots__ = ("name", "role", "address", "registered", "layers", "experts", "replica_addresses")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
     registered: bool
     layers: LayerRange
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
+    replica_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("serving", "placement_version", "servers", "active_sequences")
+    __slots__ = ("serving", "placement_version", "servers", "active_sequences", "expert_load", "expert_servers", "load_window_seconds", "load_imbalance")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     placement_version: int
     servers: _containers.RepeatedCompositeFieldContainer[ServerStatus]
     active_sequences: int
-    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ...) -> None: ...
+    expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    expert_servers: _containers.RepeatedCompositeFieldContainer[ExpertServerLoad]
+    load_window_seconds: float
+    load_imbalance: float
+    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_servers: _Optional[_Iterable[_Union[ExpertServerLoad, _Mapping]]] = ..., load_window_seconds: _Optional[float] = ..., load_imbalance: _Optional[float] = ...) -> None: ...
+
+class ExpertLoad(_message.Message):
+    __slots__ = ("layer", "expert", "tokens", "replica_addresses", "replica_tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    tokens: int
+    replica_addresses: _containers.RepeatedScalarFieldContainer[str]
+    replica_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., tokens: _Optional[int] = ..., replica_addresses: _Optional[_Iterable[str]] = ..., replica_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertServerLoad(_message.Message):
+    __slots__ = ("name", "address", "experts", "tokens", "busy_seconds", "window_seconds", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    experts: int
+    tokens: int
+    busy_seconds: float
+    window_seconds: float
+    error: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., experts: _Optional[int] = ..., tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
-    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint")
+    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint", "replica_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
     layers: LayerRange
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     model_fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class RegisterServerResponse(_message.Message):
     __slots__ = ("placement_version",)

@@ -1,0 +1,218 @@
+"""Decode throughput on one device: transformers in one process against the mesh (every service
+in this process, on the same device, talking over real loopback gRPC), each also against the
+memory-bandwidth floor of that device measured in the same run.
+
+    python bench/gpu_throughput.py --device cuda:0          # Mixtral-shaped, ~3.6 GB of bf16 weights
+    python bench/gpu_throughput.py --device cpu --tiny      # a smoke run of the whole script
+
+Per system and batch size B: decode tokens/s (all sequences together) and time per output token
+(one decode step: every sequence gets one token). Prefill and the first `--warmup` steps are not
+timed. The floor of a step is the weight bytes it must read (seeded_mixtral.weight_bytes_per_step)
+divided by the device-to-device copy bandwidth (bytes read + written per second); `floor / step`
+is the fraction of that floor reached (1.0 = bandwidth-bound at copy speed). Writes a markdown
+table to $OUT/gpu_throughput.md, else bench/results/gpu_throughput.md.
+"""
+
+import argparse
+import asyncio
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+import seeded_mixtral  # noqa: E402  (bench/ is not a package)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: str, num_bytes: int, repeats: int = 10) -> float:
+    """Bytes read + written per second by a device-to-device copy of `num_bytes`."""
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * num_bytes * repeats / (time.perf_counter() - start)
+
+
+def random_prompts(batch: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=generator).tolist()
+
+
+def load_transformers(model_dir: pathlib.Path, device: str, dtype: torch.dtype):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for device_map: straight to the device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device)
+    except ImportError:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model.eval()
+
+
+def time_transformers(model, device: str, prompts: list[list[int]], steps: int, warmup: int) -> float:
+    """Seconds per decode step of the whole batch (greedy, one KV cache, no sampling overhead)."""
+    input_ids = torch.tensor(prompts, device=device)  # [B, P]
+    with torch.no_grad():
+        output = model(input_ids=input_ids, use_cache=True)
+        for step in range(warmup + steps):
+            if step == warmup:
+                synchronize(device)
+                start = time.perf_counter()
+            next_ids = output.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+            output = model(input_ids=next_ids, past_key_values=output.past_key_values, use_cache=True)
+        synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+async def time_mesh(address: str, prompts: list[list[int]], steps: int, warmup: int) -> float:
+    """Seconds per decode step of the whole batch, from token arrival times at the client: per
+    sequence, (arrival of its last token - arrival of its token `warmup`) / tokens in between; the
+    median over sequences (requests that join one or two steps apart barely move it)."""
+    import statistics
+
+    from shardmesh.client import AsyncClient
+
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    async with AsyncClient(address, timeout=600) as client:
+        async def one(i: int) -> None:
+            async with client.generate(prompts[i], max_new_tokens=warmup + steps + 1, ignore_eos=True) as stream:
+                async for _ in stream:
+                    arrivals[i].append(time.perf_counter())
+
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    return statistics.median((a[-1] - a[warmup]) / (len(a) - 1 - warmup) for a in arrivals)
+
+
+async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: int, steps: int, warmup: int,
+                   vocab_size: int, stages: int, expert_servers: int) -> tuple[dict[int, float], float, str]:
+    from shardmesh.config import ModelConfig
+    from shardmesh.local_mesh import start_local_mesh
+    from shardmesh.topology import Topology
+
+    topology = Topology.default(ModelConfig.from_dir(model_dir), stages, expert_servers)
+    began = time.perf_counter()
+    mesh = await start_local_mesh(model_dir, topology, device=device, dtype=dtype, ready_timeout=300)
+    load_s = time.perf_counter() - began
+    try:
+        seconds = {}
+        for batch in batches:
+            seconds[batch] = await time_mesh(mesh.address, random_prompts(batch, prompt_length, vocab_size, batch),
+                                             steps, warmup)
+            log(f"mesh batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
+    finally:
+        await mesh.stop()
+    shape = f"{len(topology.stages)} stages, {len(topology.expert_servers)} expert servers"
+    return seconds, load_s, shape
+
+
+def table(rows, floor_s, device_name: str) -> str:
+    lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for system, batch, seconds in rows:
+        baseline = next(s for name, b, s in rows if name == "transformers" and b == batch)
+        lines.append(f"| {system} | {batch} | {batch / seconds:,.1f} | {seconds * 1e3:.2f} | {floor_s[batch] * 1e3:.3f} "
+                     f"| {floor_s[batch] / seconds:.3f} | {baseline / seconds:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of the script")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per measurement")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--expert-servers", type=int, default=2)
+    parser.add_argument("--workdir", type=pathlib.Path, help="where the checkpoint goes (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    from shardmesh.service_config import DTYPES, check_device, default_dtype
+
+    device = check_device(args.device)
+    dtype_name = args.dtype or default_dtype(device)
+    dtype = DTYPES[dtype_name]
+    shape = seeded_mixtral.TINY if args.tiny else seeded_mixtral.MixtralShape(num_hidden_layers=args.layers)
+    batches = [int(b) for b in args.batches.split(",")]
+    device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    log(f"device {device} ({device_name}), {dtype_name}, torch {torch.__version__}, {shape}")
+
+    bandwidth = copy_bandwidth(device, (1 << 30) if device.startswith("cuda") else (64 << 20))
+    log(f"device-to-device copy: {bandwidth / 1e12:.3f} TB/s (read + written)")
+    element_size = torch.empty((), dtype=dtype).element_size()
+    floor_s = {b: seeded_mixtral.weight_bytes_per_step(shape, b, element_size) / bandwidth for b in batches}
+
+    workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
+    began = time.perf_counter()
+    model_dir = seeded_mixtral.build(workdir / "model", shape, device=device, dtype=dtype)
+    weight_gb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e9
+    build_s = time.perf_counter() - began
+    log(f"checkpoint: {weight_gb:.2f} GB in {build_s:.1f} s at {model_dir}")
+
+    rows = []
+    began = time.perf_counter()
+    model = load_transformers(model_dir, device, dtype)
+    hf_load_s = time.perf_counter() - began
+    for batch in batches:
+        seconds = time_transformers(model, device, random_prompts(batch, args.prompt_length, shape.vocab_size, batch),
+                                    args.steps, args.warmup)
+        rows.append(("transformers", batch, seconds))
+        log(f"transformers batch {batch}: {seconds * 1e3:.2f} ms per step")
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    mesh_seconds, mesh_load_s, mesh_shape = asyncio.run(run_mesh(
+        model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup, shape.vocab_size,
+        args.stages, args.expert_servers))
+    rows += [(f"mesh ({mesh_shape}, gRPC loopback)", b, s)
+             for b, s in mesh_seconds.items()]
+
+    report = "\n".join([
+        f"# Decode throughput on {device_name} ({device}), {dtype_name}",
+        "",
+        f"- model: seeded Mixtral shape, hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, "
+        f"{shape.num_hidden_layers} layers, {shape.num_local_experts} experts top-{shape.num_experts_per_tok}, "
+        f"vocab {shape.vocab_size}: {weight_gb:.2f} GB of weights (built in {build_s:.1f} s)",
+        f"- device-to-device copy bandwidth (read + written): {bandwidth / 1e12:.3f} TB/s; floor = weight bytes "
+        f"a step reads / that bandwidth ({', '.join(f'batch {b}: {seeded_mixtral.weight_bytes_per_step(shape, b, element_size) / 1e9:.2f} GB' for b in batches)})",
+        f"- prompt {args.prompt_length} tokens, {args.warmup} untimed then {args.steps} timed decode steps; "
+        f"transformers load {hf_load_s:.1f} s, mesh start {mesh_load_s:.1f} s; torch {torch.__version__}",
+        f"- command: `python bench/gpu_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        table(rows, floor_s, device_name),
+        "",
+    ])
+    out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_throughput.md").write_text(report)
+    print(report, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The mesh configurations the benchmarks compare: topology shape, threads per role, extra arguments.
+
+Keys read <stages>s<expert servers>e-<data plane>[-mb<micro-batches>][-t<threads per stage/expert>]."""
+
+import dataclasses
+import pathlib
+
+import harness
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    stages: int
+    expert_servers: int
+    micro_batches: int = 1
+    threads: int = 1          # torch threads of each stage and expert server (the router gets 1)
+    data_plane: str = "grpc"  # "grpc" (bytes in messages) | "shm" (shared memory between processes)
+    split: str = "layers"     # experts spread over expert servers by layer range ("layers") or by expert id
+
+    @property
+    def service_args(self) -> dict:
+        plane = ["--data-plane", self.data_plane]
+        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": plane, "expert": plane}
+
+    @property
+    def thread_counts(self) -> dict:
+        return {"router": 1, "stage": self.threads, "expert": self.threads}
+
+    def write(self, path: pathlib.Path, config) -> pathlib.Path:
+        """A topology file for `config` (a ModelConfig): layers split evenly over the stages."""
+        layers, experts = config.num_layers, config.num_experts
+        bounds = [round(i * layers / self.stages) for i in range(self.stages + 1)]
+        stages = list(zip(bounds, bounds[1:]))
+        if self.split == "layers":
+            cuts = [round(i * layers / self.expert_servers) for i in range(self.expert_servers + 1)]
+            servers = [(list(range(experts)), (a, b)) for a, b in zip(cuts, cuts[1:])]
+        else:
+            cuts = [round(i * experts / self.expert_servers) for i in range(self.expert_servers + 1)]
+            servers = [(list(range(a, b)), (0, layers)) for a, b in zip(cuts, cuts[1:])]
+        return harness.write_topology(path, layers, stages, servers)
+
+
+CONFIGS = {
+    "1s1e-grpc": MeshConfig(1, 1),
+    "1s1e-grpc-t2": MeshConfig(1, 1, threads=2),
+    "1s1e-shm": MeshConfig(1, 1, data_plane="shm"),
+    "1s1e-shm-mb2": MeshConfig(1, 1, micro_batches=2, data_plane="shm"),
+    "1s1e-shm-t2": MeshConfig(1, 1, threads=2, data_plane="shm"),
+    "2s2e-shm-t2": MeshConfig(2, 2, threads=2, data_plane="shm"),
+    "2s2e-shm-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2, data_plane="shm"),
+    "2s2e-grpc": MeshConfig(2, 2),
+    "2s2e-grpc-mb2": MeshConfig(2, 2, micro_batches=2),
+    "2s2e-grpc-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2),
+    "2s2e-shm": MeshConfig(2, 2, data_plane="shm"),
+    "2s2e-shm-mb2": MeshConfig(2, 2, micro_batches=2, data_plane="shm"),
+}
+# What the issue asks to compare: one stage + one expert server; two + two over gRPC bytes; the same over shm.
+DEFAULT = ["1s1e-grpc", "2s2e-grpc", "2s2e-grpc-mb2", "2s2e-shm", "2s2e-shm-mb2"]

@@ -1,0 +1,60 @@
+"""Independent pieces of one step's compute run in parallel threads of this process.
+
+torch releases the GIL inside its kernels, so with torch's own intra-op threads at 1, N pieces in
+N threads (the experts of one layer on an expert server, slices of the LM head on the last stage)
+keep N cores busy. Unlike torch's OpenMP threads, which spin after every kernel and so steal the
+cores of the other services of a host, these threads sleep between pieces: services that take
+turns on the same cores (a stage waits while its experts compute) each get all of them.
+
+One pool per process, sized once at start (`set_threads`, from the service's --compute-threads);
+with 1 thread (the default, and in-process test meshes) everything runs inline, in order.
+"""
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_threads = 1
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def set_threads(threads: int) -> None:
+    """Size this process's pool: `threads` pieces at once (the caller's thread is one of them)."""
+    global _threads, _executor
+    if threads < 1:
+        raise ValueError(f"compute threads {threads} must be >= 1")
+    if _executor is not None:
+        _executor.shutdown(wait=True)
+    _threads = threads
+    _executor = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="compute") if threads > 1 else None
+
+
+def threads() -> int:
+    return _threads
+
+
+def parallel_map(function: Callable, items: Sequence) -> list:
+    """[function(item) for item in items], the items dealt round-robin over the pool's threads."""
+    if _executor is None or len(items) < 2:
+        return [function(item) for item in items]
+    parts = min(_threads, len(items))
+
+    def run(part: int) -> list:
+        return [function(item) for item in items[part::parts]]
+
+    futures = [_executor.submit(run, part) for part in range(1, parts)]
+    results = [run(0)] + [future.result() for future in futures]
+    merged = [None] * len(items)
+    for part, part_results in enumerate(results):
+        merged[part::parts] = part_results
+    return merged
+
+
+def parallel_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(inputs [n, in], weight [out, in]) -> [n, out], the output features split over the pool."""
+    if _executor is None or weight.shape[0] < 1024:
+        return F.linear(inputs, weight)
+    chunks = weight.chunk(_threads)  # views, no copy
+    return torch.cat(parallel_map(lambda chunk: F.linear(inputs, chunk), chunks), dim=-1)

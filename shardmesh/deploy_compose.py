@@ -1,0 +1,99 @@
+"""docker-compose files generated from a topology file, so that the two cannot drift.
+
+One service per topology server plus the router, all from one image (ENTRYPOINT `shardmesh`),
+each listening on PORT inside its own container:
+
+- `router` publishes PORT on the host's loopback (clients) and is healthy once every server of
+  the topology has registered (grpc.health.v1 SERVING, asked by `shardmesh health`);
+- each stage advertises its service name (`stage-0:50051`) and may be pinned to one GPU with a
+  device reservation (inside its container that GPU is `cuda:0`);
+- each expert server advertises `{ip}:50051` (its container's own address) and registers with
+  `--replica-id {hostname}` (its container's id), so `docker compose up --scale experts-a=3` adds
+  replicas that register with the router and take load;
+- `smoke` (profile `smoke`) waits for the router to be healthy and generates a few tokens.
+
+Tokens come from the environment of `docker compose` (SHARDMESH_AUTH_TOKEN for clients,
+SHARDMESH_INTERNAL_TOKEN between services; both required); health checks need none.
+
+Stages and experts start once the router has started (they retry registration until it
+answers); nothing waits for the model to load but the router's health."""
+
+from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, to_yaml
+from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
+from shardmesh.topology import StageSpec
+
+MODEL_DIR_VARIABLE = "SHARDMESH_MODEL_DIR"
+IMAGE_VARIABLE = "SHARDMESH_IMAGE"
+SMOKE_PROMPT_IDS = "1,9,27,81"
+SMOKE_NEW_TOKENS = 8
+
+
+def healthcheck() -> dict:
+    return {"test": ["CMD", "shardmesh", "health", "--address", f"127.0.0.1:{PORT}"],
+            "interval": "5s", "timeout": "5s", "retries": 3, "start_period": "300s"}
+
+
+def token_environment(*variables: str) -> dict:
+    """Pass these token variables through from the host, refusing to start without them."""
+    return {name: f"${{{name}:?set it to a secret string}}"
+            for name in variables}
+
+
+def gpu_reservation(gpu: str) -> dict:
+    return {"resources": {"reservations": {"devices": [
+        {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]}}}
+
+
+def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expert_gpus: list[str] = (),
+            dtype: str = "", image: str = "") -> dict:
+    """The compose file as a dict. `topology_path`: the topology file as the compose file's
+    directory sees it (a bind mount source); `gpus` go to stages in turn, `expert_gpus` to
+    expert servers (none = CPU); dtype defaults to bfloat16 with GPUs, float32 without."""
+    any_gpu = bool(gpus or expert_gpus)
+    dtype = dtype or ("bfloat16" if any_gpu else "float32")
+    image = image or f"${{{IMAGE_VARIABLE}:-shardmesh:{'cuda' if any_gpu else 'cpu'}}}"
+    volumes = [f"${{{MODEL_DIR_VARIABLE}:?set it to the checkpoint directory on this host}}:"
+               f"{source.model_dir_in_container}:ro", f"{topology_path}:{TOPOLOGY_IN_CONTAINER}:ro"]
+    router_address = f"router:{PORT}"
+    services = {"router": {
+        "image": image,
+        "command": source.service_args("router", dtype) + ["--log-level", "INFO"],
+        "environment": token_environment(CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV),
+        "volumes": volumes,
+        "ports": [f"127.0.0.1:{PORT}:{PORT}"],
+        "healthcheck": healthcheck(),
+        "restart": "unless-stopped",
+    }}
+    stage_index = expert_index = 0
+    for spec in source.servers:
+        is_stage = isinstance(spec, StageSpec)
+        pool, index = (gpus, stage_index) if is_stage else (expert_gpus, expert_index)
+        gpu = pool[index % len(pool)] if pool else ""
+        stage_index, expert_index = stage_index + is_stage, expert_index + (not is_stage)
+        command = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if gpu else "")
+        command += ["--name", spec.name, "--router", router_address]
+        if is_stage:
+            command += ["--advertise", f"{spec.name}:{PORT}"]
+        else:
+            command += ["--advertise", f"{{ip}}:{PORT}", "--replica-id", "{hostname}"]
+        service = {"image": image, "command": command + ["--log-level", "INFO"],
+                   "environment": token_environment(INTERNAL_TOKEN_ENV), "volumes": volumes,
+                   "depends_on": {"router": {"condition": "service_started"}},
+                   "healthcheck": healthcheck(), "restart": "unless-stopped"}
+        if gpu:
+            service["deploy"] = gpu_reservation(gpu)
+        services[spec.name] = service
+    services["smoke"] = {
+        "image": image,
+        "profiles": ["smoke"],
+        "command": ["generate", "--router", router_address, "--prompt-ids", SMOKE_PROMPT_IDS,
+                    "--max-new-tokens", str(SMOKE_NEW_TOKENS), "--ignore-eos", "--output", "ids", "--timeout", "60"],
+        "environment": token_environment(CLIENT_TOKEN_ENV),
+        "depends_on": {"router": {"condition": "service_healthy"}},
+    }
+    return {"services": services}
+
+
+def compose_yaml(source: DeploySource, topology_path: str, command: str, **options) -> str:
+    from shardmesh.deploy_common import header
+    return header(command) + to_yaml(compose(source, topology_path, **options))

@@ -1,0 +1,217 @@
+"""Expert placement planner in the manner of DeepSeek's EPLB (pure Python: no torch, no grpc).
+
+    plan = plan_placement(load, slots, current)
+    plan.replicas      # (layer, expert) -> names of the servers that should hold it
+    plan.imbalance     # busiest server's load / mean server load, after the plan
+
+`load` is what the router observed: tokens per (layer, expert) over a window. A replica's load is
+its expert's load divided by the expert's replica count (dispatch spreads an expert's tokens over
+its replicas by least outstanding work). A server's load is the sum over the replicas it holds;
+`slots` is how many (layer, expert) replicas each server may hold (0 = drain it).
+
+The plan, like EPLB's `replicate_experts` + `balanced_packing`:
+1. replication: each spare slot in turn goes to the expert whose per-replica load is highest;
+   every count of extra replicas from none to all spare slots is tried, keeping the best;
+2. packing: replicas heaviest first, each onto the least-loaded server with a free slot that does
+   not hold that expert yet (ties: a server that holds it now, so fewer weights move);
+3. refinement: moves and swaps off the busiest server while they lower it.
+
+A plan is returned only if it lowers the busiest server's load below the current placement's (by
+more than `min_gain`, relative); otherwise the current placement comes back unchanged. A current
+placement that breaks the budget (a drained server still holds experts) is always replaced.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+REFINED_CANDIDATES = 4  # the best packings (by peak) that the local search then improves
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPlan:
+    replicas: dict[ExpertKey, tuple[str, ...]]  # (layer, expert) -> server names, sorted
+    server_load: dict[str, float]               # tokens per window each server would compute
+    imbalance: float                             # max(server_load) / mean over servers with slots
+    changed: bool                                # False: the current placement is kept
+    current_imbalance: float                     # the same measure for the current placement (inf if it breaks the budget)
+
+
+def server_loads(load: Mapping[ExpertKey, float], replicas: Mapping[ExpertKey, Sequence[str]],
+                 servers: Sequence[str]) -> dict[str, float]:
+    """Each server's share of the load: sum over its replicas of load / replica count."""
+    totals = {name: 0.0 for name in servers}
+    for key, holders in replicas.items():
+        for name in holders:
+            totals[name] = totals.get(name, 0.0) + float(load.get(key, 0.0)) / len(holders)
+    return totals
+
+
+def imbalance(load: Mapping[ExpertKey, float], replicas: Mapping[ExpertKey, Sequence[str]],
+              servers: Sequence[str]) -> float:
+    """max server load / mean server load over `servers` (1.0 = perfect; 1.0 as well with no load)."""
+    totals = server_loads(load, replicas, servers)
+    mean = sum(totals.values()) / len(servers)
+    return max(totals.values()) / mean if mean > 0 else 1.0
+
+
+def fits_budget(replicas: Mapping[ExpertKey, Sequence[str]], slots: Mapping[str, int]) -> bool:
+    """Every replica on a server with a budget, no server over it, no expert twice on one server."""
+    used = {name: 0 for name in slots}
+    for holders in replicas.values():
+        if not holders or len(set(holders)) != len(holders):
+            return False
+        for name in holders:
+            if name not in used:
+                return False
+            used[name] += 1
+    return all(used[name] <= slots[name] for name in slots)
+
+
+def plan_placement(load: Mapping[ExpertKey, float], slots: Mapping[str, int],
+                   current: Mapping[ExpertKey, Sequence[str]], min_gain: float = 0.0) -> PlacementPlan:
+    """Choose replicas and their servers for every expert of `current` (and of `load`).
+
+    load: (layer, expert) -> tokens per window (missing = 0); slots: server name -> how many
+    replicas it may hold; current: (layer, expert) -> servers holding it now. Raises ValueError
+    when the budget cannot hold one replica of every expert."""
+    keys = sorted(set(current) | set(load))
+    for key in keys:
+        if load.get(key, 0.0) < 0:
+            raise ValueError(f"load of {key} is negative: {load[key]}")
+    servers = [name for name in slots if slots[name] > 0]
+    if sum(slots[name] for name in servers) < len(keys):
+        raise ValueError(f"{len(keys)} experts need a slot each but the servers have "
+                         f"{sum(slots[name] for name in servers)} in all")
+    weights = {key: float(load.get(key, 0.0)) for key in keys}
+    current = {key: tuple(current.get(key, ())) for key in keys}
+
+    def peak(replicas) -> float:
+        return max(server_loads(weights, replicas, servers).values())
+
+    packed = []  # (peak, extra replicas, replicas): fewer extra replicas win ties
+    for extra, counts in enumerate(_replica_counts(weights, keys, len(servers), sum(slots[n] for n in servers) - len(keys))):
+        replicas = _pack(weights, counts, servers, slots, current)
+        if replicas is not None:
+            packed.append((peak(replicas), extra, replicas))
+    assert packed, "one replica of each expert always packs when the slots suffice"
+    best = None
+    for _, extra, replicas in sorted(packed, key=lambda p: (p[0], p[1]))[:REFINED_CANDIDATES]:
+        _refine(weights, replicas, servers, slots)
+        score = peak(replicas)
+        if best is None or score < best[0] * (1 - 1e-12) or (score <= best[0] * (1 + 1e-12) and extra < best[1]):
+            best = (score, extra, replicas)
+    planned = {key: tuple(sorted(holders)) for key, holders in best[2].items()}
+
+    current_ok = fits_budget(current, {n: slots[n] for n in servers})
+    current_imbalance = imbalance(weights, current, servers) if current_ok else float("inf")
+    if current_ok and not best[0] < peak(current) * (1 - min_gain):
+        chosen, changed = {key: tuple(sorted(h)) for key, h in current.items()}, False
+    else:
+        chosen, changed = planned, planned != {key: tuple(sorted(h)) for key, h in current.items()}
+    return PlacementPlan(chosen, server_loads(weights, chosen, servers), imbalance(weights, chosen, servers),
+                         changed, current_imbalance)
+
+
+def _replica_counts(weights: dict[ExpertKey, float], keys: list[ExpertKey], num_servers: int, spare: int):
+    """Yield replica counts with 0, 1, ... `spare` extra replicas, each extra one going to the
+    expert with the highest load per replica (at most one replica per server)."""
+    counts = {key: 1 for key in keys}
+    position = {key: i for i, key in enumerate(keys)}
+    yield dict(counts)
+    for _ in range(spare):
+        candidates = [key for key in keys if counts[key] < num_servers and weights[key] > 0]
+        if not candidates:
+            return
+        hottest = max(candidates, key=lambda key: (weights[key] / counts[key], -position[key]))
+        counts[hottest] += 1
+        yield dict(counts)
+
+
+def _pack(weights, counts, servers, slots, current) -> dict[ExpertKey, list[str]] | None:
+    """Replicas heaviest first onto the least-loaded eligible server; None if some replica finds no
+    server with a free slot that lacks its expert."""
+    items = sorted(((weights[key] / counts[key], key) for key in counts for _ in range(counts[key])),
+                   key=lambda item: (-item[0], item[1]))
+    totals = {name: 0.0 for name in servers}
+    free = {name: slots[name] for name in servers}
+    replicas: dict[ExpertKey, list[str]] = {key: [] for key in counts}
+    order = {name: i for i, name in enumerate(servers)}
+    for share, key in items:
+        eligible = [name for name in servers if free[name] > 0 and name not in replicas[key]]
+        if not eligible:
+            return None
+        if share == 0:  # costs nothing anywhere: stay put if possible (nothing to load)
+            target = min(eligible, key=lambda n: (n not in current[key], totals[n], -free[n], order[n]))
+        else:  # least loaded; then one that holds the expert now; then most free slots
+            target = min(eligible, key=lambda n: (totals[n], n not in current[key], -free[n], order[n]))
+        replicas[key].append(target)
+        totals[target] += share
+        free[target] -= 1
+    return replicas
+
+
+def _refine(weights, replicas: dict[ExpertKey, list[str]], servers, slots, max_rounds: int = 2_000) -> None:
+    """Local search on `replicas` (in place): apply the best of these changes around the busiest
+    server while every server they touch ends below its load (so the top of the sorted load
+    vector strictly falls): move one of its replicas to a server with a free slot; swap one with a
+    lighter replica elsewhere; add a replica of one of its experts on a server with a free slot;
+    drop its replica of an expert that has others; turn a replica of another expert that has
+    spares into one of its experts'."""
+    for _ in range(max_rounds):
+        totals = {name: 0.0 for name in servers}
+        held: dict[str, set[ExpertKey]] = {name: set() for name in servers}
+        for key, holders in replicas.items():
+            for name in holders:
+                totals[name] += weights[key] / len(holders)
+                held[name].add(key)
+        busiest = max(servers, key=lambda n: totals[n])
+        peak = totals[busiest]
+        if peak <= 0:
+            return
+        best_change, best_top = None, peak * (1 - 1e-9)
+        for change in _changes(weights, replicas, held, busiest, servers, slots):
+            deltas: dict[str, float] = {}
+            for key, old, new in change:
+                for name, delta in _holder_deltas(weights[key], old, new).items():
+                    deltas[name] = deltas.get(name, 0.0) + delta
+            top = max(totals[name] + delta for name, delta in deltas.items())
+            if deltas.get(busiest, 0.0) < 0 and top < best_top:
+                best_change, best_top = change, top
+        if best_change is None:
+            return
+        for key, _, new in best_change:
+            replicas[key] = list(new)
+
+
+def _holder_deltas(weight: float, old: tuple[str, ...], new: tuple[str, ...]) -> dict[str, float]:
+    """Load change of each server when an expert's holders go from `old` to `new`."""
+    deltas = {name: -weight / len(old) for name in old}
+    for name in new:
+        deltas[name] = deltas.get(name, 0.0) + weight / len(new)
+    return deltas
+
+
+def _changes(weights, replicas, held, busiest, servers, slots):
+    """Candidate changes, each a list of (key, old holders, new holders)."""
+    def without(holders, name):
+        return tuple(n for n in holders if n != name)
+
+    for key in held[busiest]:
+        holders = tuple(replicas[key])
+        if len(holders) > 1:  # drop this replica: the others take its share
+            yield [(key, holders, without(holders, busiest))]
+        for other in servers:
+            if other in holders:
+                continue
+            free = len(held[other]) < slots[other]
+            if free:  # move it; or add a replica there
+                yield [(key, holders, without(holders, busiest) + (other,))]
+                yield [(key, holders, holders + (other,))]
+            for back in held[other]:
+                back_holders = tuple(replicas[back])
+                if busiest not in back_holders and weights[back] / len(back_holders) < weights[key] / len(holders):
+                    yield [(key, holders, without(holders, busiest) + (other,)),
+                           (back, back_holders, without(back_holders, other) + (busiest,))]
+                if len(back_holders) > 1 and back != key:  # a spare replica of `back` becomes one of `key`
+                    yield [(back, back_holders, without(back_holders, other)), (key, holders, holders + (other,))]

@@ -1,0 +1,252 @@
+"""Who may call what: bearer tokens and TLS / mutual TLS, configured once per process (`Security`)
+and applied by `shardmesh.grpc_util` to every server it creates and every channel it opens.
+
+Tokens (metadata `authorization: Bearer <token>`, compared in constant time):
+  client token    the public Router service (Generate, GetModelInfo, GetClusterStatus).
+  internal token  Registry (on the router's port), Stage and Expert services; every outgoing
+                  call between services sends it. A client token never opens an internal service.
+grpc.health.v1 is open to all (orchestrators and `shardmesh up` probe it without secrets);
+reflection, and anything else, takes either token. A service whose token is not configured is
+not token-checked: it is then protected by mutual TLS, or explicitly opened with `--no-auth`.
+
+TLS: cert + key make every server speak TLS. A CA makes it mutual: servers require a client
+certificate signed by that CA, and outgoing channels present their own and trust only that CA.
+Needs grpcio and the standard library only (the client SDK and `shardmesh generate` use it).
+"""
+
+import argparse
+import dataclasses
+import hmac
+import os
+import pathlib
+
+import grpc
+
+CLIENT_TOKEN_ENV = "SHARDMESH_AUTH_TOKEN"
+INTERNAL_TOKEN_ENV = "SHARDMESH_INTERNAL_TOKEN"
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+CLIENT_SERVICES = frozenset({"shardmesh.v1.Router"})
+INTERNAL_SERVICES = frozenset({"shardmesh.v1.Registry", "shardmesh.v1.Stage", "shardmesh.v1.Expert",
+                               "shardmesh.v1.DataPlane"})
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (nothing for None)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def check_token(token: str, source: str) -> str:
+    """A token must be non-empty printable ASCII without spaces (it travels as HTTP/2 metadata)."""
+    token = token.strip()
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError(f"the token from {source} is empty or not printable ASCII without spaces")
+    return token
+
+
+def read_token(file: str | os.PathLike | None, env: str) -> str | None:
+    """The token in `file`, else in the environment variable `env`, else None."""
+    if file is not None:
+        return check_token(pathlib.Path(file).read_text(), str(file))
+    if os.environ.get(env):
+        return check_token(os.environ[env], f"${env}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """One process's secrets; the default (all None) is no TLS and no token checks."""
+
+    client_token: str | None = dataclasses.field(default=None, repr=False)
+    internal_token: str | None = dataclasses.field(default=None, repr=False)
+    tls_cert: bytes | None = dataclasses.field(default=None, repr=False)  # PEM chain of this process
+    tls_key: bytes | None = dataclasses.field(default=None, repr=False)   # PEM private key
+    tls_ca: bytes | None = dataclasses.field(default=None, repr=False)    # PEM CA: mutual TLS
+
+    def __post_init__(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (--tls-ca) needs this service's own --tls-cert and --tls-key")
+
+    @classmethod
+    def from_files(cls, *, client_token_file=None, internal_token_file=None, cert_file=None, key_file=None,
+                   ca_file=None, read_environment: bool = True) -> "Security":
+        """Read token files (falling back to $SHARDMESH_AUTH_TOKEN / $SHARDMESH_INTERNAL_TOKEN) and PEM files."""
+        read = lambda path: pathlib.Path(path).read_bytes() if path is not None else None  # noqa: E731
+        token = lambda path, env: read_token(path, env) if read_environment or path else None  # noqa: E731
+        return cls(client_token=token(client_token_file, CLIENT_TOKEN_ENV),
+                   internal_token=token(internal_token_file, INTERNAL_TOKEN_ENV),
+                   tls_cert=read(cert_file), tls_key=read(key_file), tls_ca=read(ca_file))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.tls_ca is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)], root_certificates=self.tls_ca,
+                                           require_client_auth=self.mutual_tls)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Trust the CA (system roots without one); present our certificate when TLS is mutual."""
+        if self.mutual_tls:
+            return grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
+        return grpc.ssl_channel_credentials()
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if self.client_token is None and self.internal_token is None:
+            return []
+        return [BearerTokenInterceptor(self.client_token, self.internal_token)]
+
+    def channel_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """Outgoing calls between services carry the internal token."""
+        return token_interceptors(self.internal_token) if self.internal_token else []
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse a call without the token its service requires with UNAUTHENTICATED, before its
+    request is parsed (the refusal reads no message)."""
+
+    def __init__(self, client_token: str | None, internal_token: str | None):
+        self._client = client_token.encode() if client_token else None
+        self._internal = internal_token.encode() if internal_token else None
+
+    def _accepted(self, service: str) -> list[bytes]:
+        """Tokens that open `service`; [] = not token-checked."""
+        if service in OPEN_SERVICES:
+            return []
+        if service in CLIENT_SERVICES:
+            return [self._client] if self._client else []
+        if service in INTERNAL_SERVICES:
+            return [self._internal] if self._internal else []
+        return [token for token in (self._client, self._internal) if token]
+
+    async def intercept_service(self, continuation, handler_call_details):
+        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
+        accepted = self._accepted(service)
+        if not accepted:
+            return await continuation(handler_call_details)
+        presented = [value for key, value in handler_call_details.invocation_metadata or ()
+                     if key == "authorization"]
+        matched = False
+        for value in presented:
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            for token in accepted:  # every comparison runs: no early exit to time
+                matched |= hmac.compare_digest(raw, b"Bearer " + token)
+        if matched:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        why = "no bearer token" if not presented else "wrong bearer token"
+        return _refusal(handler, f"authorization: {why} for {service}")
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind whose request stays raw bytes and that aborts at once."""
+
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    request_streaming = handler.request_streaming if handler else False
+    response_streaming = handler.response_streaming if handler else False
+    if request_streaming and response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class _TokenInterceptor:
+    """Adds `authorization: Bearer <token>` to every call it sees."""
+
+    def __init__(self, token: str):
+        self._metadata = bearer_metadata(token)
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *self._metadata))
+
+
+# grpc.aio files an interceptor under the first of the four kinds it is an instance of, so each
+# kind has its own class.
+class _UnaryUnaryToken(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _UnaryStreamToken(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamUnaryToken(_TokenInterceptor, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _StreamStreamToken(_TokenInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send `token` on every call of a grpc.aio channel."""
+    return [kind(token) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)]
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, client: bool = False) -> None:
+    parser.add_argument("--tls-cert", type=pathlib.Path, metavar="PEM",
+                        help="client certificate, for a router requiring mutual TLS" if client
+                        else "certificate chain: serve TLS")
+    parser.add_argument("--tls-key", type=pathlib.Path, metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-ca", type=pathlib.Path, metavar="PEM",
+                        help="CA to trust: connect with TLS" if client
+                        else "CA: mutual TLS (require and present certificates signed by it)")
+
+
+def add_service_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """Flags of `shardmesh router|stage|expert`; see `service_security`."""
+    add_tls_arguments(parser)
+    if role == "router":
+        parser.add_argument("--auth-token-file", type=pathlib.Path, metavar="FILE",
+                            help=f"bearer token clients must send (else ${CLIENT_TOKEN_ENV})")
+    parser.add_argument("--internal-token-file", type=pathlib.Path, metavar="FILE",
+                        help=f"bearer token between services (else ${INTERNAL_TOKEN_ENV})")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="no token checks at all: for local use on a trusted machine only")
+
+
+def service_security(args: argparse.Namespace, role: str) -> Security:
+    """Security of one service from its flags: tokens are required unless --no-auth says otherwise.
+
+    The router needs a client token; every service needs its internal ports protected by an
+    internal token or mutual TLS (else anyone reaching a port could register or feed a stage)."""
+    client_file = getattr(args, "auth_token_file", None)
+    if args.no_auth:
+        if client_file or args.internal_token_file:
+            raise ValueError("--no-auth contradicts a token file")
+        return Security.from_files(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
+                                   read_environment=False)
+    security = Security.from_files(client_token_file=client_file, internal_token_file=args.internal_token_file,
+                                   cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
+    if role == "router" and security.client_token is None:
+        raise ValueError(f"the router needs a client token: --auth-token-file FILE or ${CLIENT_TOKEN_ENV} "
+                         "(or --no-auth, for local use only)")
+    if role != "router":
+        security = dataclasses.replace(security, client_token=None)  # never sent nor accepted here
+    if security.internal_token is None and not security.mutual_tls:
+        raise ValueError(f"internal services need --internal-token-file FILE, ${INTERNAL_TOKEN_ENV} or mutual "
+                         "TLS (--tls-ca) (or --no-auth, for local use only)")
+    return security
+
+
+def client_credentials(ca_file=None, cert_file=None, key_file=None) -> grpc.ChannelCredentials:
+    """TLS credentials of a client: trust `ca_file` (else the system's roots); present cert + key
+    when the router requires mutual TLS."""
+    read = lambda path: pathlib.Path(path).read_bytes() if path is not None else None  # noqa: E731
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs its key (--tls-cert with --tls-key)")
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))

@@ -1,0 +1,236 @@
+"""The shared-memory data plane, client side: calls to a service on the same host whose tensors
+move through a shared segment, with a small framed Unix socket instead of HTTP/2 for the calls.
+
+    planes = DataPlanes(enabled=True)
+    channel = await planes.get(address, grpc_channel)   # ShmChannel, or None: use gRPC bytes
+    async with channel.session() as call:               # one call at a time per channel
+        request = ComputeExpertsRequest(groups=[ExpertGroup(..., hidden_states=call.encode(x))])
+        reply = await call.invoke("shardmesh.v1.Expert/ComputeExperts", request,
+                                  ComputeExpertsResponse, timeout=30)
+        output = call.decode(reply.outputs[0], "outputs[0]")   # a copy, safe after the session
+
+Negotiation (`DataPlanes.get`) goes over the control plane: DataPlane.OfferDataPlanes on the
+server's gRPC port (authenticated like any internal call) returns the socket and a single-use
+session key; the client creates a segment, writes a random probe at its start and says hello;
+the server maps the segment and echoes the probe, which proves both processes share it. Any
+failure on the way (another host, no /dev/shm, an older server) leaves the peer on gRPC bytes.
+Frames are protobuf (dataplane.proto), length-prefixed; nothing is pickled.
+"""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import struct
+
+import grpc
+import torch
+
+from shardmesh import codec
+from shardmesh.grpc_util import CONTROL_DEADLINE_S
+from shardmesh.shm_segment import MAX_SEGMENT_BYTES, PROBE_BYTES, ReplyArena, Segment, align
+from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
+
+log = logging.getLogger(__name__)
+HEADER = struct.Struct("<I")
+MAX_FRAME_BYTES = 512 * 2**20  # inline fallbacks included
+INITIAL_SEGMENT_BYTES = 8 * 2**20
+
+
+class DataPlaneError(Exception):
+    """A failed call on the shared-memory plane: `code` is a grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dataplane_pb2.ShmFrame:
+    """The next frame; EOFError at a clean end, ValueError for a frame too large or unparsable."""
+    try:
+        (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    except asyncio.IncompleteReadError as error:
+        raise EOFError("the data plane socket closed") from error
+    if length > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        return dataplane_pb2.ShmFrame.FromString(await reader.readexactly(length))
+    except asyncio.IncompleteReadError as error:
+        raise EOFError("the data plane socket closed inside a frame") from error
+    except Exception as error:  # protobuf's DecodeError
+        raise ValueError(f"not a ShmFrame: {error}") from error
+
+
+def write_frame(writer: asyncio.StreamWriter, frame: dataplane_pb2.ShmFrame) -> None:
+    payload = frame.SerializeToString()
+    writer.write(HEADER.pack(len(payload)) + payload)
+
+
+def socket_path(name: str) -> str:
+    """An offered socket name -> the address to bind or connect ("@x" = Linux abstract namespace)."""
+    return "\0" + name[1:] if name.startswith("@") else name
+
+
+def connect_unix(name: str) -> socket.socket:
+    """A connected, non-blocking Unix stream socket (made here: uvloop's unix functions refuse
+    abstract names). A local connect does not wait, unless the listener's backlog is full."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(CONTROL_DEADLINE_S)
+        sock.connect(socket_path(name))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ShmCall:
+    """One call in progress: encode request tensors into the segment, invoke, decode replies."""
+
+    def __init__(self, channel: "ShmChannel"):
+        self.channel = channel
+        self.arena = ReplyArena(channel.segment, PROBE_BYTES)
+        self.inline_bytes = 0  # tensors that did not fit and went inline (the segment grows next time)
+
+    def encode(self, tensor: torch.Tensor):
+        message = codec.encode(tensor, arena=self.arena)
+        self.inline_bytes += len(message.data)
+        return message
+
+    async def invoke(self, method: str, request, response_type, timeout: float):
+        channel = self.channel
+        channel.call_ids += 1
+        call = dataplane_pb2.ShmCall(call_id=channel.call_ids, method=method, request=request.SerializeToString(),
+                                     reply_offset=align(self.arena.next))
+        try:
+            write_frame(channel.writer, dataplane_pb2.ShmFrame(call=call))
+            frame = await asyncio.wait_for(read_frame(channel.reader), timeout)
+        except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
+            channel.broken = True
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {channel.peer}: {error!r}") from error
+        reply = frame.reply
+        if frame.WhichOneof("kind") != "reply" or reply.call_id != call.call_id:
+            channel.broken = True
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"{channel.peer} answered out of turn")
+        if reply.status_code:
+            raise DataPlaneError(status_code(reply.status_code), reply.status_details)
+        return response_type.FromString(reply.response)
+
+    def decode(self, message, field: str) -> torch.Tensor:
+        """A copy of a reply tensor (the segment is reused by the next call)."""
+        self.inline_bytes += len(message.data)  # a reply tensor that did not fit in the segment
+        return codec.decode(message, field, segment=self.channel.segment).clone()
+
+
+class ShmChannel:
+    """One shared-memory session with one server: its segment and socket."""
+
+    def __init__(self, peer: str, segment: Segment, reader, writer):
+        self.peer, self.segment, self.reader, self.writer = peer, segment, reader, writer
+        self.lock = asyncio.Lock()
+        self.call_ids = 0
+        self.broken = False
+        self.wanted = 0  # bytes the segment should have had (after an inline fallback)
+
+    @classmethod
+    async def open(cls, peer: str, offer: dataplane_pb2.DataPlaneOffer, size: int) -> "ShmChannel":
+        segment = Segment.create(size)
+        try:
+            probe = secrets.token_bytes(PROBE_BYTES)
+            segment.buffer[:PROBE_BYTES] = probe
+            reader, writer = await asyncio.open_unix_connection(sock=connect_unix(offer.shm_socket))
+            channel = cls(peer, segment, reader, writer)
+            hello = dataplane_pb2.ShmHello(session_key=offer.shm_session_key, segment=segment.name,
+                                           segment_bytes=size, probe=probe)
+            write_frame(writer, dataplane_pb2.ShmFrame(hello=hello))
+            reply = (await asyncio.wait_for(read_frame(reader), CONTROL_DEADLINE_S)).hello_reply
+            segment.unlink()  # mapped by both (or refused): nothing stays under /dev/shm
+            if reply.status_code:
+                await channel.close()
+                raise DataPlaneError(status_code(reply.status_code), reply.status_details)
+            if reply.probe != probe:
+                await channel.close()
+                raise DataPlaneError(grpc.StatusCode.FAILED_PRECONDITION, "the server does not share the segment")
+            return channel
+        except BaseException:
+            segment.close()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def session(self):
+        async with self.lock:
+            if self.broken:
+                raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {self.peer} is closed")
+            call = ShmCall(self)
+            yield call
+            if call.inline_bytes:  # next time, a segment where this call would have fitted
+                self.wanted = min(MAX_SEGMENT_BYTES, 2 * (self.segment.size + call.inline_bytes))
+
+    async def close(self) -> None:
+        self.broken = True
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+        self.segment.close()
+
+
+class DataPlanes:
+    """Per peer address: the shared-memory channel negotiated with it, or None (gRPC bytes)."""
+
+    def __init__(self, enabled: bool, segment_bytes: int = INITIAL_SEGMENT_BYTES):
+        self.enabled = enabled and Segment.available()
+        self.segment_bytes = segment_bytes
+        self._channels: dict[str, ShmChannel | None] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _usable(self, address: str) -> bool:
+        """Negotiated, and (if shared memory) not broken, nor idle and due for a larger segment."""
+        if address not in self._channels:
+            return False
+        channel = self._channels[address]
+        if channel is None:
+            return True
+        # Idle = no session holds or awaits its lock: nobody else has it in hand, it can be replaced.
+        return not (channel.broken or channel.wanted > channel.segment.size and not channel.lock.locked())
+
+    async def get(self, address: str, grpc_channel: grpc.aio.Channel) -> ShmChannel | None:
+        """The shared-memory channel to `address` (negotiated over `grpc_channel` on first use, and
+        again after a failure or to grow its segment), or None: send tensors in gRPC messages.
+        Enter its session() at once (no await in between), so it is not replaced under you."""
+        if not self.enabled:
+            return None
+        if not self._usable(address):
+            async with self._locks.setdefault(address, asyncio.Lock()):
+                if not self._usable(address):
+                    old = self._channels.pop(address, None)
+                    size = max(self.segment_bytes, old.wanted if old else 0)
+                    if old is not None:
+                        old.broken = True
+                        await old.close()
+                    self._channels[address] = await self._negotiate(address, grpc_channel, size)
+        return self._channels[address]
+
+    async def _negotiate(self, address: str, grpc_channel: grpc.aio.Channel, size: int) -> ShmChannel | None:
+        try:
+            offer = await dataplane_pb2_grpc.DataPlaneStub(grpc_channel).OfferDataPlanes(
+                dataplane_pb2.OfferDataPlanesRequest(), timeout=CONTROL_DEADLINE_S)
+            if not offer.shm_socket:
+                return None
+            channel = await ShmChannel.open(address, offer, size)
+        except (grpc.aio.AioRpcError, OSError, EOFError, ValueError, DataPlaneError, asyncio.TimeoutError) as error:
+            log.info("%s: no shared-memory plane (%s): tensors go in gRPC messages", address, error)
+            return None
+        log.info("%s: shared-memory plane with a %d MiB segment", address, size >> 20)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            if channel:
+                await channel.close()
+        self._channels.clear()

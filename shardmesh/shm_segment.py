@@ -1,0 +1,136 @@
+"""Shared-memory segments of the shared-memory data plane: files under /dev/shm mapped by two
+processes of one host, and `ReplyArena`, the bump allocator a call's replies are written with.
+
+The client creates a segment (`Segment.create`), the server maps it by name (`Segment.attach`,
+which accepts only names this module makes), and the client unlinks the file as soon as the
+server has mapped it: from then on the memory lives exactly as long as the two mappings, and
+nothing is left under /dev/shm whatever way either process ends.
+
+Tensors are viewed in place (`Segment.view`: torch.frombuffer on the mapping, no copy) and
+written with one copy (`Segment.write`). Offsets are multiples of ALIGN.
+"""
+
+import mmap
+import os
+import pathlib
+import re
+import secrets
+
+import torch
+
+from shardmesh.errors import InvalidArgument
+
+SHM_DIR = pathlib.Path("/dev/shm")
+NAME_PATTERN = re.compile(r"shardmesh-[0-9a-f]{32}")
+ALIGN = 64
+PROBE_BYTES = 16
+MAX_SEGMENT_BYTES = 1 << 30
+
+
+def align(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Segment:
+    def __init__(self, name: str, size: int, buffer: mmap.mmap, owner: bool):
+        self.name, self.size, self.buffer, self.owner = name, size, buffer, owner
+        self._linked = owner  # the client's file exists until unlink()
+        self._bytes = torch.frombuffer(buffer, dtype=torch.uint8)  # [size]: every view is a slice of it
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this machine has a writable /dev/shm (Linux)."""
+        return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+    @classmethod
+    def create(cls, size: int) -> "Segment":
+        """A new zeroed segment of `size` bytes, readable and writable by this user only."""
+        if not PROBE_BYTES <= size <= MAX_SEGMENT_BYTES:
+            raise ValueError(f"segment size {size} outside [{PROBE_BYTES}, {MAX_SEGMENT_BYTES}]")
+        name = f"shardmesh-{secrets.token_hex(16)}"
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(SHM_DIR / name)
+            raise
+        finally:
+            os.close(fd)
+        return cls(name, size, buffer, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> "Segment":
+        """Map the client's segment `name` of `size` bytes; InvalidArgument naming the field otherwise."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument("hello.segment", f"{name!r} is not a shardmesh segment name")
+        if not PROBE_BYTES <= size <= MAX_SEGMENT_BYTES:
+            raise InvalidArgument("hello.segment_bytes", f"{size} outside [{PROBE_BYTES}, {MAX_SEGMENT_BYTES}]")
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as error:
+            raise InvalidArgument("hello.segment", f"cannot open {name}: {error.strerror}") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise InvalidArgument("hello.segment_bytes", f"{size} but {name} has {actual} bytes")
+            buffer = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, buffer, owner=False)
+
+    def unlink(self) -> None:
+        """Remove the file (the client, once the server has mapped it); idempotent."""
+        if self._linked:
+            self._linked = False
+            try:
+                os.unlink(SHM_DIR / self.name)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        """Unlink (if ours) and unmap; a view still alive keeps the mapping until it dies."""
+        self.unlink()
+        self._bytes = None
+        try:
+            self.buffer.close()
+        except BufferError:
+            pass  # tensors still view it: the mapping goes with the last of them
+
+    def view(self, offset: int, length: int, dtype: torch.dtype, shape: list[int], field: str) -> torch.Tensor:
+        """The tensor at [offset, offset + length) of the segment, without copying; InvalidArgument
+        naming `field` when the span is misaligned or outside the segment."""
+        if offset % ALIGN or offset + length > self.size:
+            raise InvalidArgument(f"{field}.shm", f"span [{offset}, {offset + length}) is misaligned or outside "
+                                                  f"the {self.size}-byte segment")
+        if length == 0:
+            return torch.empty(shape, dtype=dtype)
+        return self._bytes[offset:offset + length].view(dtype).view(shape)
+
+    def write(self, offset: int, tensor: torch.Tensor) -> None:
+        """Copy `tensor` (any device) to [offset, offset + nbytes); the caller checked the room."""
+        length = tensor.numel() * tensor.element_size()
+        if length:
+            self._bytes[offset:offset + length].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+    def probe(self) -> bytes:
+        return bytes(self.buffer[:PROBE_BYTES])
+
+
+class ReplyArena:
+    """Room [start, end) of a segment, handed out in order (one call's tensors)."""
+
+    def __init__(self, segment: Segment, start: int, end: int | None = None):
+        self.segment = segment
+        self.next = align(max(start, PROBE_BYTES))
+        self.end = segment.size if end is None else end
+
+    def put(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """Write `tensor` into the arena: (offset, length), or None when it does not fit."""
+        length = tensor.numel() * tensor.element_size()
+        if self.next + length > self.end:
+            return None
+        offset = self.next
+        self.segment.write(offset, tensor)
+        self.next = align(offset + length)
+        return offset, length

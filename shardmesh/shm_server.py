@@ -1,0 +1,209 @@
+"""The shared-memory data plane, server side (the client side and the protocol: shm_plane.py).
+
+`ShmPlaneServer` listens on a Unix socket in the abstract namespace (nothing on disk), accepts
+sessions whose key came from `OfferDataPlanes` on the authenticated gRPC port, maps each client's
+segment and serves its calls one at a time by calling the service's own servicer methods, with
+`codec.inbound_call` set so that the servicer's codec.decode views request tensors in the
+segment and codec.encode writes reply tensors there. Every bad frame gets a precise status (or,
+when the frame cannot even be read, the session is closed); the server keeps serving.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+import grpc
+
+from shardmesh import codec
+from shardmesh.errors import RequestError
+from shardmesh.shm_plane import read_frame, socket_path, write_frame
+from shardmesh.shm_segment import ReplyArena, Segment
+from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
+
+log = logging.getLogger(__name__)
+KEY_TTL_S = 60.0
+MAX_PENDING_KEYS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    request_type: type
+    handler: Callable        # servicer method: (request, context) or, streaming, (request_iterator, context)
+    streaming: bool = False  # bidi stream: each call is one request and its one response
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class ShmContext:
+    """The part of grpc.aio.ServicerContext that servicers use."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
+        raise _Aborted(code, details)
+
+    def peer(self) -> str:
+        return "shm"
+
+    def invocation_metadata(self):
+        return ()
+
+
+class _Stream:
+    """A streaming servicer method fed one request at a time (one Step stream per session)."""
+
+    def __init__(self, handler: Callable, context: ShmContext):
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._responses = handler(self._iterate(), context)
+
+    async def _iterate(self):
+        while True:
+            yield await self._requests.get()
+
+    async def call(self, request):
+        self._requests.put_nowait(request)
+        return await self._responses.__anext__()
+
+    async def close(self) -> None:
+        await self._responses.aclose()
+
+
+class ShmPlaneServer:
+    def __init__(self, name: str, methods: dict[str, Method]):
+        self.name, self.methods = name, methods
+        self.socket = f"@shardmesh-{secrets.token_hex(16)}"
+        self._keys: dict[bytes, float] = {}  # session key -> when offered
+        self._server: asyncio.AbstractServer | None = None
+        self._sessions: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # made here: uvloop refuses abstract names
+        listener.bind(socket_path(self.socket))
+        listener.listen(64)
+        listener.setblocking(False)
+        self._server = await asyncio.start_unix_server(self._serve, sock=listener)
+
+    def offer(self) -> dataplane_pb2.DataPlaneOffer:
+        now = time.monotonic()
+        self._keys = {k: t for k, t in self._keys.items() if now - t < KEY_TTL_S}
+        if len(self._keys) >= MAX_PENDING_KEYS:
+            self._keys.pop(next(iter(self._keys)))
+        key = secrets.token_bytes(32)
+        self._keys[key] = now
+        return dataplane_pb2.DataPlaneOffer(shm_socket=self.socket, shm_session_key=key)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._sessions.add(asyncio.current_task())
+        segment, streams = None, {}
+        try:
+            segment = await self._hello(reader, writer)
+            while segment is not None:
+                frame = await read_frame(reader)
+                if frame.WhichOneof("kind") != "call":
+                    log.warning("%s: shm session sent %s instead of a call: closing it", self.name,
+                                frame.WhichOneof("kind"))
+                    return
+                reply = await self._call(segment, streams, frame.call)
+                write_frame(writer, dataplane_pb2.ShmFrame(reply=reply))
+        except EOFError:
+            pass
+        except (ValueError, OSError) as error:
+            log.warning("%s: shm session closed: %s", self.name, error)
+        finally:
+            for stream in streams.values():
+                await stream.close()
+            if segment is not None:
+                segment.close()
+            writer.close()
+            self._sessions.discard(asyncio.current_task())
+
+    async def _hello(self, reader, writer) -> Segment | None:
+        hello = (await read_frame(reader)).hello
+        code, details, segment = grpc.StatusCode.OK, "", None
+        if self._keys.pop(hello.session_key, None) is None:
+            code, details = grpc.StatusCode.UNAUTHENTICATED, "hello.session_key: unknown or already used"
+        else:
+            try:
+                segment = Segment.attach(hello.segment, hello.segment_bytes)
+            except RequestError as error:
+                code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        probe = segment.probe() if segment is not None else b""
+        write_frame(writer, dataplane_pb2.ShmFrame(hello_reply=dataplane_pb2.ShmHelloReply(
+            probe=probe, status_code=code.value[0], status_details=details)))
+        await writer.drain()
+        return segment
+
+    async def _call(self, segment: Segment, streams: dict, call: dataplane_pb2.ShmCall) -> dataplane_pb2.ShmReply:
+        method = self.methods.get(call.method)
+        if method is None:
+            return _status(call, grpc.StatusCode.UNIMPLEMENTED, f"method: {call.method!r} is not served on this plane")
+        if call.reply_offset > segment.size:
+            return _status(call, grpc.StatusCode.INVALID_ARGUMENT,
+                           f"reply_offset: {call.reply_offset} is past the {segment.size}-byte segment")
+        try:
+            request = method.request_type.FromString(call.request)
+        except Exception as error:  # protobuf's DecodeError
+            return _status(call, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {method.request_type.__name__}: {error}")
+        token = codec.inbound_call.set((segment, ReplyArena(segment, call.reply_offset)))
+        try:
+            if method.streaming:
+                if call.method not in streams:
+                    streams[call.method] = _Stream(method.handler, ShmContext())
+                response = await streams[call.method].call(request)
+            else:
+                response = await method.handler(request, ShmContext())
+        except _Aborted as error:
+            streams.pop(call.method, None)  # a stream ends with its first error, as over gRPC
+            return _status(call, error.code, error.details)
+        except RequestError as error:  # core code's error the servicer did not translate
+            streams.pop(call.method, None)
+            return _status(call, getattr(grpc.StatusCode, error.code), str(error))
+        except StopAsyncIteration:
+            streams.pop(call.method, None)
+            return _status(call, grpc.StatusCode.UNAVAILABLE, f"{self.name} ended its {call.method} stream")
+        except Exception as error:
+            log.exception("%s: %s failed on the shm plane", self.name, call.method)
+            streams.pop(call.method, None)
+            return _status(call, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        finally:
+            codec.inbound_call.reset(token)
+        return dataplane_pb2.ShmReply(call_id=call.call_id, response=response.SerializeToString())
+
+
+def _status(call: dataplane_pb2.ShmCall, code: grpc.StatusCode, details: str) -> dataplane_pb2.ShmReply:
+    return dataplane_pb2.ShmReply(call_id=call.call_id, status_code=code.value[0], status_details=details)
+
+
+class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
+    """OfferDataPlanes on the gRPC port: the shared-memory plane when this server runs one."""
+
+    def __init__(self, plane: ShmPlaneServer | None):
+        self.plane = plane
+
+    async def OfferDataPlanes(self, request, context):
+        return self.plane.offer() if self.plane is not None else dataplane_pb2.DataPlaneOffer()
+
+
+SERVICE_NAME = dataplane_pb2.DESCRIPTOR.services_by_name["DataPlane"].full_name
+
+
+async def start_data_plane(name: str, methods: dict[str, Method], enabled: bool):
+    """The shared-memory plane of one server (None when not `enabled` or without /dev/shm), and the
+    DataPlane gRPC service offering it, as (servicer, add_to_server, service name) for start_server."""
+    plane = ShmPlaneServer(name, methods) if enabled and Segment.available() else None
+    if plane is not None:
+        await plane.start()
+    return plane, (DataPlaneServicer(plane), dataplane_pb2_grpc.add_DataPlaneServicer_to_server, SERVICE_NAME)
