@@ -14,13 +14,15 @@ class MeshConfig:
     expert_servers: int
     micro_batches: int = 1
     threads: int = 1          # torch threads of each stage and expert server (the router gets 1)
+    compute_threads: int = 1  # their compute threads (shardmesh.compute_pool)
     data_plane: str = "grpc"  # "grpc" (bytes in messages) | "shm" (shared memory between processes)
     split: str = "layers"     # experts spread over expert servers by layer range ("layers") or by expert id
 
     @property
     def service_args(self) -> dict:
         plane = ["--data-plane", self.data_plane]
-        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": plane, "expert": plane}
+        compute = plane + ["--compute-threads", str(self.compute_threads)]
+        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": compute, "expert": compute}
 
     @property
     def thread_counts(self) -> dict:
@@ -48,6 +50,9 @@ CONFIGS = {
     "1s1e-shm-t2": MeshConfig(1, 1, threads=2, data_plane="shm"),
     "2s2e-shm-t2": MeshConfig(2, 2, threads=2, data_plane="shm"),
     "2s2e-shm-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2, data_plane="shm"),
+    "1s1e-shm-c2": MeshConfig(1, 1, compute_threads=2, data_plane="shm"),
+    "2s2e-shm-c2": MeshConfig(2, 2, compute_threads=2, data_plane="shm"),
+    "2s2e-shm-mb2-c2": MeshConfig(2, 2, micro_batches=2, compute_threads=2, data_plane="shm"),
     "2s2e-grpc": MeshConfig(2, 2),
     "2s2e-grpc-mb2": MeshConfig(2, 2, micro_batches=2),
     "2s2e-grpc-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2),

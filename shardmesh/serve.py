@@ -96,6 +96,9 @@ def run_service(role: str, args: argparse.Namespace) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.compute_threads != 1:
+        from shardmesh import compute_pool
+        compute_pool.set_threads(args.compute_threads)
     import grpc
     try:
         import uvloop

@@ -1,6 +1,7 @@
 """What users run, as real processes: `shardmesh up` (every service its own process on loopback),
 `shardmesh generate`, Ctrl-C/SIGTERM stopping everything, and the demo (the main job)."""
 
+import contextlib
 import os
 import pathlib
 import queue
@@ -58,13 +59,35 @@ def wait_for_line(lines: "queue.Queue[str]", prefix: str, timeout: float) -> str
     raise AssertionError(f"no line starting {prefix!r} within {timeout} s; got {''.join(seen)!r}")
 
 
-def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
+@contextlib.contextmanager
+def shardmesh_up(model_dir: pathlib.Path, tmp_path: pathlib.Path, *args: str):
+    """Run `shardmesh up` on a link to `model_dir` unique to this test (so its processes can be
+    found by their command lines); yield (process, output lines, link). Whatever is left is
+    killed, by pid, on the way out."""
     model = tmp_path / "model"
-    model.symlink_to(mixtral_dir)  # a path unique to this test, to find our processes by
-    up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model)], stdout=subprocess.PIPE,
+    model.symlink_to(model_dir)
+    up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model), *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
-        lines = read_lines(up)
+        yield up, read_lines(up), model
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for pid in processes_mentioning(str(model)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_gone(model: pathlib.Path, timeout: float = 15.0) -> list[int]:
+    """Wait (bounded) until no process mentions `model`; return those still there."""
+    deadline = time.monotonic() + timeout
+    while processes_mentioning(str(model)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return processes_mentioning(str(model))
+
+
+def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
+    with shardmesh_up(mixtral_dir, tmp_path) as (up, lines, model):
         line = wait_for_line(lines, "router listening on", timeout=120)
         address = line.split()[3]
         token_file = wait_for_line(lines, "client token in ", timeout=5).split()[3].rstrip(":")
@@ -87,38 +110,16 @@ def test_up_generate_and_sigterm_stops_everything(mixtral_dir, tmp_path):
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
-        deadline = time.monotonic() + 10
-        while processes_mentioning(str(model)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_mentioning(str(model)) == []
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        for pid in processes_mentioning(str(model)):
-            os.kill(pid, signal.SIGKILL)
+        assert wait_gone(model) == []
 
 
 def test_killed_launcher_leaves_no_orphans(mixtral_dir, tmp_path):
-    model = tmp_path / "model"
-    model.symlink_to(mixtral_dir)
-    up = subprocess.Popen([*SHARDMESH, "up", "--no-auth", "--model", str(model)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_line(read_lines(up), "router listening on", timeout=120)
+    with shardmesh_up(mixtral_dir, tmp_path, "--no-auth") as (up, lines, model):
+        wait_for_line(lines, "router listening on", timeout=120)
         assert len(set(processes_mentioning(str(model))) - {up.pid}) == 5
         up.kill()  # SIGKILL: the launcher cannot clean up; its children must go by themselves
         up.wait()
-        deadline = time.monotonic() + 15
-        while processes_mentioning(str(model)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_mentioning(str(model)) == []
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        for pid in processes_mentioning(str(model)):
-            os.kill(pid, signal.SIGKILL)
+        assert wait_gone(model) == []
 
 
 def test_demo_runs_the_main_job(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from shardmesh.reference import transformers_greedy
 
-from test_cli_processes import processes_mentioning, read_lines, wait_for_line
+from test_cli_processes import shardmesh_up, wait_for_line
 
 pytestmark = pytest.mark.slow
 SHARDMESH = [sys.executable, "-m", "shardmesh.cli"]
@@ -21,13 +21,9 @@ def test_up_with_mutual_tls_and_tokens(mixtral_dir, tmp_path):
     certs = tmp_path / "certs"
     made = subprocess.run([*SHARDMESH, "certs", str(certs)], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    model = tmp_path / "model"
-    model.symlink_to(mixtral_dir)
-    up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model), "--tls-cert", str(certs / "service.pem"),
-                           "--tls-key", str(certs / "service-key.pem"), "--tls-ca", str(certs / "ca.pem")],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = read_lines(up)
+    tls = ["--tls-cert", str(certs / "service.pem"), "--tls-key", str(certs / "service-key.pem"),
+           "--tls-ca", str(certs / "ca.pem")]
+    with shardmesh_up(mixtral_dir, tmp_path, *tls) as (up, lines, model):
         address = wait_for_line(lines, "router listening on", timeout=120).split()[3]
         token_file = wait_for_line(lines, "client token in ", timeout=5).split()[3].rstrip(":")
         client_tls = ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"),
@@ -52,12 +48,6 @@ def test_up_with_mutual_tls_and_tokens(mixtral_dir, tmp_path):
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=30) == 0
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        for pid in processes_mentioning(str(model)):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_router_without_a_token_refuses_to_start(mixtral_dir):

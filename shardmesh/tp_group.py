@@ -1,0 +1,123 @@
+"""TPGroup: the one owner of a tensor-parallel group's topology (rank, world size) and its AllReduce.
+
+Every parallel layer (`shardmesh.models.parallel`) asks its group; nothing else computes ranks.
+
+    group = GlooGroup(rank=1, world_size=2, rendezvous="127.0.0.1:29500", timeout_s=30)
+    partial_sum = group.all_reduce(partial_sum)   # every rank gets the sum, in place
+
+Implementations:
+    SingleGroup   world size 1: all_reduce is the identity (no TP).
+    ThreadGroup   in-process, ranks as threads of one process (unit tests): the sum is taken in
+                  rank order, so it is deterministic.
+    GlooGroup     torch.distributed's gloo backend over TCP; rank 0 hosts the rendezvous store at
+                  `rendezvous` (host:port). Built on `ProcessGroupGloo` directly, not on the global
+                  default group, so several groups may live in one process (threads, tests).
+"""
+
+import datetime
+import threading
+import typing
+
+import torch
+import torch.distributed as dist
+
+
+class TPJoinError(RuntimeError):
+    """A rank could not form (or lost) its group within the timeout; the message says which and why."""
+
+
+class TPGroup(typing.Protocol):
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over every rank of the group; returns the sum (the same tensor, filled in place,
+        where the backend allows). Every rank must call it with the same shape and dtype."""
+        ...
+
+
+class SingleGroup:
+    """No tensor parallelism: one rank, all_reduce returns its input."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+SINGLE = SingleGroup()
+
+
+class ThreadGroup:
+    """Ranks that are threads of one process (tests). `ThreadGroup.create(n)` -> one group object per rank."""
+
+    def __init__(self, rank: int, shared: "_ThreadShared"):
+        self.rank, self.world_size, self._shared = rank, shared.world_size, shared
+
+    @classmethod
+    def create(cls, world_size: int, timeout_s: float = 60.0) -> list["ThreadGroup"]:
+        shared = _ThreadShared(world_size, timeout_s)
+        return [cls(rank, shared) for rank in range(world_size)]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        shared = self._shared
+        shared.parts[self.rank] = tensor
+        try:
+            shared.barrier.wait(shared.timeout_s)          # every rank has deposited its part
+            total = shared.parts[0].clone()
+            for part in shared.parts[1:]:                   # rank order: the same sum on every rank
+                total += part
+            shared.barrier.wait(shared.timeout_s)          # every rank has read every part
+        except threading.BrokenBarrierError:
+            raise TPJoinError(f"rank {self.rank}: a peer did not reach all_reduce within {shared.timeout_s} s")
+        tensor.copy_(total)
+        return tensor
+
+
+class _ThreadShared:
+    def __init__(self, world_size: int, timeout_s: float):
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self.parts: list[torch.Tensor | None] = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+
+
+def parse_rendezvous(rendezvous: str) -> tuple[str, int]:
+    """'host:port' (IPv6 as '[::1]:port') -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = rendezvous.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rendezvous {rendezvous!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class GlooGroup:
+    """A gloo process group over TCP. Rank 0 hosts the rendezvous store (binds `rendezvous`'s port;
+    port 0 lets the OS choose, read it back from `.port`); the constructor returns once all
+    `world_size` ranks have joined, or raises TPJoinError after `timeout_s` — never hangs."""
+
+    def __init__(self, rank: int, world_size: int, rendezvous: str, timeout_s: float = 30.0,
+                 name: str = "tp", store: "dist.TCPStore | None" = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size, self.name = rank, world_size, name
+        host, port = parse_rendezvous(rendezvous)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            self.store = store or dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
+            self.port = self.store.port
+            self._group = dist.ProcessGroupGloo(dist.PrefixStore(name, self.store), rank, world_size, timeout)
+        except (RuntimeError, dist.DistStoreError) as error:  # DistStoreError: a peer never joined
+            raise TPJoinError(f"{name} rank {rank}/{world_size}: could not join the group at {rendezvous} "
+                              f"within {timeout_s} s: {str(error).splitlines()[0]}") from error
+
+    @staticmethod
+    def host_store(host: str = "127.0.0.1", world_size: int = 1, timeout_s: float = 30.0) -> "dist.TCPStore":
+        """A rank-0 rendezvous store on a port the OS chooses (`.port`), for groups formed in tests."""
+        return dist.TCPStore(host, 0, world_size, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            self._group.allreduce([tensor]).wait()
+        except RuntimeError as error:  # a peer died or timed out mid-collective
+            raise TPJoinError(f"{self.name} rank {self.rank}: all_reduce failed: {str(error).splitlines()[0]}") from error
+        return tensor
