@@ -19,6 +19,7 @@ class CheckpointReader:
         self.device = device
         self.tensors_read: list[str] = []
         self.bytes_read = 0
+        self.slices_read: list[tuple[str, int, int, int]] = []  # (key, dim, start, end) of get_slice
         self._key_to_file = self._index()
         self._handles = {}
 
@@ -61,6 +62,29 @@ class CheckpointReader:
             raise KeyError(f"{key} is not in the checkpoint at {self.model_dir}")
         tensor = self._handle(self._key_to_file[key]).get_tensor(key)
         self.tensors_read.append(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def get_slice_shape(self, key: str) -> list[int]:
+        """The shape of tensor `key` on disk (reads only the header)."""
+        if key not in self._key_to_file:
+            raise KeyError(f"{key} is not in the checkpoint at {self.model_dir}")
+        return list(self._handle(self._key_to_file[key]).get_slice(key).get_shape())
+
+    def get_slice(self, key: str, dim: int, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, end) of the 2-D tensor `key`, reading only that part
+        from disk (`safe_open(...).get_slice`); counts only the slice's bytes. Cast to `dtype` if given."""
+        if key not in self._key_to_file:
+            raise KeyError(f"{key} is not in the checkpoint at {self.model_dir}")
+        part = self._handle(self._key_to_file[key]).get_slice(key)
+        shape = part.get_shape()
+        if len(shape) != 2 or dim not in (0, 1) or not 0 <= start < end <= shape[dim]:
+            raise ValueError(f"{key} {shape}: cannot take [{start}, {end}) of dim {dim}")
+        tensor = part[start:end] if dim == 0 else part[:, start:end]
+        self.tensors_read.append(key)
+        self.slices_read.append((key, dim, start, end))
         self.bytes_read += tensor.numel() * tensor.element_size()
         if dtype is not None:
             tensor = tensor.to(dtype)

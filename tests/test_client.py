@@ -179,8 +179,8 @@ def test_wait_until_serving_times_out_with_what_it_saw(client, router):
     router.servicer.serving_after = 10**9
     start = time.monotonic()
     with pytest.raises(DeadlineExceededError, match="1/2 servers registered"):
-        client.wait_until_serving(timeout=0.3)
-    assert 0.3 <= time.monotonic() - start < 3
+        client.wait_until_serving(timeout=2.0)  # room for a first answer on a loaded machine
+    assert 2.0 <= time.monotonic() - start < 6
 
 
 def test_wait_until_serving_unreachable_router():

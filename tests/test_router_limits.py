@@ -17,6 +17,7 @@ from router.main import MAX_REQUEST_BYTES
 from wire_helpers import ModuleMesh
 
 MAX_BATCH, MAX_QUEUED = 2, 1
+FREE_BOUND_S = 3.0  # a step takes ~10 ms here; seen 1.3 s under a load average of 9
 HOLD_TOKENS = 2000  # more than any machine generates within a test's deadlines
 DEADLINE_S = 3.0
 
@@ -128,13 +129,14 @@ def test_client_deadline_frees_the_sequence_on_every_stage(mesh, long_context_di
             async def freed():  # only `other` (if still running) may remain cached
                 cached = await cached_on_every_stage(mesh)
                 return all(len(ids) <= (0 if other.done() else 1) for ids in cached)
-            took = await wait_until(freed, timeout=1.0)
+            # Freed at the next step boundary; the bound leaves room for a loaded 2-core machine.
+            took = await wait_until(freed, timeout=FREE_BOUND_S)
             tokens = (await other).token_ids
-            await wait_until(lambda: _none_cached(mesh), timeout=1.0)
+            await wait_until(lambda: _none_cached(mesh), timeout=FREE_BOUND_S)
             return live_before_deadline, took, tokens
 
     live_before_deadline, took, tokens = mesh.run(body())
-    assert live_before_deadline and took < 1.0
+    assert live_before_deadline and took < FREE_BOUND_S
     assert tokens == transformers_greedy(long_context_dir, [1, 9, 27, 81], 40, ignore_eos=True)
 
 

@@ -19,10 +19,12 @@ class ExpertGroup(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeExpertsRequest(_message.Message):
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "traceparent")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
-    def __init__(self, groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ComputeExpertsResponse(_message.Message):
     __slots__ = ("outputs",)
