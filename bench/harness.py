@@ -72,6 +72,18 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 7) -> float:
     return nbytes / best
 
 
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds used so far by these processes (Linux /proc; this process if none)."""
+    if not pids:
+        times = os.times()
+        return times.user + times.system
+    total = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tensor_bytes(model_dir: pathlib.Path) -> dict[str, int]:
     """Name -> bytes of every weight as served (float32)."""
     from safetensors import safe_open

@@ -8,6 +8,7 @@ from shardmesh.compute_pool import parallel_map
 from shardmesh.errors import InvalidArgument, NotFound
 from shardmesh.expert_model import ExpertShard
 from shardmesh.grpc_util import translate_errors
+from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2
 
 from expert_server.load import ExpertLoadMeter
@@ -22,6 +23,7 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         self.hidden_size = shard.config.hidden_size
         self.tokens_computed = 0
         self.meter = ExpertLoadMeter()  # load accounting and drains (placement_rpcs.py)
+        metrics.watch_expert(name, self.meter)  # per-expert tokens and busy time, read at scrape time
         self.model_dir = model_dir      # where LoadExperts reads new experts; None = cannot load
 
     @property
@@ -47,7 +49,8 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         # Decode and check every group before computing any, so a bad group costs nothing.
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         outputs = []
-        with self.meter.computing((g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs)):
+        with self.meter.computing((g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs)), \
+                tracing.server_span("expert.compute", request.traceparent, self.name):  # no-op when off
             pairs = list(zip(request.groups, inputs))
             # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
             computed = parallel_map(lambda pair: self.shard.compute(pair[0].layer, pair[0].expert, pair[1]), pairs)

@@ -10,10 +10,12 @@ from shardmesh.grpc_util import CONTROL_DEADLINE_S
 from shardmesh.scheduler import Scheduler
 from shardmesh.serve import DEFAULT_PREFILL_CHUNK_TOKENS
 from shardmesh.service_config import ServiceConfig
+from shardmesh.telemetry import metrics
 from shardmesh.text import TextCodec
 from shardmesh.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc, stage_pb2_grpc
 
 from router.admin import AdminServicer
+from router.auto_rebalance import AutoRebalanceConfig, AutoRebalancer
 from router.cluster import ClusterMap
 from router.pipeline import StagePipeline
 from router.servicer import RegistryServicer, RouterServicer
@@ -44,8 +46,10 @@ class RouterState:
         self.scheduler = Scheduler(self.pipeline, max_batch_sequences, micro_batches or len(config.topology.stages),
                                    prefill_chunk_tokens)
         self.registry_lock = asyncio.Lock()
+        metrics.watch_router(self)  # queue depth and batch, read at scrape time
         self.serving = False
         self.health = None
+        self.auto_rebalancer = None  # router/auto_rebalance.py, when started with auto_rebalance
 
     async def on_cluster_change(self) -> None:
         """After a registration: reconnect stages and, once complete, push the placement."""
@@ -79,15 +83,19 @@ class RouterServer:
         self.state.serving = False
         await grpc_util.set_serving(self.state.health, SERVICE_NAMES, False)
         await self.server.stop(grace)
+        if self.state.auto_rebalancer is not None:
+            await self.state.auto_rebalancer.stop()
         await self.state.scheduler.stop()
         await self.state.pipeline.close()
 
 
 async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_sequences: int = 64,
                        max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
-                       prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> RouterServer:
+                       prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+                       auto_rebalance: AutoRebalanceConfig | None = None) -> RouterServer:
     """micro_batches: steps in flight through the pipeline (0 = one per stage); prefill_chunk_tokens:
-    prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler."""
+    prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler.
+    auto_rebalance: re-place experts when the load stays imbalanced (router/auto_rebalance.py)."""
     model_limit = config.model.max_position_embeddings
     if max_context > model_limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
@@ -106,5 +114,7 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
     port = grpc_util.bind(server, config.host, config.port, config.security)
     await server.start()
     state.scheduler.start()
+    if auto_rebalance is not None:
+        state.auto_rebalancer = AutoRebalancer(state, AdminServicer(state).rebalancer, auto_rebalance).start()
     log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())
     return RouterServer(server, port, state)

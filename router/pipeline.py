@@ -9,6 +9,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 
 import grpc
 import torch
@@ -18,6 +19,7 @@ from shardmesh.errors import RequestError, Unavailable
 from shardmesh.grpc_util import CONTROL_DEADLINE_S, open_channel
 from shardmesh.scheduler import SequenceSlice
 from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,10 @@ class StageLink:
                     raise EOFError("the stage ended its step stream")
                 if not pending:
                     raise EOFError(f"the stage answered step {response.step_id}, which was not asked")
-                step_id, future = pending.popleft()
+                step_id, future = pending[0]
                 if response.step_id != step_id:
                     raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
+                pending.popleft()
                 if not future.done():
                     future.set_result(response)
         except asyncio.CancelledError:
@@ -109,12 +112,14 @@ class StageLink:
         shm = await self.data_planes.get(self.address, self.channel) if self.data_planes else None
         if shm is None:
             message = inputs if isinstance(inputs, tensor_pb2.Tensor) else codec.encode(inputs, arena=None)
-            response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message}))
+            response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message},
+                                                             traceparent=tracing.current_traceparent()))
             return response.logits if response.HasField("logits") else response.hidden_states
         try:
             async with shm.session() as call:
                 tensor = inputs if isinstance(inputs, torch.Tensor) else codec.decode(inputs, field, segment=None)
-                request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: call.encode(tensor)})
+                request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: call.encode(tensor)},
+                                                traceparent=tracing.current_traceparent())
                 response = await call.invoke(STEP_METHOD, request, stage_pb2.StepResponse, STEP_DEADLINE_S)
                 if response.step_id != step_id:
                     raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
@@ -144,6 +149,7 @@ class StagePipeline:
 
     async def connect(self, stages: list[tuple[str, str]]) -> None:
         """(name, address) of each stage in order; reopens links whose address changed."""
+        before = {link.address for link in self.links}
         old = {link.name: link for link in self.links}
         links = []
         for name, address in stages:
@@ -156,15 +162,21 @@ class StagePipeline:
         for link in old.values():
             await link.close()
         self.links = links
+        await self.data_planes.forget(before - {link.address for link in links})
 
     async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor) -> torch.Tensor:
         step_id = next(self._step_ids)
         sequences = [stage_pb2.SequenceSlice(sequence_id=s.sequence_id, start_position=s.start_position,
                                              num_tokens=s.num_tokens) for s in slices]
         payload, field = token_ids, "token_ids"
-        for link in self.links:
-            payload = await link.forward(step_id, sequences, field, payload)
-            field = "hidden_states"
+        metrics.BATCH_SEQUENCES.labels("router").observe(len(slices))
+        metrics.BATCH_TOKENS.labels("router").observe(token_ids.shape[0])
+        with tracing.router_step([s.sequence_id for s in slices]):  # a no-op unless tracing is on
+            for link in self.links:
+                started, sent = time.perf_counter(), metrics.tensor_bytes(payload)
+                payload = await link.forward(step_id, sequences, field, payload)
+                metrics.data_plane_call("router", "router_stage", link.name, started, sent, metrics.tensor_bytes(payload))
+                field = "hidden_states"
         if isinstance(payload, torch.Tensor):
             return payload  # [B, V]
         return codec.decode(payload, "logits", segment=None)  # [B, V]

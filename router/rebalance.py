@@ -65,14 +65,16 @@ class Rebalancer:
             drain = self._drain(request.drain, names)
             snapshot = await collect_load(registered, window, self.state.security)
             load = {key: float(tokens) for key, tokens in snapshot.expert_tokens().items()}
-            active = [a for a in current if a not in drain]
+            # A plan gives nothing to a server that did not answer for its load (down or hung).
+            unreachable = set() if request.target else {s.address for s in snapshot.servers if s.error}
+            active = [a for a in current if a not in drain | unreachable]
             if not active:
-                raise FailedPrecondition("drain", "every expert server would be drained")
+                raise FailedPrecondition("drain", "every expert server would be drained (or is unreachable)")
             if request.target:
                 target = self._target(request.target, current, drain)
             else:
                 budget = request.slots_per_server or self._default_budget(current, active)
-                slots = {a: 0 if a in drain else budget for a in current}
+                slots = {a: budget if a in active else 0 for a in current}
                 try:
                     plan = await asyncio.to_thread(plan_placement, load, slots, _invert(current), request.min_gain)
                 except ValueError as error:
@@ -87,10 +89,11 @@ class Rebalancer:
                 loaded=_server_experts({a: target[a] - current[a] for a in current}, names),
                 dropped=_server_experts({a: current[a] - target[a] for a in current}, names))
             response.changed = target != current and not request.dry_run
+            notes = [f"unreachable, planned empty: {sorted(unreachable)}"] if unreachable else []
             if response.changed:
-                response.note = await self._apply(current, target)
-            final = target if response.changed else current
-            response.placement.extend(_server_experts(final, names))
+                notes.append(await self._apply(current, target))
+            response.note = "; ".join(n for n in notes if n)
+            response.placement.extend(_server_experts(target, names))  # for dry_run: the plan
             response.placement_version = cluster.placement_version
         response.seconds = time.monotonic() - started
         return response

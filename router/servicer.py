@@ -11,6 +11,7 @@ from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError, 
 from shardmesh.grpc_util import abort_for, translate_errors
 from shardmesh.sampling import Sampler, SamplingParams
 from shardmesh.scheduler import Sequence
+from shardmesh.telemetry.requests import RequestTelemetry
 from shardmesh.text import IncrementalDecoder
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
@@ -80,12 +81,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await abort_for(context, error)
             return
         decoder = IncrementalDecoder(self.state.text)
+        telemetry = RequestTelemetry(sequence.sequence_id, context)  # metrics, trace, request id in logs
+        outcome = "cancelled"
         self.state.scheduler.submit(sequence)
         try:
             while True:
                 event = await sequence.events.get()
                 if isinstance(event, Exception):
-                    code = event.code if isinstance(event, RequestError) else "UNAVAILABLE"
+                    code = outcome = event.code if isinstance(event, RequestError) else "UNAVAILABLE"
                     await context.abort(getattr(grpc.StatusCode, code), str(event))
                     return
                 response = router_pb2.GenerateResponse(
@@ -93,10 +96,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(sequence.prompt))
                 if event.logits is not None:
                     response.logits.CopyFrom(codec.encode(event.logits))
+                telemetry.token()
                 yield response
                 if event.finish_reason:
+                    outcome = event.finish_reason
                     return
         finally:
+            telemetry.finish(outcome)
             # Client cancelled or disconnected (or the stream ended): free the sequence everywhere.
             self.state.scheduler.cancel(sequence)
 

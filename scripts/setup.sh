@@ -19,3 +19,12 @@ if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v ap
         exit 1
     fi
 fi
+# Debian's Prometheus scrapes the services' --metrics-port in tests/test_metrics_prometheus.py.
+if ! command -v prometheus >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing prometheus (apt)"
+    if ! apt_log=$( { apt-get update -qq && DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a \
+            apt-get install -y -qq --no-install-recommends prometheus; } 2>&1 ); then
+        echo "$apt_log" >&2
+        exit 1
+    fi
+fi

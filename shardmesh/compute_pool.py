@@ -28,7 +28,11 @@ def set_threads(threads: int) -> None:
     if _executor is not None:
         _executor.shutdown(wait=True)
     _threads = threads
-    _executor = concurrent.futures.ThreadPoolExecutor(threads - 1, thread_name_prefix="compute") if threads > 1 else None
+    # torch's thread count is per OpenMP thread: a worker left at the default would run every
+    # kernel on an OpenMP team of all cores, spinning. Each worker takes the caller's setting.
+    _executor = concurrent.futures.ThreadPoolExecutor(
+        threads - 1, thread_name_prefix="compute", initializer=torch.set_num_threads,
+        initargs=(torch.get_num_threads(),)) if threads > 1 else None
 
 
 def threads() -> int:

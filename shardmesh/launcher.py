@@ -9,6 +9,7 @@ import asyncio
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,7 @@ class Launcher:
                    *(["--dtype", self.dtype] if self.dtype else []),
                    "--threads", str(self._threads(role)), "--log-level", self.log_level,
                    *self.service_args.get(role, ()), *self.secrets.service_args(role), *extra]
-        log_file = open(self.workdir / f"{name}.log", "wb")
+        log_file = open(self.workdir / f"{name.replace('/', '-')}.log", "wb")  # "stage-0/tp1" -> stage-0-tp1.log
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
@@ -82,7 +83,7 @@ class Launcher:
         return self.threads.get(role, 1) if isinstance(self.threads, dict) else self.threads
 
     def log_tail(self, name: str, lines: int = 15) -> str:
-        path = self.workdir / f"{name}.log"
+        path = self.workdir / f"{name.replace('/', '-')}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def check_alive(self) -> None:
@@ -101,9 +102,12 @@ class Launcher:
                 raise ServiceFailed(f"router did not start within {self.ready_timeout:.0f} s")
             time.sleep(0.05)
         self.router_address = f"{self.host}:{int(port_file.read_text())}"
-        for spec in (*self.topology.stages, *self.topology.expert_servers):
-            role = "stage" if spec in self.topology.stages else "expert"
-            self._spawn(spec.name, role, "--name", spec.name, "--router", self.router_address)
+        for spec in self.topology.stages:  # every shard of a tensor-parallel stage meets at one rendezvous
+            rendezvous = ["--tp-rendezvous", f"{self.host}:{_free_port(self.host)}"] if spec.tp > 1 else []
+            for name in spec.shard_names():
+                self._spawn(name, "stage", "--name", name, "--router", self.router_address, *rendezvous)
+        for spec in self.topology.expert_servers:
+            self._spawn(spec.name, "expert", "--name", spec.name, "--router", self.router_address)
         asyncio.run(self._wait_serving(deadline))
         return self.router_address
 
@@ -161,6 +165,13 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _free_port(host: str) -> int:
+    """A port free now on `host`, for a TP group's rendezvous (its rank 0 binds it moments later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _interrupt(signum, frame):

@@ -10,6 +10,7 @@ from shardmesh import grpc_util
 from shardmesh.security import Security
 from shardmesh.service_config import ServiceConfig
 from shardmesh.topology import Topology
+from shardmesh.tp_group import free_port
 
 
 @dataclasses.dataclass
@@ -54,11 +55,14 @@ async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | N
     address = f"127.0.0.1:{router.port}"
     mesh = LocalMesh(router, [], [])
     try:
-        def config(name: str) -> ServiceConfig:
+        def config(name: str, **more) -> ServiceConfig:
             return dataclasses.replace(base, name=name, router_address=address, topology=base.topology,
-                                       device=devices.get(name, base.device))
+                                       device=devices.get(name, base.device), **more)
 
-        mesh.stages = list(await asyncio.gather(*(start_stage_server(config(s.name)) for s in base.topology.stages)))
+        # Every shard of a tensor-parallel stage (tp > 1) meets its group at one rendezvous address.
+        rendezvous = {s.name: f"127.0.0.1:{free_port()}" if s.tp > 1 else "" for s in base.topology.stages}
+        mesh.stages = list(await asyncio.gather(*(start_stage_server(config(name, tp_rendezvous=rendezvous[s.name]))
+                                                  for s in base.topology.stages for name in s.shard_names())))
         mesh.experts = list(await asyncio.gather(
             *(start_expert_server(config(e.name)) for e in base.topology.expert_servers)))
         await grpc_util.wait_for_health(address, ready_timeout, security=base.security)

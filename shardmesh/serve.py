@@ -22,6 +22,10 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument("--advertise", default="", metavar="HOST[:PORT]",
                             help="address to register with the router (default: --host and the bound port); "
                                  "{hostname} and {ip} expand to this machine's name and address")
+        if role == "stage":
+            parser.add_argument("--tp-rendezvous", default="", metavar="HOST:PORT",
+                                help="shards of a tensor-parallel stage (tp > 1 in the topology): where their group "
+                                     "meets; the stage's rank 0 binds it, every shard is given the same")
         if role == "expert":
             parser.add_argument("--replica-id", default="", help="tells replicas of one expert server apart "
                                 "(one scaled service: e.g. {hostname}); default: the only one")
@@ -38,6 +42,11 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, metavar="C",
                             help="prompt tokens per micro-batch step, so a long prompt does not stall "
                                  "decoding (0 = whole prompts; default %(default)s)")
+        parser.add_argument("--auto-rebalance", type=float, default=0.0, metavar="IMBALANCE",
+                            help="re-place experts when the busiest expert server's load / mean stays above this "
+                                 "(> 1) for 3 checks in a row (default 0 = off; see router/auto_rebalance.py)")
+        parser.add_argument("--auto-rebalance-interval", type=float, default=30.0, metavar="SECONDS",
+                            help="between auto-rebalance checks (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; binding elsewhere is explicit)")
     parser.add_argument("--port", type=int, default=0, help="port (0 = chosen by the OS)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N: where weights, KV caches and compute live "
@@ -54,6 +63,12 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                              "negotiated per peer (gRPC bytes with the others); grpc: always in gRPC messages "
                              "(default %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line, with request_id where known (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = the OS chooses; default off)")
+    parser.add_argument("--otlp-endpoint", default="", metavar="HOST:PORT",
+                        help="export OpenTelemetry traces over OTLP/gRPC (plaintext) to this collector (default off)")
     from shardmesh.security import add_service_security_arguments
     add_service_security_arguments(parser, role)
 
@@ -66,12 +81,18 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
     config = ServiceConfig(security=security, model_dir=args.model, topology_file=args.topology, name=getattr(args, "name", ""),
                            router_address=getattr(args, "router", ""), host=args.host, port=args.port,
                            advertise_address=getattr(args, "advertise", ""), replica_id=getattr(args, "replica_id", ""),
+                           tp_rendezvous=getattr(args, "tp_rendezvous", ""),
                            dtype=args.dtype, device=args.device, data_plane=args.data_plane)
+    _start_telemetry(role, args)  # before serving: a bad --metrics-port fails at once
     if role == "router":
+        from router.auto_rebalance import AutoRebalanceConfig
         from router.main import start_router
+        auto = (AutoRebalanceConfig(args.auto_rebalance, args.auto_rebalance_interval)
+                if args.auto_rebalance else None)
         server = await start_router(config, max_context=args.max_context,
                                     max_batch_sequences=args.max_batch_sequences, max_queued=args.max_queued,
-                                    micro_batches=args.micro_batches, prefill_chunk_tokens=args.prefill_chunk_tokens)
+                                    micro_batches=args.micro_batches, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                                    auto_rebalance=auto)
     elif role == "stage":
         from stage_server.main import start_stage_server
         server = await start_stage_server(config)
@@ -89,10 +110,29 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("%s: stopping", role)
     await server.stop(grace=5.0)
+    from shardmesh.telemetry import tracing
+    tracing.shutdown()  # flush spans
+
+
+def _start_telemetry(role: str, args: argparse.Namespace) -> None:
+    service = getattr(args, "name", "") or role
+    if args.metrics_port is not None:
+        from shardmesh.telemetry import metrics
+        if not 0 <= args.metrics_port < 65536:
+            raise ValueError(f"--metrics-port {args.metrics_port} is not in [0, 65535]")
+        try:
+            port = metrics.serve(args.host, args.metrics_port).server_port
+        except OSError as error:
+            raise ValueError(f"--metrics-port {args.metrics_port}: cannot listen on {args.host}: {error}") from None
+        log.info("%s: metrics at http://%s:%d/metrics", service, args.host, port)  # tests read the port here
+    if args.otlp_endpoint:
+        from shardmesh.telemetry import tracing
+        tracing.configure(args.otlp_endpoint, f"shardmesh-{service}")
 
 
 def run_service(role: str, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+    from shardmesh.telemetry import logs
+    logs.configure(getattr(args, "name", "") or role, args.log_level, args.log_format)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -53,6 +53,10 @@ class ServiceConfig:
     # "shm": tensors to and from services of this host through shared memory (negotiated per
     # peer, gRPC bytes with the others); "grpc": always in gRPC messages (shardmesh.shm_plane).
     data_plane: str = "shm"
+    # A shard of a tensor-parallel stage (tp > 1): host:port of its group's rendezvous, which rank 0
+    # (the stage's own name) binds; every shard of the stage is given the same (launcher / local mesh).
+    tp_rendezvous: str = ""
+    tp_join_timeout: float = 120.0  # s for every shard of the group to join (then NOT_SERVING); also each collective's
     # TLS and tokens (shardmesh.security); the default, for in-process meshes, checks nothing.
     # The command line requires tokens unless --no-auth (security.service_security).
     security: Security = dataclasses.field(default_factory=Security)
@@ -77,6 +81,8 @@ class ServiceConfig:
         if self.name:
             self.topology.server(self.name)  # raises KeyError naming what the topology has
         self.advertise_address = advertise.check(self.advertise_address)
+        if self.name and getattr(self.topology.server(self.name), "tp", 1) > 1 and not self.tp_rendezvous:
+            raise ValueError(f"{self.name!r} is a shard of a tensor-parallel stage: it needs a tp_rendezvous (host:port)")
         self.replica_id = advertise.expand(self.replica_id)
         if self.replica_id and not (self.name and isinstance(self.topology.server(self.name), ExpertServerSpec)):
             raise ValueError(f"replica id {self.replica_id!r}: only expert servers have replicas, {self.name!r} is not one")

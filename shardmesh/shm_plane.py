@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct("<I")
 MAX_FRAME_BYTES = 512 * 2**20  # inline fallbacks included
 INITIAL_SEGMENT_BYTES = 8 * 2**20
+_RETRY = object()  # negotiation: the peer did not answer
 
 
 class DataPlaneError(Exception):
@@ -213,24 +214,39 @@ class DataPlanes:
                     if old is not None:
                         old.broken = True
                         await old.close()
-                    self._channels[address] = await self._negotiate(address, grpc_channel, size)
+                    channel = await self._negotiate(address, grpc_channel, size)
+                    if channel is _RETRY:
+                        return None  # the peer is unreachable now: this call goes (and fails) over gRPC
+                    self._channels[address] = channel
         return self._channels[address]
 
-    async def _negotiate(self, address: str, grpc_channel: grpc.aio.Channel, size: int) -> ShmChannel | None:
+    async def _negotiate(self, address: str, grpc_channel: grpc.aio.Channel, size: int):
+        """A channel, None (the peer cannot share memory with us: gRPC bytes for good), or _RETRY
+        (the peer did not answer: ask again next time, it may come back)."""
         try:
             offer = await dataplane_pb2_grpc.DataPlaneStub(grpc_channel).OfferDataPlanes(
                 dataplane_pb2.OfferDataPlanesRequest(), timeout=CONTROL_DEADLINE_S)
-            if not offer.shm_socket:
-                return None
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return _RETRY
+            log.info("%s: offers no data plane (%s): tensors go in gRPC messages", address, error.code().name)
+            return None
+        if not offer.shm_socket:
+            return None
+        try:
             channel = await ShmChannel.open(address, offer, size)
-        except (grpc.aio.AioRpcError, OSError, EOFError, ValueError, DataPlaneError, asyncio.TimeoutError) as error:
+        except (OSError, EOFError, ValueError, DataPlaneError, asyncio.TimeoutError) as error:
             log.info("%s: no shared-memory plane (%s): tensors go in gRPC messages", address, error)
             return None
         log.info("%s: shared-memory plane with a %d MiB segment", address, size >> 20)
         return channel
 
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            if channel:
+    async def forget(self, addresses) -> None:
+        """Close the channels to peers that left (negotiated again if they come back)."""
+        for address in addresses:
+            channel = self._channels.pop(address, None)
+            if channel is not None:
                 await channel.close()
-        self._channels.clear()
+
+    async def close(self) -> None:
+        await self.forget(list(self._channels))

@@ -23,8 +23,10 @@ from shardmesh.config import ModelConfig
 from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
-from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, SwiGLUMLP
-from shardmesh.models.moe import MoEGate, combine, dispatch
+from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment
+from shardmesh.models.moe import MoEGate
+from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
+from shardmesh.tp_group import SINGLE, TPGroup
 
 
 @dataclasses.dataclass
@@ -46,17 +48,24 @@ class DecoderLayer:
     input_layernorm: RMSNorm
     self_attn: Attention
     post_attention_layernorm: RMSNorm
-    ffn: SwiGLUMLP | MoEGate
+    ffn: ParallelSwiGLUMLP | MoEGate
 
 
 class StageModel:
     def __init__(self, config: ModelConfig, start_layer: int, end_layer: int, reader: CheckpointReader,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, tp: TPGroup | None = None):
         """Loads only what the stage holds: its layers' attention, norms and MLP (dense) or gate (MoE);
-        embed_tokens if first; final norm and lm_head (or the tied embedding) if last. Never experts."""
+        embed_tokens if first; final norm and lm_head (or the tied embedding) if last. Never experts.
+
+        tp: this server's tensor-parallel group when the stage is served by T shard servers: it then
+        reads only its slice of the attention and MLP weights (`models.parallel`) and caches only its
+        KV heads; norms, MoE gate, embedding and LM head stay whole on every rank. Every rank of the
+        group must run the same steps, in the same order."""
         if not 0 <= start_layer < end_layer <= config.num_layers:
             raise ValueError(f"layer range [{start_layer}, {end_layer}) is not inside [0, {config.num_layers})")
         family = get_family(config.family)
+        self.tp = tp or SINGLE
+        check_tp_shapes(config, self.tp.world_size)
         self.config, self.start_layer, self.end_layer, self.dtype = config, start_layer, end_layer, dtype
         self.is_first = start_layer == 0
         self.is_last = end_layer == config.num_layers
@@ -67,9 +76,9 @@ class StageModel:
             prefix = family.layer_prefix(layer)
             self.layers.append(DecoderLayer(
                 input_layernorm=RMSNorm(reader.get(prefix + "input_layernorm.weight", dtype), eps),
-                self_attn=Attention.load(config, reader, prefix + "self_attn.", dtype),
+                self_attn=Attention.load(config, reader, prefix + "self_attn.", dtype, self.tp),
                 post_attention_layernorm=RMSNorm(reader.get(prefix + "post_attention_layernorm.weight", dtype), eps),
-                ffn=family.load_ffn(config, layer, reader, dtype),
+                ffn=family.load_ffn(config, layer, reader, dtype, self.tp),
             ))
         self.embed_tokens = reader.get(family.EMBED_TOKENS, dtype) if self.is_first else None  # [V, H]
         self.norm = self.lm_head = None
@@ -80,7 +89,7 @@ class StageModel:
             else:
                 self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
-        self.cache = KVCache(end_layer - start_layer, config.num_key_value_heads, config.head_dim,
+        self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
         self._in_flight: set[int] = set()  # sequences inside a forward that has not finished
         self._freed_in_flight: set[int] = set()  # freed while in flight: not committed when that step ends
@@ -176,9 +185,7 @@ class StageModel:
             residual = hidden_states
             hidden_states = layer.post_attention_layernorm(hidden_states)
             if isinstance(layer.ffn, MoEGate):
-                groups, handle = dispatch(hidden_states, layer.ffn(hidden_states), layer.ffn.top_k)
-                outputs = await experts.run(self.start_layer + index, groups)
-                hidden_states = combine(outputs, handle).to(self.dtype)
+                hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp)
             else:
                 hidden_states = layer.ffn(hidden_states)
             hidden_states = residual + hidden_states

@@ -8,6 +8,9 @@
     name = "stage-1"
     layers = [2, 4]
 
+    tp = 2                   # optional: served by 2 tensor-parallel shard servers,
+                             # "stage-1" (rank 0, the one the router talks to) and "stage-1/tp1"
+
     [[expert_server]]
     name = "experts-a"
     experts = [0, 1, 2, 3, 4]  # these expert ids in every MoE layer ...
@@ -29,6 +32,10 @@ class StageSpec:
     name: str
     start_layer: int
     end_layer: int
+    tp: int = 1  # tensor-parallel shard servers: rank 0 is `name`, rank r > 0 is `name/tp{r}`
+
+    def shard_names(self) -> list[str]:
+        return [self.name] + [f"{self.name}/tp{rank}" for rank in range(1, self.tp)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +58,12 @@ class Topology:
             raise ValueError("topology: at least one [[stage]] is needed")
 
     def server(self, name: str) -> StageSpec | ExpertServerSpec:
+        """The spec of server `name`; a TP shard server ("stage-1/tp1") gets its stage's spec."""
         for spec in (*self.stages, *self.expert_servers):
             if spec.name == name:
+                return spec
+        for spec in self.stages:
+            if name in spec.shard_names():
                 return spec
         raise KeyError(f"topology has no server named {name!r} (has {[s.name for s in self.stages]} "
                        f"and {[e.name for e in self.expert_servers]})")
@@ -67,8 +78,14 @@ class Topology:
 
     def validate(self, config: ModelConfig) -> "Topology":
         """Raise ValueError unless this topology serves `config` completely."""
+        from shardmesh.models.parallel import check_tp_shapes
+
         expected_start = 0
         for stage in self.stages:
+            if stage.tp < 1 or "/" in stage.name:
+                raise ValueError(f"topology: stage {stage.name!r}: tp {stage.tp} must be >= 1 and names have no '/'")
+            if stage.tp > 1:
+                check_tp_shapes(config, stage.tp)
             if stage.start_layer != expected_start or stage.end_layer <= stage.start_layer:
                 raise ValueError(f"topology: stage {stage.name!r} holds [{stage.start_layer}, {stage.end_layer}) "
                                  f"but the next range must start at {expected_start} and be non-empty")
@@ -96,7 +113,7 @@ class Topology:
         unknown = set(raw) - {"stage", "expert_server"}
         if unknown:
             raise ValueError(f"topology: unknown tables {sorted(unknown)} (expected [[stage]], [[expert_server]])")
-        stages = tuple(StageSpec(s["name"], *_layer_range(s, num_layers)) for s in raw.get("stage", []))
+        stages = tuple(StageSpec(s["name"], *_layer_range(s, num_layers), int(s.get("tp", 1))) for s in raw.get("stage", []))
         # Several tables may share one name: their experts are merged into one server.
         experts: dict[str, set[tuple[int, int]]] = {}
         for entry in raw.get("expert_server", []):
@@ -132,7 +149,8 @@ class Topology:
     def to_toml(self) -> str:
         lines = []
         for stage in self.stages:
-            lines += ["[[stage]]", f'name = "{stage.name}"', f"layers = [{stage.start_layer}, {stage.end_layer}]", ""]
+            lines += ["[[stage]]", f'name = "{stage.name}"', f"layers = [{stage.start_layer}, {stage.end_layer}]",
+                      *([f"tp = {stage.tp}"] if stage.tp > 1 else []), ""]
         for spec in self.expert_servers:
             by_layer: dict[int, set[int]] = {}
             for layer, expert in spec.experts:

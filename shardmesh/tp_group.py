@@ -15,6 +15,7 @@ Implementations:
 """
 
 import datetime
+import socket
 import threading
 import typing
 
@@ -80,6 +81,13 @@ class _ThreadShared:
         self.world_size, self.timeout_s = world_size, timeout_s
         self.parts: list[torch.Tensor | None] = [None] * world_size
         self.barrier = threading.Barrier(world_size)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now, for a rendezvous that rank 0 binds moments later."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def parse_rendezvous(rendezvous: str) -> tuple[str, int]:

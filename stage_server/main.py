@@ -8,10 +8,12 @@ from shardmesh.service_config import ServiceConfig
 from shardmesh.shm_server import Method, start_data_plane
 from shardmesh.stage_model import StageModel
 from shardmesh.topology import StageSpec
+from shardmesh.tp_group import TPJoinError
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 
 from stage_server.remote_experts import RemoteExperts
 from stage_server.servicer import StageServicer
+from stage_server.tp_link import LazyGroup, join_stage_group
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
@@ -23,7 +25,9 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
         raise ValueError(f"{config.name!r} is an expert server in the topology, not a stage")
     reader = CheckpointReader(config.model_dir, device=config.device)
     log.info("%s: loading layers [%d, %d)", config.name, spec.start_layer, spec.end_layer)
-    model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype)
+    rank = spec.shard_names().index(config.name)
+    tp_group = LazyGroup(rank, spec.tp) if spec.tp > 1 else None  # joins once serving (below)
+    model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype, tp=tp_group)
     reader.close()
     servicer = StageServicer(config.name, model, RemoteExperts(config.security, data_plane=config.data_plane))
     # The router's Step stream may also come over shared memory (shardmesh.shm_plane).
@@ -32,15 +36,26 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
         enabled=config.data_plane == "shm")
 
     async def on_stop() -> None:
+        if servicer.tp_fanout is not None:
+            await servicer.tp_fanout.close()
         if plane is not None:
             await plane.stop()
         await servicer.experts.close()
 
     # SERVING once started; a step before the placement arrives gets FAILED_PRECONDITION.
     running = await grpc_util.start_server(servicer, stage_pb2_grpc.add_StageServicer_to_server, SERVICE_NAME,
-                                           config.host, config.port, on_stop=on_stop,
+                                           config.host, config.port, on_stop=on_stop, serving=tp_group is None,
                                            security=config.security, extra_services=[plane_service])
-    if config.router_address:
+    if tp_group is not None:
+        try:
+            servicer.tp_fanout = await join_stage_group(tp_group, spec.name, config.tp_rendezvous,
+                                                        config.tp_join_timeout, config.advertised(running.port),
+                                                        config.security)
+        except TPJoinError as error:  # stays NOT_SERVING, steps get UNAVAILABLE with the reason
+            log.error("%s: %s", config.name, error)
+            return running
+        await grpc_util.set_serving(running.health, [SERVICE_NAME, plane_service[2]], True)
+    if config.router_address and rank == 0:  # the router talks to rank 0 only (stage_server/tp_link.py)
         await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
             name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=config.advertised(running.port),
             layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),

@@ -7,6 +7,7 @@ for one server in one message, and awaits all servers concurrently."""
 import asyncio
 import dataclasses
 import functools
+import time
 
 import grpc
 import torch
@@ -15,6 +16,7 @@ from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, RequestError, Unavailable
 from shardmesh.grpc_util import open_channel
 from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
 from stage_server.replica_spread import spread
@@ -41,6 +43,7 @@ class RemoteExperts:
         self._in_flight: dict[str, int] = {}  # address -> tokens sent and not yet answered
         self._turn = 0
         self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into chunks this big
+        self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
 
     def update(self, placement: Placement) -> None:
         """Switch placement (between steps: the stage holds its step lock while calling this)."""
@@ -62,10 +65,12 @@ class RemoteExperts:
                 chunks.setdefault(expert, []).append(address)
                 self._in_flight[address] += count
                 start += count
-        calls = [self._call(address, layer, list(parts), parts) for address, parts in by_server.items()]
-        answers = dict(zip(by_server, await asyncio.gather(*calls)))
-        return {expert: answers[addresses[0]][expert] if len(addresses) == 1
-                else torch.cat([answers[a][expert] for a in addresses]) for expert, addresses in chunks.items()}
+        with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
+            calls = [self._call(address, layer, list(parts), parts) for address, parts in by_server.items()]
+            answers = dict(zip(by_server, await asyncio.gather(*calls)))
+        with tracing.span("moe.combine", layer=layer):
+            return {expert: answers[addresses[0]][expert] if len(addresses) == 1
+                    else torch.cat([answers[a][expert] for a in addresses]) for expert, addresses in chunks.items()}
 
     def _spread(self, layer: int, expert: int, num_tokens: int) -> list[tuple[str, int]]:
         addresses = self.placement.replicas.get((layer, expert))
@@ -77,8 +82,10 @@ class RemoteExperts:
     async def _call(self, address: str, layer: int, experts: list[int], groups: dict[int, torch.Tensor]):
         def request(encode) -> expert_pb2.ComputeExpertsRequest:
             return expert_pb2.ComputeExpertsRequest(groups=[
-                expert_pb2.ExpertGroup(layer=layer, expert=e, hidden_states=encode(groups[e])) for e in experts])
+                expert_pb2.ExpertGroup(layer=layer, expert=e, hidden_states=encode(groups[e])) for e in experts],
+                traceparent=tracing.current_traceparent())
 
+        started = time.perf_counter()
         try:
             shm = await self.data_planes.get(address, self._channels[address])
             if shm is not None:
@@ -96,6 +103,8 @@ class RemoteExperts:
             raise Unavailable("experts", f"expert server {address} failed layer {layer}: {error}") from error
         finally:
             self._in_flight[address] -= sum(groups[e].shape[0] for e in experts)
+            nbytes = sum(metrics.tensor_bytes(groups[e]) for e in experts)  # answers are the same size
+            metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
 
     def _outputs(self, address: str, experts: list[int], groups: dict[int, torch.Tensor],
                  reply: expert_pb2.ComputeExpertsResponse, decode) -> dict[int, torch.Tensor]:

@@ -8,9 +8,11 @@ from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError
 from shardmesh.grpc_util import abort_for, translate_errors
 from shardmesh.stage_model import StageBatch, StageModel
+from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 
 from stage_server.remote_experts import Placement, RemoteExperts
+from stage_server.tp_link import TPFanout, tp_step
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
@@ -18,7 +20,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.name = name
         self.model = model
         self.experts = experts
+        experts.server_name = name  # labels its metrics
+        metrics.watch_stage(name, model)  # KV cache use, read at scrape time
         self.step_lock = asyncio.Lock()  # one step at a time mutates the KV cache
+        self.tp_fanout: TPFanout | None = None  # rank 0 of a tensor-parallel stage: its other shards
         self.placement_ready = asyncio.Event()
         if not model.config.is_moe:
             self.placement_ready.set()
@@ -48,7 +53,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 if not self.placement_ready.is_set():
                     raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
                 async with self.step_lock:
-                    output = await self.model.forward(batch, self.experts)
+                    with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
+                        output = await tp_step(self.tp_fanout, request, self.model, batch, self.experts)
             except RequestError as error:
                 await abort_for(context, error)
                 return
@@ -61,6 +67,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def FreeSequences(self, request, context):
         async with self.step_lock:
             freed = self.model.free(request.sequence_ids)
+            if self.tp_fanout is not None:
+                await self.tp_fanout.free(request)
         return stage_pb2.FreeSequencesResponse(freed=freed)
 
     @translate_errors
@@ -79,6 +87,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             raise FailedPrecondition("version", f"{request.version} is older than {self.experts.placement.version}")
         async with self.step_lock:
             self.experts.update(Placement(request.version, replicas))
+            if self.tp_fanout is not None:
+                await self.tp_fanout.update_placement(request)
         self.placement_ready.set()
         return stage_pb2.UpdatePlacementResponse(version=request.version)
 

@@ -32,15 +32,10 @@ def expert_addresses(status: router_pb2.ClusterStatus) -> dict[str, str]:
     return {s.name: s.address for s in status.servers if s.role == router_pb2.SERVER_ROLE_EXPERT}
 
 
-def holdings(status: router_pb2.ClusterStatus) -> dict[str, set[tuple[int, int]]]:
-    """Expert server name -> the (layer, expert) keys the router's placement gives it."""
-    return {s.name: {(k.layer, k.expert) for k in s.experts}
-            for s in status.servers if s.role == router_pb2.SERVER_ROLE_EXPERT}
-
-
-def target(addresses: dict[str, str], placement: dict[str, set[tuple[int, int]]]) -> list[admin_pb2.ServerExperts]:
-    return [admin_pb2.ServerExperts(address=addresses[name], experts=[
-        router_pb2.ExpertKey(layer=l, expert=e) for l, e in sorted(keys)]) for name, keys in placement.items()]
+def target_by_address(placement: dict[str, set[tuple[int, int]]]) -> list[admin_pb2.ServerExperts]:
+    """A Rebalance target from address -> experts."""
+    return [admin_pb2.ServerExperts(address=address, experts=[
+        router_pb2.ExpertKey(layer=l, expert=e) for l, e in sorted(keys)]) for address, keys in placement.items()]
 
 
 async def expert_tokens(address: str) -> dict[tuple[int, int], int]:
@@ -71,10 +66,15 @@ class Generations:
         self.address, self.prompts, self.max_new_tokens = address, prompts, max_new_tokens
         self.results = [Recorded() for _ in prompts]
         self._progress = asyncio.Condition()
+        self.ended = False
 
-    async def wait_first(self, tokens: int) -> None:
+    async def wait_first(self, tokens: int, timeout: float = 120) -> None:
+        """Until the first generation has `tokens` tokens; raises if the generations ended first
+        (failed) or after `timeout` s."""
         async with self._progress:
-            await self._progress.wait_for(lambda: len(self.results[0].tokens) >= tokens)
+            await asyncio.wait_for(self._progress.wait_for(
+                lambda: len(self.results[0].tokens) >= tokens or self.ended), timeout)
+        assert len(self.results[0].tokens) >= tokens, f"generations ended early: {self.counts()}"
 
     def counts(self) -> list[int]:
         return [len(r.tokens) for r in self.results]
@@ -92,5 +92,10 @@ class Generations:
                     async with self._progress:
                         self._progress.notify_all()
 
-            await asyncio.gather(*(one(i) for i in range(len(self.prompts))))
+            try:
+                await asyncio.gather(*(one(i) for i in range(len(self.prompts))))
+            finally:
+                self.ended = True
+                async with self._progress:
+                    self._progress.notify_all()
         return self.results

@@ -78,7 +78,7 @@ def mesh_devices(mesh) -> dict[str, set[str]]:
     for server in mesh.stages:
         model = server.servicer.model
         tensors = [model.embed_tokens, model.lm_head, *model.cache._buffers.values()]
-        tensors += [layer.self_attn.qkv_proj for layer in model.layers]
+        tensors += [layer.self_attn.qkv_proj.weight for layer in model.layers]
         found[server.servicer.name] = {str(t.device) for t in tensors if t is not None}
     for server in mesh.experts:
         shard = server.servicer.shard

@@ -1,17 +1,19 @@
 """Live expert placement changes in the middle of concurrent generations, over the real wire:
-add a replica, move an expert, drain a server and remove it. Every generation completes, no token
-is lost or repeated, and the tokens equal the run with no change and transformers."""
+add a server (a scaled replica registers empty and the planner gives it experts), add a replica,
+move an expert, drain a server and remove it. Every generation completes, no token is lost or
+repeated, and the tokens equal the run with no change and transformers."""
 
 import asyncio
+
+from shardmesh.service_config import ServiceConfig
 
 from mesh_helpers import local_mesh
 from oracle import assert_greedy_matches, reference_greedy
 from placement_helpers import (SPARE_TOPOLOGY, Generations, cluster_status, expert_addresses, expert_held,
-                               expert_tokens, holdings, rebalance, target)
+                               expert_tokens, rebalance, target_by_address)
 
-PROMPTS = [[1, 5, 9, 13], [1, 20, 31], [1, 7, 7, 7, 40], [1, 64, 3, 128, 77, 9]]
-NEW_TOKENS = 24
-NUM_LAYERS = 4
+PROMPTS = [[1, 5, 9, 13], [1, 20, 31], [1, 64, 3, 128, 77, 9]]
+NEW_TOKENS = 20
 
 
 def ranked_experts(status) -> dict[int, list[tuple[int, int]]]:
@@ -23,81 +25,97 @@ def ranked_experts(status) -> dict[int, list[tuple[int, int]]]:
             for layer, loads in by_layer.items()}
 
 
+def placement_of(reply) -> dict[str, set[tuple[int, int]]]:
+    """address -> experts, from a RebalanceResponse."""
+    return {e.address: {(k.layer, k.expert) for k in e.experts} for e in reply.placement}
+
+
 def gained(after: dict, before: dict, keys) -> int:
     return sum(after.get(k, 0) - before.get(k, 0) for k in keys)
 
 
-def assert_complete_and_unchanged(results, baseline, context: str) -> None:
-    for i, (record, base) in enumerate(zip(results, baseline)):
-        assert record.indexes == list(range(NEW_TOKENS)), f"{context} prompt {i}: indexes {record.indexes}"
-        assert record.finish_reason == "length", f"{context} prompt {i}"
-        assert record.tokens == base.tokens, f"{context} prompt {i}: tokens differ from the run with no change"
-
-
-def test_add_move_drain_remove_during_generations(mixtral_dir):
+def test_add_server_replica_move_drain_remove_during_generations(mixtral_dir):
     async def main():
+        from expert_server.main import start_expert_server
+
         async with local_mesh(mixtral_dir, SPARE_TOPOLOGY) as mesh:
             baseline = await Generations(mesh.address, PROMPTS, NEW_TOKENS).run()  # no placement change
             status = await cluster_status(mesh.address)
-            addresses, placement = expert_addresses(status), holdings(status)
-            assert placement["experts-2"] == set()
+            names = expert_addresses(status)
             ranked = ranked_experts(status)
-            hot = {layer: keys[0] for layer, keys in ranked.items()}
-            second = {layer: keys[1] for layer, keys in ranked.items()}
-            home = {key: name for name, keys in placement.items() for key in keys}  # one holder each
+            hot = {keys[0] for keys in ranked.values()}
+            second = {keys[1] for keys in ranked.values()}
             versions = [status.placement_version]
-
             generations = Generations(mesh.address, PROMPTS, NEW_TOKENS)
             running = asyncio.create_task(generations.run())
             mid_flight = []
 
-            # 1. Add a replica of each layer's hottest expert on the empty server.
-            await generations.wait_first(3)
-            placement["experts-2"] |= set(hot.values())
-            reply = await rebalance(mesh.address, target=target(addresses, placement))
+            # 1. Add a server: a second replica of the empty experts-2 registers; the planner gives it experts.
+            await generations.wait_first(2)
+            scaled = await start_expert_server(ServiceConfig(model_dir=mixtral_dir, name="experts-2", topology=SPARE_TOPOLOGY,
+                                                             router_address=mesh.address, replica_id="scaled-1"))
+            mesh.experts.append(scaled)
+            reply = await rebalance(mesh.address, load_window_seconds=600)
+            placement = placement_of(reply)
+            new = next(a for a in placement if a not in names.values())
+            assert reply.changed and placement[new] and reply.note == ""
+            mid_flight.append(generations.counts())
+
+            # 2. Add a replica of each layer's hottest expert on a server that lacks it.
+            await generations.wait_first(5)
+            replicas_of = {key: {a for a, keys in placement.items() if key in keys} for key in hot}
+            for key in hot:
+                spare = sorted(a for a in placement if a not in replicas_of[key])
+                placement[spare[0]].add(key)
+                replicas_of[key].add(spare[0])
+            reply = await rebalance(mesh.address, target=target_by_address(placement))
             assert reply.changed and not reply.dropped and reply.note == ""
             mid_flight.append(generations.counts())
-            after_add = {name: await expert_tokens(a) for name, a in addresses.items()}
+            after_add = {a: await expert_tokens(a) for a in placement}
 
-            # 2. Move each layer's second hottest expert from where it is to experts-2.
-            await generations.wait_first(8)
-            before_move = {name: await expert_tokens(a) for name, a in addresses.items()}
-            for key in second.values():
-                for name in ("experts-0", "experts-1"):
-                    placement[name].discard(key)
-            placement["experts-2"] |= set(second.values())
-            reply = await rebalance(mesh.address, target=target(addresses, placement))
+            # 3. Move each layer's second hottest expert to one server that does not hold it (and stays).
+            await generations.wait_first(9)
+            before_move = {a: await expert_tokens(a) for a in placement}
+            moved_to = {}
+            for key in second:
+                holders = sorted(a for a, keys in placement.items() if key in keys)
+                moved_to[key] = sorted(a for a in placement if a not in holders and a != names["experts-1"])[0]
+                for a in holders:
+                    placement[a].discard(key)
+                placement[moved_to[key]].add(key)
+            reply = await rebalance(mesh.address, target=target_by_address(placement))
             assert reply.changed and reply.dropped and reply.note == ""
             mid_flight.append(generations.counts())
-            for name in ("experts-0", "experts-1"):
-                assert not await expert_held(addresses[name]) & set(second.values()), f"{name} still holds a moved expert"
+            for a, keys in placement.items():
+                assert await expert_held(a) == keys  # dropped where moved away, loaded where moved to
 
-            # 3. Drain experts-1 (the planner re-places its experts), then remove it.
-            await generations.wait_first(14)
+            # 4. Drain experts-1 (the planner re-places what it holds), then remove it.
+            await generations.wait_first(13)
             reply = await rebalance(mesh.address, drain=["experts-1"], load_window_seconds=600)
             assert reply.changed and reply.note == ""
-            assert await expert_held(addresses["experts-1"]) == set()
-            index = next(i for i, s in enumerate(mesh.experts) if s.port == int(addresses["experts-1"].rpartition(":")[2]))
-            await mesh.experts.pop(index).stop(grace=None)  # gone: nothing may be sent to it any more
+            assert await expert_held(names["experts-1"]) == set()
+            port = int(names["experts-1"].rpartition(":")[2])
+            await mesh.experts.pop(next(i for i, s in enumerate(mesh.experts) if s.port == port)).stop(grace=None)
             mid_flight.append(generations.counts())
 
             results = await running
-            after = {name: await expert_tokens(addresses[name]) for name in ("experts-0", "experts-2")}
+            after = {a: await expert_tokens(a) for a in placement if a != names["experts-1"]}
             final = await cluster_status(mesh.address)
             versions.append(final.placement_version)
 
-            # Each change happened while generations were running.
-            for counts in mid_flight:
+            for counts in mid_flight:  # each change happened while generations were running
                 assert any(0 < c < NEW_TOKENS for c in counts), f"no generation in flight at a switch: {mid_flight}"
-            assert versions[1] == versions[0] + 3
-            assert_complete_and_unchanged(results, baseline, "with placement changes")
-            # Between the add and the move, each hot expert's tokens were spread over both its
-            # replicas: the new one on experts-2 and its old home.
-            assert gained(before_move["experts-2"], after_add["experts-2"], hot.values()) > 0
-            assert sum(gained(before_move[home[k]], after_add[home[k]], [k]) for k in hot.values()) > 0
-            assert gained(after["experts-2"], before_move["experts-2"], second.values()) > 0  # moved experts served
-            drained = {s.name: s for s in final.expert_servers}["experts-1"]
-            assert drained.experts == 0 and drained.error  # holds nothing, and is gone
+            assert versions[1] == versions[0] + 5  # the scaled replica's registration, then four changes
+            for i, (record, base) in enumerate(zip(results, baseline)):
+                assert record.indexes == list(range(NEW_TOKENS)) and record.finish_reason == "length", i
+                assert record.tokens == base.tokens, f"prompt {i}: tokens differ from the run with no change"
+            # Between the add and the move, each hot expert's tokens were spread over its replicas.
+            spread = [sum(1 for a in replicas_of[key] if gained(before_move[a], after_add[a], [key]) > 0) for key in hot]
+            assert max(spread) >= 2, f"hot experts served by one replica each: {spread}"
+            assert sum(gained(after[moved_to[k]], before_move[moved_to[k]], [k]) for k in second) > 0
+            assert sum(after[new].values()) > 0  # the added server computed tokens
+            loads = {s.address: s for s in final.expert_servers}
+            assert loads[names["experts-1"]].experts == 0 and loads[names["experts-1"]].error  # empty, and gone
             return results
 
     results = asyncio.run(main())

@@ -13,6 +13,8 @@ from test_mesh_oracle import MAX_NEW_TOKENS, MOE_TOPOLOGIES, PROMPTS
 SETTINGS = {
     # 3 lanes (more than some topologies have stages); prompts of 7 and 11 tokens go in 3-token chunks.
     "microbatched-chunked-shm": dict(data_plane="shm", router_options=dict(micro_batches=3, prefill_chunk_tokens=3)),
+    # The same over gRPC: several steps in flight on each Step stream.
+    "microbatched-chunked-grpc": dict(data_plane="grpc", router_options=dict(micro_batches=3, prefill_chunk_tokens=3)),
     "serial-whole-grpc": dict(data_plane="grpc", router_options=dict(micro_batches=1, prefill_chunk_tokens=0)),
 }
 

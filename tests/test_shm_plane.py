@@ -264,3 +264,21 @@ def test_a_shared_memory_tensor_in_an_ordinary_message_is_refused():
     with pytest.raises(InvalidArgument) as refused:
         codec.decode(message, "groups[0].hidden_states")
     assert refused.value.field == "groups[0].hidden_states.shm"
+
+
+def test_an_unreachable_peer_is_asked_again_later():
+    async def main():
+        planes = DataPlanes(enabled=True)
+        async with grpc_util.insecure_channel("127.0.0.1:1") as channel:  # nothing listens there
+            first = await planes.get("127.0.0.1:1", channel)
+            remembered = "127.0.0.1:1" in planes._channels
+        async with plane_server() as (_, _, channel, address):
+            await planes.forget([address])
+            shm = await planes.get(address, channel)
+            await planes.forget([address])
+            forgotten = address not in planes._channels and shm.segment.buffer.closed
+        return first, remembered, shm, forgotten
+
+    first, remembered, shm, forgotten = run(main())
+    assert first is None and not remembered  # not cached: the peer may come back
+    assert shm is not None and forgotten

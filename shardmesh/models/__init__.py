@@ -4,7 +4,7 @@ layers (`layers.py`, `moe.py`): its weight names on disk and its feed-forward bl
 A family module provides:
     HF_CLASS                       transformers class name (for the test oracle and checkpoint maker only)
     EMBED_TOKENS, FINAL_NORM, LM_HEAD, layer_prefix(layer)   weight names on disk
-    load_ffn(config, layer, reader, dtype)                  SwiGLUMLP (dense) or MoEGate (MoE)
+    load_ffn(config, layer, reader, dtype, group)           ParallelSwiGLUMLP (dense, this TP rank's slice) or MoEGate (MoE)
     load_expert(reader, layer, expert, dtype)               MoE families only: one expert's SwiGLUMLP
 """
 

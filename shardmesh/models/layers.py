@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
+from shardmesh.models.parallel import QKVParallelLinear, RowParallelLinear
+from shardmesh.tp_group import SINGLE, TPGroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,20 +68,27 @@ def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 class Attention:
-    """Grouped-query self-attention; each sequence attends to its cache plus its new tokens, causally."""
+    """Grouped-query self-attention; each sequence attends to its cache plus its new tokens, causally.
 
-    def __init__(self, config: ModelConfig, q_proj, k_proj, v_proj, o_proj):
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+    With tensor parallelism (`group` of T ranks) it holds this rank's heads only (A, G below are
+    then the rank's counts) and its cache holds their keys/values; o_proj sums the ranks' outputs."""
+
+    def __init__(self, config: ModelConfig, qkv_proj: QKVParallelLinear, o_proj: RowParallelLinear):
+        self.num_heads = qkv_proj.heads.num_heads
+        self.num_kv_heads = qkv_proj.heads.num_kv_heads
         self.head_dim = config.head_dim
         self.scaling = config.head_dim ** -0.5
-        self.qkv_proj = torch.cat([q_proj, k_proj, v_proj])  # [(A + 2G) * D, H]
-        self.o_proj = o_proj                                   # [H, A * D]
+        self.qkv_proj = qkv_proj  # weight [(A + 2G) * D, H]
+        self.o_proj = o_proj      # weight [H, A * D]
 
     @classmethod
-    def load(cls, config: ModelConfig, reader: CheckpointReader, prefix: str, dtype: torch.dtype) -> "Attention":
-        """Reads `{prefix}{q,k,v,o}_proj.weight`."""
-        return cls(config, *(reader.get(f"{prefix}{name}_proj.weight", dtype) for name in "qkvo"))
+    def load(cls, config: ModelConfig, reader: CheckpointReader, prefix: str, dtype: torch.dtype,
+             group: TPGroup = SINGLE) -> "Attention":
+        """Reads `{prefix}{q,k,v,o}_proj.weight` (this rank's heads of each)."""
+        qkv_proj = QKVParallelLinear.load_heads(reader, prefix, config, group, dtype)
+        heads, D = qkv_proj.heads, config.head_dim
+        columns = (heads.first_head * D, (heads.first_head + heads.num_heads) * D)
+        return cls(config, qkv_proj, RowParallelLinear.load(reader, f"{prefix}o_proj.weight", group, dtype, columns))
 
     def __call__(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  segments: list[Segment], kv_buffers: list[torch.Tensor]) -> torch.Tensor:
@@ -90,7 +99,7 @@ class Attention:
         whether those slots count (commit) or are ignored (a failed step)."""
         num_tokens = hidden_states.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        query, key, value = F.linear(hidden_states, self.qkv_proj).split([q_size, kv_size, kv_size], dim=-1)
+        query, key, value = self.qkv_proj(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
         query = apply_rotary(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)   # [N, A, D]
         key = apply_rotary(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)    # [N, G, D]
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)                         # [N, G, D]
@@ -110,7 +119,7 @@ class Attention:
                 queries[:, rows], buffer[0, :, :end], buffer[1, :, :end], attn_mask=mask, scale=self.scaling,
                 is_causal=mask is None and segment.num_tokens > 1, enable_gqa=gqa)  # [A, n, D]
             outputs.append(attended.transpose(0, 1).reshape(segment.num_tokens, q_size))
-        return F.linear(torch.cat(outputs), self.o_proj)
+        return self.o_proj(torch.cat(outputs))  # [N, H], summed over the TP group
 
 
 class SwiGLUMLP:

@@ -4,7 +4,8 @@ import torch
 
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
-from shardmesh.models.layers import SwiGLUMLP
+from shardmesh.models.parallel import ParallelSwiGLUMLP
+from shardmesh.tp_group import SINGLE, TPGroup
 
 HF_CLASS = "LlamaForCausalLM"
 EMBED_TOKENS = "model.embed_tokens.weight"
@@ -17,8 +18,9 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-def load_ffn(config: ModelConfig, layer: int, reader: CheckpointReader, dtype: torch.dtype) -> SwiGLUMLP:
-    """The dense MLP of `layer`: mlp.{gate,up,down}_proj."""
+def load_ffn(config: ModelConfig, layer: int, reader: CheckpointReader, dtype: torch.dtype,
+             group: TPGroup = SINGLE) -> ParallelSwiGLUMLP:
+    """The dense MLP of `layer`: mlp.{gate,up,down}_proj (this rank's slice of each)."""
     prefix = layer_prefix(layer) + "mlp."
-    return SwiGLUMLP.load(reader, f"{prefix}gate_proj.weight", f"{prefix}up_proj.weight",
-                          f"{prefix}down_proj.weight", dtype)
+    return ParallelSwiGLUMLP.load(reader, f"{prefix}gate_proj.weight", f"{prefix}up_proj.weight",
+                                  f"{prefix}down_proj.weight", dtype, group)

@@ -15,8 +15,9 @@ from shardmesh.models.moe import MoEGate
 HF_CLASS = "MixtralForCausalLM"
 
 
-def load_ffn(config: ModelConfig, layer: int, reader: CheckpointReader, dtype: torch.dtype) -> MoEGate:
-    """The MoE gate of `layer` (its router weight [E, H]); never an expert."""
+def load_ffn(config: ModelConfig, layer: int, reader: CheckpointReader, dtype: torch.dtype,
+             group=None) -> MoEGate:
+    """The MoE gate of `layer` (its router weight [E, H]), whole on every TP rank; never an expert."""
     return MoEGate(reader.get(layer_prefix(layer) + "block_sparse_moe.gate.weight", dtype), config.experts_per_token)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
+from shardmesh.models.moe import MoEGate, combine, dispatch
 from shardmesh.tp_group import SINGLE, TPGroup
 
 
@@ -153,3 +154,23 @@ class ParallelSwiGLUMLP:
         """[N, H] -> [N, H] (AllReduced)."""
         gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)  # [N, I/T] each
         return self.down_proj(F.silu(gate) * up)
+
+
+async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: int,
+                    group: TPGroup = SINGLE) -> torch.Tensor:
+    """The MoE block of a stage: gate (replicated), dispatch to `experts` (an ExpertBackend), combine.
+
+    hidden_states [N, H] -> [N, H]. At T ranks every rank holds the same hidden_states; rank r sends
+    only its contiguous 1/T of the tokens to the experts and the ranks' outputs (zeros outside their
+    rows) are summed, so each token's experts run once rather than T times."""
+    if group.world_size == 1:
+        groups, handle = dispatch(hidden_states, gate(hidden_states), gate.top_k)
+        return combine(await experts.run(layer, groups), handle).to(hidden_states.dtype)
+    num_tokens, rank, world_size = hidden_states.shape[0], group.rank, group.world_size
+    start, end = rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
+    output = torch.zeros_like(hidden_states)  # [N, H]
+    if end > start:
+        mine = hidden_states[start:end]       # [n_r, H]
+        groups, handle = dispatch(mine, gate(mine), gate.top_k)
+        output[start:end] = combine(await experts.run(layer, groups), handle)
+    return group.all_reduce(output)

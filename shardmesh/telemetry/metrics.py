@@ -111,8 +111,8 @@ def watch_expert(name: str, meter) -> None:
     _STATE.sources[meter] = (name, _expert_state)
 
 
-def serve(host: str, port: int) -> int:
-    """Expose this process's metrics at http://host:port/metrics (port 0 = the OS chooses); returns
-    the bound port. The server runs on a daemon thread until the process ends."""
+def serve(host: str, port: int):
+    """Expose this process's metrics at http://host:port/metrics (port 0 = the OS chooses) on a
+    daemon thread; returns the HTTP server (`.server_port`; `.shutdown()` stops it)."""
     server, _ = start_http_server(port, addr=host, registry=REGISTRY)
-    return server.server_port
+    return server

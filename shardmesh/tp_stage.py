@@ -1,0 +1,59 @@
+"""What a tensor-parallel shard server needs around its StageModel, transport-free:
+
+    group = await join_group(rank, world_size, rendezvous, timeout_s)   # TPJoinError, never a hang
+    output = await forward_off_loop(model, batch, experts)              # the loop stays free
+
+A collective blocks its thread until every rank arrives. Shard servers of one stage may share an
+event loop (the in-process test mesh) and every server's loop must keep serving health checks
+and other RPCs meanwhile, so a TP step runs in a worker thread with its own event loop; the
+stage's ExpertBackend (bound to the server's loop, as grpc.aio channels are) is called back on
+the server's loop (`LoopBridgeExperts`).
+"""
+
+import asyncio
+import concurrent.futures
+
+import torch
+
+from shardmesh.errors import Unavailable
+from shardmesh.stage_model import ExpertBackend, StageBatch, StageModel
+from shardmesh.tp_group import GlooGroup, TPJoinError
+
+
+async def join_group(rank: int, world_size: int, rendezvous: str, timeout_s: float, name: str = "tp",
+                     store=None) -> GlooGroup:
+    """Form this rank's gloo group off the event loop. Raises TPJoinError (naming the rank, the
+    rendezvous and the cause) when the group is not complete after `timeout_s` seconds."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(GlooGroup, rank, world_size, rendezvous, timeout_s, name, store), timeout_s + 5)
+    except asyncio.TimeoutError:  # gloo's own timeout should have fired first; belt and braces
+        raise TPJoinError(f"{name} rank {rank}/{world_size}: no group at {rendezvous} after {timeout_s} s") from None
+
+
+class LoopBridgeExperts:
+    """An ExpertBackend usable from a worker thread's event loop: each call runs on `loop`."""
+
+    def __init__(self, experts: ExpertBackend, loop: asyncio.AbstractEventLoop):
+        self.experts, self.loop = experts, loop
+
+    async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        future = asyncio.run_coroutine_threadsafe(self.experts.run(layer, groups), self.loop)
+        return await asyncio.wrap_future(future)
+
+
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="tp-step")
+
+
+async def forward_off_loop(model: StageModel, batch: StageBatch, experts: ExpertBackend | None) -> torch.Tensor:
+    """`model.forward(batch, experts)` in a worker thread (its own event loop), awaited here.
+    Without TP (world size 1) it simply runs here. A failed collective (a peer lost or late) is
+    Unavailable("tp", reason); the KV cache is then as before the step."""
+    if model.tp.world_size == 1:
+        return await model.forward(batch, experts)
+    loop = asyncio.get_running_loop()
+    bridged = LoopBridgeExperts(experts, loop) if experts is not None else None
+    try:
+        return await loop.run_in_executor(_pool, lambda: asyncio.run(model.forward(batch, bridged)))
+    except TPJoinError as error:
+        raise Unavailable("tp", str(error)) from None
