@@ -79,5 +79,6 @@ async def main(args) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab-size", type=int, required=True)
+    torch.set_num_threads(1)  # as `shardmesh up` runs every service
     import uvloop
     uvloop.run(main(parser.parse_args()))

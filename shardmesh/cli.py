@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     up.add_argument("--threads", type=int, default=1, help="torch threads per service")
+    up.add_argument("--compute-threads", type=int, default=0,
+                    help="compute threads of each stage and expert server (default 0 = 2 on a host of 2+ cores)")
     up.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     up.add_argument("--no-auth", action="store_true", help="no tokens (default: fresh random ones, printed)")
     from shardmesh.security import add_tls_arguments
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from shardmesh.launcher import run_up
         return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
-                      device=args.device, no_auth=args.no_auth, tls=_tls_files(args))
+                      device=args.device, no_auth=args.no_auth, tls=_tls_files(args),
+                      compute_threads=args.compute_threads)
     if args.command == "certs":
         from shardmesh.certs import run
         return run(args)

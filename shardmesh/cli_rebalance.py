@@ -11,13 +11,12 @@ else $SHARDMESH_INTERNAL_TOKEN, else $SHARDMESH_AUTH_TOKEN.
 """
 
 import argparse
-import os
 import sys
 
 import grpc
 
 from shardmesh.cli_status import add_connection_arguments, open_channel
-from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
+from shardmesh.security import INTERNAL_TOKEN_ENV
 from shardmesh.v1 import admin_pb2, admin_pb2_grpc
 
 EXIT_ERROR = 1
@@ -63,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.slots < 0:
         print(f"shardmesh rebalance: --slots {args.slots} must be >= 0", file=sys.stderr)
         return EXIT_ERROR
-    env = INTERNAL_TOKEN_ENV if args.token_file or os.environ.get(INTERNAL_TOKEN_ENV) else CLIENT_TOKEN_ENV
     try:
-        channel, metadata = open_channel(args, token_env=env)
+        channel, metadata = open_channel(args, token_env=INTERNAL_TOKEN_ENV)  # Admin is internal-only
     except (OSError, ValueError) as error:
         print(f"shardmesh rebalance: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -40,10 +40,13 @@ class Launcher:
                  threads_per_service: int | dict[str, int] = 1, log_level: str = "WARNING",
                  ready_timeout: float = 180.0, progress: Callable[[str], None] | None = None,
                  service_args: dict[str, list[str]] | None = None, no_auth: bool = False,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, compute_threads: int = 0):
         """threads_per_service: torch threads of every service, or a dict role ("router" | "stage" |
-        "expert") -> threads (roles not named get 1). service_args: role -> extra command-line
-        arguments of that role's services (e.g. {"router": ["--micro-batches", "2"]}).
+        "expert") -> threads (roles not named get 1). compute_threads: each stage's and expert
+        server's --compute-threads (0 = 2 where the host has 2 cores or more: services of one
+        host take turns, and these threads sleep when idle; see shardmesh.compute_pool).
+        service_args: role -> extra command-line arguments of that role's services (e.g.
+        {"router": ["--micro-batches", "2"]}; they come last, so they override).
         Fresh random tokens protect the mesh (`client_token`, `secrets.client_token_file`) unless
         `no_auth`; `tls` makes every service speak mutual TLS (see shardmesh.mesh_secrets)."""
         self.model_dir = pathlib.Path(model_dir).absolute()
@@ -58,6 +61,7 @@ class Launcher:
         self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
         self.device = device  # every service's; "" dtype = each service's default for it
         self.service_args = {role: list(args) for role, args in (service_args or {}).items()}
+        self.compute_threads = compute_threads or min(2, os.cpu_count() or 1)
         self.ready_timeout = ready_timeout
         self.progress = progress or (lambda message: None)
         self.processes: dict[str, subprocess.Popen] = {}
@@ -74,6 +78,7 @@ class Launcher:
                    "--topology", str(self.topology_file), "--host", self.host, "--device", self.device,
                    *(["--dtype", self.dtype] if self.dtype else []),
                    "--threads", str(self._threads(role)), "--log-level", self.log_level,
+                   *(["--compute-threads", str(self.compute_threads)] if role != "router" else []),
                    *self.service_args.get(role, ()), *self.secrets.service_args(role), *extra]
         log_file = open(self.workdir / f"{name.replace('/', '-')}.log", "wb")  # "stage-0/tp1" -> stage-0-tp1.log
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
@@ -179,11 +184,11 @@ def _interrupt(signum, frame):
 
 
 def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str, device: str = "cpu",
-           no_auth: bool = False, tls: TlsFiles | None = None) -> int:
+           no_auth: bool = False, tls: TlsFiles | None = None, compute_threads: int = 0) -> int:
     """Foreground `shardmesh up`: start, print where the router listens, stop on Ctrl-C/SIGTERM."""
     launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, device=device, threads_per_service=threads,
                         log_level=log_level, progress=lambda message: print(f"  {message}", flush=True),
-                        no_auth=no_auth, tls=tls)
+                        no_auth=no_auth, tls=tls, compute_threads=compute_threads)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting {len(launcher.topology.stages)} stage(s) and {len(launcher.topology.expert_servers)} "

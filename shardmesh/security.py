@@ -26,8 +26,9 @@ CLIENT_TOKEN_ENV = "SHARDMESH_AUTH_TOKEN"
 INTERNAL_TOKEN_ENV = "SHARDMESH_INTERNAL_TOKEN"
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 CLIENT_SERVICES = frozenset({"shardmesh.v1.Router"})
+# Admin (live rebalancing) changes where activations go: operators and services only.
 INTERNAL_SERVICES = frozenset({"shardmesh.v1.Registry", "shardmesh.v1.Stage", "shardmesh.v1.Expert",
-                               "shardmesh.v1.DataPlane"})
+                               "shardmesh.v1.DataPlane", "shardmesh.v1.Admin"})
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

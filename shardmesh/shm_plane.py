@@ -111,7 +111,8 @@ class ShmCall:
                                      reply_offset=align(self.arena.next))
         try:
             write_frame(channel.writer, dataplane_pb2.ShmFrame(call=call))
-            frame = await asyncio.wait_for(read_frame(channel.reader), timeout)
+            async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
+                frame = await read_frame(channel.reader)
         except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
             channel.broken = True
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {channel.peer}: {error!r}") from error
@@ -148,7 +149,7 @@ class ShmChannel:
             reader, writer = await asyncio.open_unix_connection(sock=connect_unix(offer.shm_socket))
             channel = cls(peer, segment, reader, writer)
             hello = dataplane_pb2.ShmHello(session_key=offer.shm_session_key, segment=segment.name,
-                                           segment_bytes=size, probe=probe)
+                                           segment_bytes=segment.size, probe=probe)
             write_frame(writer, dataplane_pb2.ShmFrame(hello=hello))
             reply = (await asyncio.wait_for(read_frame(reader), CONTROL_DEADLINE_S)).hello_reply
             segment.unlink()  # mapped by both (or refused): nothing stays under /dev/shm

@@ -35,7 +35,9 @@ class Segment:
     def __init__(self, name: str, size: int, buffer: mmap.mmap, owner: bool):
         self.name, self.size, self.buffer, self.owner = name, size, buffer, owner
         self._linked = owner  # the client's file exists until unlink()
+        self.usable = size // ALIGN * ALIGN  # tensors lie in [0, usable)
         self._bytes = torch.frombuffer(buffer, dtype=torch.uint8)  # [size]: every view is a slice of it
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # dtype -> the whole segment as that dtype
 
     @classmethod
     def available(cls) -> bool:
@@ -44,7 +46,8 @@ class Segment:
 
     @classmethod
     def create(cls, size: int) -> "Segment":
-        """A new zeroed segment of `size` bytes, readable and writable by this user only."""
+        """A new zeroed segment of `size` bytes (rounded up to ALIGN), readable and writable by this user only."""
+        size = align(size)
         if not PROBE_BYTES <= size <= MAX_SEGMENT_BYTES:
             raise ValueError(f"segment size {size} outside [{PROBE_BYTES}, {MAX_SEGMENT_BYTES}]")
         name = f"shardmesh-{secrets.token_hex(16)}"
@@ -91,7 +94,7 @@ class Segment:
     def close(self) -> None:
         """Unlink (if ours) and unmap; a view still alive keeps the mapping until it dies."""
         self.unlink()
-        self._bytes = None
+        self._bytes, self._typed = None, {}
         try:
             self.buffer.close()
         except BufferError:
@@ -100,18 +103,25 @@ class Segment:
     def view(self, offset: int, length: int, dtype: torch.dtype, shape: list[int], field: str) -> torch.Tensor:
         """The tensor at [offset, offset + length) of the segment, without copying; InvalidArgument
         naming `field` when the span is misaligned or outside the segment."""
-        if offset % ALIGN or offset + length > self.size:
+        if offset % ALIGN or offset + length > self.usable:
             raise InvalidArgument(f"{field}.shm", f"span [{offset}, {offset + length}) is misaligned or outside "
-                                                  f"the {self.size}-byte segment")
+                                                  f"the {self.usable}-byte segment")
         if length == 0:
             return torch.empty(shape, dtype=dtype)
-        return self._bytes[offset:offset + length].view(dtype).view(shape)
+        return self._as(dtype)[offset // dtype.itemsize:(offset + length) // dtype.itemsize].view(shape)
 
     def write(self, offset: int, tensor: torch.Tensor) -> None:
         """Copy `tensor` (any device) to [offset, offset + nbytes); the caller checked the room."""
-        length = tensor.numel() * tensor.element_size()
-        if length:
-            self._bytes[offset:offset + length].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        count = tensor.numel()
+        if count:
+            start = offset // tensor.dtype.itemsize
+            self._as(tensor.dtype)[start:start + count].view(tensor.shape).copy_(tensor)
+
+    def _as(self, dtype: torch.dtype) -> torch.Tensor:
+        typed = self._typed.get(dtype)
+        if typed is None:  # the size is a multiple of ALIGN, so of every itemsize
+            typed = self._typed[dtype] = self._bytes[:self.usable].view(dtype)
+        return typed
 
     def probe(self) -> bytes:
         return bytes(self.buffer[:PROBE_BYTES])
@@ -123,7 +133,7 @@ class ReplyArena:
     def __init__(self, segment: Segment, start: int, end: int | None = None):
         self.segment = segment
         self.next = align(max(start, PROBE_BYTES))
-        self.end = segment.size if end is None else end
+        self.end = segment.usable if end is None else end
 
     def put(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """Write `tensor` into the arena: (offset, length), or None when it does not fit."""

@@ -23,7 +23,7 @@ PROMPT, NEW_TOKENS = [1, 9, 27, 81], 6
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 OPEN = {"grpc.health.v1.Health"}
 CLIENT_ONLY = {"shardmesh.v1.Router"}
-INTERNAL_ONLY = {"shardmesh.v1.Registry", "shardmesh.v1.Stage", "shardmesh.v1.Expert"}
+INTERNAL_ONLY = {"shardmesh.v1.Registry", "shardmesh.v1.Stage", "shardmesh.v1.Expert", "shardmesh.v1.Admin"}
 
 
 def bearer(token: str) -> tuple:

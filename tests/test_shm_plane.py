@@ -282,3 +282,25 @@ def test_an_unreachable_peer_is_asked_again_later():
     first, remembered, shm, forgotten = run(main())
     assert first is None and not remembered  # not cached: the peer may come back
     assert shm is not None and forgotten
+
+
+def test_spans_past_the_last_aligned_byte_are_refused():
+    import os
+    import secrets
+
+    name = f"shardmesh-{secrets.token_hex(16)}"
+    with open(SHM_DIR / name, "wb") as file:  # a client could name a segment of any size
+        file.write(bytes(1000))
+    try:
+        segment = Segment.attach(name, 1000)
+        assert segment.usable == 960
+        assert segment.view(896, 64, torch.float32, [16], "x").numel() == 16
+        with pytest.raises(InvalidArgument) as refused:
+            segment.view(960, 32, torch.float32, [8], "groups[0].hidden_states")
+        assert refused.value.field == "groups[0].hidden_states.shm"
+        segment.close()
+    finally:
+        os.unlink(SHM_DIR / name)
+    created = Segment.create(1000)
+    assert created.size == 1024 and created.usable == 1024
+    created.close()

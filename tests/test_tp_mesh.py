@@ -94,21 +94,3 @@ def test_topology_file_says_tp_per_stage(llama_dir):
     with pytest.raises(ValueError, match="needs a tp_rendezvous"):
         ServiceConfig(model_dir=llama_dir, name="s0/tp1", topology=topology)
 
-
-@pytest.mark.slow
-def test_shardmesh_up_starts_a_tp_topology(mixtral_dir, tmp_path):
-    """`shardmesh up` (the Launcher) on a topology with tp = 2 stages: every shard is a process, the
-    mesh serves, and greedy tokens equal transformers'."""
-    from oracle import reference_greedy
-    from shardmesh.client import Client
-    from shardmesh.launcher import Launcher
-
-    topology_file = tmp_path / "topology.toml"
-    topology_file.write_text(tp_topology(4, 2, num_experts=8).to_toml())
-    assert topology_file.read_text().count("tp = 2") == 2
-    prompt = [5, 17, 99, 3]
-    with Launcher(mixtral_dir, topology_file, no_auth=True) as launcher:
-        assert sorted(launcher.processes) == ["experts-0", "router", "stage-0", "stage-0/tp1", "stage-1", "stage-1/tp1"]
-        with Client(launcher.router_address, timeout=60) as client:
-            tokens = client.generate_all(prompt, max_new_tokens=4, ignore_eos=True).tokens
-    assert [t.token_id for t in tokens] == reference_greedy(mixtral_dir, prompt, 4)[0]

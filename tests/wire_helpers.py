@@ -10,13 +10,13 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from shardmesh.local_mesh import LocalMesh, start_local_mesh
-from shardmesh.v1 import expert_pb2, router_pb2, stage_pb2
+from shardmesh.v1 import admin_pb2, expert_pb2, router_pb2, stage_pb2
 
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 SERVICES_BY_PORT = {
     "router": [router_pb2.DESCRIPTOR.services_by_name["Router"], router_pb2.DESCRIPTOR.services_by_name["Registry"],
-               HEALTH, REFLECTION],
+               admin_pb2.DESCRIPTOR.services_by_name["Admin"], HEALTH, REFLECTION],
     "stage": [stage_pb2.DESCRIPTOR.services_by_name["Stage"], HEALTH, REFLECTION],
     "expert": [expert_pb2.DESCRIPTOR.services_by_name["Expert"], HEALTH, REFLECTION],
 }
