@@ -9,7 +9,11 @@ client sees it) and decode tokens/s (batch / that gap) for every configuration, 
 memory-bandwidth floor: weight bytes one decode step must read (experts counted as the distinct
 experts transformers' gates actually picked per layer and step) / the read bandwidth of a large
 tensor, both measured in this run. Meshes are `shardmesh.launcher.Launcher` processes; clients
-are the SDK's AsyncClient. Writes the table (and raw figures) under bench/results/.
+are the SDK's AsyncClient. transformers runs with each of `--transformers-threads` and ratios are
+against its fastest. Each row is the best of `--repeats` runs; "CPU ms/step" is the CPU time all
+of a configuration's processes spent per decode step, which other work on a shared machine hardly
+changes (wall times it does: the 1-min load average is printed). Writes the table (and raw
+figures) under bench/results/.
 """
 
 import argparse

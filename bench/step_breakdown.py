@@ -7,10 +7,11 @@ Each part is measured on its own, on the same checkpoint and batch:
   layer and an ExpertShard of every expert behind a timed LocalExperts, decoding `--steps` steps;
   expert compute is the time inside the backend, stage compute the rest (attention, norms, gates,
   dispatch/combine, embedding, LM head);
-- transport, over real gRPC to echo servers in another process (bench/echo_servers.py: the right
-  reply sizes, no compute): a stage -> expert ComputeExperts round trip carrying one MoE layer's
-  groups of this batch (as RemoteExperts sends them), and a router -> stage Step round trip with
-  a hidden-states reply (a middle stage) and with a logits reply (the last stage);
+- transport, to echo servers in another process (bench/echo_servers.py: the right reply sizes,
+  no compute), over gRPC bytes and over shared memory: a stage -> expert ComputeExperts round
+  trip carrying one MoE layer's groups of this batch (as RemoteExperts sends them), and a router
+  -> stage Step round trip with a hidden-states reply (a middle stage) and with a logits reply
+  (the last stage); the hops of `--data-plane` are summed, the others shown for comparison;
 - end to end: a mesh of real processes (Launcher, `--stages` stages and as many expert servers,
   one micro-batch) decoding the batch, time per output token as the client sees it.
 The rest (end to end minus the parts) is the router's scheduling and sampling, the servicers'
