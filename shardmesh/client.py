@@ -78,11 +78,21 @@ class _ServingWait:
 
 
 class _ClientBase:
-    def __init__(self, address: str, timeout: float | None, token: str | None):
+    _grpc = grpc  # the module whose channels this client opens: grpc, or grpc.aio
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
+                 max_send_message_bytes: int = MAX_SEND_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, object]] = (),
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
         # Sent on every call as `authorization: Bearer <token>` (the router's --auth-token-file).
         self._metadata = bearer_metadata(check_token(token, "token") if token is not None else None)
+        opts = channel_options(max_receive_message_bytes, max_send_message_bytes, options)
+        self._channel = (self._grpc.secure_channel(address, credentials, options=opts) if credentials
+                         else self._grpc.insecure_channel(address, options=opts))
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def _call_timeout(self, timeout: float | None, unary: bool) -> float | None:
         if timeout is not None:
@@ -101,17 +111,6 @@ class Client(_ClientBase):
     channel secure (`client_credentials(ca_file, cert_file, key_file)` reads PEM files); `token`
     is the router's bearer token (a wrong or missing one: UnauthenticatedError).
     """
-
-    def __init__(self, address: str, *, timeout: float | None = None,
-                 max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
-                 max_send_message_bytes: int = MAX_SEND_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = (),
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        super().__init__(address, timeout, token)
-        opts = channel_options(max_receive_message_bytes, max_send_message_bytes, options)
-        self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
-                         else grpc.insecure_channel(address, options=opts))
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def generate(self, prompt: Sequence[int] | str, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_k: int = 0, top_p: float | None = None, seed: int | None = None,
@@ -178,16 +177,7 @@ class Client(_ClientBase):
 class AsyncClient(_ClientBase):
     """`Client` over grpc.aio: create it inside the event loop that uses it; same arguments."""
 
-    def __init__(self, address: str, *, timeout: float | None = None,
-                 max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES,
-                 max_send_message_bytes: int = MAX_SEND_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = (),
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        super().__init__(address, timeout, token)
-        opts = channel_options(max_receive_message_bytes, max_send_message_bytes, options)
-        self._channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
-                         else grpc.aio.insecure_channel(address, options=opts))
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+    _grpc = grpc.aio
 
     def generate(self, prompt: Sequence[int] | str, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, top_k: int = 0, top_p: float | None = None, seed: int | None = None,
