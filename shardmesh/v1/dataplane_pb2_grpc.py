@@ -39,6 +39,11 @@ class DataPlaneStub:
                 request_serializer=shardmesh_dot_v1_dot_dataplane__pb2.OfferDataPlanesRequest.SerializeToString,
                 response_deserializer=shardmesh_dot_v1_dot_dataplane__pb2.DataPlaneOffer.FromString,
                 _registered_method=True)
+        self.JoinNcclGroup = channel.unary_unary(
+                '/shardmesh.v1.DataPlane/JoinNcclGroup',
+                request_serializer=shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupRequest.SerializeToString,
+                response_deserializer=shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupReply.FromString,
+                _registered_method=True)
 
 
 class DataPlaneServicer:
@@ -54,6 +59,18 @@ class DataPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinNcclGroup(self, request, context):
+        """Unary: join an NCCL communicator that the caller creates with the same unique id (the caller is
+        rank 0; several servers may be asked, one rank each, concurrently). The server initializes its
+        rank (ncclCommInitRank blocks until every rank has joined) and answers once its communicator is
+        ready, or with the error: FAILED_PRECONDITION when this server has no CUDA device or NCCL,
+        INVALID_ARGUMENT naming a bad field, DEADLINE_EXCEEDED when the other ranks did not join in time.
+        Tensors between GPU services of different nodes then move over it (shardmesh/nccl_plane.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +78,11 @@ def add_DataPlaneServicer_to_server(servicer, server):
                     servicer.OfferDataPlanes,
                     request_deserializer=shardmesh_dot_v1_dot_dataplane__pb2.OfferDataPlanesRequest.FromString,
                     response_serializer=shardmesh_dot_v1_dot_dataplane__pb2.DataPlaneOffer.SerializeToString,
+            ),
+            'JoinNcclGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinNcclGroup,
+                    request_deserializer=shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupRequest.FromString,
+                    response_serializer=shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +112,33 @@ class DataPlane:
             '/shardmesh.v1.DataPlane/OfferDataPlanes',
             shardmesh_dot_v1_dot_dataplane__pb2.OfferDataPlanesRequest.SerializeToString,
             shardmesh_dot_v1_dot_dataplane__pb2.DataPlaneOffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinNcclGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardmesh.v1.DataPlane/JoinNcclGroup',
+            shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupRequest.SerializeToString,
+            shardmesh_dot_v1_dot_dataplane__pb2.JoinNcclGroupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,14 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExpertGroup(_message.Message):
-    __slots__ = ("layer", "expert", "hidden_states")
+    __slots__ = ("layer", "expert", "hidden_states", "slice_count", "slice_rank")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SLICE_RANK_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert: int
     hidden_states: _tensor_pb2.Tensor
-    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    slice_count: int
+    slice_rank: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., slice_count: _Optional[int] = ..., slice_rank: _Optional[int] = ...) -> None: ...
 
 class ComputeExpertsRequest(_message.Message):
     __slots__ = ("groups", "traceparent")

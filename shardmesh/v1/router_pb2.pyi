@@ -124,8 +124,20 @@ class ExpertKey(_message.Message):
     expert: int
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
+class ExpertSliceKey(_message.Message):
+    __slots__ = ("layer", "expert", "rank", "count")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    rank: int
+    count: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rank: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
 class ServerStatus(_message.Message):
-    __slots__ = ("name", "role", "address", "registered", "layers", "experts", "replica_addresses")
+    __slots__ = ("name", "role", "address", "registered", "layers", "experts", "replica_addresses", "unreachable_addresses")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +145,7 @@ class ServerStatus(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
@@ -140,10 +153,11 @@ class ServerStatus(_message.Message):
     layers: LayerRange
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     replica_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    unreachable_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("serving", "placement_version", "servers", "active_sequences", "expert_load", "expert_servers", "load_window_seconds", "load_imbalance")
+    __slots__ = ("serving", "placement_version", "servers", "active_sequences", "expert_load", "expert_servers", "load_window_seconds", "load_imbalance", "unservable")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +166,7 @@ class ClusterStatus(_message.Message):
     EXPERT_SERVERS_FIELD_NUMBER: _ClassVar[int]
     LOAD_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     placement_version: int
     servers: _containers.RepeatedCompositeFieldContainer[ServerStatus]
@@ -160,7 +175,8 @@ class ClusterStatus(_message.Message):
     expert_servers: _containers.RepeatedCompositeFieldContainer[ExpertServerLoad]
     load_window_seconds: float
     load_imbalance: float
-    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_servers: _Optional[_Iterable[_Union[ExpertServerLoad, _Mapping]]] = ..., load_window_seconds: _Optional[float] = ..., load_imbalance: _Optional[float] = ...) -> None: ...
+    unservable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_servers: _Optional[_Iterable[_Union[ExpertServerLoad, _Mapping]]] = ..., load_window_seconds: _Optional[float] = ..., load_imbalance: _Optional[float] = ..., unservable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "expert", "tokens", "replica_addresses", "replica_tokens")
@@ -195,7 +211,7 @@ class ExpertServerLoad(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., experts: _Optional[int] = ..., tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
-    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint", "replica_id")
+    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint", "replica_id", "expert_slices", "holds_assignment", "placement_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +219,9 @@ class RegisterServerRequest(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SLICES_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
@@ -210,10 +229,17 @@ class RegisterServerRequest(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     model_fingerprint: str
     replica_id: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    expert_slices: _containers.RepeatedCompositeFieldContainer[ExpertSliceKey]
+    holds_assignment: bool
+    placement_version: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ..., holds_assignment: _Optional[bool] = ..., placement_version: _Optional[int] = ...) -> None: ...
 
 class RegisterServerResponse(_message.Message):
-    __slots__ = ("placement_version",)
+    __slots__ = ("placement_version", "reassigned", "assigned_experts")
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     placement_version: int
-    def __init__(self, placement_version: _Optional[int] = ...) -> None: ...
+    reassigned: bool
+    assigned_experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    def __init__(self, placement_version: _Optional[int] = ..., reassigned: _Optional[bool] = ..., assigned_experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...

@@ -55,14 +55,16 @@ class FreeSequencesResponse(_message.Message):
     def __init__(self, freed: _Optional[int] = ...) -> None: ...
 
 class ExpertLocation(_message.Message):
-    __slots__ = ("layer", "expert", "addresses")
+    __slots__ = ("layer", "expert", "addresses", "slice_addresses")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    slice_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., slice_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertPlacement(_message.Message):
     __slots__ = ("version", "locations")
@@ -83,17 +85,41 @@ class GetStageInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("name", "layers", "is_first", "is_last", "cached_sequence_ids", "placement_version")
+    __slots__ = ("name", "layers", "is_first", "is_last", "cached_sequence_ids", "placement_version", "host_id", "tp_all_reduce", "not_serving_reason", "sequence_history")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     IS_FIRST_FIELD_NUMBER: _ClassVar[int]
     IS_LAST_FIELD_NUMBER: _ClassVar[int]
     CACHED_SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    TP_ALL_REDUCE_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_REASON_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     layers: _router_pb2.LayerRange
     is_first: bool
     is_last: bool
     cached_sequence_ids: _containers.RepeatedScalarFieldContainer[int]
     placement_version: int
-    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Union[_router_pb2.LayerRange, _Mapping]] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., cached_sequence_ids: _Optional[_Iterable[int]] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    host_id: str
+    tp_all_reduce: str
+    not_serving_reason: str
+    sequence_history: _containers.RepeatedCompositeFieldContainer[SequenceHistory]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Union[_router_pb2.LayerRange, _Mapping]] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., cached_sequence_ids: _Optional[_Iterable[int]] = ..., placement_version: _Optional[int] = ..., host_id: _Optional[str] = ..., tp_all_reduce: _Optional[str] = ..., not_serving_reason: _Optional[str] = ..., sequence_history: _Optional[_Iterable[_Union[SequenceHistory, _Mapping]]] = ...) -> None: ...
+
+class SequenceHistory(_message.Message):
+    __slots__ = ("sequence_id", "tokens_received", "steps", "first_start_position", "first_num_tokens", "frees")
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FREES_FIELD_NUMBER: _ClassVar[int]
+    sequence_id: int
+    tokens_received: int
+    steps: int
+    first_start_position: int
+    first_num_tokens: int
+    frees: int
+    def __init__(self, sequence_id: _Optional[int] = ..., tokens_received: _Optional[int] = ..., steps: _Optional[int] = ..., first_start_position: _Optional[int] = ..., first_num_tokens: _Optional[int] = ..., frees: _Optional[int] = ...) -> None: ...

@@ -23,16 +23,18 @@ DTYPE_INT64: DType
 DTYPE_INT32: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "shm")
+    __slots__ = ("dtype", "shape", "data", "shm", "cuda_ipc")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shm: SharedMemorySpan
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
+    cuda_ipc: SharedMemorySpan
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., cuda_ipc: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
 
 class SharedMemorySpan(_message.Message):
     __slots__ = ("offset", "length")
