@@ -32,9 +32,13 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
 
     def _decode_group(self, index: int, group: expert_pb2.ExpertGroup) -> torch.Tensor:
         field = f"groups[{index}]"
-        if group.layer not in self.layers:
-            raise NotFound(f"{field}.layer", f"{self.name} holds no expert of layer {group.layer}")
-        if not self.shard.holds(group.layer, group.expert):
+        if group.slice_count or group.slice_rank:  # a slice of a split expert (shardmesh.split_expert)
+            if not self.shard.holds_slice(group.layer, group.expert, group.slice_rank, group.slice_count):
+                raise NotFound(f"{field}.slice_rank", f"slice {group.slice_rank} of {group.slice_count} of (layer "
+                               f"{group.layer}, expert {group.expert}) is not held by {self.name}")
+        elif not self.shard.holds(group.layer, group.expert):  # (the set of layers is built on this error path only)
+            if group.layer not in self.layers:
+                raise NotFound(f"{field}.layer", f"{self.name} holds no expert of layer {group.layer}")
             raise NotFound(f"{field}.expert", f"(layer {group.layer}, expert {group.expert}) is not held by {self.name}")
         hidden_states = codec.decode(group.hidden_states, f"{field}.hidden_states")
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
@@ -49,15 +53,23 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         # Decode and check every group before computing any, so a bad group costs nothing.
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         outputs = []
-        with self.meter.computing((g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs)), \
+        # Slices of split experts are placed by the topology, not by load: they are not metered.
+        metered = [(g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs) if not g.slice_count]
+        with self.meter.computing(metered), \
                 tracing.server_span("expert.compute", request.traceparent, self.name):  # no-op when off
             pairs = list(zip(request.groups, inputs))
             # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
-            computed = parallel_map(lambda pair: self.shard.compute(pair[0].layer, pair[0].expert, pair[1]), pairs)
+            computed = parallel_map(self._compute, pairs)
             for (group, hidden_states), output in zip(pairs, computed):
                 outputs.append(codec.encode(output))
                 self.tokens_computed += hidden_states.shape[0]
         return expert_pb2.ComputeExpertsResponse(outputs=outputs)
+
+    def _compute(self, pair: tuple[expert_pb2.ExpertGroup, torch.Tensor]) -> torch.Tensor:
+        group, hidden_states = pair
+        if group.slice_count:
+            return self.shard.compute_slice(group.layer, group.expert, hidden_states)
+        return self.shard.compute(group.layer, group.expert, hidden_states)
 
     async def GetExpertInfo(self, request, context):
         keys = [router_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in self.shard.experts]

@@ -15,9 +15,12 @@ from shardmesh.text import TextCodec
 from shardmesh.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc, stage_pb2_grpc
 
 from router.admin import AdminServicer
+from router.admission import AdmissionGate
 from router.auto_rebalance import AutoRebalanceConfig, AutoRebalancer
 from router.cluster import ClusterMap
-from router.pipeline import StagePipeline
+from router.expert_health import ExpertProber
+from router.failover import StageFailover
+from router.pipeline import DEFAULT_STEP_TIMEOUT_S, StagePipeline
 from router.servicer import RegistryServicer, RouterServicer
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,8 @@ DEFAULT_MAX_QUEUED = 256  # requests waiting for a batch slot; past it Generate 
 # The router receives prompts and registrations, never activations (those arrive as responses on
 # its own channels): a request over this is refused before it is buffered.
 MAX_REQUEST_BYTES = 8 * 2**20
+# On SIGTERM the router stops admitting and waits this long for streams in flight to finish.
+DEFAULT_SHUTDOWN_GRACE_S = 20.0
 
 
 class RouterState:
@@ -34,40 +39,60 @@ class RouterState:
 
     def __init__(self, config: ServiceConfig, max_context: int, max_batch_sequences: int,
                  max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+                 step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
         self.config = config.model
         self.security = config.security
         self.max_queued = max_queued
         self.cluster = ClusterMap(config.topology, config.model)
         self.text = TextCodec.from_model_dir(config.model_dir)
         self.max_context = max_context
-        self.pipeline = StagePipeline(config.security, data_plane=config.data_plane)
+        self.pipeline = StagePipeline(config.security, data_plane=config.data_plane, step_timeout=step_timeout)
+        self.failover = self.pipeline.on_stage_lost = StageFailover(self)  # a stage stops answering
         # Micro-batches in flight: one per stage unless said otherwise (fills the pipeline).
         self.scheduler = Scheduler(self.pipeline, max_batch_sequences, micro_batches or len(config.topology.stages),
                                    prefill_chunk_tokens)
         self.registry_lock = asyncio.Lock()
         metrics.watch_router(self)  # queue depth and batch, read at scrape time
         self.serving = False
+        self.draining = False  # SIGTERM: no new requests, the ones in flight finish (RouterServer.stop)
         self.health = None
         self.auto_rebalancer = None  # router/auto_rebalance.py, when started with auto_rebalance
+        self.expert_prober = None    # router/expert_health.py
 
     async def on_cluster_change(self) -> None:
-        """After a registration: reconnect stages and, once complete, push the placement."""
+        """After a registration or a health verdict (router/expert_health.py): reconnect stages and,
+        while the mesh can serve (ClusterMap.unservable), push the placement; health follows."""
         await self.pipeline.connect([(n, a) for n, a in self.cluster.stage_addresses() if a])
-        if not self.cluster.complete:
+        reasons = self.cluster.unservable()
+        self.pipeline.broken = "; ".join(reasons)  # steps fail at once, naming what is missing
+        if reasons:
+            if self.serving:
+                log.error("not serving: %s", "; ".join(reasons))
+            self.serving = False
+            await grpc_util.set_serving(self.health, SERVICE_NAMES, False)
             return
         placement = self.cluster.placement()
-        for name, address in self.cluster.stage_addresses():
+        for name, address in self.cluster.stage_addresses(standbys=True):  # a standby is ready when it takes over
             async with grpc_util.open_channel(address, self.security) as channel:
                 try:
                     await stage_pb2_grpc.StageStub(channel).UpdatePlacement(placement, timeout=CONTROL_DEADLINE_S)
                 except grpc.aio.AioRpcError as error:
                     log.error("pushing placement v%d to %s failed: %s", placement.version, name, error.details())
                     return
+        if self.draining:
+            return
         if not self.serving:
             log.info("every server registered: serving")
         self.serving = True
         await grpc_util.set_serving(self.health, SERVICE_NAMES, True)
+
+    def unavailable_reason(self) -> str:
+        """Why Generate refuses requests now (while not serving)."""
+        if self.draining:
+            return "the router is shutting down: retry on another router"
+        reasons = self.cluster.unservable() or ["placement not pushed to every stage yet"]
+        return f"the mesh cannot serve: {'; '.join(reasons)}"
 
     def admission_full(self) -> bool:
         """True when `max_queued` requests already wait for a batch slot (bounds the router's memory)."""
@@ -80,11 +105,17 @@ class RouterServer:
         self.server, self.port, self.state = server, port, state
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        self.state.serving = False
+        """Drain: NOT_SERVING and new requests refused at once; streams in flight may finish within
+        `grace` s (None: cancelled now); then stop."""
+        self.state.draining, self.state.serving = True, False
         await grpc_util.set_serving(self.state.health, SERVICE_NAMES, False)
-        await self.server.stop(grace)
+        if grace:
+            await self.state.scheduler.wait_idle(grace)
+        await self.server.stop(min(grace, 1.0) if grace else grace)  # then flush the last responses
         if self.state.auto_rebalancer is not None:
             await self.state.auto_rebalancer.stop()
+        if self.state.expert_prober is not None:
+            await self.state.expert_prober.stop()
         await self.state.scheduler.stop()
         await self.state.pipeline.close()
 
@@ -92,20 +123,25 @@ class RouterServer:
 async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_sequences: int = 64,
                        max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
-                       auto_rebalance: AutoRebalanceConfig | None = None) -> RouterServer:
+                       auto_rebalance: AutoRebalanceConfig | None = None,
+                       step_timeout: float = DEFAULT_STEP_TIMEOUT_S) -> RouterServer:
     """micro_batches: steps in flight through the pipeline (0 = one per stage); prefill_chunk_tokens:
     prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler.
-    auto_rebalance: re-place experts when the load stays imbalanced (router/auto_rebalance.py)."""
+    auto_rebalance: re-place experts when the load stays imbalanced (router/auto_rebalance.py).
+    step_timeout: base seconds of a step's deadline at each stage (router/pipeline.py, failover.py)."""
     model_limit = config.model.max_position_embeddings
     if max_context > model_limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
     if micro_batches < 0 or prefill_chunk_tokens < 0:
         raise ValueError(f"micro_batches {micro_batches} and prefill_chunk_tokens {prefill_chunk_tokens} must be >= 0")
+    if step_timeout <= 0:
+        raise ValueError(f"step_timeout {step_timeout} must be > 0")
     if max_queued < 0 or max_batch_sequences < 1:
         raise ValueError(f"max_queued {max_queued} must be >= 0 and max_batch_sequences {max_batch_sequences} >= 1")
     state = RouterState(config, max_context or model_limit, max_batch_sequences, max_queued, micro_batches,
-                        prefill_chunk_tokens)
-    server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES)
+                        prefill_chunk_tokens, step_timeout)
+    server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES,
+                                  interceptors=[AdmissionGate(state)])  # a refusal under overload costs ~nothing
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(state), server)
     router_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(state), server)
@@ -116,5 +152,7 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
     state.scheduler.start()
     if auto_rebalance is not None:
         state.auto_rebalancer = AutoRebalancer(state, AdminServicer(state).rebalancer, auto_rebalance).start()
+    if config.model.is_moe:
+        state.expert_prober = ExpertProber(state).start()
     log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())
     return RouterServer(server, port, state)

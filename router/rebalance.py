@@ -148,7 +148,7 @@ class Rebalancer:
                 return f"{name} ({address}): {error.code().name} {error.details()}"
             return ""
 
-        results = await asyncio.gather(*(one(n, a) for n, a in self.state.cluster.stage_addresses()))
+        results = await asyncio.gather(*(one(n, a) for n, a in self.state.cluster.stage_addresses(standbys=True)))
         return [r for r in results if r]
 
     async def _apply(self, current: Holdings, target: Holdings) -> str:

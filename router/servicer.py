@@ -15,6 +15,7 @@ from shardmesh.telemetry.requests import RequestTelemetry
 from shardmesh.text import IncrementalDecoder
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
+from router.admission import refusal_details
 from router.load import add_load_to_status
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         try:
-            if self.state.admission_full():  # first: a refusal under overload must cost next to nothing
-                raise ResourceExhausted("router", f"{self.state.max_queued} requests already wait for a batch slot "
-                                        "(--max-queued): retry later")
+            if self.state.admission_full():  # router.admission.AdmissionGate refuses first, for less; this is the race
+                raise ResourceExhausted("router", refusal_details(self.state.max_queued).partition(": ")[2])
             sequence = self._sequence(request)
             if not self.state.serving:
-                raise Unavailable("router", f"the mesh is not serving yet: waiting for {self.state.cluster.missing()}")
+                raise Unavailable("router", self.state.unavailable_reason())
         except RequestError as error:
             await abort_for(context, error)
             return
@@ -128,9 +128,19 @@ class RegistryServicer(router_pb2_grpc.RegistryServicer):
 
     @translate_errors
     async def RegisterServer(self, request, context):
+        cluster = self.state.cluster
         async with self.state.registry_lock:
-            self.state.cluster.register(request)
-            log.info("registered %s%s at %s", request.name,
-                     f" replica {request.replica_id!r}" if request.replica_id else "", request.address)
-            await self.state.on_cluster_change()
-        return router_pb2.RegisterServerResponse(placement_version=self.state.cluster.placement_version)
+            assigned = cluster.assignment_to_restore(request)
+            if assigned is not None:  # restarted after a live placement change: it must load those first
+                log.info("%s%s at %s is told to hold its %d assigned experts", request.name,
+                         f" replica {request.replica_id!r}" if request.replica_id else "", request.address, len(assigned))
+                return router_pb2.RegisterServerResponse(
+                    placement_version=cluster.placement_version, reassigned=True,
+                    assigned_experts=[router_pb2.ExpertKey(layer=l, expert=e) for l, e in assigned])
+            before = cluster.registration_state()
+            cluster.register(request)
+            if cluster.registration_state() != before:  # periodic re-registrations change nothing
+                log.info("registered %s%s at %s", request.name,
+                         f" replica {request.replica_id!r}" if request.replica_id else "", request.address)
+                await self.state.on_cluster_change()
+        return router_pb2.RegisterServerResponse(placement_version=cluster.placement_version)

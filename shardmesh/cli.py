@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model", required=True, type=pathlib.Path)
     up.add_argument("--topology", type=pathlib.Path, help="topology TOML (default: the model's default)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--device", default="cpu", help="cpu or cuda:N for every service (default cpu)")
+    up.add_argument("--device", default="", help="cpu or cuda:N for every service (default: each server's "
+                    "`device` in the topology file, else cpu)")
     up.add_argument("--dtype", default="", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     up.add_argument("--threads", type=int, default=1, help="torch threads per service")

@@ -24,7 +24,9 @@ from shardmesh.client_errors import (  # noqa: F401  (re-exported: the SDK's pub
 )
 from shardmesh.client_streams import AsyncTokenStream, TokenStream
 from shardmesh.client_types import DEFAULT_MAX_NEW_TOKENS, Generation, Token, build_request  # noqa: F401
-from shardmesh.security import bearer_metadata, check_token, client_credentials  # noqa: F401  (re-exported)
+from shardmesh.security import (  # noqa: F401  (re-exported)
+    HandshakeWatch, bearer_metadata, check_token, client_credentials,
+)
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 # Set deliberately (gRPC's default receive limit is 4 MiB): a response carrying full-vocabulary
@@ -53,6 +55,7 @@ class _ServingWait:
         self.address, self.timeout = address, timeout
         self.deadline = time.monotonic() + timeout
         self.delay, self.last = 0.05, "no answer yet"
+        self.handshake = HandshakeWatch()
 
     def attempt_timeout(self) -> float:
         return max(0.01, min(self.deadline - time.monotonic(), UNARY_TIMEOUT_S))
@@ -62,6 +65,9 @@ class _ServingWait:
         if error is not None:
             if error.code not in _RETRYABLE:
                 raise error
+            why = self.handshake.failure(error.details) if error.code == "UNAVAILABLE" else None
+            if why is not None:  # retrying cannot fix certificates: say so now, not at the deadline
+                raise UnavailableError(f"router at {self.address}: {why}") from error
             self.last = str(error)
         else:
             registered = sum(server.registered for server in status.servers)

@@ -54,20 +54,25 @@ def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
     if arena is not None:
         placed = arena.put(tensor.detach())
         if placed is not None:
+            # (offset, length) in host shared memory, or (offset, length, span field) from an arena
+            # that also places device tensors (cuda_ipc.DeviceArena: field "cuda_ipc").
+            span_field = placed[2] if len(placed) > 2 else "shm"
             return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape),
-                                     shm=tensor_pb2.SharedMemorySpan(offset=placed[0], length=placed[1]))
+                                     **{span_field: tensor_pb2.SharedMemorySpan(offset=placed[0], length=placed[1])})
     flat = tensor.detach().to("cpu").contiguous()
     data = flat.view(_VIEW_AS.get(flat.dtype, flat.dtype)).numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
-def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND) -> torch.Tensor:
+def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.
 
     The result shares memory with the message's bytes and is read-only in spirit: clone it
     before an in-place write. A tensor in shared memory (`shm`) is a view of `segment`
     (shm_segment.Segment; by default that of the shared-memory call served in this context),
-    valid while that call lasts; with no such segment it is refused.
+    valid while that call lasts; with no such segment it is refused. Likewise a tensor in a CUDA
+    IPC segment (`cuda_ipc`; `cuda_segment`: cuda_ipc.CudaSegment, by default the third element of
+    the inbound call): a view of device memory.
     """
     dtype = WIRE_TO_TORCH.get(message.dtype)
     if dtype is None:
@@ -79,8 +84,12 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND) -
         raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     numel = math.prod(shape)
     itemsize = dtype.itemsize
+    if message.HasField("shm") and message.HasField("cuda_ipc"):
+        raise InvalidArgument(f"{field}.cuda_ipc", "give shm or cuda_ipc, not both")
     if message.HasField("shm"):
         return _decode_shared(message, field, segment, dtype, shape, numel * itemsize)
+    if message.HasField("cuda_ipc"):
+        return _decode_shared(message, field, cuda_segment, dtype, shape, numel * itemsize, "cuda_ipc")
     if len(message.data) != numel * itemsize:
         raise InvalidArgument(
             f"{field}.data",
@@ -97,15 +106,18 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND) -
 
 
 def _decode_shared(message: tensor_pb2.Tensor, field: str, segment, dtype: torch.dtype, shape: list[int],
-                   nbytes: int) -> torch.Tensor:
+                   nbytes: int, kind: str = "shm") -> torch.Tensor:
     if segment is INBOUND:
         call = inbound_call.get()
-        segment = call[0] if call is not None else None
+        index = 0 if kind == "shm" else 2
+        segment = call[index] if call is not None and len(call) > index else None
     if segment is None:
-        raise InvalidArgument(f"{field}.shm", "shared-memory tensors are only accepted on the shared-memory data plane")
+        where = "the shared-memory data plane" + ("" if kind == "shm" else " with a CUDA IPC segment")
+        raise InvalidArgument(f"{field}.{kind}", f"{kind} tensors are only accepted on {where}")
     if message.data:
-        raise InvalidArgument(f"{field}.data", "give data or shm, not both")
-    if message.shm.length != nbytes:
-        raise InvalidArgument(f"{field}.shm.length", f"{message.shm.length} bytes do not match shape {shape} "
-                                                     f"of {dtype} ({nbytes} bytes)")
-    return segment.view(message.shm.offset, message.shm.length, dtype, shape, field)
+        raise InvalidArgument(f"{field}.data", f"give data or {kind}, not both")
+    span = getattr(message, kind)
+    if span.length != nbytes:
+        raise InvalidArgument(f"{field}.{kind}.length", f"{span.length} bytes do not match shape {shape} "
+                                                        f"of {dtype} ({nbytes} bytes)")
+    return segment.view(span.offset, span.length, dtype, shape, field)

@@ -14,7 +14,8 @@ import concurrent.futures
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from shardmesh.models.matmul import linear
 
 _threads = 1
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -57,8 +58,8 @@ def parallel_map(function: Callable, items: Sequence) -> list:
 
 
 def parallel_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(inputs [n, in], weight [out, in]) -> [n, out], the output features split over the pool."""
+    """linear(inputs [n, in], weight [out, in]) -> [n, out] (models.matmul), the output features split over the pool."""
     if _executor is None or weight.shape[0] < 1024:
-        return F.linear(inputs, weight)
+        return linear(inputs, weight)
     chunks = weight.chunk(_threads)  # views, no copy
-    return torch.cat(parallel_map(lambda chunk: F.linear(inputs, chunk), chunks), dim=-1)
+    return torch.cat(parallel_map(lambda chunk: linear(inputs, chunk), chunks), dim=-1)

@@ -10,6 +10,7 @@ import pathlib
 import re
 import tomllib
 
+from shardmesh.mesh_settings import MeshSettings
 from shardmesh.topology import ExpertServerSpec, StageSpec, Topology
 
 PORT = 50051                                   # every service listens on it inside its container
@@ -30,6 +31,11 @@ class DeploySource:
         return [*self.topology.stages, *self.topology.expert_servers]
 
     @property
+    def settings(self) -> MeshSettings:
+        """The topology file's [telemetry] and [auto_rebalance]: flags every service gets."""
+        return MeshSettings.from_toml(self.topology_text)
+
+    @property
     def topology_sha256(self) -> str:
         return hashlib.sha256(self.topology_text.encode()).hexdigest()
 
@@ -37,7 +43,7 @@ class DeploySource:
         """The arguments every service of `role` gets after `shardmesh` (the image's entrypoint)."""
         args = [role, "--model", self.model_dir_in_container, "--topology", TOPOLOGY_IN_CONTAINER,
                 "--host", "0.0.0.0", "--port", str(PORT), "--dtype", dtype]
-        return args + (["--device", device] if device else [])
+        return args + (["--device", device] if device else []) + self.settings.service_args(role)
 
 
 def load(topology_file: str | pathlib.Path, model_dir_in_container: str, model_dir: str | pathlib.Path | None = None

@@ -15,6 +15,10 @@ each listening on PORT inside its own container:
 Tokens come from the environment of `docker compose` (SHARDMESH_AUTH_TOKEN for clients,
 SHARDMESH_INTERNAL_TOKEN between services; both required); health checks need none.
 
+The topology file's [telemetry] and [auto_rebalance] (shardmesh.mesh_settings) become every
+service's flags: each container serves metrics on the same port (a Prometheus on the compose
+network scrapes `NAME:PORT`; a scaled service's replicas are the DNS name's addresses).
+
 Stages and experts start once the router has started (they retry registration until it
 answers); nothing waits for the model to load but the router's health."""
 
@@ -48,8 +52,10 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
             dtype: str = "", image: str = "") -> dict:
     """The compose file as a dict. `topology_path`: the topology file as the compose file's
     directory sees it (a bind mount source); `gpus` go to stages in turn, `expert_gpus` to
-    expert servers (none = CPU); dtype defaults to bfloat16 with GPUs, float32 without."""
-    any_gpu = bool(gpus or expert_gpus)
+    expert servers (none = CPU), unless the topology file gives a server its `device` (cuda:N: GPU N
+    reserved, cuda:0 inside its container; cpu: none); dtype defaults to bfloat16 with GPUs, float32
+    without."""
+    any_gpu = bool(gpus or expert_gpus) or any(d.startswith("cuda") for _, d in source.topology.devices)
     dtype = dtype or ("bfloat16" if any_gpu else "float32")
     image = image or f"${{{IMAGE_VARIABLE}:-shardmesh:{'cuda' if any_gpu else 'cpu'}}}"
     volumes = [f"${{{MODEL_DIR_VARIABLE}:?set it to the checkpoint directory on this host}}:"
@@ -69,6 +75,9 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
         is_stage = isinstance(spec, StageSpec)
         pool, index = (gpus, stage_index) if is_stage else (expert_gpus, expert_index)
         gpu = pool[index % len(pool)] if pool else ""
+        own = source.topology.device_of(spec.name)  # the topology file's `device` wins over the pools
+        if own:
+            gpu = own.partition(":")[2]  # "cuda:1" -> reserve GPU 1 ("cpu" -> none)
         stage_index, expert_index = stage_index + is_stage, expert_index + (not is_stage)
         command = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if gpu else "")
         command += ["--name", spec.name, "--router", router_address]

@@ -16,7 +16,9 @@ the base does not hold: create it first (see the README). Stages and experts adv
 pod IP (downward API) and experts register with their pod name as replica id. Probes are
 Kubernetes' own gRPC probes on grpc.health.v1 (the router's liveness is a TCP probe: it is
 NOT_SERVING, rightly, until every server has registered). Pod templates carry the topology's
-sha256, so changing the topology rolls every pod."""
+sha256, so changing the topology rolls every pod. The topology file's [telemetry] and
+[auto_rebalance] (shardmesh.mesh_settings) become every container's flags; with a metrics_port
+each container names it `metrics` and each pod carries the prometheus.io/scrape annotations."""
 
 from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, header, to_yaml
 from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
@@ -43,7 +45,7 @@ def _container(source: DeploySource, name: str, args: list[str], image: str, gpu
     container = {
         "name": name, "image": image, "args": args,
         "env": env + [_secret_env(INTERNAL_TOKEN_ENV, "internal-token")],
-        "ports": [{"name": "grpc", "containerPort": PORT}],
+        "ports": [{"name": "grpc", "containerPort": PORT}] + _metrics_ports(source),
         **probes,
         "volumeMounts": [{"name": "model", "mountPath": source.model_dir_in_container, "readOnly": True},
                          {"name": "topology", "mountPath": TOPOLOGY_IN_CONTAINER.rsplit("/", 1)[0], "readOnly": True}],
@@ -52,6 +54,18 @@ def _container(source: DeploySource, name: str, args: list[str], image: str, gpu
     if gpu:
         container["resources"] = {"limits": {"nvidia.com/gpu": 1}}
     return container
+
+
+def _metrics_ports(source: DeploySource) -> list[dict]:
+    port = source.settings.metrics_port  # [telemetry] metrics_port of the topology file
+    return [] if port is None else [{"name": "metrics", "containerPort": port}]
+
+
+def _scrape_annotations(source: DeploySource) -> dict:
+    """The prometheus.io/* annotations that Prometheus' usual pod discovery config keeps."""
+    port = source.settings.metrics_port
+    return {} if port is None else {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                                    "prometheus.io/path": "/metrics"}
 
 
 def _grpc_probes(startup_failures: int = 120) -> dict:
@@ -71,7 +85,8 @@ def _deployment(source: DeploySource, name: str, component: str, container: dict
             "strategy": {"type": "Recreate" if recreate else "RollingUpdate"},
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels, "annotations": {"shardmesh/topology-sha256": source.topology_sha256}},
+                "metadata": {"labels": labels, "annotations": {"shardmesh/topology-sha256": source.topology_sha256,
+                                                             **_scrape_annotations(source)}},
                 "spec": {"containers": [container], "volumes": [
                     {"name": "model", "persistentVolumeClaim": {"claimName": f"{APP}-model", "readOnly": True}},
                     {"name": "topology", "configMap": {"name": f"{APP}-topology"}}]},

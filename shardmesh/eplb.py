@@ -16,8 +16,17 @@ The plan, like EPLB's `replicate_experts` + `balanced_packing`:
    not hold that expert yet (ties: a server that holds it now, so fewer weights move);
 3. refinement: moves and swaps off the busiest server while they lower it.
 
+Layers: a stage's MoE layer waits for its slowest expert server, so a plan whose totals are even
+but which puts one layer's hot experts together is slow. Packing is tried both by server totals
+and by each server's load in the replica's own layer (EPLB packs per layer); among the plans
+whose busiest server is within LAYER_SLACK of the best, the one with the lowest `layer_cost` (sum
+over layers of that layer's busiest server) wins. Experts that had no load in the window and that
+a server holds now stay on it while it has free slots (`_keep_cold`): they cost nothing to keep
+and would have to be read again when the load moves back.
+
 A plan is returned only if it lowers the busiest server's load below the current placement's (by
-more than `min_gain`, relative); otherwise the current placement comes back unchanged. A current
+more than `min_gain`, relative), or keeps it and lowers `layer_cost` so; otherwise the current
+placement comes back unchanged. A current
 placement that breaks the budget (a drained server still holds experts) is always replaced.
 """
 
@@ -26,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 REFINED_CANDIDATES = 4  # the best packings (by peak) that the local search then improves
+LAYER_SLACK = 0.01      # a busiest server this much above the best still competes on layer_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,20 @@ class PlacementPlan:
     imbalance: float                             # max(server_load) / mean over servers with slots
     changed: bool                                # False: the current placement is kept
     current_imbalance: float                     # the same measure for the current placement (inf if it breaks the budget)
+    layer_cost: float = 0.0                      # sum over layers of the busiest server's load in that layer
+
+
+def layer_cost(load: Mapping[ExpertKey, float], replicas: Mapping[ExpertKey, Sequence[str]]) -> float:
+    """Sum over layers of the busiest server's load in that layer: the time a step waits on
+    experts when every layer waits for its slowest server (len(servers) x layers = perfect)."""
+    per_layer: dict[tuple[int, str], float] = {}
+    for key, holders in replicas.items():
+        for name in holders:
+            per_layer[key[0], name] = per_layer.get((key[0], name), 0.0) + float(load.get(key, 0.0)) / len(holders)
+    busiest: dict[int, float] = {}
+    for (layer, _), value in per_layer.items():
+        busiest[layer] = max(busiest.get(layer, 0.0), value)
+    return sum(busiest.values())
 
 
 def server_loads(load: Mapping[ExpertKey, float], replicas: Mapping[ExpertKey, Sequence[str]],
@@ -89,28 +113,55 @@ def plan_placement(load: Mapping[ExpertKey, float], slots: Mapping[str, int],
     def peak(replicas) -> float:
         return max(server_loads(weights, replicas, servers).values())
 
-    packed = []  # (peak, extra replicas, replicas): fewer extra replicas win ties
+    packed = {False: [], True: []}  # by_layer -> [(peak, extra replicas, replicas)]: fewer extra replicas win ties
     for extra, counts in enumerate(_replica_counts(weights, keys, len(servers), sum(slots[n] for n in servers) - len(keys))):
-        replicas = _pack(weights, counts, servers, slots, current)
-        if replicas is not None:
-            packed.append((peak(replicas), extra, replicas))
-    assert packed, "one replica of each expert always packs when the slots suffice"
-    best = None
-    for _, extra, replicas in sorted(packed, key=lambda p: (p[0], p[1]))[:REFINED_CANDIDATES]:
-        _refine(weights, replicas, servers, slots)
-        score = peak(replicas)
-        if best is None or score < best[0] * (1 - 1e-12) or (score <= best[0] * (1 + 1e-12) and extra < best[1]):
-            best = (score, extra, replicas)
+        for by_layer in packed:
+            replicas = _pack(weights, counts, servers, slots, current, by_layer)
+            if replicas is not None:
+                packed[by_layer].append((peak(replicas), extra, replicas))
+    assert packed[False], "one replica of each expert always packs when the slots suffice"
+    refined = []  # (peak, layer cost, extra replicas, replicas)
+    for candidates in packed.values():
+        for _, extra, replicas in sorted(candidates, key=lambda p: (p[0], p[1]))[:REFINED_CANDIDATES]:
+            _refine(weights, replicas, servers, slots)
+            refined.append((peak(replicas), layer_cost(weights, replicas), extra, replicas))
+    lowest = min(r[0] for r in refined)
+    best = min((r for r in refined if r[0] <= lowest * (1 + LAYER_SLACK) + 1e-12), key=lambda r: (r[1], r[0], r[2]))
+    best = (best[0], best[2], best[3])
     planned = {key: tuple(sorted(holders)) for key, holders in best[2].items()}
 
     current_ok = fits_budget(current, {n: slots[n] for n in servers})
     current_imbalance = imbalance(weights, current, servers) if current_ok else float("inf")
-    if current_ok and not best[0] < peak(current) * (1 - min_gain):
+    current_peak = peak(current) if current_ok else 0.0
+    lower_peak = best[0] < current_peak * (1 - min_gain)
+    # As busy at the top, but layers wait less: worth moving weights too.
+    lower_layer_cost = (best[0] <= current_peak * (1 + 1e-12)
+                        and layer_cost(weights, planned) < layer_cost(weights, current) * (1 - min_gain) - 1e-9)
+    if current_ok and not (lower_peak or lower_layer_cost):
         chosen, changed = {key: tuple(sorted(h)) for key, h in current.items()}, False
     else:
+        planned = _keep_cold(weights, planned, current, servers, slots)
         chosen, changed = planned, planned != {key: tuple(sorted(h)) for key, h in current.items()}
     return PlacementPlan(chosen, server_loads(weights, chosen, servers), imbalance(weights, chosen, servers),
-                         changed, current_imbalance)
+                         changed, current_imbalance, layer_cost(weights, chosen))
+
+
+def _keep_cold(weights, planned, current, servers, slots) -> dict[ExpertKey, tuple[str, ...]]:
+    """`planned` plus, on each server with free slots, the experts without load that it holds now
+    and the plan moved elsewhere (an extra replica of an expert with no tokens changes no load)."""
+    used = {name: 0 for name in servers}
+    for holders in planned.values():
+        for name in holders:
+            used[name] += 1
+    kept = dict(planned)
+    for key in sorted(current):
+        if weights[key] > 0:
+            continue
+        for name in current[key]:
+            if name in used and name not in kept[key] and used[name] < slots[name]:
+                kept[key] = tuple(sorted((*kept[key], name)))
+                used[name] += 1
+    return kept
 
 
 def _replica_counts(weights: dict[ExpertKey, float], keys: list[ExpertKey], num_servers: int, spare: int):
@@ -128,12 +179,14 @@ def _replica_counts(weights: dict[ExpertKey, float], keys: list[ExpertKey], num_
         yield dict(counts)
 
 
-def _pack(weights, counts, servers, slots, current) -> dict[ExpertKey, list[str]] | None:
-    """Replicas heaviest first onto the least-loaded eligible server; None if some replica finds no
-    server with a free slot that lacks its expert."""
+def _pack(weights, counts, servers, slots, current, by_layer: bool = False) -> dict[ExpertKey, list[str]] | None:
+    """Replicas heaviest first onto the least-loaded eligible server (`by_layer`: least loaded in
+    the replica's layer first, then in all); None if some replica finds no server with a free slot
+    that lacks its expert."""
     items = sorted(((weights[key] / counts[key], key) for key in counts for _ in range(counts[key])),
                    key=lambda item: (-item[0], item[1]))
     totals = {name: 0.0 for name in servers}
+    in_layer: dict[tuple[int, str], float] = {}  # (layer, server) -> load so far
     free = {name: slots[name] for name in servers}
     replicas: dict[ExpertKey, list[str]] = {key: [] for key in counts}
     order = {name: i for i, name in enumerate(servers)}
@@ -143,9 +196,13 @@ def _pack(weights, counts, servers, slots, current) -> dict[ExpertKey, list[str]
             return None
         if share == 0:  # costs nothing anywhere: stay put if possible (nothing to load)
             target = min(eligible, key=lambda n: (n not in current[key], totals[n], -free[n], order[n]))
+        elif by_layer:
+            target = min(eligible, key=lambda n: (in_layer.get((key[0], n), 0.0), totals[n], n not in current[key],
+                                                  -free[n], order[n]))
         else:  # least loaded; then one that holds the expert now; then most free slots
             target = min(eligible, key=lambda n: (totals[n], n not in current[key], -free[n], order[n]))
         replicas[key].append(target)
+        in_layer[key[0], target] = in_layer.get((key[0], target), 0.0) + share
         totals[target] += share
         free[target] -= 1
     return replicas

@@ -14,12 +14,16 @@ from shardmesh.config import ModelConfig
 from shardmesh.errors import InvalidArgument, NotFound, Unavailable
 from shardmesh.models import get_family
 from shardmesh.models.layers import SwiGLUMLP
+from shardmesh.models.parallel import ParallelSwiGLUMLP
+from shardmesh.split_expert import load_expert_slice
+from shardmesh.topology import ExpertSlice
 
 
 class ExpertShard:
     def __init__(self, config: ModelConfig, experts: Iterable[tuple[int, int]], reader: CheckpointReader,
-                 dtype: torch.dtype = torch.float32):
-        """Loads only `block_sparse_moe.experts.E.{w1,w2,w3}` of each (layer, expert) in `experts`."""
+                 dtype: torch.dtype = torch.float32, slices: Iterable[ExpertSlice] = ()):
+        """Loads only `block_sparse_moe.experts.E.{w1,w2,w3}` of each (layer, expert) in `experts`,
+        and only its rows / columns of each slice of a split expert in `slices` (shardmesh.split_expert)."""
         family = get_family(config.family)
         if not config.is_moe or not hasattr(family, "load_expert"):
             raise ValueError(f"{config.family} is a dense model: it has no experts to hold")
@@ -30,6 +34,17 @@ class ExpertShard:
         self.experts: list[tuple[int, int]] = []
         self._mlps: dict[tuple[int, int], SwiGLUMLP] = {}
         self.add(experts, reader)
+        self.slices: dict[tuple[int, int], tuple[ExpertSlice, ParallelSwiGLUMLP]] = {
+            (piece.layer, piece.expert): (piece, load_expert_slice(config, reader, piece, dtype)) for piece in slices}
+
+    def holds_slice(self, layer: int, expert: int, rank: int, tp: int) -> bool:
+        held = self.slices.get((layer, expert))
+        return held is not None and (held[0].rank, held[0].tp) == (rank, tp)
+
+    def compute_slice(self, layer: int, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This server's slice of a split expert: [n, H] -> its partial output [n, H] (the stage sums
+        the slices'). The caller has checked `holds_slice` and the shape."""
+        return self.slices[(layer, expert)][1](hidden_states.to(self.device, self.dtype))
 
     def holds(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._mlps

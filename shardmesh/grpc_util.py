@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shardmesh.errors import RequestError
 from shardmesh.request_guard import MalformedRequestGuard
-from shardmesh.security import Security
+from shardmesh.security import HandshakeWatch, Security
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,30 +29,36 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-# Servers accept client keepalive pings every 5 s or more.
-SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+# Servers accept client keepalive pings every 0.5 s or more (stage -> expert channels ping every
+# second, to find a frozen peer fast: stage_server/remote_experts.py FAST_FAILURE_OPTIONS).
+SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 500)]
 
 CONTROL_DEADLINE_S = 10.0  # registration, placement, free, info calls
 
 
-def new_server(security: Security | None = None, max_receive_bytes: int | None = None) -> grpc.aio.Server:
+def new_server(security: Security | None = None, max_receive_bytes: int | None = None,
+               interceptors=()) -> grpc.aio.Server:
     """A server with our options (`max_receive_bytes` overrides the receive limit) whose calls
-    are token-checked as `security` says (see shardmesh.security), then refused with
-    INVALID_ARGUMENT when their bytes are not the method's message (see shardmesh.request_guard)."""
+    are token-checked as `security` says (see shardmesh.security), then go through `interceptors`
+    (e.g. router.admission's gate), then are refused with INVALID_ARGUMENT when their bytes are
+    not the method's message (see shardmesh.request_guard)."""
     options = [(key, max_receive_bytes if key == "grpc.max_receive_message_length" and max_receive_bytes else value)
                for key, value in SERVER_OPTIONS]
-    interceptors = [*(security.server_interceptors() if security else ()), MalformedRequestGuard()]
+    interceptors = [*(security.server_interceptors() if security else ()), *interceptors, MalformedRequestGuard()]
     return grpc.aio.server(options=options, interceptors=interceptors)
 
 
-def open_channel(address: str, security: Security | None = None) -> grpc.aio.Channel:
+def open_channel(address: str, security: Security | None = None,
+                 options: dict[str, int] | None = None) -> grpc.aio.Channel:
     """A channel to another service: TLS (presenting our certificate under mutual TLS) and the
-    internal token when `security` has them, plaintext otherwise."""
+    internal token when `security` has them, plaintext otherwise. `options` override or add to
+    GRPC_OPTIONS (e.g. keepalive and reconnect backoff of a channel that must notice a dead peer fast)."""
     interceptors = (security.channel_interceptors() or None) if security else None
+    merged = list({**dict(GRPC_OPTIONS), **(options or {})}.items())
     if security is not None and security.tls:
-        return grpc.aio.secure_channel(address, security.channel_credentials(), options=GRPC_OPTIONS,
+        return grpc.aio.secure_channel(address, security.channel_credentials(), options=merged,
                                        interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=merged, interceptors=interceptors)
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
@@ -91,12 +97,19 @@ class RunningServer:
     def __init__(self, server: grpc.aio.Server, host: str, port: int, servicer, health, on_stop=None):
         self.server, self.host, self.port, self.servicer, self.health = server, host, port, servicer, health
         self._on_stop = on_stop
+        self._first_on_stop = []  # on_stop_first
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def on_stop_first(self, callback) -> None:
+        """Run `callback()` (a coroutine function) first when stopping, before the server stops."""
+        self._first_on_stop.append(callback)
+
     async def stop(self, grace: float | None = 1.0) -> None:
+        for callback in self._first_on_stop:
+            await callback()
         await self.server.stop(grace)
         if self._on_stop is not None:
             await self._on_stop()
@@ -136,27 +149,55 @@ def translate_errors(method):
     return wrapper
 
 
+class TLSHandshakeError(ConnectionError):
+    """A peer and this process cannot agree on TLS (certificates, CA, or TLS on one side only):
+    retrying cannot help, so it is raised at once instead of waiting out a deadline."""
+
+
+async def retry_until(attempt, timeout: float, first_delay: float, max_delay: float, timeout_error,
+                      peer: str = "the peer"):
+    """Call `attempt(remaining_s)` until it returns something other than None, sleeping between
+    tries with exponential backoff (first_delay doubling up to max_delay). A gRPC error UNAVAILABLE
+    or DEADLINE_EXCEEDED (the peer is not there yet) counts as None; any other is raised at once,
+    and so is a failed TLS handshake with `peer` (TLSHandshakeError, within a second or so).
+    After `timeout` s raises `timeout_error(last_error)` (last_error: the last such gRPC error or None)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay, last_error = first_delay, None
+    handshake = HandshakeWatch()
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise timeout_error(last_error)
+        try:
+            result = await attempt(remaining)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            why = handshake.failure(error.details()) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+            if why is not None:
+                raise TLSHandshakeError(f"{peer}: {why}") from error
+            result, last_error = None, error
+        if result is not None:
+            return result
+        if loop.time() + delay > deadline:
+            raise timeout_error(last_error)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
+
+
 async def wait_for_health(address: str, timeout: float, service: str = "",
                           security: Security | None = None) -> None:
     """Poll grpc.health.v1 on `address` until SERVING; raise TimeoutError after `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.02
     async with open_channel(address, security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 2.0))
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 2, 0.5)
+
+        async def serving(remaining: float) -> bool | None:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 2.0))
+            return True if reply.status == health_pb2.HealthCheckResponse.SERVING else None
+
+        await retry_until(serving, timeout, 0.02, 0.5,
+                          lambda error: TimeoutError(f"{address} not SERVING after {timeout:.0f} s"), peer=address)
 
 
 async def register_with_router(router_address: str, request: router_pb2.RegisterServerRequest,
@@ -165,20 +206,21 @@ async def register_with_router(router_address: str, request: router_pb2.Register
     """Register this server, retrying while the router is not reachable yet (bounded by `timeout`).
 
     A refusal (wrong layers, wrong model...) is raised at once: retrying cannot fix it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.05
     async with open_channel(router_address, security) as channel:
         stub = router_pb2_grpc.RegistryStub(channel)
-        while True:
-            try:
-                return await stub.RegisterServer(request, timeout=CONTROL_DEADLINE_S)
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
-                if loop.time() + delay > deadline:
-                    raise TimeoutError(f"router at {router_address} unreachable for {timeout:.0f} s "
-                                       f"(last: {error.details()}; a TLS mismatch looks like this too)") from error
-                log.info("router %s not reachable yet (%s); retrying", router_address, error.code().name)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        tries = 0
+
+        async def register(remaining: float) -> router_pb2.RegisterServerResponse:
+            nonlocal tries
+            if tries:
+                log.info("router %s not reachable yet; retrying", router_address)
+            tries += 1
+            return await stub.RegisterServer(request, timeout=CONTROL_DEADLINE_S)
+
+        def unreachable(error: grpc.aio.AioRpcError | None) -> TimeoutError:
+            last = error.details() if error is not None else "no answer"
+            return TimeoutError(f"router at {router_address} unreachable for {timeout:.0f} s "
+                                f"(last: {last})")
+
+        return await retry_until(register, timeout, 0.05, 1.0, unreachable, peer=f"router at {router_address}")
+

@@ -3,7 +3,8 @@
 The router starts first on a port the OS chooses (it writes it to a file); stage and expert
 servers then start with `--router` and register themselves. `Launcher` waits for the router's
 grpc.health.v1 SERVING, watches its children, and stops them all (SIGTERM, then SIGKILL after a
-grace period) when it is closed."""
+grace period) when it is closed. The topology file's [telemetry] and [auto_rebalance] tables
+(shardmesh.mesh_settings) become every service's flags, as in the generated compose file."""
 
 import asyncio
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 from shardmesh.config import ModelConfig
 from shardmesh.mesh_secrets import MeshSecrets, TlsFiles
+from shardmesh.mesh_settings import MeshSettings
 from shardmesh.topology import Topology
 
 
@@ -58,8 +60,11 @@ class Launcher:
             topology_file.write_text(topology.to_toml())
         self.topology_file = pathlib.Path(topology_file).absolute()
         self.topology = Topology.from_file(self.topology_file, self.config)
+        # [telemetry] / [auto_rebalance] of the topology file: the same flags as the compose file's.
+        self.settings = MeshSettings.from_toml(self.topology_file.read_text())
+        self.metrics_ports: dict[str, int] = {}  # service -> its --metrics-port (0 = its own choice; see command)
         self.host, self.dtype, self.threads, self.log_level = host, dtype, threads_per_service, log_level
-        self.device = device  # every service's; "" dtype = each service's default for it
+        self.device = device  # every service's ("" = each server's in the topology, else cpu); "" dtype = its default
         self.service_args = {role: list(args) for role, args in (service_args or {}).items()}
         self.compute_threads = compute_threads or min(2, os.cpu_count() or 1)
         self.ready_timeout = ready_timeout
@@ -74,15 +79,34 @@ class Launcher:
         return self.secrets.client_token
 
     def _spawn(self, name: str, role: str, *extra: str) -> None:
-        command = [sys.executable, "-m", "shardmesh.cli", role, "--model", str(self.model_dir),
-                   "--topology", str(self.topology_file), "--host", self.host, "--device", self.device,
-                   *(["--dtype", self.dtype] if self.dtype else []),
-                   "--threads", str(self._threads(role)), "--log-level", self.log_level,
-                   *(["--compute-threads", str(self.compute_threads)] if role != "router" else []),
-                   *self.service_args.get(role, ()), *self.secrets.service_args(role), *extra]
+        command = self.command(name, role, *extra)
         log_file = open(self.workdir / f"{name.replace('/', '-')}.log", "wb")  # "stage-0/tp1" -> stage-0-tp1.log
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def command(self, name: str, role: str, *extra: str) -> list[str]:
+        """The command line of service `name` (`extra` last: it overrides)."""
+        metrics_port = None
+        if self.settings.metrics_port is not None:  # one host: the router gets the file's port, the next ones +1, +2, ...
+            metrics_port = self.metrics_ports.setdefault(
+                name, self.settings.metrics_port and self.settings.metrics_port + len(self.metrics_ports))
+        return [sys.executable, "-m", "shardmesh.cli", role, "--model", str(self.model_dir),
+                "--topology", str(self.topology_file), "--host", self.host,
+                *(["--device", self.device] if self.device else []),  # "": the topology's per server
+                *(["--dtype", self.dtype] if self.dtype else []),
+                "--threads", str(self._threads(role)), "--log-level", self.log_level,
+                *(["--compute-threads", str(self.compute_threads)] if role != "router" else []),
+                *self.settings.service_args(role, metrics_port),
+                *self.service_args.get(role, ()), *self.secrets.service_args(role), *extra]
+
+    def add_expert_replica(self, name: str, replica_id: str, port: int = 0) -> subprocess.Popen:
+        """Start one more replica of expert server `name` (as `docker compose up --scale` would; port
+        0 = the OS chooses) once the router runs: it registers and joins the placement. Its process is
+        `processes[f"{name}@{replica_id}"]` (a restart with the same id replaces it there)."""
+        key = f"{name}@{replica_id}"
+        self._spawn(key, "expert", "--name", name, "--replica-id", replica_id, "--router", self.router_address,
+                    *(["--port", str(port)] if port else []))
+        return self.processes[key]
 
     def _threads(self, role: str) -> int:
         return self.threads.get(role, 1) if isinstance(self.threads, dict) else self.threads
@@ -111,6 +135,9 @@ class Launcher:
             rendezvous = ["--tp-rendezvous", f"{self.host}:{_free_port(self.host)}"] if spec.tp > 1 else []
             for name in spec.shard_names():
                 self._spawn(name, "stage", "--name", name, "--router", self.router_address, *rendezvous)
+            for replica_id in spec.replica_ids()[1:]:  # standbys: "stage-1@standby-1" in self.processes
+                self._spawn(f"{spec.name}@{replica_id}", "stage", "--name", spec.name, "--replica-id", replica_id,
+                            "--router", self.router_address)
         for spec in self.topology.expert_servers:
             self._spawn(spec.name, "expert", "--name", spec.name, "--router", self.router_address)
         asyncio.run(self._wait_serving(deadline))
@@ -141,10 +168,16 @@ class Launcher:
                         announced.add(server.name)
                         self.progress(f"{server.name} registered at {server.address} "
                                       f"({len(announced)}/{len(status.servers)})")
-                if status is not None and status.serving:
+                if status is not None and status.serving and self._standbys_registered(status):
                     await wait_for_health(self.router_address, remaining, security=security)  # grpc.health.v1 agrees
                     return
                 await asyncio.sleep(0.1)
+
+    def _standbys_registered(self, status) -> bool:
+        """Whether every stage lists its active server and all its standbys (they register after it)."""
+        wanted = {spec.name: 1 + spec.standbys for spec in self.topology.stages}
+        return all(len(server.replica_addresses) >= wanted[server.name]
+                   for server in status.servers if server.name in wanted)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service (servers first, router last), SIGKILL what is left after `grace`."""
@@ -195,6 +228,9 @@ def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_le
               f"expert server(s); logs in {launcher.workdir}", flush=True)
         address = launcher.start()
         print(f"router listening on {address}  (Ctrl-C to stop)", flush=True)
+        if launcher.metrics_ports:
+            print("metrics: " + ", ".join(f"{name} {host}:{port}" for name, port in launcher.metrics_ports.items())
+                  + ("" if all(launcher.metrics_ports.values()) else " (0: see the service's log)"), flush=True)
         token_file = launcher.secrets.client_token_file
         tls_args = f" --tls-ca {tls.ca} --tls-cert CLIENT.pem --tls-key CLIENT-key.pem" if tls else ""
         print(f"client token in {token_file}: shardmesh generate --router {address} --token-file {token_file}"

@@ -37,7 +37,7 @@ async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | N
     and return once the router reports SERVING on grpc.health.v1.
 
     Every server runs on `device` ("cpu" or "cuda:N") unless `devices` (server name -> device)
-    says otherwise; `dtype` "" is the default of `device` (bfloat16 on CUDA, float32 on CPU) and
+    or else the topology's `device` for it (Topology.device_of) says otherwise; `dtype` "" is the default of `device` (bfloat16 on CUDA, float32 on CPU) and
     one dtype serves the whole mesh, whatever the devices (the wire checks activations' dtype).
     `security` (default: none) is every service's; `router_options` go to `start_router`;
     `data_plane` ("shm" | "grpc") is every service's (ServiceConfig.data_plane)."""
@@ -57,7 +57,8 @@ async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | N
     try:
         def config(name: str, **more) -> ServiceConfig:
             return dataclasses.replace(base, name=name, router_address=address, topology=base.topology,
-                                       device=devices.get(name, base.device), **more)
+                                       device=devices.get(name) or base.topology.device_of(name) or base.device,
+                                       **more)
 
         # Every shard of a tensor-parallel stage (tp > 1) meets its group at one rendezvous address.
         rendezvous = {s.name: f"127.0.0.1:{free_port()}" if s.tp > 1 else "" for s in base.topology.stages}

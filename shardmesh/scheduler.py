@@ -5,28 +5,26 @@ freed on every stage. With `micro_batches` M > 1 the running sequences are sprea
 that step concurrently, so with S stages up to M micro-batches are in flight and every stage
 works while the others do (M = S fills the pipeline). With `prefill_chunk_tokens` C > 0 a lane's
 step carries at most C prompt tokens: a long prompt is prefilled over several steps while the
-lane's other sequences go on decoding. The scheduler is core code: the pipeline it drives is any
+lane's other sequences go on decoding. When the pipeline replaces a stage (its `epoch` changes:
+router/failover.py), every running sequence has lost its KV cache there: at its lane's next step
+the scheduler frees it on every stage and replays its tokens so far (prompt + generated) as one
+prefill from position 0, then samples the next token from that replay's logits (as Petals does;
+see `Scheduler._replay`). The scheduler is core code: the pipeline it drives is any
 object with `step` and `free` (the router's gRPC pipeline in production, a local chain of
 StageModels in tests).
 """
 
 import asyncio
-import dataclasses
 import logging
 import typing
 
 import torch
 
-from shardmesh.sampling import Sampler
+from shardmesh.errors import Unavailable
+# The sequence types live in shardmesh.sequence; importable from here as before.
+from shardmesh.sequence import MAX_REPLAYS, KVLost, Sequence, SequenceSlice, TokenEvent  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceSlice:
-    sequence_id: int
-    start_position: int
-    num_tokens: int
 
 
 class Pipeline(typing.Protocol):
@@ -39,42 +37,9 @@ class Pipeline(typing.Protocol):
     async def free(self, sequence_ids: list[int]) -> None:
         """Drop these sequences' KV caches everywhere (best effort, never raises)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    index: int                       # among generated tokens
-    finish_reason: str | None        # "length" | "stop" | None
-    logits: torch.Tensor | None      # [V] fp32 when asked for
-
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    sequence_id: int
-    prompt: list[int]
-    max_new_tokens: int
-    stop_token_ids: frozenset[int]
-    sampler: Sampler
-    return_logits: bool = False
-    generated: list[int] = dataclasses.field(default_factory=list)
-    events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)  # TokenEvent | Exception
-    prefilled_tokens: int = 0        # prompt tokens already through the pipeline
-    cancelled: bool = False
-    finished: bool = False
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled_tokens < len(self.prompt)
-
-    def next_slice(self, max_prompt_tokens: int) -> tuple[SequenceSlice, list[int]]:
-        """The tokens of this sequence's next step: up to `max_prompt_tokens` (>= 1) of the prompt
-        while prefilling, else the last generated token."""
-        if self.prefilling:
-            start = self.prefilled_tokens
-            count = min(len(self.prompt) - start, max_prompt_tokens)
-            return SequenceSlice(self.sequence_id, start, count), self.prompt[start:start + count]
-        position = len(self.prompt) + len(self.generated) - 1
-        return SequenceSlice(self.sequence_id, position, 1), self.generated[-1:]
+    # Optional: `epoch` (int) changes whenever a stage is replaced; a sequence whose KV caches
+    # were built at another epoch is replayed. A step during which it changes raises KVLost.
+    # Without it the pipeline never loses KV.
 
 
 class Scheduler:
@@ -114,6 +79,14 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until no sequence waits or runs; return whether none does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        return not self.active
+
     def submit(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
         self._wake.set()
@@ -150,12 +123,13 @@ class Scheduler:
         await self._drop_cancelled(lane)
         batch = self.lanes[lane] + self._join(lane)
         self.lanes[lane] = batch
+        await self._replay(lane, batch)
         budget = self.prefill_chunk_tokens or float("inf")
         stepping, slices, token_ids = [], [], []
         for sequence in batch:
             if sequence.prefilling and budget <= 0:
                 continue  # its prompt goes on at a later step; the others decode meanwhile
-            piece, ids = sequence.next_slice(int(min(budget, len(sequence.prompt))))
+            piece, ids = sequence.next_slice(int(min(budget, sequence.context_length)))
             if sequence.prefilling:
                 budget -= piece.num_tokens
             stepping.append(sequence)
@@ -165,6 +139,17 @@ class Scheduler:
             return False
         try:
             logits = await self.pipeline.step(slices, torch.tensor(token_ids, dtype=torch.int64))  # [B, V]
+        except KVLost as error:  # a stage was replaced: these sequences replay at the lane's next step
+            log.warning("step of %d sequences lost its KV caches (%s): replaying them", len(stepping), error)
+            for sequence in stepping:
+                sequence.lost_steps += 1
+                if sequence.lost_steps > MAX_REPLAYS:
+                    sequence.finished = True
+                    sequence.events.put_nowait(Unavailable("stage", f"sequence {sequence.sequence_id}: "
+                                                           f"{sequence.lost_steps} steps in a row lost the KV "
+                                                           f"caches (stages replaced): giving up"))
+            await self._retire(lane, [s for s in stepping if s.finished])
+            return True
         except Exception as error:
             log.warning("step failed for %d sequences: %s", len(stepping), error)
             for sequence in stepping:
@@ -177,10 +162,10 @@ class Scheduler:
         self.steps += 1
         done = []
         for sequence, piece, row in zip(stepping, slices, logits):
-            if sequence.prefilling:
-                sequence.prefilled_tokens += piece.num_tokens
-                if sequence.prefilling:
-                    continue  # a prompt chunk short of the prompt's end: no token to sample yet
+            sequence.lost_steps = 0
+            sequence.fed_tokens += piece.num_tokens
+            if sequence.fed_tokens < sequence.context_length:
+                continue  # a prompt (or replay) chunk short of its end: no token to sample yet
             if sequence.cancelled:
                 done.append(sequence)
                 continue
@@ -197,6 +182,29 @@ class Scheduler:
                 done.append(sequence)
         await self._retire(lane, done)
         return True
+
+    async def _replay(self, lane: int, batch: list[Sequence]) -> None:
+        """Sequences of `batch` whose KV caches were built before the pipeline's epoch changed (a
+        stage was replaced) are freed on every stage and fed again from position 0.
+
+        Why all stages: the replacement lacks the KV, and its inputs (hidden states of every
+        position) come from the stages before it, which the router does not keep; those stages may
+        also hold one step more than the others (the step that failed). Rebuilding everywhere costs
+        one prefill of the prefix per stage, once per failover, and each stage receives the prefix
+        exactly once; the intact stages after the replaced one are the only avoidable work."""
+        epoch = getattr(self.pipeline, "epoch", 0)
+        stale = [s for s in batch if s.kv_epoch != epoch]
+        for sequence in stale:
+            sequence.kv_epoch = epoch
+        lost = [s for s in stale if s.fed_tokens]
+        if not lost:
+            return
+        for sequence in lost:
+            sequence.fed_tokens = 0
+            sequence.replays += 1
+        log.warning("replaying %d sequences (%d tokens) after a stage was replaced", len(lost),
+                    sum(s.context_length for s in lost))
+        await self.pipeline.free([s.sequence_id for s in lost])
 
     async def _drop_cancelled(self, lane: int) -> None:
         self.waiting = [s for s in self.waiting if not s.cancelled]

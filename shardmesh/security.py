@@ -11,6 +11,10 @@ not token-checked: it is then protected by mutual TLS, or explicitly opened with
 
 TLS: cert + key make every server speak TLS. A CA makes it mutual: servers require a client
 certificate signed by that CA, and outgoing channels present their own and trust only that CA.
+`--tls-clients-without-certificates` (typically on the router only) keeps the encryption and the
+CA for outgoing calls but lets peers of that port connect without a certificate: public clients
+then authenticate with the bearer token alone, while the other services' ports stay mutual TLS.
+A failed handshake is reported at once, naming TLS (`HandshakeWatch`), not retried to a deadline.
 Needs grpcio and the standard library only (the client SDK and `shardmesh generate` use it).
 """
 
@@ -29,6 +33,35 @@ CLIENT_SERVICES = frozenset({"shardmesh.v1.Router"})
 # Admin (live rebalancing) changes where activations go: operators and services only.
 INTERNAL_SERVICES = frozenset({"shardmesh.v1.Registry", "shardmesh.v1.Stage", "shardmesh.v1.Expert",
                                "shardmesh.v1.DataPlane", "shardmesh.v1.Admin"})
+
+
+# What a failed TLS handshake looks like to the side that connects. When it refuses the server
+# (a certificate it does not trust, or a plaintext server) grpc says so in the details; when the
+# server refuses it (no client certificate, one from another CA, plaintext to a TLS port) grpc
+# only reports the connection closed at once, which a peer that is merely down never does (that
+# is "Connection refused"): CLOSED_AT_ONCE_LIMIT such closes in a row count as a refusal.
+_HANDSHAKE_MARKERS = ("handshake failed", "ssl_error", "certificate_verify_failed", "wrong_version_number")
+CLOSED_AT_ONCE_LIMIT = 3
+TLS_HINT = ("check that both sides agree on TLS and trust each other's certificates (--tls-ca, --tls-cert, "
+            "--tls-key; under mutual TLS the connecting side needs a certificate signed by the server's CA)")
+
+
+class HandshakeWatch:
+    """Tells, from the UNAVAILABLE details of successive attempts to reach one peer, when a TLS
+    handshake has failed for good (see above); `failure(details)` returns why, else None."""
+
+    def __init__(self):
+        self.closed_at_once = 0
+
+    def failure(self, details: str) -> str | None:
+        text = (details or "").lower()
+        if any(marker in text for marker in _HANDSHAKE_MARKERS):
+            return f"TLS handshake failed: {details}; {TLS_HINT}"
+        self.closed_at_once = self.closed_at_once + 1 if "socket closed" in text else 0
+        if self.closed_at_once >= CLOSED_AT_ONCE_LIMIT:
+            return (f"the server closed the connection during the TLS handshake {self.closed_at_once} times in a row "
+                    f"(it refuses this side's certificate, or the lack of one, or plaintext): {TLS_HINT}")
+        return None
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -62,6 +95,9 @@ class Security:
     tls_cert: bytes | None = dataclasses.field(default=None, repr=False)  # PEM chain of this process
     tls_key: bytes | None = dataclasses.field(default=None, repr=False)   # PEM private key
     tls_ca: bytes | None = dataclasses.field(default=None, repr=False)    # PEM CA: mutual TLS
+    # With a CA: False lets clients of this process's port connect without a certificate (server
+    # TLS only; they authenticate with a bearer token). Outgoing calls still present ours.
+    require_client_certificates: bool = True
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -87,9 +123,14 @@ class Security:
     def mutual_tls(self) -> bool:
         return self.tls_ca is not None
 
+    @property
+    def requires_peer_certificates(self) -> bool:
+        """Whether this process's port refuses a peer without a certificate signed by the CA."""
+        return self.mutual_tls and self.require_client_certificates
+
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)], root_certificates=self.tls_ca,
-                                           require_client_auth=self.mutual_tls)
+                                           require_client_auth=self.requires_peer_certificates)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Trust the CA (system roots without one); present our certificate when TLS is mutual."""
@@ -206,6 +247,11 @@ def add_tls_arguments(parser: argparse.ArgumentParser, client: bool = False) -> 
     parser.add_argument("--tls-ca", type=pathlib.Path, metavar="PEM",
                         help="CA to trust: connect with TLS" if client
                         else "CA: mutual TLS (require and present certificates signed by it)")
+    if not client:
+        parser.add_argument("--tls-clients-without-certificates", action="store_true",
+                            help="with --tls-ca: peers of this port may connect with TLS but no certificate "
+                                 "(they authenticate with their bearer token); outgoing calls still present "
+                                 "this service's certificate. Needs the internal token.")
 
 
 def add_service_security_arguments(parser: argparse.ArgumentParser, role: str) -> None:
@@ -226,7 +272,12 @@ def service_security(args: argparse.Namespace, role: str) -> Security:
     The router needs a client token; every service needs its internal ports protected by an
     internal token or mutual TLS (else anyone reaching a port could register or feed a stage)."""
     client_file = getattr(args, "auth_token_file", None)
+    without_certificates = getattr(args, "tls_clients_without_certificates", False)
+    if without_certificates and args.tls_ca is None:
+        raise ValueError("--tls-clients-without-certificates needs --tls-ca (without it no certificate is asked anyway)")
     if args.no_auth:
+        if without_certificates:
+            raise ValueError("--tls-clients-without-certificates needs tokens: it contradicts --no-auth")
         if client_file or args.internal_token_file:
             raise ValueError("--no-auth contradicts a token file")
         return Security.from_files(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
@@ -238,7 +289,8 @@ def service_security(args: argparse.Namespace, role: str) -> Security:
                          "(or --no-auth, for local use only)")
     if role != "router":
         security = dataclasses.replace(security, client_token=None)  # never sent nor accepted here
-    if security.internal_token is None and not security.mutual_tls:
+    security = dataclasses.replace(security, require_client_certificates=not without_certificates)
+    if security.internal_token is None and not security.requires_peer_certificates:
         raise ValueError(f"internal services need --internal-token-file FILE, ${INTERNAL_TOKEN_ENV} or mutual "
                          "TLS (--tls-ca) (or --no-auth, for local use only)")
     return security

@@ -26,9 +26,15 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             parser.add_argument("--tp-rendezvous", default="", metavar="HOST:PORT",
                                 help="shards of a tensor-parallel stage (tp > 1 in the topology): where their group "
                                      "meets; the stage's rank 0 binds it, every shard is given the same")
-        if role == "expert":
-            parser.add_argument("--replica-id", default="", help="tells replicas of one expert server apart "
-                                "(one scaled service: e.g. {hostname}); default: the only one")
+            parser.add_argument("--tp-join-timeout", type=float, default=120.0, metavar="SECONDS",
+                                help="how long the shards of a TP stage wait for each other to join; then the stage "
+                                     "is NOT_SERVING with the reason (default %(default)s)")
+            parser.add_argument("--tp-collective-timeout", type=float, default=60.0, metavar="SECONDS",
+                                help="how long one AllReduce waits for a peer; then the group is lost and the stage "
+                                     "NOT_SERVING (default %(default)s)")
+        parser.add_argument("--replica-id", default="", help="tells replicas of one server apart: an expert server "
+                            "scaled to several (e.g. {hostname}), a stage's standbys (topology `standbys`); "
+                            "default: the only one (a stage's first, active one)")
     else:
         parser.add_argument("--max-context", type=int, default=0, help="context limit (default: the model's)")
         parser.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening")
@@ -42,6 +48,13 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, metavar="C",
                             help="prompt tokens per micro-batch step, so a long prompt does not stall "
                                  "decoding (0 = whole prompts; default %(default)s)")
+        parser.add_argument("--step-timeout", type=float, default=10.0, metavar="SECONDS",
+                            help="a step's deadline at each stage: this plus 0.05 s per token of the step; past "
+                                 "it the stage is probed and, if it does not answer, replaced by a standby or "
+                                 "reported unservable (default %(default)s; see router/failover.py)")
+        parser.add_argument("--shutdown-grace", type=float, default=20.0, metavar="SECONDS",
+                            help="on SIGTERM: health NOT_SERVING and new requests refused at once, streams in "
+                                 "flight may finish within this (default %(default)s)")
         parser.add_argument("--auto-rebalance", type=float, default=0.0, metavar="IMBALANCE",
                             help="re-place experts when the busiest expert server's load / mean stays above this "
                                  "(> 1) for 3 checks in a row (default 0 = off; see router/auto_rebalance.py)")
@@ -49,8 +62,9 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                             help="between auto-rebalance checks (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; binding elsewhere is explicit)")
     parser.add_argument("--port", type=int, default=0, help="port (0 = chosen by the OS)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda:N: where weights, KV caches and compute live "
-                        "(the router holds no weights and only checks it)")
+    parser.add_argument("--device", default="", help="cpu or cuda:N: where weights, KV caches and compute live "
+                        "(default: this server's `device` in the topology file, else cpu; the router holds no "
+                        "weights and only checks it)")
     parser.add_argument("--dtype", default="", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -69,6 +83,9 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = the OS chooses; default off)")
     parser.add_argument("--otlp-endpoint", default="", metavar="HOST:PORT",
                         help="export OpenTelemetry traces over OTLP/gRPC (plaintext) to this collector (default off)")
+    parser.add_argument("--trace-sample-ratio", type=float, default=1.0, metavar="R",
+                        help="with --otlp-endpoint: the share of requests the router traces, by trace id; other "
+                             "services follow the caller's decision (default %(default)s)")
     from shardmesh.security import add_service_security_arguments
     add_service_security_arguments(parser, role)
 
@@ -82,6 +99,8 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
                            router_address=getattr(args, "router", ""), host=args.host, port=args.port,
                            advertise_address=getattr(args, "advertise", ""), replica_id=getattr(args, "replica_id", ""),
                            tp_rendezvous=getattr(args, "tp_rendezvous", ""),
+                           tp_join_timeout=getattr(args, "tp_join_timeout", 120.0),
+                           tp_collective_timeout=getattr(args, "tp_collective_timeout", 60.0),
                            dtype=args.dtype, device=args.device, data_plane=args.data_plane)
     _start_telemetry(role, args)  # before serving: a bad --metrics-port fails at once
     if role == "router":
@@ -92,7 +111,7 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
         server = await start_router(config, max_context=args.max_context,
                                     max_batch_sequences=args.max_batch_sequences, max_queued=args.max_queued,
                                     micro_batches=args.micro_batches, prefill_chunk_tokens=args.prefill_chunk_tokens,
-                                    auto_rebalance=auto)
+                                    auto_rebalance=auto, step_timeout=args.step_timeout)
     elif role == "stage":
         from stage_server.main import start_stage_server
         server = await start_stage_server(config)
@@ -109,7 +128,7 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("%s: stopping", role)
-    await server.stop(grace=5.0)
+    await server.stop(grace=args.shutdown_grace if role == "router" else 5.0)
     from shardmesh.telemetry import tracing
     tracing.shutdown()  # flush spans
 
@@ -127,7 +146,9 @@ def _start_telemetry(role: str, args: argparse.Namespace) -> None:
         log.info("%s: metrics at http://%s:%d/metrics", service, args.host, port)  # tests read the port here
     if args.otlp_endpoint:
         from shardmesh.telemetry import tracing
-        tracing.configure(args.otlp_endpoint, f"shardmesh-{service}")
+        if not 0 < args.trace_sample_ratio <= 1:
+            raise ValueError(f"--trace-sample-ratio {args.trace_sample_ratio} is not in (0, 1]")
+        tracing.configure(args.otlp_endpoint, f"shardmesh-{service}", sample_ratio=args.trace_sample_ratio)
 
 
 def run_service(role: str, args: argparse.Namespace) -> int:
@@ -147,7 +168,7 @@ def run_service(role: str, args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(_serve(role, args))
-    except (ValueError, KeyError, FileNotFoundError, TimeoutError) as error:
+    except (ValueError, KeyError, FileNotFoundError, TimeoutError, ConnectionError) as error:  # TLSHandshakeError too
         log.error("%s failed to start: %s", role, error)
         return 2
     except grpc.aio.AioRpcError as error:

@@ -47,28 +47,38 @@ class ServiceConfig:
     host: str = "127.0.0.1"         # bind address: loopback unless said otherwise
     port: int = 0                   # 0 = the OS chooses
     dtype: str = ""                 # "" = default_dtype(device): bfloat16 on CUDA, float32 on CPU
-    device: str = "cpu"             # "cpu" or "cuda:N": weights, KV caches and compute live there
+    device: str = "cpu"             # "cpu" or "cuda:N": weights, KV caches and compute live there;
+    # "" = the topology's `device` for this server (Topology.device_of), else "cpu"
     advertise_address: str = ""     # HOST[:PORT] registered with the router; "" = host:bound port (see advertise.py)
-    replica_id: str = ""            # tells replicas of one expert server apart ("" = the only one)
+    replica_id: str = ""            # tells replicas of one expert server / a stage's standbys apart ("" = the first)
     # "shm": tensors to and from services of this host through shared memory (negotiated per
     # peer, gRPC bytes with the others); "grpc": always in gRPC messages (shardmesh.shm_plane).
     data_plane: str = "shm"
     # A shard of a tensor-parallel stage (tp > 1): host:port of its group's rendezvous, which rank 0
     # (the stage's own name) binds; every shard of the stage is given the same (launcher / local mesh).
     tp_rendezvous: str = ""
-    tp_join_timeout: float = 120.0  # s for every shard of the group to join (then NOT_SERVING); also each collective's
+    tp_join_timeout: float = 120.0  # s for every shard of the group to join (then NOT_SERVING with the reason)
+    tp_collective_timeout: float = 60.0  # s one AllReduce waits for a peer (then the group breaks: NOT_SERVING)
+    host_id: str = ""  # advertised to TP peers (StageInfo.host_id); "" = this host's (shm_allreduce.host_id)
+    # Stage and expert servers register again this often (s), so a restarted router gets them back
+    # (shardmesh.registration; the default is its REREGISTER_INTERVAL_S).
+    reregister_interval_s: float = 5.0
     # TLS and tokens (shardmesh.security); the default, for in-process meshes, checks nothing.
     # The command line requires tokens unless --no-auth (security.service_security).
     security: Security = dataclasses.field(default_factory=Security)
 
     def __post_init__(self):
         self.model_dir = pathlib.Path(self.model_dir)
-        self.device = check_device(self.device)
-        self.dtype = self.dtype or default_dtype(self.device)
-        if self.dtype not in DTYPES:
+        self.device = check_device(self.device) if self.device else ""  # "": the topology's, below
+        if self.dtype and self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} out of range")
+        if not self.reregister_interval_s > 0:
+            raise ValueError(f"reregister_interval_s {self.reregister_interval_s} must be > 0")
+        if not (self.tp_join_timeout > 0 and self.tp_collective_timeout > 0):
+            raise ValueError(f"tp timeouts must be > 0 s (join {self.tp_join_timeout}, "
+                             f"collective {self.tp_collective_timeout})")
         if self.data_plane not in DATA_PLANES:
             raise ValueError(f"data_plane {self.data_plane!r} is not one of {list(DATA_PLANES)}")
         self.model = ModelConfig.from_dir(self.model_dir)
@@ -80,12 +90,17 @@ class ServiceConfig:
             self.topology = Topology.default(self.model)
         if self.name:
             self.topology.server(self.name)  # raises KeyError naming what the topology has
+        if not self.device:  # the topology file's `device` for this server, else the CPU
+            self.device = check_device(self.topology.device_of(self.name) or "cpu")
+        self.dtype = self.dtype or default_dtype(self.device)
         self.advertise_address = advertise.check(self.advertise_address)
         if self.name and getattr(self.topology.server(self.name), "tp", 1) > 1 and not self.tp_rendezvous:
             raise ValueError(f"{self.name!r} is a shard of a tensor-parallel stage: it needs a tp_rendezvous (host:port)")
         self.replica_id = advertise.expand(self.replica_id)
-        if self.replica_id and not (self.name and isinstance(self.topology.server(self.name), ExpertServerSpec)):
-            raise ValueError(f"replica id {self.replica_id!r}: only expert servers have replicas, {self.name!r} is not one")
+        spec = self.topology.server(self.name) if self.name else None
+        if self.replica_id and not (isinstance(spec, ExpertServerSpec) or getattr(spec, "standbys", 0)):
+            raise ValueError(f"replica id {self.replica_id!r}: only expert servers and stages with standbys have "
+                             f"replicas, {self.name!r} is neither")
 
     def advertised(self, bound_port: int) -> str:
         """host:port to register with the router, once bound to `bound_port`."""

@@ -15,6 +15,10 @@ session key; the client creates a segment, writes a random probe at its start an
 the server maps the segment and echoes the probe, which proves both processes share it. Any
 failure on the way (another host, no /dev/shm, an older server) leaves the peer on gRPC bytes.
 Frames are protobuf (dataplane.proto), length-prefixed; nothing is pickled.
+
+GPU services (`DataPlanes(device="cuda:N")`) add a CUDA IPC segment to the hello when the server
+offers `cuda_ipc`: tensors on that device then move through device memory both map (cuda_ipc.py),
+host shared memory stays for the rest, and a server that cannot map it leaves the session host-only.
 """
 
 import asyncio
@@ -28,6 +32,7 @@ import grpc
 import torch
 
 from shardmesh import codec
+from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.grpc_util import CONTROL_DEADLINE_S
 from shardmesh.shm_segment import MAX_SEGMENT_BYTES, PROBE_BYTES, ReplyArena, Segment, align
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
@@ -97,11 +102,14 @@ class ShmCall:
     def __init__(self, channel: "ShmChannel"):
         self.channel = channel
         self.arena = ReplyArena(channel.segment, PROBE_BYTES)
+        if channel.cuda is not None:  # device tensors through the CUDA segment, the rest as before
+            self.arena = DeviceArena(self.arena, ReplyArena(channel.cuda, PROBE_BYTES))
         self.inline_bytes = 0  # tensors that did not fit and went inline (the segment grows next time)
 
     def encode(self, tensor: torch.Tensor):
+        spilled = getattr(self.arena, "spilled", 0)
         message = codec.encode(tensor, arena=self.arena)
-        self.inline_bytes += len(message.data)
+        self.inline_bytes += len(message.data) + getattr(self.arena, "spilled", 0) - spilled
         return message
 
     async def invoke(self, method: str, request, response_type, timeout: float):
@@ -109,6 +117,9 @@ class ShmCall:
         channel.call_ids += 1
         call = dataplane_pb2.ShmCall(call_id=channel.call_ids, method=method, request=request.SerializeToString(),
                                      reply_offset=align(self.arena.next))
+        if isinstance(self.arena, DeviceArena):
+            call.cuda_reply_offset = align(self.arena.device.next)
+            self.arena.publish()  # the device has written the request tensors before the server reads them
         try:
             write_frame(channel.writer, dataplane_pb2.ShmFrame(call=call))
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
@@ -127,29 +138,36 @@ class ShmCall:
     def decode(self, message, field: str) -> torch.Tensor:
         """A copy of a reply tensor (the segment is reused by the next call)."""
         self.inline_bytes += len(message.data)  # a reply tensor that did not fit in the segment
-        return codec.decode(message, field, segment=self.channel.segment).clone()
+        return codec.decode(message, field, segment=self.channel.segment, cuda_segment=self.channel.cuda).clone()
 
 
 class ShmChannel:
     """One shared-memory session with one server: its segment and socket."""
 
-    def __init__(self, peer: str, segment: Segment, reader, writer):
+    def __init__(self, peer: str, segment: Segment, reader, writer, cuda: CudaSegment | None = None):
         self.peer, self.segment, self.reader, self.writer = peer, segment, reader, writer
+        self.cuda = cuda  # the CUDA IPC segment, when the server mapped it
         self.lock = asyncio.Lock()
         self.call_ids = 0
         self.broken = False
         self.wanted = 0  # bytes the segment should have had (after an inline fallback)
 
     @classmethod
-    async def open(cls, peer: str, offer: dataplane_pb2.DataPlaneOffer, size: int) -> "ShmChannel":
+    async def open(cls, peer: str, offer: dataplane_pb2.DataPlaneOffer, size: int,
+                   cuda_device: str | None = None, ipc_backend=None) -> "ShmChannel":
         segment = Segment.create(size)
+        cuda = None
         try:
             probe = secrets.token_bytes(PROBE_BYTES)
             segment.buffer[:PROBE_BYTES] = probe
+            if offer.cuda_ipc and cuda_device is not None:
+                cuda = _cuda_segment(peer, size, cuda_device, ipc_backend, probe)
             reader, writer = await asyncio.open_unix_connection(sock=connect_unix(offer.shm_socket))
             channel = cls(peer, segment, reader, writer)
             hello = dataplane_pb2.ShmHello(session_key=offer.shm_session_key, segment=segment.name,
                                            segment_bytes=segment.size, probe=probe)
+            if cuda is not None:
+                hello.cuda_ipc_handle, hello.cuda_segment_bytes = cuda.handle, cuda.size
             write_frame(writer, dataplane_pb2.ShmFrame(hello=hello))
             reply = (await asyncio.wait_for(read_frame(reader), CONTROL_DEADLINE_S)).hello_reply
             segment.unlink()  # mapped by both (or refused): nothing stays under /dev/shm
@@ -159,10 +177,18 @@ class ShmChannel:
             if reply.probe != probe:
                 await channel.close()
                 raise DataPlaneError(grpc.StatusCode.FAILED_PRECONDITION, "the server does not share the segment")
+            if cuda is not None and reply.cuda_probe == probe:
+                channel.cuda, cuda = cuda, None
+            elif cuda is not None:
+                log.info("%s: no CUDA IPC segment (%s): device tensors go through host shared memory", peer,
+                         reply.status_details or "the server read another probe")
             return channel
         except BaseException:
             segment.close()
             raise
+        finally:
+            if cuda is not None:  # not taken by the channel
+                cuda.close()
 
     @contextlib.asynccontextmanager
     async def session(self):
@@ -180,14 +206,33 @@ class ShmChannel:
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
         self.segment.close()
+        if self.cuda is not None:
+            self.cuda.close()
+
+
+def _cuda_segment(peer: str, size: int, device: str, backend, probe: bytes) -> CudaSegment | None:
+    """Our CUDA IPC segment for a session with `peer`, the probe at its start; None when it cannot be
+    made here (no CuPy, out of device memory): the session is then host-only."""
+    try:
+        cuda = CudaSegment.create(size, device, backend)
+    except Exception as error:  # ImportError (no CuPy), CuPy's CUDA errors
+        log.info("%s: no CUDA IPC segment on %s (%s): device tensors go through host shared memory", peer, device, error)
+        return None
+    cuda.write_probe(probe)
+    return cuda
 
 
 class DataPlanes:
     """Per peer address: the shared-memory channel negotiated with it, or None (gRPC bytes)."""
 
-    def __init__(self, enabled: bool, segment_bytes: int = INITIAL_SEGMENT_BYTES):
+    def __init__(self, enabled: bool, segment_bytes: int = INITIAL_SEGMENT_BYTES, device: str = "cpu",
+                 ipc_backend=None):
         self.enabled = enabled and Segment.available()
         self.segment_bytes = segment_bytes
+        # Our device, when CUDA IPC segments can be offered to servers that map them (cuda_ipc.py);
+        # `ipc_backend` replaces CuPy (tests: a fake backend serves any device, the CPU included).
+        self.cuda_device = device if device.startswith("cuda") or ipc_backend is not None else None
+        self.ipc_backend = ipc_backend
         self._channels: dict[str, ShmChannel | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -235,11 +280,12 @@ class DataPlanes:
         if not offer.shm_socket:
             return None
         try:
-            channel = await ShmChannel.open(address, offer, size)
+            channel = await ShmChannel.open(address, offer, size, self.cuda_device, self.ipc_backend)
         except (OSError, EOFError, ValueError, DataPlaneError, asyncio.TimeoutError) as error:
             log.info("%s: no shared-memory plane (%s): tensors go in gRPC messages", address, error)
             return None
-        log.info("%s: shared-memory plane with a %d MiB segment", address, size >> 20)
+        log.info("%s: shared-memory plane with a %d MiB segment%s", address, size >> 20,
+                 " and a CUDA IPC segment" if channel.cuda is not None else "")
         return channel
 
     async def forget(self, addresses) -> None:

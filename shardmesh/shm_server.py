@@ -6,6 +6,10 @@ segment and serves its calls one at a time by calling the service's own servicer
 `codec.inbound_call` set so that the servicer's codec.decode views request tensors in the
 segment and codec.encode writes reply tensors there. Every bad frame gets a precise status (or,
 when the frame cannot even be read, the session is closed); the server keeps serving.
+
+A server on a CUDA device (`device="cuda:N"`) offers `cuda_ipc`: it maps a client's CUDA IPC
+segment named in the hello (cuda_ipc.py) and serves device tensors there (the inbound call's third
+element); a handle that does not open leaves that session on host shared memory.
 """
 
 import asyncio
@@ -19,7 +23,9 @@ from collections.abc import Callable
 import grpc
 
 from shardmesh import codec
+from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.errors import RequestError
+from shardmesh.nccl_plane import NcclEndpoint
 from shardmesh.shm_plane import read_frame, socket_path, write_frame
 from shardmesh.shm_segment import ReplyArena, Segment
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
@@ -75,8 +81,11 @@ class _Stream:
 
 
 class ShmPlaneServer:
-    def __init__(self, name: str, methods: dict[str, Method]):
+    def __init__(self, name: str, methods: dict[str, Method], device: str = "cpu", ipc_backend=None):
         self.name, self.methods = name, methods
+        # Where client CUDA IPC segments are mapped (None: not offered); `ipc_backend` replaces CuPy (tests).
+        self.cuda_device = device if device.startswith("cuda") or ipc_backend is not None else None
+        self.ipc_backend = ipc_backend
         self.socket = f"@shardmesh-{secrets.token_hex(16)}"
         self._keys: dict[bytes, float] = {}  # session key -> when offered
         self._server: asyncio.AbstractServer | None = None
@@ -96,7 +105,8 @@ class ShmPlaneServer:
             self._keys.pop(next(iter(self._keys)))
         key = secrets.token_bytes(32)
         self._keys[key] = now
-        return dataplane_pb2.DataPlaneOffer(shm_socket=self.socket, shm_session_key=key)
+        return dataplane_pb2.DataPlaneOffer(shm_socket=self.socket, shm_session_key=key,
+                                            cuda_ipc=self.cuda_device is not None)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -107,16 +117,16 @@ class ShmPlaneServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._sessions.add(asyncio.current_task())
-        segment, streams = None, {}
+        segment, cuda, streams = None, None, {}
         try:
-            segment = await self._hello(reader, writer)
+            segment, cuda = await self._hello(reader, writer)
             while segment is not None:
                 frame = await read_frame(reader)
                 if frame.WhichOneof("kind") != "call":
                     log.warning("%s: shm session sent %s instead of a call: closing it", self.name,
                                 frame.WhichOneof("kind"))
                     return
-                reply = await self._call(segment, streams, frame.call)
+                reply = await self._call(segment, streams, frame.call, cuda)
                 write_frame(writer, dataplane_pb2.ShmFrame(reply=reply))
         except EOFError:
             pass
@@ -127,12 +137,14 @@ class ShmPlaneServer:
                 await stream.close()
             if segment is not None:
                 segment.close()
+            if cuda is not None:
+                cuda.close()
             writer.close()
             self._sessions.discard(asyncio.current_task())
 
-    async def _hello(self, reader, writer) -> Segment | None:
+    async def _hello(self, reader, writer) -> tuple[Segment | None, CudaSegment | None]:
         hello = (await read_frame(reader)).hello
-        code, details, segment = grpc.StatusCode.OK, "", None
+        code, details, segment, cuda = grpc.StatusCode.OK, "", None, None
         if self._keys.pop(hello.session_key, None) is None:
             code, details = grpc.StatusCode.UNAUTHENTICATED, "hello.session_key: unknown or already used"
         else:
@@ -140,24 +152,42 @@ class ShmPlaneServer:
                 segment = Segment.attach(hello.segment, hello.segment_bytes)
             except RequestError as error:
                 code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        if segment is not None and hello.cuda_ipc_handle:
+            # Not mapped = the session goes on host-only; `details` says why (the status stays OK).
+            if self.cuda_device is None:
+                details = "hello.cuda_ipc_handle: this server maps no CUDA IPC segments"
+            else:
+                try:
+                    cuda = await asyncio.to_thread(CudaSegment.attach, hello.cuda_ipc_handle, hello.cuda_segment_bytes,
+                                                   self.cuda_device, self.ipc_backend)
+                except RequestError as error:
+                    details = str(error)
         probe = segment.probe() if segment is not None else b""
         write_frame(writer, dataplane_pb2.ShmFrame(hello_reply=dataplane_pb2.ShmHelloReply(
-            probe=probe, status_code=code.value[0], status_details=details)))
+            probe=probe, status_code=code.value[0], status_details=details,
+            cuda_probe=cuda.probe() if cuda is not None else b"")))
         await writer.drain()
-        return segment
+        return segment, cuda
 
-    async def _call(self, segment: Segment, streams: dict, call: dataplane_pb2.ShmCall) -> dataplane_pb2.ShmReply:
+    async def _call(self, segment: Segment, streams: dict, call: dataplane_pb2.ShmCall,
+                    cuda: CudaSegment | None = None) -> dataplane_pb2.ShmReply:
         method = self.methods.get(call.method)
         if method is None:
             return _status(call, grpc.StatusCode.UNIMPLEMENTED, f"method: {call.method!r} is not served on this plane")
         if call.reply_offset > segment.size:
             return _status(call, grpc.StatusCode.INVALID_ARGUMENT,
                            f"reply_offset: {call.reply_offset} is past the {segment.size}-byte segment")
+        if call.cuda_reply_offset > (cuda.size if cuda is not None else 0):
+            return _status(call, grpc.StatusCode.INVALID_ARGUMENT, f"cuda_reply_offset: {call.cuda_reply_offset} is "
+                                                                   f"past the session's CUDA segment")
         try:
             request = method.request_type.FromString(call.request)
         except Exception as error:  # protobuf's DecodeError
             return _status(call, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {method.request_type.__name__}: {error}")
-        token = codec.inbound_call.set((segment, ReplyArena(segment, call.reply_offset)))
+        arena = ReplyArena(segment, call.reply_offset)
+        if cuda is not None:
+            arena = DeviceArena(arena, ReplyArena(cuda, call.cuda_reply_offset))
+        token = codec.inbound_call.set((segment, arena, cuda))
         try:
             if method.streaming:
                 if call.method not in streams:
@@ -180,6 +210,8 @@ class ShmPlaneServer:
             return _status(call, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
         finally:
             codec.inbound_call.reset(token)
+        if cuda is not None:
+            arena.publish()  # the device has written the reply tensors before the client reads them
         return dataplane_pb2.ShmReply(call_id=call.call_id, response=response.SerializeToString())
 
 
@@ -188,22 +220,31 @@ def _status(call: dataplane_pb2.ShmCall, code: grpc.StatusCode, details: str) ->
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
-    """OfferDataPlanes on the gRPC port: the shared-memory plane when this server runs one."""
+    """OfferDataPlanes on the gRPC port: the shared-memory plane when this server runs one.
+    JoinNcclGroup: NCCL communicators of this GPU server (nccl_plane.NcclEndpoint), when it has one."""
 
-    def __init__(self, plane: ShmPlaneServer | None):
-        self.plane = plane
+    def __init__(self, plane: ShmPlaneServer | None, nccl=None):
+        self.plane, self.nccl = plane, nccl
 
     async def OfferDataPlanes(self, request, context):
         return self.plane.offer() if self.plane is not None else dataplane_pb2.DataPlaneOffer()
+
+    async def JoinNcclGroup(self, request, context):
+        if self.nccl is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server is not on a CUDA device: "
+                                                                     "it joins no NCCL communicator")
+        return await self.nccl.join(request, context)
 
 
 SERVICE_NAME = dataplane_pb2.DESCRIPTOR.services_by_name["DataPlane"].full_name
 
 
-async def start_data_plane(name: str, methods: dict[str, Method], enabled: bool):
+async def start_data_plane(name: str, methods: dict[str, Method], enabled: bool, device: str = "cpu"):
     """The shared-memory plane of one server (None when not `enabled` or without /dev/shm), and the
-    DataPlane gRPC service offering it, as (servicer, add_to_server, service name) for start_server."""
-    plane = ShmPlaneServer(name, methods) if enabled and Segment.available() else None
+    DataPlane gRPC service offering it, as (servicer, add_to_server, service name) for start_server.
+    On a CUDA `device` it also maps clients' CUDA IPC segments there."""
+    plane = ShmPlaneServer(name, methods, device=device) if enabled and Segment.available() else None
     if plane is not None:
         await plane.start()
-    return plane, (DataPlaneServicer(plane), dataplane_pb2_grpc.add_DataPlaneServicer_to_server, SERVICE_NAME)
+    nccl = NcclEndpoint(device) if device.startswith("cuda") else None  # CuPy imported at the first join
+    return plane, (DataPlaneServicer(plane, nccl), dataplane_pb2_grpc.add_DataPlaneServicer_to_server, SERVICE_NAME)

@@ -10,18 +10,30 @@
 
     tp = 2                   # optional: served by 2 tensor-parallel shard servers,
                              # "stage-1" (rank 0, the one the router talks to) and "stage-1/tp1"
+    standbys = 1             # optional: 1 more server of these layers (replica id "standby-1") that
+                             # takes over when the active one dies (router/failover.py)
+    device = "cuda:1"        # optional, any server: where it runs ("cpu" or "cuda:N"); a TP stage may
+                             # give one per shard, device = ["cuda:0", "cuda:1"]. A service's own
+                             # --device wins; without either, cpu. Compose files reserve that GPU.
 
     [[expert_server]]
     name = "experts-a"
     experts = [0, 1, 2, 3, 4]  # these expert ids in every MoE layer ...
     layers = [0, 4]            # ... of this layer range (optional: default every layer)
 
+    [[split_expert]]           # an expert too big for one server, split tensor-parallel:
+    experts = [5]              # these expert ids ...
+    layers = [0, 4]            # ... of these layers (optional: default every layer)
+    tp = 2                     # optional, = len(servers): slice r (w1/w3 rows, w2 columns) ...
+    servers = ["big-0", "big-1"]  # ... on servers[r] (expert servers, declared here if not above)
+
 Stages must tile [0, num_layers) in order; for an MoE model every (layer, expert) must be held
-by at least one expert server (more than one = replicas).
+by at least one expert server (more than one = replicas), or be split (then by no server whole).
 """
 
 import dataclasses
 import pathlib
+import re
 import tomllib
 
 from shardmesh.config import ModelConfig
@@ -33,21 +45,41 @@ class StageSpec:
     start_layer: int
     end_layer: int
     tp: int = 1  # tensor-parallel shard servers: rank 0 is `name`, rank r > 0 is `name/tp{r}`
+    standbys: int = 0  # more servers of the same layers, idle until the active one dies
 
     def shard_names(self) -> list[str]:
         return [self.name] + [f"{self.name}/tp{rank}" for rank in range(1, self.tp)]
+
+    def replica_ids(self) -> list[str]:
+        """Replica ids `shardmesh up` starts: "" (the first active one), then "standby-1", ..."""
+        return [""] + [f"standby-{i}" for i in range(1, self.standbys + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSlice:
+    """Slice `rank` of `tp` of one split expert: w1/w3 rows and w2 columns [rank * I/tp, (rank + 1) * I/tp)."""
+    layer: int
+    expert: int
+    rank: int
+    tp: int
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertServerSpec:
     name: str
     experts: tuple[tuple[int, int], ...]  # (layer, expert), sorted
+    slices: tuple[ExpertSlice, ...] = ()  # slices of split experts it holds, sorted
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
     stages: tuple[StageSpec, ...]
     expert_servers: tuple[ExpertServerSpec, ...] = ()
+    devices: tuple[tuple[str, str], ...] = ()  # (server or TP shard name, "cpu" | "cuda:N") from `device` keys
+
+    def device_of(self, name: str) -> str:
+        """The topology's device for server (or TP shard) `name`; "" when it names none."""
+        return dict(self.devices).get(name, "")
 
     def __post_init__(self):
         names = [s.name for s in self.stages] + [e.name for e in self.expert_servers]
@@ -76,6 +108,14 @@ class Topology:
                 holders.setdefault(key, []).append(spec.name)
         return holders
 
+    def splits(self) -> dict[tuple[int, int], list[str]]:
+        """(layer, expert) of each split expert -> names of the servers holding slice 0, 1, ..."""
+        slices: dict[tuple[int, int], dict[int, str]] = {}
+        for spec in self.expert_servers:
+            for piece in spec.slices:
+                slices.setdefault((piece.layer, piece.expert), {})[piece.rank] = spec.name
+        return {key: [by_rank[r] for r in sorted(by_rank)] for key, by_rank in slices.items()}
+
     def validate(self, config: ModelConfig) -> "Topology":
         """Raise ValueError unless this topology serves `config` completely."""
         from shardmesh.models.parallel import check_tp_shapes
@@ -86,6 +126,9 @@ class Topology:
                 raise ValueError(f"topology: stage {stage.name!r}: tp {stage.tp} must be >= 1 and names have no '/'")
             if stage.tp > 1:
                 check_tp_shapes(config, stage.tp)
+            if stage.standbys < 0 or (stage.standbys and stage.tp > 1):
+                raise ValueError(f"topology: stage {stage.name!r}: standbys {stage.standbys} must be >= 0, "
+                                 f"and 0 for a tensor-parallel stage (not supported yet)")
             if stage.start_layer != expected_start or stage.end_layer <= stage.start_layer:
                 raise ValueError(f"topology: stage {stage.name!r} holds [{stage.start_layer}, {stage.end_layer}) "
                                  f"but the next range must start at {expected_start} and be non-empty")
@@ -97,30 +140,64 @@ class Topology:
                 raise ValueError("topology: expert servers given for a dense model")
             return self
         holders = self.replicas()
+        splits = self._validate_splits(config, holders)
         for spec in self.expert_servers:
             for layer, expert in spec.experts:
                 if not (0 <= layer < config.num_layers and 0 <= expert < config.num_experts):
                     raise ValueError(f"topology: {spec.name!r} holds (layer {layer}, expert {expert}) "
                                      f"outside {config.num_layers} layers x {config.num_experts} experts")
-        missing = [(l, e) for l in range(config.num_layers) for e in range(config.num_experts) if (l, e) not in holders]
+        missing = [(l, e) for l in range(config.num_layers) for e in range(config.num_experts)
+                   if (l, e) not in holders and (l, e) not in splits]
         if missing:
             raise ValueError(f"topology: no expert server holds {missing[:8]}{'...' if len(missing) > 8 else ''}")
         return self
 
+    def _validate_splits(self, config: ModelConfig, holders) -> dict[tuple[int, int], list[str]]:
+        splits = self.splits()
+        for (layer, expert), servers in splits.items():
+            where = f"topology: split expert (layer {layer}, expert {expert})"
+            tps = {p.tp for s in self.expert_servers for p in s.slices if (p.layer, p.expert) == (layer, expert)}
+            if len(tps) != 1 or tps != {len(servers)} or len(set(servers)) != len(servers):
+                raise ValueError(f"{where}: needs slices 0..tp-1 on distinct servers, has {servers} (tp {sorted(tps)})")
+            if not (0 <= layer < config.num_layers and 0 <= expert < config.num_experts):
+                raise ValueError(f"{where} is outside {config.num_layers} layers x {config.num_experts} experts")
+            if (layer, expert) in holders:
+                raise ValueError(f"{where} is also held whole by {holders[(layer, expert)]}")
+            if len(servers) < 2 or config.intermediate_size % len(servers):
+                raise ValueError(f"{where}: intermediate_size {config.intermediate_size} does not split "
+                                 f"into tp {len(servers)} >= 2 slices")
+        return splits
+
     @classmethod
     def from_toml(cls, text: str, num_layers: int) -> "Topology":
+        from shardmesh.mesh_settings import TABLES as SETTINGS_TABLES, MeshSettings  # [telemetry], [auto_rebalance]
         raw = tomllib.loads(text)
-        unknown = set(raw) - {"stage", "expert_server"}
+        unknown = set(raw) - {"stage", "expert_server", "split_expert", *SETTINGS_TABLES}
         if unknown:
-            raise ValueError(f"topology: unknown tables {sorted(unknown)} (expected [[stage]], [[expert_server]])")
-        stages = tuple(StageSpec(s["name"], *_layer_range(s, num_layers), int(s.get("tp", 1))) for s in raw.get("stage", []))
+            raise ValueError(f"topology: unknown tables {sorted(unknown)} (expected [[stage]], [[expert_server]], "
+                             f"[[split_expert]], and the mesh settings {[f'[{t}]' for t in SETTINGS_TABLES]})")
+        MeshSettings.from_toml(text)  # raises naming a bad setting (they are read where services are started)
+        stages = tuple(StageSpec(s["name"], *_layer_range(s, num_layers), int(s.get("tp", 1)), int(s.get("standbys", 0)))
+                       for s in raw.get("stage", []))
         # Several tables may share one name: their experts are merged into one server.
         experts: dict[str, set[tuple[int, int]]] = {}
         for entry in raw.get("expert_server", []):
             start, end = _layer_range(entry, num_layers)
             keys = experts.setdefault(entry["name"], set())
             keys.update((layer, int(e)) for layer in range(start, end) for e in entry["experts"])
-        return cls(stages, tuple(ExpertServerSpec(name, tuple(sorted(keys))) for name, keys in experts.items()))
+        slices: dict[str, set[ExpertSlice]] = {}
+        for entry in raw.get("split_expert", []):
+            start, end = _layer_range(entry, num_layers)
+            servers = list(entry["servers"])
+            tp = int(entry.get("tp", len(servers)))
+            if tp != len(servers):
+                raise ValueError(f"topology: [[split_expert]] tp = {tp} but {len(servers)} servers {servers}")
+            for rank, name in enumerate(servers):
+                experts.setdefault(name, set())
+                slices.setdefault(name, set()).update(ExpertSlice(layer, int(e), rank, tp)
+                                                      for layer in range(start, end) for e in entry["experts"])
+        return cls(stages, tuple(ExpertServerSpec(name, tuple(sorted(keys)), _sorted_slices(slices.get(name, ())))
+                                 for name, keys in experts.items()), _devices(raw, stages))
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path, config: ModelConfig) -> "Topology":
@@ -148,13 +225,21 @@ class Topology:
 
     def to_toml(self) -> str:
         lines = []
+        devices = dict(self.devices)
         for stage in self.stages:
+            shard_devices = [devices.get(name, "") for name in stage.shard_names()]
             lines += ["[[stage]]", f'name = "{stage.name}"', f"layers = [{stage.start_layer}, {stage.end_layer}]",
-                      *([f"tp = {stage.tp}"] if stage.tp > 1 else []), ""]
+                      *([_device_line(shard_devices)] if any(shard_devices) else []),
+                      *([f"tp = {stage.tp}"] if stage.tp > 1 else []),
+                      *([f"standbys = {stage.standbys}"] if stage.standbys else []), ""]
         for spec in self.expert_servers:
             by_layer: dict[int, set[int]] = {}
             for layer, expert in spec.experts:
                 by_layer.setdefault(layer, set()).add(expert)
+            if not by_layer:  # holds only slices of split experts (below)
+                lines += ["[[expert_server]]", f'name = "{spec.name}"', "experts = []",
+                          *([_device_line([devices[spec.name]])] if spec.name in devices else []), ""]
+                continue
             # Group runs of layers that hold the same expert set into one table each.
             layers = sorted(by_layer)
             run_start = layers[0]
@@ -163,10 +248,55 @@ class Topology:
                 if last:
                     ids = ", ".join(str(e) for e in sorted(by_layer[layer]))
                     lines += ["[[expert_server]]", f'name = "{spec.name}"', f"experts = [{ids}]",
-                              f"layers = [{run_start}, {layer + 1}]", ""]
+                              f"layers = [{run_start}, {layer + 1}]",
+                              *([_device_line([devices[spec.name]])] if spec.name in devices else []), ""]
                     if i + 1 < len(layers):
                         run_start = layers[i + 1]
+        for (layer, expert), servers in sorted(self.splits().items()):  # one table per split expert
+            names = ", ".join(f'"{name}"' for name in servers)
+            lines += ["[[split_expert]]", f"experts = [{expert}]", f"layers = [{layer}, {layer + 1}]",
+                      f"tp = {len(servers)}", f"servers = [{names}]", ""]
         return "\n".join(lines)
+
+
+DEVICE = re.compile(r"cpu|cuda:\d{1,3}")
+
+
+def _devices(raw: dict, stages: tuple[StageSpec, ...]) -> tuple[tuple[str, str], ...]:
+    """The `device` keys of [[stage]] and [[expert_server]] tables, per server (TP shard) name."""
+    found: dict[str, str] = {}
+    for stage, entry in zip(stages, raw.get("stage", [])):
+        device = entry.get("device")
+        if device is None:
+            continue
+        names = stage.shard_names()
+        per_shard = list(device) if isinstance(device, list) else [device] * len(names)
+        if len(per_shard) != len(names):
+            raise ValueError(f"topology: stage {stage.name!r}: device lists {len(per_shard)} devices for tp {stage.tp}")
+        found.update(zip(names, (_check_device(d, stage.name) for d in per_shard)))
+    for entry in raw.get("expert_server", []):
+        if "device" in entry:
+            device = _check_device(entry["device"], entry["name"])
+            if found.setdefault(entry["name"], device) != device:
+                raise ValueError(f"topology: expert server {entry['name']!r}: tables give devices "
+                                 f"{found[entry['name']]!r} and {device!r}")
+    return tuple(sorted(found.items()))
+
+
+def _check_device(device, server: str) -> str:
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"topology: {server!r}: device {device!r} is not \"cpu\" or \"cuda:N\"")
+    return device
+
+
+def _device_line(devices: list[str]) -> str:
+    if len(set(devices)) == 1:
+        return f'device = "{devices[0]}"'
+    return "device = [" + ", ".join(f'"{d}"' for d in devices) + "]"
+
+
+def _sorted_slices(slices) -> tuple[ExpertSlice, ...]:
+    return tuple(sorted(slices, key=dataclasses.astuple))
 
 
 def _layer_range(entry: dict, num_layers: int) -> tuple[int, int]:

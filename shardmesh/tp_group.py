@@ -12,6 +12,10 @@ Implementations:
     GlooGroup     torch.distributed's gloo backend over TCP; rank 0 hosts the rendezvous store at
                   `rendezvous` (host:port). Built on `ProcessGroupGloo` directly, not on the global
                   default group, so several groups may live in one process (threads, tests).
+    NcclGroup     the same rendezvous and join, NCCL's AllReduce on the shard's CUDA device (no host
+                  copy). NCCL puts at most one rank of a communicator on one GPU.
+
+`group_class(device)` picks: NcclGroup for shards on CUDA, GlooGroup otherwise.
 """
 
 import datetime
@@ -101,10 +105,12 @@ def parse_rendezvous(rendezvous: str) -> tuple[str, int]:
 class GlooGroup:
     """A gloo process group over TCP. Rank 0 hosts the rendezvous store (binds `rendezvous`'s port;
     port 0 lets the OS choose, read it back from `.port`); the constructor returns once all
-    `world_size` ranks have joined, or raises TPJoinError after `timeout_s` — never hangs."""
+    `world_size` ranks have joined, or raises TPJoinError after `timeout_s` (the join timeout) —
+    never hangs. Each all_reduce then fails after `collective_timeout_s` (default: `timeout_s`)
+    when a peer does not take part (gloo notices a peer whose process died at once)."""
 
     def __init__(self, rank: int, world_size: int, rendezvous: str, timeout_s: float = 30.0,
-                 name: str = "tp", store: "dist.TCPStore | None" = None):
+                 name: str = "tp", store: "dist.TCPStore | None" = None, collective_timeout_s: float | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size, self.name = rank, world_size, name
@@ -113,10 +119,18 @@ class GlooGroup:
         try:
             self.store = store or dist.TCPStore(host, port, world_size, rank == 0, timeout, wait_for_workers=False)
             self.port = self.store.port
-            self._group = dist.ProcessGroupGloo(dist.PrefixStore(name, self.store), rank, world_size, timeout)
+            # Join: every rank announces itself and waits for the others (the join timeout); only then
+            # does gloo connect, with the collective timeout as its operations' timeout.
+            self.store.set(f"{name}/joined/{rank}", "1")
+            self.store.wait([f"{name}/joined/{r}" for r in range(world_size)], timeout)
+            collective = datetime.timedelta(seconds=collective_timeout_s or timeout_s)
+            self._group = self._process_group(dist.PrefixStore(name, self.store), collective)
         except (RuntimeError, dist.DistStoreError) as error:  # DistStoreError: a peer never joined
             raise TPJoinError(f"{name} rank {rank}/{world_size}: could not join the group at {rendezvous} "
                               f"within {timeout_s} s: {str(error).splitlines()[0]}") from error
+
+    def _process_group(self, store: "dist.Store", timeout: datetime.timedelta):
+        return dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
 
     @staticmethod
     def host_store(host: str = "127.0.0.1", world_size: int = 1, timeout_s: float = 30.0) -> "dist.TCPStore":
@@ -129,3 +143,27 @@ class GlooGroup:
         except RuntimeError as error:  # a peer died or timed out mid-collective
             raise TPJoinError(f"{self.name} rank {self.rank}: all_reduce failed: {str(error).splitlines()[0]}") from error
         return tensor
+
+
+class NcclGroup(GlooGroup):
+    """GlooGroup's rendezvous, join and errors; NCCL's AllReduce with every rank's tensors on its own
+    GPU (`device`). NCCL forms the communicator at the first all_reduce (lazy init)."""
+
+    def __init__(self, *args, device: str = "cuda:0", **kwargs):
+        self.device = torch.device(device)
+        super().__init__(*args, **kwargs)
+
+    def _process_group(self, store: "dist.Store", timeout: datetime.timedelta):
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        torch.cuda.set_device(self.device)  # NCCL binds the current device of the thread that forms it
+        return dist.ProcessGroupNCCL(store, self.rank, self.world_size, options)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert tensor.device == self.device, f"{self.name}: all_reduce of a {tensor.device} tensor on {self.device}"
+        return super().all_reduce(tensor)  # wait(): the current stream waits for NCCL's
+
+
+def group_class(device: str) -> type[GlooGroup]:
+    """The TP group of shards on `device`: NCCL on CUDA, gloo on the CPU."""
+    return NcclGroup if torch.device(device).type == "cuda" else GlooGroup

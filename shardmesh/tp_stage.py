@@ -12,21 +12,27 @@ the server's loop (`LoopBridgeExperts`).
 
 import asyncio
 import concurrent.futures
+import functools
 
 import torch
 
 from shardmesh.errors import Unavailable
 from shardmesh.stage_model import ExpertBackend, StageBatch, StageModel
-from shardmesh.tp_group import GlooGroup, TPJoinError
+from shardmesh.tp_group import GlooGroup, NcclGroup, TPJoinError, group_class
 
 
 async def join_group(rank: int, world_size: int, rendezvous: str, timeout_s: float, name: str = "tp",
-                     store=None) -> GlooGroup:
+                     store=None, collective_timeout_s: float | None = None, device: str = "cpu") -> GlooGroup:
     """Form this rank's gloo group off the event loop. Raises TPJoinError (naming the rank, the
-    rendezvous and the cause) when the group is not complete after `timeout_s` seconds."""
+    rendezvous and the cause) when the group is not complete after `timeout_s` seconds (the join
+    timeout); each collective then fails after `collective_timeout_s` (default `timeout_s`).
+    Shards on CUDA form an NCCL group (tp_group.group_class), on the CPU a gloo group."""
+    kind = group_class(device)
+    on_device = {"device": device} if kind is NcclGroup else {}
     try:
-        return await asyncio.wait_for(
-            asyncio.to_thread(GlooGroup, rank, world_size, rendezvous, timeout_s, name, store), timeout_s + 5)
+        return await asyncio.wait_for(asyncio.to_thread(functools.partial(
+            kind, rank, world_size, rendezvous, timeout_s, name, store, collective_timeout_s, **on_device)),
+            timeout_s + 5)
     except asyncio.TimeoutError:  # gloo's own timeout should have fired first; belt and braces
         raise TPJoinError(f"{name} rank {rank}/{world_size}: no group at {rendezvous} after {timeout_s} s") from None
 

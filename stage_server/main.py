@@ -1,10 +1,13 @@
 """Run one stage server: load its layers, serve, register with the router."""
 
+import asyncio
 import logging
 
 from shardmesh import grpc_util
 from shardmesh.checkpoint import CheckpointReader
+from shardmesh.registration import RouterRegistration
 from shardmesh.service_config import ServiceConfig
+from shardmesh.shm_allreduce import host_id
 from shardmesh.shm_server import Method, start_data_plane
 from shardmesh.stage_model import StageModel
 from shardmesh.topology import StageSpec
@@ -29,7 +32,10 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
     tp_group = LazyGroup(rank, spec.tp) if spec.tp > 1 else None  # joins once serving (below)
     model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype, tp=tp_group)
     reader.close()
-    servicer = StageServicer(config.name, model, RemoteExperts(config.security, data_plane=config.data_plane))
+    servicer = StageServicer(config.name, model, RemoteExperts(config.security, data_plane=config.data_plane,
+                                                               device=config.device, flops_per_row=6.0 *
+                                                               config.model.hidden_size * config.model.intermediate_size))
+    servicer.host_id = config.host_id or host_id()  # advertised to TP peers (StageInfo.host_id)
     # The router's Step stream may also come over shared memory (shardmesh.shm_plane).
     plane, plane_service = await start_data_plane(config.name, {
         f"{SERVICE_NAME}/Step": Method(stage_pb2.StepRequest, servicer.Step, streaming=True)},
@@ -41,6 +47,7 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
         if plane is not None:
             await plane.stop()
         await servicer.experts.close()
+        await servicer.backend.close()
 
     # SERVING once started; a step before the placement arrives gets FAILED_PRECONDITION.
     running = await grpc_util.start_server(servicer, stage_pb2_grpc.add_StageServicer_to_server, SERVICE_NAME,
@@ -50,16 +57,38 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
         try:
             servicer.tp_fanout = await join_stage_group(tp_group, spec.name, config.tp_rendezvous,
                                                         config.tp_join_timeout, config.advertised(running.port),
-                                                        config.security)
+                                                        config.security, servicer.host_id, config.tp_collective_timeout,
+                                                        device=config.device)
         except TPJoinError as error:  # stays NOT_SERVING, steps get UNAVAILABLE with the reason
             log.error("%s: %s", config.name, error)
+            servicer.not_serving_reason = str(error)
             return running
+        tp_group.on_break = _not_serving_on_break(config.name, servicer, running, [SERVICE_NAME, plane_service[2]])
         await grpc_util.set_serving(running.health, [SERVICE_NAME, plane_service[2]], True)
     if config.router_address and rank == 0:  # the router talks to rank 0 only (stage_server/tp_link.py)
-        await grpc_util.register_with_router(config.router_address, router_pb2.RegisterServerRequest(
-            name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=config.advertised(running.port),
-            layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),
-            model_fingerprint=config.model.fingerprint), security=config.security)
+        def request() -> router_pb2.RegisterServerRequest:
+            return router_pb2.RegisterServerRequest(
+                name=config.name, role=router_pb2.SERVER_ROLE_STAGE, address=config.advertised(running.port),
+                layers=router_pb2.LayerRange(start=spec.start_layer, end=spec.end_layer),
+                model_fingerprint=config.model.fingerprint, replica_id=config.replica_id,
+                placement_version=servicer.experts.placement.version)
+
+        registration = RouterRegistration(config.router_address, request, config.security,
+                                                    config.reregister_interval_s)
+        await registration.register()
+        registration.start()  # again every interval: a restarted router gets this stage back
+        running.on_stop_first(registration.stop)
     log.info("%s: stage server listening on %s, advertised as %s", config.name, running.address,
              config.advertised(running.port))
     return running
+
+
+def _not_serving_on_break(name: str, servicer: StageServicer, running: grpc_util.RunningServer, services: list[str]):
+    """LazyGroup.on_break: a TP group that broke (called from any thread) turns the stage NOT_SERVING."""
+    loop = asyncio.get_running_loop()
+
+    def on_break(reason: str) -> None:
+        log.error("%s: tensor-parallel group lost, NOT_SERVING: %s", name, reason)
+        servicer.not_serving_reason = reason
+        loop.call_soon_threadsafe(lambda: loop.create_task(grpc_util.set_serving(running.health, services, False)))
+    return on_break

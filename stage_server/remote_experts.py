@@ -1,12 +1,20 @@
 """RemoteExperts: the ExpertBackend a stage uses to reach expert servers over gRPC.
 
 For each MoE layer it spreads each expert's tokens over its replicas by least outstanding work
-(tokens in flight; a big group is cut into chunks, see replica_spread.py), sends every group bound
-for one server in one message, and awaits all servers concurrently."""
+(tokens in flight; a big group is cut into pieces, see replica_spread.py), sends every piece bound
+for one server in one message, and awaits all servers concurrently.
+
+Failover: expert calls are stateless, so the pieces of a server that fails a call (UNAVAILABLE or
+DEADLINE_EXCEEDED: dead, frozen, stopping, or a broken shared-memory plane) are sent again to the
+other replicas of their experts within the same step, for at most MAX_ATTEMPTS rounds. The step
+itself runs once: the stage's KV cache never sees the retry. The failed server is avoided for
+DOWN_RETRY_S (the router's health probes drop it from the placement meanwhile, router/
+expert_health.py) and called again as soon as a placement brings it back."""
 
 import asyncio
 import dataclasses
 import functools
+import logging
 import time
 
 import grpc
@@ -21,9 +29,31 @@ from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
 from stage_server.replica_spread import spread
 
-EXPERT_CALL_DEADLINE_S = 30.0
+log = logging.getLogger(__name__)
 EXPERT_METHOD = "shardmesh.v1.Expert/ComputeExperts"
 MIN_SPLIT_TOKENS = 16
+MAX_ATTEMPTS = 3      # rounds of calls for one layer's pieces: the first and two re-sends
+DOWN_RETRY_S = 10.0   # a server that failed a call is avoided this long (unless it is an expert's last replica)
+# A call's deadline scales with its work: EXPERT_CALL_BASE_S for the round trip, queueing behind the
+# server's other calls and scheduling (a ready process on a 2-core host at load average ~10 waits
+# well under a second for a core; 5 s leaves room for a few such waits), plus the expert matmuls
+# (6 * hidden * intermediate flops a row) at a pessimistic EXPERT_FLOPS_PER_S. A frozen server
+# (SIGSTOP) fails a call within ~3 s over a connected gRPC channel (keepalive, below), and within
+# the deadline otherwise (the shared-memory plane; a reconnect hanging on a frozen listener).
+EXPERT_CALL_BASE_S = 5.0
+EXPERT_FLOPS_PER_S = 1e10
+EXPERT_CALL_DEADLINE_S = 30.0  # calls that carry no work estimate (split experts, split_experts.py)
+# Stage -> expert channels ping every second and give up on a ping unanswered for 2 s: a frozen
+# peer's calls fail within ~3 s whatever their deadline. Acks come from gRPC's own threads, not the
+# server's (possibly busy) event loop, so a live server answers in time even at load ~10. A peer
+# that comes back at the same address is reconnected within a second (reconnect backoff).
+# (gRPC core also spaces pings sent while no data flows by min_time_between_pings, and gives any
+# ping, a keepalive one that joined a ping already in flight included, ping_timeout to be acked:
+# a minute each by default, which would hold back the very pings that find a frozen peer.)
+FAST_FAILURE_OPTIONS = {"grpc.keepalive_time_ms": 1_000, "grpc.keepalive_timeout_ms": 2_000,
+                        "grpc.http2.min_time_between_pings_ms": 1_000, "grpc.http2.ping_timeout_ms": 2_000,
+                        "grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 1_000}
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,94 +62,166 @@ class Placement:
     replicas: dict[tuple[int, int], tuple[str, ...]]  # (layer, expert) -> addresses
 
 
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one expert's group in a layer."""
+    expert: int
+    start: int
+    stop: int
+
+
+class ServerFailed(Exception):
+    """A call failed in a way another replica may not (the server is dead, frozen or stopping)."""
+
+
 class RemoteExperts:
-    def __init__(self, security=None, data_plane: str = "grpc"):
+    def __init__(self, security=None, data_plane: str = "grpc", device: str = "cpu", flops_per_row: float = 0.0):
+        """device: the stage's (a CUDA device adds CUDA IPC to the shared-memory plane, cuda_ipc.py);
+        flops_per_row: one expert's work on one token row (6 * hidden * intermediate), for deadlines."""
         self.security = security  # shardmesh.security.Security of the outgoing channels
         # Expert servers on this host are called over shared memory when they offer it.
-        self.data_planes = DataPlanes(enabled=data_plane == "shm")
+        self.data_planes = DataPlanes(enabled=data_plane == "shm", device=device)
         self.placement = Placement(0, {})
+        self.flops_per_row = flops_per_row
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._in_flight: dict[str, int] = {}  # address -> tokens sent and not yet answered
+        self._down: dict[str, float] = {}     # address -> monotonic time until which it is avoided
         self._turn = 0
-        self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into chunks this big
+        self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into pieces this big
         self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
+        self.failovers = 0  # pieces sent again to another replica after their server failed
 
-    def update(self, placement: Placement) -> None:
-        """Switch placement (between steps: the stage holds its step lock while calling this)."""
+    async def update(self, placement: Placement) -> None:
+        """Switch placement (between steps: the stage holds its step lock while calling this, so no
+        call is in flight). Servers that left are disconnected (gRPC channel and shared memory);
+        servers that (re)joined are called again at once, whatever failed before."""
+        before = set(self._stubs)
+        after = {a for addresses in placement.replicas.values() for a in addresses}
         self.placement = placement
-        for address in {a for addresses in placement.replicas.values() for a in addresses}:
-            if address not in self._stubs:
-                self._channels[address] = open_channel(address, self.security)
-                self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
-                self._in_flight[address] = 0
+        for address in after - before:
+            self._channels[address] = open_channel(address, self.security, FAST_FAILURE_OPTIONS)
+            self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
+            self._in_flight[address] = 0
+            self._down.pop(address, None)
+        gone = before - after
+        await self.data_planes.forget(gone)
+        for address in gone:
+            del self._stubs[address], self._in_flight[address]
+            self._down.pop(address, None)
+            await self._channels.pop(address).close()
+
+    def connected(self) -> set[str]:
+        """Addresses this stage holds a channel to (the placement's servers)."""
+        return set(self._channels)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        # A hot expert's rows may be cut into chunks over its replicas (replica_spread.py).
-        by_server: dict[str, dict[int, torch.Tensor]] = {}  # address -> expert -> its chunk [n_chunk, H]
-        chunks: dict[int, list[str]] = {}                   # expert -> addresses of its chunks, in row order
-        for expert, hidden_states in groups.items():
-            start = 0
-            for address, count in self._spread(layer, expert, hidden_states.shape[0]):
-                by_server.setdefault(address, {})[expert] = hidden_states[start:start + count]
-                chunks.setdefault(expert, []).append(address)
-                self._in_flight[address] += count
-                start += count
-        with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-            calls = [self._call(address, layer, list(parts), parts) for address, parts in by_server.items()]
-            answers = dict(zip(by_server, await asyncio.gather(*calls)))
+        outputs: dict[Piece, torch.Tensor] = {}  # piece -> its output rows [stop - start, H]
+        todo = [Piece(expert, 0, rows.shape[0]) for expert, rows in groups.items()]
+        failures: list[str] = []
+        for attempt in range(MAX_ATTEMPTS):
+            by_server: dict[str, list[Piece]] = {}
+            for piece in todo:  # a hot expert's rows may be cut into pieces over its replicas
+                start = piece.start
+                for address, count in self._spread(layer, piece.expert, piece.stop - piece.start):
+                    by_server.setdefault(address, []).append(Piece(piece.expert, start, start + count))
+                    start += count
+            with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
+                answers = await asyncio.gather(*(self._call(address, layer, pieces, groups)
+                                                 for address, pieces in by_server.items()), return_exceptions=True)
+            todo = []
+            for (address, pieces), answer in zip(by_server.items(), answers):
+                if isinstance(answer, ServerFailed):
+                    self._down[address] = time.monotonic() + DOWN_RETRY_S
+                    failures.append(str(answer))
+                    todo += pieces
+                    log.warning("%s: %s; %d rows go to other replicas (attempt %d of %d)", self.server_name,
+                                answer, sum(p.stop - p.start for p in pieces), attempt + 1, MAX_ATTEMPTS)
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    outputs.update(zip(pieces, answer))
+            if not todo:
+                break
+            self.failovers += len(todo)
+        else:
+            raise Unavailable("experts", f"layer {layer}: no replica answered after {MAX_ATTEMPTS} attempts: "
+                                         + "; ".join(failures[-2:]))
         with tracing.span("moe.combine", layer=layer):
-            return {expert: answers[addresses[0]][expert] if len(addresses) == 1
-                    else torch.cat([answers[a][expert] for a in addresses]) for expert, addresses in chunks.items()}
+            done: dict[int, list[Piece]] = {}
+            for piece in sorted(outputs, key=lambda p: (p.expert, p.start)):
+                done.setdefault(piece.expert, []).append(piece)
+            return {expert: outputs[pieces[0]] if len(pieces) == 1 else torch.cat([outputs[p] for p in pieces])
+                    for expert, pieces in done.items()}
 
     def _spread(self, layer: int, expert: int, num_tokens: int) -> list[tuple[str, int]]:
         addresses = self.placement.replicas.get((layer, expert))
         if not addresses:
             raise FailedPrecondition("placement", f"no expert server holds (layer {layer}, expert {expert})")
+        now = time.monotonic()
+        live = tuple(a for a in addresses if self._down.get(a, 0.0) <= now)
         self._turn += 1
-        return spread(num_tokens, addresses, self._in_flight, self.min_split_tokens, self._turn)
+        # Every replica failed lately: try them all again (one may be back) rather than give up.
+        return spread(num_tokens, live or addresses, self._in_flight, self.min_split_tokens, self._turn)
 
-    async def _call(self, address: str, layer: int, experts: list[int], groups: dict[int, torch.Tensor]):
+    def deadline(self, rows: int) -> float:
+        """Seconds a call of `rows` token rows may take before its server counts as failed."""
+        return EXPERT_CALL_BASE_S + rows * self.flops_per_row / EXPERT_FLOPS_PER_S
+
+    async def _call(self, address: str, layer: int, pieces: list[Piece],
+                    groups: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """One server's pieces -> their outputs, in order. ServerFailed if the server failed."""
+        inputs = [groups[p.expert][p.start:p.stop] for p in pieces]  # each [rows, H]
+
         def request(encode) -> expert_pb2.ComputeExpertsRequest:
             return expert_pb2.ComputeExpertsRequest(groups=[
-                expert_pb2.ExpertGroup(layer=layer, expert=e, hidden_states=encode(groups[e])) for e in experts],
-                traceparent=tracing.current_traceparent())
+                expert_pb2.ExpertGroup(layer=layer, expert=p.expert, hidden_states=encode(x))
+                for p, x in zip(pieces, inputs)], traceparent=tracing.current_traceparent())
 
+        rows = sum(x.shape[0] for x in inputs)
+        self._in_flight[address] += rows
+        timeout = self.deadline(rows)
         started = time.perf_counter()
         try:
-            shm = await self.data_planes.get(address, self._channels[address])
-            if shm is not None:
-                async with shm.session() as call:  # tensors through shared memory
-                    reply = await call.invoke(EXPERT_METHOD, request(call.encode), expert_pb2.ComputeExpertsResponse,
-                                              EXPERT_CALL_DEADLINE_S)
-                    return self._outputs(address, experts, groups, reply, call.decode)
-            reply = await self._stubs[address].ComputeExperts(request(functools.partial(codec.encode, arena=None)),
-                                                              timeout=EXPERT_CALL_DEADLINE_S)
-            return self._outputs(address, experts, groups, reply, functools.partial(codec.decode, segment=None))
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable("experts", f"expert server {address} failed layer {layer}: "
-                                         f"{error.code().name} {error.details()}") from error
-        except DataPlaneError as error:
-            raise Unavailable("experts", f"expert server {address} failed layer {layer}: {error}") from error
+            # One bound over negotiating the shared-memory plane, waiting for its session and the call.
+            async with asyncio.timeout(timeout + 1.0):
+                shm = await self.data_planes.get(address, self._channels[address])
+                if shm is not None:
+                    async with shm.session() as call:  # tensors through shared memory
+                        reply = await call.invoke(EXPERT_METHOD, request(call.encode),
+                                                  expert_pb2.ComputeExpertsResponse, timeout)
+                        return self._outputs(address, pieces, inputs, reply, call.decode)
+                reply = await self._stubs[address].ComputeExperts(
+                    request(functools.partial(codec.encode, arena=None)), timeout=timeout)
+                return self._outputs(address, pieces, inputs, reply, functools.partial(codec.decode, segment=None))
+        except (grpc.aio.AioRpcError, DataPlaneError, TimeoutError) as error:
+            code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(
+                error, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
+            details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error) or "timed out"
+            message = f"expert server {address} failed layer {layer}: {code.name} {details}"
+            if code in FAILOVER_CODES:
+                await self.data_planes.forget([address])  # its session may be dead or out of step
+                raise ServerFailed(message) from error
+            raise Unavailable("experts", message) from error
         finally:
-            self._in_flight[address] -= sum(groups[e].shape[0] for e in experts)
-            nbytes = sum(metrics.tensor_bytes(groups[e]) for e in experts)  # answers are the same size
+            self._in_flight[address] -= rows
+            nbytes = sum(metrics.tensor_bytes(x) for x in inputs)  # answers are the same size
             metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
 
-    def _outputs(self, address: str, experts: list[int], groups: dict[int, torch.Tensor],
-                 reply: expert_pb2.ComputeExpertsResponse, decode) -> dict[int, torch.Tensor]:
-        if len(reply.outputs) != len(experts):
-            raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(experts)} groups")
-        outputs = {}
-        for i, (expert, message) in enumerate(zip(experts, reply.outputs)):
+    def _outputs(self, address: str, pieces: list[Piece], inputs: list[torch.Tensor],
+                 reply: expert_pb2.ComputeExpertsResponse, decode) -> list[torch.Tensor]:
+        if len(reply.outputs) != len(pieces):
+            raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(pieces)} groups")
+        outputs = []
+        for i, (message, x) in enumerate(zip(reply.outputs, inputs)):
             try:
                 output = decode(message, f"outputs[{i}]")
             except RequestError as error:
                 raise Unavailable("experts", f"expert server {address} sent a bad tensor: {error}") from error
-            if output.shape != groups[expert].shape or output.dtype != groups[expert].dtype:
+            if output.shape != x.shape or output.dtype != x.dtype:
                 raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} "
-                                             f"{output.dtype} for {list(groups[expert].shape)} {groups[expert].dtype}")
-            outputs[expert] = output
+                                             f"{output.dtype} for {list(x.shape)} {x.dtype}")
+            outputs.append(output)
         return outputs
 
     async def close(self) -> None:

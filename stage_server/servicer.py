@@ -12,7 +12,23 @@ from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 
 from stage_server.remote_experts import Placement, RemoteExperts
+from stage_server.sequence_history import SequenceHistory
+from stage_server.split_experts import SplitExperts
 from stage_server.tp_link import TPFanout, tp_step
+
+
+MAX_PLACEMENT_VERSION = 2**63  # placement versions stay far from uint64's end (routers add 1)
+
+
+def check_address(address: str, field: str) -> str:
+    """host:port of an expert server, from the network: refused (naming `field`) unless the host is
+    printable ASCII without spaces and the port in [1, 65535] (grpc cannot even open a channel to
+    some malformed targets)."""
+    host, _, port = address.rpartition(":")
+    if (not host or not host.isascii() or not host.isprintable() or " " in host or "/" in host
+            or not port.isdigit() or not 0 < int(port) < 65536):
+        raise InvalidArgument(field, f"{address[:80]!r} is not host:port with a port in [1, 65535]")
+    return address
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
@@ -21,9 +37,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.model = model
         self.experts = experts
         experts.server_name = name  # labels its metrics
+        self.backend = SplitExperts(experts, experts.security)  # + experts split over servers (split_experts.py)
         metrics.watch_stage(name, model)  # KV cache use, read at scrape time
         self.step_lock = asyncio.Lock()  # one step at a time mutates the KV cache
         self.tp_fanout: TPFanout | None = None  # rank 0 of a tensor-parallel stage: its other shards
+        self.host_id = ""  # StageInfo.host_id (set by stage_server.main)
+        self.not_serving_reason = ""  # StageInfo.not_serving_reason: set when a TP group fails to form or breaks
+        self.history = SequenceHistory()  # StageInfo.sequence_history: what it received of each sequence
         self.placement_ready = asyncio.Event()
         if not model.config.is_moe:
             self.placement_ready.set()
@@ -54,7 +74,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
                 async with self.step_lock:
                     with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
-                        output = await tp_step(self.tp_fanout, request, self.model, batch, self.experts)
+                        output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
+                    self.history.stepped(request.sequences)
             except RequestError as error:
                 await abort_for(context, error)
                 return
@@ -66,6 +87,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @translate_errors
     async def FreeSequences(self, request, context):
         async with self.step_lock:
+            cached = set(self.model.cached_sequence_ids())
+            self.history.freed([i for i in request.sequence_ids if i in cached])
             freed = self.model.free(request.sequence_ids)
             if self.tp_fanout is not None:
                 await self.tp_fanout.free(request)
@@ -74,19 +97,31 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @translate_errors
     async def UpdatePlacement(self, request, context):
         replicas: dict[tuple[int, int], tuple[str, ...]] = {}
+        slices: dict[tuple[int, int], tuple[str, ...]] = {}  # split experts: address of slice 0, 1, ...
         for i, location in enumerate(request.locations):
+            if location.slice_addresses:
+                if location.addresses or len(location.slice_addresses) < 2:
+                    raise InvalidArgument(f"locations[{i}].slice_addresses", "a split expert needs >= 2 slice "
+                                          "addresses and no whole-expert addresses")
+                slices[(location.layer, location.expert)] = tuple(
+                    check_address(a, f"locations[{i}].slice_addresses[{j}]") for j, a in enumerate(location.slice_addresses))
+                continue
             if not location.addresses:
                 raise InvalidArgument(f"locations[{i}].addresses", "an expert needs at least one address")
-            replicas[(location.layer, location.expert)] = tuple(location.addresses)
+            replicas[(location.layer, location.expert)] = tuple(
+                check_address(a, f"locations[{i}].addresses[{j}]") for j, a in enumerate(location.addresses))
         config = self.model.config
         missing = [(l, e) for l in range(self.model.start_layer, self.model.end_layer)
-                   for e in range(config.num_experts) if (l, e) not in replicas]
+                   for e in range(config.num_experts) if (l, e) not in replicas and (l, e) not in slices]
         if missing:
             raise FailedPrecondition("locations", f"no address for {missing[:4]} of stage {self.name}")
+        if request.version >= MAX_PLACEMENT_VERSION:  # a router numbers the next placement after it
+            raise InvalidArgument("version", f"{request.version} is not below 2**63")
         if request.version < self.experts.placement.version:
             raise FailedPrecondition("version", f"{request.version} is older than {self.experts.placement.version}")
         async with self.step_lock:
-            self.experts.update(Placement(request.version, replicas))
+            await self.experts.update(Placement(request.version, replicas))
+            self.backend.update(slices)
             if self.tp_fanout is not None:
                 await self.tp_fanout.update_placement(request)
         self.placement_ready.set()
@@ -99,4 +134,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             is_first=self.model.is_first, is_last=self.model.is_last,
             cached_sequence_ids=self.model.cached_sequence_ids(),
             placement_version=self.experts.placement.version,
+            host_id=self.host_id,
+            tp_all_reduce=getattr(self.model.tp, "backend", ""),
+            not_serving_reason=self.not_serving_reason,
+            sequence_history=self.history.messages(),
         )

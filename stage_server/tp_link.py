@@ -8,18 +8,26 @@ UpdatePlacement as unary calls. All ranks then run the same steps in the same or
 the row-parallel layers' AllReduce. Shards find each other through the group's rendezvous store:
 each publishes its advertised address there once the group has formed.
 
+The AllReduce is chosen per group once it has formed: rank 0 asks every other shard for its
+host identity over the control plane (GetStageInfo.host_id); when all equal its own, the group
+AllReduces through shared memory (shardmesh.shm_allreduce), else through gloo (shards on CUDA:
+NCCL, always); the choice goes to the others through the store.
+
 A group that does not form within the join timeout leaves the stage NOT_SERVING (health) and its
-steps UNAVAILABLE with the reason; rank 0 then never registers with the router.
+steps UNAVAILABLE with the reason; rank 0 then never registers with the router. A group that
+breaks later (a shard killed, a collective past its timeout) does the same from then on.
 """
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
 from shardmesh import codec, grpc_util
 from shardmesh.errors import Unavailable
-from shardmesh.tp_group import GlooGroup, TPJoinError
+from shardmesh.shm_allreduce import ShmGroup, same_host
+from shardmesh.tp_group import GlooGroup, NcclGroup, TPJoinError
 from shardmesh.tp_stage import forward_off_loop, join_group
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc
 
@@ -33,17 +41,32 @@ class LazyGroup:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.group: GlooGroup | None = None
+        self.group: GlooGroup | ShmGroup | None = None
+        self.backend = ""  # "shm" | "gloo" | "nccl" (shards on CUDA) once formed
         self.failure = "the tensor-parallel group has not formed yet"
+        self.on_break: Callable[[str], None] | None = None  # called once, from any thread, when it breaks
 
     def all_reduce(self, tensor):
-        if self.group is None:
+        group = self.group
+        if group is None:
             raise TPJoinError(self.failure)
         try:
-            return self.group.all_reduce(tensor)
+            return group.all_reduce(tensor)
         except TPJoinError as error:
-            self.group, self.failure = None, f"the group broke: {error}"
+            self.fail(f"the group broke: {error}")
             raise
+
+    def fail(self, reason: str) -> None:
+        """The group is lost for good (a peer died or timed out): later steps fail at once with
+        `reason`; a rank waiting in a shared-memory collective stops waiting."""
+        group, self.group = self.group, None
+        if group is None:
+            return
+        self.failure = reason
+        if isinstance(group, ShmGroup):
+            group.abort(reason)
+        if self.on_break is not None:
+            self.on_break(reason)
 
 
 class TPFanout:
@@ -57,14 +80,32 @@ class TPFanout:
         self._calls: list = [None] * len(addresses)
 
     async def send_step(self, request: stage_pb2.StepRequest) -> None:
+        """Unavailable naming the shard when a step cannot be written (its stream broke)."""
         for i, stub in enumerate(self._stubs):
             if self._calls[i] is None:
                 self._calls[i] = stub.Step()  # long-lived stream; each read below has a deadline
-            await self._calls[i].write(request)
+            try:
+                await self._calls[i].write(request)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+                call, self._calls[i] = self._calls[i], None
+                try:  # the stream ended earlier: say how
+                    error = f"its step stream ended: {(await asyncio.wait_for(call.code(), 1)).name} {await call.details()}"
+                except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                    pass
+                raise Unavailable("tp", f"shard {self.addresses[i]} cannot take the step: {error}") from None
 
-    async def finish_step(self, quiet: bool = False) -> None:
-        """Read every shard's reply to the step just sent; Unavailable naming a shard that failed
-        (quiet: rank 0's own step failed already; just drain the replies)."""
+    async def host_ids(self) -> list[str]:
+        """Every other shard's StageInfo.host_id (rank order); TPJoinError naming one that fails."""
+        results = await asyncio.gather(*(stub.GetStageInfo(stage_pb2.GetStageInfoRequest(),
+                                                           timeout=grpc_util.CONTROL_DEADLINE_S)
+                                         for stub in self._stubs), return_exceptions=True)
+        for address, result in zip(self.addresses, results):
+            if isinstance(result, BaseException):
+                raise TPJoinError(f"shard {address} did not say its host: {result}")
+        return [info.host_id for info in results]
+
+    async def finish_step(self) -> None:
+        """Read every shard's reply to the step just sent; Unavailable naming a shard that failed."""
         failure = None
         for i, call in enumerate(self._calls):
             if call is None:
@@ -80,7 +121,7 @@ class TPFanout:
             if reply is grpc.aio.EOF:
                 self._calls[i] = None
                 failure = failure or f"shard {self.addresses[i]} closed its step stream"
-        if failure and not quiet:
+        if failure:
             raise Unavailable("tp", failure)
 
     async def free(self, request: stage_pb2.FreeSequencesRequest) -> None:
@@ -99,50 +140,99 @@ class TPFanout:
             if isinstance(result, BaseException):
                 raise result
 
-    async def close(self) -> None:
-        for call in self._calls:
+    async def reset(self) -> None:
+        """Cancel every shard's step stream (a step that cannot complete on every rank)."""
+        for i, call in enumerate(self._calls):
             if call is not None:
                 call.cancel()
+            self._calls[i] = None
+
+    async def close(self) -> None:
+        await self.reset()
         for channel in self._channels:
             await channel.close()
 
 
+SHM_CAPACITY = 1 << 20  # bytes per rank and bank: a decode step of 64 sequences at H = 4096 (fp32); more: gloo
+
+
 async def join_stage_group(group: LazyGroup, stage_name: str, rendezvous: str, timeout_s: float,
-                           advertised: str, security) -> TPFanout | None:
-    """Form the gloo group and exchange addresses; on rank 0 returns the fan-out to the others.
-    Raises TPJoinError (recorded in `group.failure`) when the group is not complete in time."""
+                           advertised: str, security, host_id: str = "",
+                           collective_timeout_s: float | None = None, device: str = "cpu") -> TPFanout | None:
+    """Form the group, exchange addresses, choose the AllReduce (shared memory when every shard
+    advertises `host_id`, else gloo); on rank 0 returns the fan-out to the others. Raises
+    TPJoinError (recorded in `group.failure`) when the group is not complete within `timeout_s`."""
+    fanout = None
     try:
-        joined = await join_group(group.rank, group.world_size, rendezvous, timeout_s, name=stage_name)
+        joined = await join_group(group.rank, group.world_size, rendezvous, timeout_s, name=stage_name,
+                                  collective_timeout_s=collective_timeout_s, device=device)  # CUDA: NCCL
         joined.store.set(f"{stage_name}/address/{group.rank}", advertised)
-        fanout = None
+        choice_key = f"{stage_name}/all_reduce"
         if group.rank == 0:
             keys = [f"{stage_name}/address/{rank}" for rank in range(1, group.world_size)]
             addresses = await asyncio.to_thread(lambda: [joined.store.get(key).decode() for key in keys])
             fanout = TPFanout(addresses, security)
-    except (TPJoinError, RuntimeError) as error:  # RuntimeError: the store lost a peer while exchanging
+            others = await fanout.host_ids()
+            choice = "shm" if ShmGroup.supported() and same_host([host_id, *others]) else "gloo"
+            choice = "nccl" if isinstance(joined, NcclGroup) else choice  # shards on CUDA: no host copies
+            joined.store.set(choice_key, choice)
+        else:
+            choice = (await asyncio.to_thread(joined.store.get, choice_key)).decode()
+        chosen = joined if choice in ("gloo", "nccl") else await asyncio.to_thread(
+            ShmGroup.over, joined, SHM_CAPACITY, collective_timeout_s or timeout_s)
+    except (TPJoinError, RuntimeError, OSError) as error:  # RuntimeError: the store lost a peer while exchanging
+        if fanout is not None:
+            await fanout.close()
         group.failure = f"stage {stage_name} rank {group.rank}: {error}"
         raise TPJoinError(group.failure) from error
-    group.group = joined
-    log.info("%s rank %d/%d: tensor-parallel group formed at %s", stage_name, group.rank, group.world_size, rendezvous)
+    group.group, group.backend = chosen, choice
+    log.info("%s rank %d/%d: tensor-parallel group formed at %s, AllReduce over %s", stage_name, group.rank,
+             group.world_size, rendezvous, choice)
     return fanout
 
 
 async def tp_step(fanout: TPFanout | None, request: stage_pb2.StepRequest, model, batch, experts):
     """One step of this shard's model; on rank 0 of a TP stage, the other shards run it too.
-    Validated here first, so a bad request never reaches the other shards."""
+    Validated here first, so a bad request never reaches the other shards.
+
+    Once the shards have the step, every rank must finish it or the ranks' collectives and KV
+    caches diverge: a step that fails on one rank (a shard died, an expert call failed) breaks the
+    group for good (LazyGroup.fail: NOT_SERVING, later steps UNAVAILABLE with the reason)."""
     model.validate(batch)
     if fanout is None:
-        return await forward_off_loop(model, batch, experts)
+        try:
+            return await forward_off_loop(model, batch, experts)
+        except asyncio.CancelledError:  # a shard's steps come from rank 0 only: rank 0 gave up this one
+            if model.tp.world_size > 1:
+                model.tp.fail("rank 0 abandoned a step mid-way")
+            raise
     # Re-encoded from the decoded batch: the request may have come over the shared-memory plane,
     # whose tensors live in a segment the other shards do not map.
     forwarded = stage_pb2.StepRequest(step_id=request.step_id, sequences=request.sequences,
                                       traceparent=request.traceparent)
     (forwarded.token_ids if model.is_first else forwarded.hidden_states).CopyFrom(codec.encode(batch.inputs, arena=None))
-    await fanout.send_step(forwarded)
     try:
-        output = await forward_off_loop(model, batch, experts)
-    except BaseException:
-        await fanout.finish_step(quiet=True)
+        await fanout.send_step(forwarded)
+    except Unavailable as error:
+        model.tp.fail(error.message)
         raise
-    await fanout.finish_step()
+    # The shards' replies are awaited alongside this rank's step: a shard that fails (its process
+    # died) aborts this rank's shared-memory collective at once, not after the collective timeout.
+    replies = asyncio.ensure_future(fanout.finish_step())
+    step = asyncio.ensure_future(forward_off_loop(model, batch, experts))
+    await asyncio.wait({replies, step}, return_when=asyncio.FIRST_COMPLETED)
+    if replies.done() and replies.exception() is not None and not step.done():
+        model.tp.fail(str(replies.exception()))
+    try:
+        output = await step
+    except Exception as error:
+        model.tp.fail(f"rank 0's step failed, the shards' did not wait for it: {error}")
+        replies.cancel()
+        await fanout.reset()  # the shards' steps are cancelled with their streams
+        raise
+    try:
+        await replies
+    except Unavailable as error:
+        model.tp.fail(error.message)
+        raise
     return output

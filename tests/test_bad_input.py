@@ -81,6 +81,11 @@ BAD_REGISTRATION = {
     "wrong_expert": ("experts-b", dict(experts=[router_pb2.ExpertKey(layer=l, expert=e)
                                                 for l, e in [(1, 1), (1, 2), (0, 3)]]), FAILED, "experts"),
     "wrong_fingerprint": ("experts-a", dict(model_fingerprint="0123456789abcdef"), FAILED, "model_fingerprint"),
+    # holds_assignment: a live placement's experts are taken as reported, but only inside the model
+    "assigned_layer_outside": ("experts-b", dict(holds_assignment=True, experts=[router_pb2.ExpertKey(layer=99, expert=0)]),
+                               INVALID, "experts[0]"),
+    "assigned_expert_outside": ("experts-b", dict(holds_assignment=True, experts=[router_pb2.ExpertKey(layer=0, expert=99)]),
+                                INVALID, "experts[0]"),
     "empty_address": ("stage-1", dict(address=""), INVALID, "address"),
     "address_without_port": ("stage-1", dict(address="127.0.0.1"), INVALID, "address"),
     "address_empty_port": ("stage-1", dict(address="127.0.0.1:"), INVALID, "address"),

@@ -16,11 +16,13 @@ The rewrite is checked to leave no 50051, 0.0.0.0 or placeholder behind."""
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -29,9 +31,12 @@ from shardmesh.checkpoint_maker import DEMO_CONFIG
 from shardmesh.cli_health import check
 from shardmesh.client import Client
 from shardmesh.deploy_common import PORT
+from shardmesh.mesh_settings import MeshSettings
 from shardmesh.reference import transformers_greedy
 
 from test_deploy import COMPOSE_ENV, DEPLOY, compose_config
+
+METRICS_PORT = MeshSettings.from_toml((DEPLOY / "topology.toml").read_text()).metrics_port
 
 pytestmark = pytest.mark.slow
 SHARDMESH = [sys.executable, "-m", "shardmesh.cli"]
@@ -53,6 +58,7 @@ class Instance:
         self.service, self.spec = service, spec
         self.hostname = f"{service}-{index}"
         self.port = free_port()
+        self.metrics_port = free_port()  # every container serves metrics on the topology's metrics_port
         self.process: subprocess.Popen | None = None
 
     def rewrite(self, args: list[str], ports: dict[str, int]) -> list[str]:
@@ -69,10 +75,13 @@ class Instance:
                 arg = f"127.0.0.1:{self.port}"
             elif previous == "--port" and arg == str(PORT):
                 arg = str(self.port)
+            elif previous == "--metrics-port":
+                assert arg == str(METRICS_PORT), arg
+                arg = str(self.metrics_port)
             elif previous == "--host" and arg == "0.0.0.0":
                 arg = "127.0.0.1"
             arg = arg.replace("{hostname}", self.hostname)
-            assert not any(s in arg for s in (str(PORT), "0.0.0.0", "{ip}", "{hostname}")), arg
+            assert not any(s in arg for s in (str(PORT), str(METRICS_PORT), "0.0.0.0", "{ip}", "{hostname}")), arg
             out.append(arg)
         return out
 
@@ -88,6 +97,11 @@ class Instance:
         assert test[:2] == ["CMD", "shardmesh"], test
         return subprocess.run([*SHARDMESH, *self.rewrite(test[2:], ports)], capture_output=True, text=True,
                               timeout=30)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
 
 
 def wait_healthy(instances: list[Instance], ports: dict[str, int], log_dir: pathlib.Path, timeout: float) -> None:
@@ -148,6 +162,12 @@ def test_compose_services_run_as_processes_and_generate_exact_tokens(make_model_
             for prompt in PROMPTS:
                 tokens = client.generate_all(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
                 assert list(tokens) == transformers_greedy(model_dir, prompt, NEW_TOKENS, ignore_eos=True), prompt
+        # Observable as deployed: the topology's [telemetry] gave every container a metrics endpoint.
+        assert "--auto-rebalance" in services["router"]["command"]  # and its [auto_rebalance] the router's flags
+        router_metrics = scrape(instances["router"][0].metrics_port)
+        assert re.search(r"^shardmesh_output_tokens_total\S* [1-9]", router_metrics, re.M), router_metrics[-2000:]
+        expert_metrics = "".join(scrape(i.metrics_port) for i in instances["experts-a"])
+        assert re.search(r'^shardmesh_expert_tokens_total\{[^}]*server="experts-a"[^}]*\} [1-9]', expert_metrics, re.M)
     finally:
         # The router first: its streams to the stages end, so they stop without waiting out a grace.
         for instance in sorted(everything, key=lambda i: i.service != "router"):

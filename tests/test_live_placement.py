@@ -30,6 +30,11 @@ def placement_of(reply) -> dict[str, set[tuple[int, int]]]:
     return {e.address: {(k.layer, k.expert) for k in e.experts} for e in reply.placement}
 
 
+def first_lacking(ranked_keys: list[tuple[int, int]], placement: dict[str, set[tuple[int, int]]]) -> tuple[int, int]:
+    """The first of `ranked_keys` that some server of `placement` does not hold."""
+    return next(key for key in ranked_keys if any(key not in keys for keys in placement.values()))
+
+
 def gained(after: dict, before: dict, keys) -> int:
     return sum(after.get(k, 0) - before.get(k, 0) for k in keys)
 
@@ -43,8 +48,6 @@ def test_add_server_replica_move_drain_remove_during_generations(mixtral_dir):
             status = await cluster_status(mesh.address)
             names = expert_addresses(status)
             ranked = ranked_experts(status)
-            hot = {keys[0] for keys in ranked.values()}
-            second = {keys[1] for keys in ranked.values()}
             versions = [status.placement_version]
             generations = Generations(mesh.address, PROMPTS, NEW_TOKENS)
             running = asyncio.create_task(generations.run())
@@ -61,21 +64,24 @@ def test_add_server_replica_move_drain_remove_during_generations(mixtral_dir):
             assert reply.changed and placement[new] and reply.note == ""
             mid_flight.append(generations.counts())
 
-            # 2. Add a replica of each layer's hottest expert on a server that lacks it.
+            # 2. Add a replica of each layer's hottest expert that some server lacks (the planner may
+            #    already have put the very hottest on every server) on a server that lacks it.
             await generations.wait_first(5)
-            replicas_of = {key: {a for a, keys in placement.items() if key in keys} for key in hot}
+            hot = {first_lacking(keys, placement) for keys in ranked.values()}
             for key in hot:
-                spare = sorted(a for a in placement if a not in replicas_of[key])
-                placement[spare[0]].add(key)
-                replicas_of[key].add(spare[0])
+                placement[sorted(a for a in placement if key not in placement[a])[0]].add(key)
+            replicas_of = {key: {a for a, keys in placement.items() if key in keys} for key in hot}
             reply = await rebalance(mesh.address, target=target_by_address(placement))
             assert reply.changed and not reply.dropped and reply.note == ""
             mid_flight.append(generations.counts())
             after_add = {a: await expert_tokens(a) for a in placement}
 
-            # 3. Move each layer's second hottest expert to one server that does not hold it (and stays).
+            # 3. Move each layer's hottest expert other than the one replicated in 2 (and which a
+            #    server that stays lacks) to one such server.
             await generations.wait_first(9)
             before_move = {a: await expert_tokens(a) for a in placement}
+            staying = {a: keys for a, keys in placement.items() if a != names["experts-1"]}
+            second = {first_lacking([k for k in keys if k not in hot], staying) for keys in ranked.values()}
             moved_to = {}
             for key in second:
                 holders = sorted(a for a, keys in placement.items() if key in keys)

@@ -134,5 +134,5 @@ def test_replica_rules_over_the_wire(mixtral_dir):
 
 def test_service_config_replica_id_only_for_expert_servers(mixtral_dir):
     assert ServiceConfig(model_dir=mixtral_dir, name="experts-b", replica_id="r1").replica_id == "r1"
-    with pytest.raises(ValueError, match="only expert servers have replicas"):
+    with pytest.raises(ValueError, match="only expert servers and stages with standbys have replicas"):
         ServiceConfig(model_dir=mixtral_dir, name="stage-0", replica_id="r1")

@@ -142,3 +142,32 @@ def test_client_deadline_frees_the_sequence_on_every_stage(mesh, long_context_di
 
 async def _none_cached(mesh) -> bool:
     return all(ids == [] for ids in await cached_on_every_stage(mesh))
+
+
+def test_refusal_under_overload_reads_nothing_of_the_request(mesh):
+    """router.admission.AdmissionGate refuses before the request is parsed (the cheap path): bytes
+    that are no GenerateRequest at all get RESOURCE_EXHAUSTED, not the parser's INVALID_ARGUMENT."""
+    from wire_helpers import Rpc, raw_call
+
+    async def body():
+        async with AsyncClient(mesh.address, timeout=120) as client:
+            holders = [client.generate([1, 5 + i], max_new_tokens=HOLD_TOKENS, ignore_eos=True) for i in range(2)]
+            for stream in holders:
+                await stream.__anext__()            # both batch slots taken
+            queued = asyncio.create_task(client.generate_all([1, 9, 27, 81], max_new_tokens=8, ignore_eos=True))
+
+            async def full():
+                return (await client.cluster_status()).active_sequences == MAX_BATCH + MAX_QUEUED
+            await wait_until(full, timeout=10)
+            generate = Rpc("/shardmesh.v1.Router/Generate", False, True)
+            async with grpc.aio.insecure_channel(mesh.address) as channel:
+                answer = await raw_call(channel, generate, b"\xff\xff\xff")
+                for stream in holders:
+                    await stream.aclose()
+                await asyncio.wait_for(queued, 30)
+                after = await raw_call(channel, generate, b"\xff\xff\xff")
+            return answer, after
+
+    (code, details, responses), (code_after, details_after, _) = mesh.run(body())
+    assert (code, responses) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 0) and details.startswith("router: "), details
+    assert code_after == grpc.StatusCode.INVALID_ARGUMENT, details_after  # not full: parsed, and refused as garbage

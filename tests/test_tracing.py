@@ -82,6 +82,7 @@ def test_one_request_is_one_trace_across_services(mixtral_dir, tracing_off, monk
                 def no_spans(*args, **kwargs):
                     raise AssertionError("a span was created with tracing off")
                 monkeypatch.setattr(sdk_trace.Tracer, "start_span", no_spans)
+                monkeypatch.setattr(tracing._Span, "__init__", no_spans)  # the per-step spans' own path
                 again = [t.token_id async for t in client.generate([1, 5, 9], max_new_tokens=MAX_NEW_TOKENS,
                                                                    ignore_eos=True)]
                 assert again == tokens and len(receiver.spans) == received and not tracing.REQUESTS

@@ -115,9 +115,10 @@ class Attention:
             if segment.num_tokens > 1 and start > 0:  # a prompt chunk after cached tokens
                 query_positions = torch.arange(start, end, device=buffer.device)
                 mask = torch.arange(end, device=buffer.device)[None, :] <= query_positions[:, None]  # [n, L]
+            # 4-d inputs (a batch of one): 3-d ones take SDPA's slow math path on CPU, not its fused kernel
             attended = F.scaled_dot_product_attention(
-                queries[:, rows], buffer[0, :, :end], buffer[1, :, :end], attn_mask=mask, scale=self.scaling,
-                is_causal=mask is None and segment.num_tokens > 1, enable_gqa=gqa)  # [A, n, D]
+                queries[None, :, rows], buffer[None, 0, :, :end], buffer[None, 1, :, :end], attn_mask=mask,
+                scale=self.scaling, is_causal=mask is None and segment.num_tokens > 1, enable_gqa=gqa)[0]  # [A, n, D]
             outputs.append(attended.transpose(0, 1).reshape(segment.num_tokens, q_size))
         return self.o_proj(torch.cat(outputs))  # [N, H], summed over the TP group
 

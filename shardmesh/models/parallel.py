@@ -4,7 +4,7 @@
     o_proj = RowParallelLinear.load(reader, name, group, dtype, dim_start, dim_end)
     attention_out = o_proj(per_head_outputs)                                 # AllReduce inside
 
-At world size 1 every layer reads the whole tensor and is a plain F.linear; at T ranks:
+At world size 1 every layer reads the whole tensor and is a plain linear (models.matmul); at T ranks:
     column-parallel (q/k/v, gate/up): rank r holds rows r of T of the output features, no collective;
     row-parallel (o_proj, down_proj): rank r holds the matching input columns; its partial output is
         AllReduced (summed) over the group, so every rank holds the whole output.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
+from shardmesh.models.matmul import linear
 from shardmesh.models.moe import MoEGate, combine, dispatch
 from shardmesh.tp_group import SINGLE, TPGroup
 
@@ -86,7 +87,7 @@ class ColumnParallelLinear:
         return cls.load(reader, parts, dtype)
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)
+        return linear(hidden_states, self.weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -129,7 +130,7 @@ class RowParallelLinear:
         return cls(reader.get_slice(name, 1, *columns, dtype), group)
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(hidden_states, self.weight))
+        return self.group.all_reduce(linear(hidden_states, self.weight))
 
 
 def reader_rows(reader: CheckpointReader, name: str) -> int:

@@ -44,11 +44,19 @@ def tensor_bytes(payload) -> int:
     return payload.numel() * payload.element_size()
 
 
+_EDGES: dict[tuple[str, str, str], tuple] = {}  # (server, edge, peer) -> its three series (labels() once)
+
+
 def data_plane_call(server: str, edge: str, peer: str, started: float, sent_bytes: int, received_bytes: int) -> None:
     """Record one call that began at `started` (time.perf_counter()) and has just been answered."""
-    DATA_PLANE_SECONDS.labels(server, edge, peer).observe(time.perf_counter() - started)
-    DATA_PLANE_BYTES.labels(server, edge, peer, "sent").inc(sent_bytes)
-    DATA_PLANE_BYTES.labels(server, edge, peer, "received").inc(received_bytes)
+    series = _EDGES.get((server, edge, peer))
+    if series is None:  # a new edge: look its labelled series up once (labels() takes a lock and hashes)
+        series = _EDGES[server, edge, peer] = (DATA_PLANE_SECONDS.labels(server, edge, peer),
+                                               DATA_PLANE_BYTES.labels(server, edge, peer, "sent"),
+                                               DATA_PLANE_BYTES.labels(server, edge, peer, "received"))
+    series[0].observe(time.perf_counter() - started)
+    series[1].inc(sent_bytes)
+    series[2].inc(received_bytes)
 
 
 class _StateCollector:

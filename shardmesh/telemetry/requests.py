@@ -6,6 +6,10 @@ import time
 from shardmesh.telemetry import logs, metrics, tracing
 
 log = logging.getLogger("shardmesh.requests")
+# The router's series, labelled once (labels() per token would take a lock and hash each time).
+_FIRST_TOKEN = metrics.TIME_TO_FIRST_TOKEN.labels("router")
+_PER_TOKEN = metrics.TIME_PER_OUTPUT_TOKEN.labels("router")
+_TOKENS = metrics.OUTPUT_TOKENS.labels("router")
 
 
 class RequestTelemetry:
@@ -24,10 +28,10 @@ class RequestTelemetry:
     def token(self) -> None:
         now = time.perf_counter()
         if self.tokens == 0:
-            metrics.TIME_TO_FIRST_TOKEN.labels("router").observe(now - self.arrived)
+            _FIRST_TOKEN.observe(now - self.arrived)
         else:
-            metrics.TIME_PER_OUTPUT_TOKEN.labels("router").observe(now - self.last)
-        metrics.OUTPUT_TOKENS.labels("router").inc()
+            _PER_TOKEN.observe(now - self.last)
+        _TOKENS.inc()
         self.tokens += 1
         self.last = now
 
