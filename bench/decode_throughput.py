@@ -13,7 +13,7 @@ are the SDK's AsyncClient. transformers runs with each of `--transformers-thread
 against its fastest. Each row is the best of `--repeats` runs; "CPU ms/step" is the CPU time all
 of a configuration's processes spent per decode step, which other work on a shared machine hardly
 changes (wall times it does: the 1-min load average is printed). Writes the table (and raw
-figures) under bench/results/.
+figures) under bench/results/; bench/plot_steps.py charts time per step by configuration from them.
 """
 
 import argparse
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             mesh = mesh_configs.CONFIGS[name]
             topology_file = mesh.write(pathlib.Path(workdir) / f"{name}.toml", config)
             started = time.perf_counter()
-            with Launcher(model_dir, topology_file, threads_per_service=mesh.thread_counts,
-                          service_args=mesh.service_args, log_level="WARNING", no_auth=not args.auth) as launcher:
+            with harness.environment(mesh.env), \
+                    Launcher(model_dir, topology_file, threads_per_service=mesh.thread_counts,
+                             service_args=mesh.service_args, log_level="WARNING", no_auth=not args.auth) as launcher:
                 print(f"{name}: mesh of {len(launcher.processes)} processes up in "
                       f"{time.perf_counter() - started:.1f} s", flush=True)
                 for batch in batches:

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The one-call device check (issue 8): on one GPU, within 8 minutes,
-#   (a) the GPU tests (pytest -m gpu: mesh on CUDA vs transformers on CUDA, fp32 and bf16; mixed devices),
-#   (b) the decode throughput benchmark (bench/gpu_throughput.py) on a ~3.6 GB bf16 Mixtral-shaped model.
-# Writes gpu_tests.log and gpu_throughput.md to $OUT (else bench/results/). Exit status: non-zero if
-# either part failed (both always run).
+# The one-call device check (issue 8): on one GPU, within 8 minutes (about 6.5 at most: 150 s of
+# tests, 230 s of benchmark, plus the wheel install),
+#   (a) the GPU tests (pytest -m gpu): the mesh on CUDA vs transformers on CUDA, fp32 (1e-4) and bf16
+#       (tests/test_gpu.py states the tolerance: 3e-2 of max|logit| at 90% of steps, none past 0.35);
+#       mixed devices; the CUDA IPC data plane between two processes (tests/test_gpu_ipc.py); NCCL
+#       with the ranks one GPU allows (tests/test_gpu_nccl.py: TP group of one, CuPy communicator,
+#       the two-process handshake, whose outcome it prints);
+#   (b) the decode throughput benchmark (bench/gpu_throughput.py) on a ~3.6 GB bf16 Mixtral-shaped
+#       model: transformers and the mesh at batch 1 and 32, each against the copy-bandwidth floor.
+# Writes gpu_tests.log, gpu_tests.xml (JUnit) and gpu_throughput.md to $OUT (else bench/results/).
+# Exit status: non-zero if either part failed (both always run).
 #
 #   bash bench/gpu_check.sh                      # on the GPU machine (python3 there holds torch)
 #   bash bench/gpu_check.sh --device cpu --tiny  # a smoke run here: GPU tests skip, tiny model
@@ -34,16 +40,23 @@ nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 "$PY" -c 'import torch, grpc, google.protobuf, transformers, safetensors as s
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       "| grpcio", grpc.__version__, "| protobuf", google.protobuf.__version__,
-      "| transformers", transformers.__version__, "| safetensors", s.__version__)'
+      "| transformers", transformers.__version__, "| safetensors", s.__version__)
+try:
+    import cupy
+    from cupy.cuda import nccl
+    print("cupy", cupy.__version__, "nccl", nccl.get_version())
+except Exception as error:
+    print("no cupy/nccl:", error)'
 
 echo "== (a) GPU tests"
-timeout 180 "$PY" -m pytest -m gpu tests -v -rs -s -p no:cacheprovider --continue-on-collection-errors \
-  2>&1 | tee "$OUT_DIR/gpu_tests.log"
+# Only the modules that hold gpu tests are collected: the device image lacks some test-only packages.
+timeout 150 "$PY" -m pytest -m gpu tests/test_gpu*.py -v -rs -s -p no:cacheprovider -o faulthandler_timeout=120 \
+  --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_rc=$?
 echo "== GPU tests exit $tests_rc after $((SECONDS - start)) s"
 
 echo "== (b) decode throughput"
-timeout 270 "$PY" bench/gpu_throughput.py "$@"
+timeout 230 "$PY" bench/gpu_throughput.py "$@"
 bench_rc=$?
 echo "== benchmark exit $bench_rc; total $((SECONDS - start)) s"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

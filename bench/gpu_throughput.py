@@ -1,6 +1,8 @@
 """Decode throughput on one device: transformers in one process against the mesh (every service
-in this process, on the same device, talking over real loopback gRPC), each also against the
-memory-bandwidth floor of that device measured in the same run.
+in this process, on the same device, talking over real loopback gRPC) and the same mesh as
+processes (`shardmesh up`: stage <-> expert tensors cross processes, through the CUDA IPC plane on
+CUDA; --no-processes leaves it out), each also against the memory-bandwidth floor of that device
+measured in the same run.
 
     python bench/gpu_throughput.py --device cuda:0          # Mixtral-shaped, ~3.6 GB of bf16 weights
     python bench/gpu_throughput.py --device cpu --tiny      # a smoke run of the whole script
@@ -113,6 +115,13 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
     began = time.perf_counter()
     mesh = await start_local_mesh(model_dir, topology, device=device, dtype=dtype, ready_timeout=300)
     load_s = time.perf_counter() - began
+    # Every service shares this process's event loop, so one long step (a batch-32 prefill on a busy
+    # CPU) delays the experts' health answers past the router's probe deadline and the router drops
+    # them (router/expert_health.py); liveness is not what is measured here: no probes.
+    prober = getattr(mesh.router.state, "expert_prober", None)
+    if prober is not None:
+        await prober.stop()
+        mesh.router.state.expert_prober = None
     try:
         seconds = {}
         for batch in batches:
@@ -125,6 +134,36 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
     return seconds, load_s, shape
 
 
+def run_mesh_processes(model_dir, device: str, dtype: str, batches, prompt_length: int, steps: int, warmup: int,
+                       vocab_size: int, stages: int, expert_servers: int, cuda_ipc: bool = True
+                       ) -> tuple[dict[int, float], float, str]:
+    """The same mesh as processes (`shardmesh up`): every stage <-> expert call crosses processes, on
+    CUDA through the CUDA IPC plane (device memory both map), or with `cuda_ipc` False through host
+    shared memory (SHARDMESH_CUDA_IPC=off). The shape string says how many stage sessions got a CUDA
+    IPC segment (read from the stages' logs)."""
+    os.environ["SHARDMESH_CUDA_IPC"] = "on" if cuda_ipc else "off"  # the services inherit it
+    from shardmesh.config import ModelConfig
+    from shardmesh.launcher import Launcher
+    from shardmesh.topology import Topology
+
+    topology_file = pathlib.Path(model_dir).parent / "topology.toml"
+    topology_file.write_text(Topology.default(ModelConfig.from_dir(model_dir), stages, expert_servers).to_toml())
+    began = time.perf_counter()
+    with Launcher(model_dir, topology_file, device=device, dtype=dtype, no_auth=True, ready_timeout=180,
+                  log_level="INFO") as launcher:
+        load_s = time.perf_counter() - began
+        seconds = {}
+        for batch in batches:
+            seconds[batch] = asyncio.run(time_mesh(launcher.router_address, random_prompts(
+                batch, prompt_length, vocab_size, batch), steps, warmup))
+            log(f"mesh (processes) batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
+        logs = [launcher.workdir / f"stage-{i}.log" for i in range(stages)]
+        cuda = sum(path.read_text(errors="replace").count("and a CUDA IPC segment") for path in logs if path.exists())
+        host = sum(path.read_text(errors="replace").count("shared-memory plane with a") for path in logs
+                   if path.exists()) - cuda
+    return seconds, load_s, f"processes, stage-expert sessions: {cuda} CUDA IPC, {host} host shm"
+
+
 def table(rows, floor_s, device_name: str) -> str:
     lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -135,7 +174,16 @@ def table(rows, floor_s, device_name: str) -> str:
     return "\n".join(lines)
 
 
+def write_report(header: list[str], starts: list[str], rows, floor_s, device_name: str) -> str:
+    report = "\n".join([*header, f"- {'; '.join(starts)}", "", table(rows, floor_s, device_name), ""])
+    out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_throughput.md").write_text(report)
+    return report
+
+
 def main(argv=None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"],
@@ -149,6 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--expert-servers", type=int, default=2)
     parser.add_argument("--workdir", type=pathlib.Path, help="where the checkpoint goes (default: a temp dir)")
+    parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the mesh as processes (CUDA IPC between them on CUDA; default on)")
+    parser.add_argument("--processes-after-s", type=float, default=120.0,
+                        help="skip the mesh as processes when this many seconds have passed (default %(default)s)")
     args = parser.parse_args(argv)
 
     from shardmesh.service_config import DTYPES, check_device, default_dtype
@@ -189,10 +241,10 @@ def main(argv=None) -> int:
     mesh_seconds, mesh_load_s, mesh_shape = asyncio.run(run_mesh(
         model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup, shape.vocab_size,
         args.stages, args.expert_servers))
-    rows += [(f"mesh ({mesh_shape}, gRPC loopback)", b, s)
+    rows += [(f"mesh ({mesh_shape}, one process: host shm plane)", b, s)
              for b, s in mesh_seconds.items()]
-
-    report = "\n".join([
+    starts = [f"transformers load {hf_load_s:.1f} s", f"mesh start {mesh_load_s:.1f} s"]
+    header = [
         f"# Decode throughput on {device_name} ({device}), {dtype_name}",
         "",
         f"- model: seeded Mixtral shape, hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, "
@@ -200,17 +252,24 @@ def main(argv=None) -> int:
         f"vocab {shape.vocab_size}: {weight_gb:.2f} GB of weights (built in {build_s:.1f} s)",
         f"- device-to-device copy bandwidth (read + written): {bandwidth / 1e12:.3f} TB/s; floor = weight bytes "
         f"a step reads / that bandwidth ({', '.join(f'batch {b}: {seeded_mixtral.weight_bytes_per_step(shape, b, element_size) / 1e9:.2f} GB' for b in batches)})",
-        f"- prompt {args.prompt_length} tokens, {args.warmup} untimed then {args.steps} timed decode steps; "
-        f"transformers load {hf_load_s:.1f} s, mesh start {mesh_load_s:.1f} s; torch {torch.__version__}",
+        f"- prompt {args.prompt_length} tokens, {args.warmup} untimed then {args.steps} timed decode steps; torch {torch.__version__}",
         f"- command: `python bench/gpu_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        "",
-        table(rows, floor_s, device_name),
-        "",
-    ])
-    out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_throughput.md").write_text(report)
-    print(report, flush=True)
+    ]
+    write_report(header, starts, rows, floor_s, device_name)  # now, in case the processes run out of time
+    if args.processes and time.perf_counter() - started > args.processes_after_s:
+        starts.append(f"mesh as processes skipped: {time.perf_counter() - started:.0f} s had passed "
+                      f"(> --processes-after-s {args.processes_after_s:.0f})")
+    elif args.processes:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        for cuda_ipc in ([True, False] if device.startswith("cuda") else [True]):
+            process_seconds, process_load_s, process_shape = run_mesh_processes(
+                model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup, shape.vocab_size,
+                args.stages, args.expert_servers, cuda_ipc)
+            rows += [(f"mesh ({mesh_shape}, {process_shape})", b, s) for b, s in process_seconds.items()]
+            starts.append(f"mesh as processes start {process_load_s:.1f} s")
+            write_report(header, starts, rows, floor_s, device_name)
+    print(write_report(header, starts, rows, floor_s, device_name), flush=True)
     return 0
 
 

@@ -4,6 +4,7 @@ memory-bandwidth probe and the floor it gives, topology files, and the results t
 Benchmarks are not tests: they print ratios against baselines measured in the same run.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,6 +83,21 @@ def cpu_seconds(pids) -> float:
         fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
     return total / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """Set these environment variables while the block runs (processes started in it inherit them)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def tensor_bytes(model_dir: pathlib.Path) -> dict[str, int]:

@@ -17,16 +17,25 @@ class MeshConfig:
     compute_threads: int = 1  # their compute threads (shardmesh.compute_pool)
     data_plane: str = "grpc"  # "grpc" (bytes in messages) | "shm" (shared memory between processes)
     split: str = "layers"     # experts spread over expert servers by layer range ("layers") or by expert id
+    omp_passive: bool = False  # OMP_WAIT_POLICY=PASSIVE in the services: torch's threads sleep between kernels
+    stage_threads: int = 0     # the stages' torch threads and compute threads when they differ from
+    stage_compute_threads: int = 0  # the expert servers' (0 = threads / compute_threads)
+
+    @property
+    def env(self) -> dict:
+        """Environment variables of the mesh's processes (on top of this process's)."""
+        return {"OMP_WAIT_POLICY": "PASSIVE"} if self.omp_passive else {}
 
     @property
     def service_args(self) -> dict:
         plane = ["--data-plane", self.data_plane]
         compute = plane + ["--compute-threads", str(self.compute_threads)]
-        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": compute, "expert": compute}
+        stage = plane + ["--compute-threads", str(self.stage_compute_threads or self.compute_threads)]
+        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": stage, "expert": compute}
 
     @property
     def thread_counts(self) -> dict:
-        return {"router": 1, "stage": self.threads, "expert": self.threads}
+        return {"router": 1, "stage": self.stage_threads or self.threads, "expert": self.threads}
 
     def write(self, path: pathlib.Path, config) -> pathlib.Path:
         """A topology file for `config` (a ModelConfig): layers split evenly over the stages."""
@@ -56,6 +65,13 @@ CONFIGS = {
     "2s2e-shm-c2": MeshConfig(2, 2, compute_threads=2, data_plane="shm"),
     "2s2e-shm-mb2-c2": MeshConfig(2, 2, micro_batches=2, compute_threads=2, data_plane="shm"),
     "2s2e-grpc": MeshConfig(2, 2),
+    # torch's own threads (2) that sleep between kernels (-p: OMP_WAIT_POLICY=PASSIVE) instead of compute
+    # threads: in every service (t2p), in the stage only (st2p), with compute threads too (c2-t2p). On the
+    # bench machine none beat 1s1e-shm-c2 (bench/results/decode_throughput-default-20261126-080036.txt).
+    "1s1e-shm-st2p": MeshConfig(1, 1, compute_threads=2, stage_threads=2, stage_compute_threads=1,
+                                data_plane="shm", omp_passive=True),
+    "1s1e-shm-t2p": MeshConfig(1, 1, threads=2, data_plane="shm", omp_passive=True),
+    "1s1e-shm-c2-t2p": MeshConfig(1, 1, threads=2, compute_threads=2, data_plane="shm", omp_passive=True),
     "2s2e-grpc-mb2": MeshConfig(2, 2, micro_batches=2),
     "2s2e-grpc-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2),
     "2s2e-shm": MeshConfig(2, 2, data_plane="shm"),
