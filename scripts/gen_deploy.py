@@ -3,7 +3,8 @@
     python scripts/gen_deploy.py           write deploy/topology.toml, deploy/compose/*.yaml, deploy/k8s/base/*
     python scripts/gen_deploy.py --check   exit 1 if any committed file differs (tests/test_deploy.py does this too)
 
-deploy/topology.toml is `shardmesh topology` of the demo model (shardmesh.checkpoint_maker.DEMO_CONFIG);
+deploy/topology.toml is `shardmesh topology` of the demo model (shardmesh.checkpoint_maker.DEMO_CONFIG)
+with DEMO_SETTINGS ([telemetry], [auto_rebalance]) after it;
 every other file is generated from it by the same code as `shardmesh compose` / `shardmesh k8s`, with the
 command line written in its header (run from the file's own directory, it prints the same bytes)."""
 
@@ -32,7 +33,21 @@ def demo_topology_toml() -> str:
                          head_dim=demo["hidden_size"] // demo["num_attention_heads"], rms_norm_eps=1e-5, rope_theta=1e4,
                          max_position_embeddings=demo["max_position_embeddings"], tie_word_embeddings=False,
                          num_experts=demo["num_local_experts"], experts_per_token=demo["num_experts_per_tok"])
-    return Topology.default(config).to_toml()
+    return Topology.default(config).to_toml() + DEMO_SETTINGS
+
+
+# The demo mesh's settings (shardmesh.mesh_settings): metrics on every service, traces once a
+# collector is named, experts re-placed when the load stays skewed. Edit deploy/topology.toml's
+# copy through here: every generated file follows.
+DEMO_SETTINGS = """[telemetry]
+metrics_port = 9464
+# otlp_endpoint = "otel-collector:4317"  # name an OTLP/gRPC collector to trace requests
+trace_sample_ratio = 0.1
+
+[auto_rebalance]
+threshold = 1.5
+interval_seconds = 30
+"""
 
 
 def generate() -> dict[str, str]:
