@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("router", "stage", "expert"):
+        from shardmesh.launcher import die_with_launcher
+        die_with_launcher()  # a no-op unless `shardmesh up` (Launcher) started this service
         from shardmesh.serve import run_service
         return run_service(args.command, args)
     if args.command == "up":

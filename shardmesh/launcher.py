@@ -23,13 +23,24 @@ from shardmesh.mesh_settings import MeshSettings
 from shardmesh.topology import Topology
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux), so
-    a killed `shardmesh up` leaves no orphaned services."""
-    if sys.platform == "linux":
-        import ctypes
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+PARENT_PID_ENV = "SHARDMESH_LAUNCHER_PID"  # set in each service's environment by the launcher
+
+
+def die_with_launcher() -> None:
+    """In a service started by `Launcher`, first thing: SIGTERM it when the launcher dies, even by
+    SIGKILL (Linux PR_SET_PDEATHSIG), so a killed `shardmesh up` leaves no orphaned services.
+
+    Done by the service itself, not in a `preexec_fn`: a preexec_fn makes Popen fork() a process
+    with live gRPC threads and run Python between fork and exec, where grpcio's fork handlers can
+    abort the child (epoll_wait EBADF, grpc/grpc#43055); without it Popen spawns with vfork."""
+    launcher_pid = os.environ.pop(PARENT_PID_ENV, None)
+    if launcher_pid is None or sys.platform != "linux":
+        return
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(launcher_pid):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServiceFailed(RuntimeError):
@@ -82,7 +93,8 @@ class Launcher:
         command = self.command(name, role, *extra)
         log_file = open(self.workdir / f"{name.replace('/', '-')}.log", "wb")  # "stage-0/tp1" -> stage-0-tp1.log
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                                stdin=subprocess.DEVNULL,
+                                                env=os.environ | {PARENT_PID_ENV: str(os.getpid())})
 
     def command(self, name: str, role: str, *extra: str) -> list[str]:
         """The command line of service `name` (`extra` last: it overrides)."""
