@@ -10,8 +10,10 @@ Phase 1 (baseline, no faults): every prompt of a pool is generated once, `--stre
 the reference tokens and tokens/s. Phase 2 (soak): `--streams` clients loop over the pool for
 `--minutes`, each generation checked against its reference; every `--kill-every` s one replica
 of that expert server (alternately the original and the added one) gets SIGKILL and is started
-again at once (it registers again when loaded). Memory: VmRSS of every service process at the
-start of phase 2 and at its end (a restarted replica is a new process: reported, not judged).
+again at once (it registers again when loaded); a kill waits (and says so) until the router lists
+every replica of that server as live, so that another replica of its experts always lives.
+Memory: VmRSS of every service process at the start of phase 2 and at its end (a restarted
+replica is a new process: reported, not judged).
 """
 
 import argparse
@@ -66,6 +68,18 @@ async def baseline(address: str, token, streams: int, new_tokens: int) -> tuple[
     return reference, len(PROMPTS) * new_tokens / elapsed
 
 
+async def wait_all_replicas_live(client: AsyncClient, name: str, count: int, stop_at: float) -> float:
+    """Seconds spent until the router lists `count` reachable replicas of expert server `name`."""
+    started = time.perf_counter()
+    while time.perf_counter() < stop_at - 1:
+        status = await client.cluster_status(timeout=10)
+        server = next(s for s in status.servers if s.name == name)
+        if len(set(server.replica_addresses) - set(server.unreachable_addresses)) >= count:
+            break
+        await asyncio.sleep(0.5)
+    return time.perf_counter() - started
+
+
 async def soak(launcher: Launcher, replicas: list[str], reference, args, tally: Tally) -> float:
     """Phase 2; returns tokens/s."""
     address, token = launcher.router_address, launcher.client_token
@@ -96,6 +110,14 @@ async def soak(launcher: Launcher, replicas: list[str], reference, args, tally: 
                     return
                 key = replicas[turn % len(replicas)]
                 name, _, replica_id = key.partition("@")
+                # Kill only while the other replica serves (the issue's case: another replica of each of
+                # its experts lives); killing the last live one is the "last holder dies" case instead.
+                waited = await wait_all_replicas_live(client, name, len(replicas), stop_at)
+                if waited > 1.0:
+                    print(f"  {time.perf_counter() - start:6.1f} s: waited {waited:.1f} s for every {name} "
+                          f"replica to be live before the next kill", flush=True)
+                if time.perf_counter() >= stop_at - 1:
+                    return
                 process = launcher.processes[key]
                 process.send_signal(signal.SIGKILL)
                 process.wait()
