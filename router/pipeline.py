@@ -36,6 +36,14 @@ STEP_SECONDS_PER_TOKEN = 0.05
 STEP_METHOD = "shardmesh.v1.Stage/Step"
 # Transport failures: the stage may be gone. Any other status is the stage refusing the request.
 LOST_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+EXPERTS_FAILED = "experts: "  # a live stage's answer when its expert servers failed (stage_server/remote_experts.py)
+
+
+def _stage_lost(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed step means the stage itself may be gone. A stage that answers that its
+    experts failed is alive and its KV caches are intact: that is the experts' fault (the router's
+    expert probes handle it), not a reason to probe the stage and replay every sequence."""
+    return code in LOST_CODES and not details.startswith(EXPERTS_FAILED)
 # Router -> stage channels ping every 2 s and give up after 3 s more without an answer (servers
 # accept pings every 0.5 s: shardmesh.grpc_util): a frozen stage breaks its gRPC Step stream within
 # ~5 s, during a long step or while idle. Pings are answered by gRPC's own threads, in
@@ -113,9 +121,9 @@ class StageLink:
 
     def _unavailable(self, error: BaseException) -> Unavailable:
         if isinstance(error, grpc.aio.AioRpcError):
-            detail, lost = f"{error.code().name}: {error.details()}", error.code() in LOST_CODES
+            detail, lost = f"{error.code().name}: {error.details()}", _stage_lost(error.code(), error.details())
         elif isinstance(error, DataPlaneError):
-            detail, lost = str(error), error.code in LOST_CODES
+            detail, lost = str(error), _stage_lost(error.code, error.details)
         else:  # a deadline, the stream ended, closed or out of turn
             detail, lost = repr(error), isinstance(error, (asyncio.TimeoutError, EOFError, grpc.aio.UsageError))
         return (StageLost if lost else Unavailable)("stage", f"stage {self.name} ({self.address}) failed a step: {detail}")
