@@ -26,9 +26,30 @@ import typing
 import torch
 import torch.distributed as dist
 
+from shardmesh.errors import Unavailable
+
 
 class TPJoinError(RuntimeError):
     """A rank could not form (or lost) its group within the timeout; the message says which and why."""
+
+
+class TPStepFailed(Unavailable):
+    """A step that failed on some ranks (their expert calls), agreed on by every rank at the same
+    collective (`all_reduce_agreeing`): every rank raises it there, so no rank commits the step's
+    KV and every rank has run the same collectives: the group stays usable for the next step."""
+
+    MARKER = "failed on every rank of its tensor-parallel group"  # in the message: tells it from a lost shard
+
+
+def all_reduce_agreeing(group: "TPGroup", flat: torch.Tensor, failed: bool) -> tuple[torch.Tensor, list[int]]:
+    """Sum `flat` [M + world_size] over the group, whose last world_size elements are failure flags:
+    this rank sets its own (index M + rank) when `failed`. One collective carries both the data and
+    the agreement. Returns (the sum, the ranks that failed, in order: the same list on every rank)."""
+    world_size = group.world_size
+    flat[flat.numel() - world_size + group.rank] = 1.0 if failed else 0.0
+    reduced = group.all_reduce(flat)
+    flags = reduced[reduced.numel() - world_size:]
+    return reduced, [rank for rank in range(world_size) if float(flags[rank]) > 0.5]
 
 
 class TPGroup(typing.Protocol):

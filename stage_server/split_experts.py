@@ -2,44 +2,77 @@
 expert servers (the topology's [[split_expert]]; the math in shardmesh.split_expert).
 
 Whole experts go through `RemoteExperts` (replicas, shared-memory plane) unchanged. The tokens of
-a split expert go to every server holding one of its slices, all at once, each group tagged with
+a split expert go to a server holding each of its slices, all at once, each group tagged with
 its slice (a server that does not hold exactly that slice answers NOT_FOUND: misrouting fails
 loudly); the partial outputs are summed in slice order, then the MoE block combines as usual.
+
+Deadlines and failover as RemoteExperts' (stage_server/remote_experts.py): each call's deadline
+grows with its rows (RemoteExperts.deadline), channels fail fast on a frozen peer (keepalive),
+and a slice whose server fails a call (UNAVAILABLE / DEADLINE_EXCEEDED) is sent again, within the
+same step, to another replica of that slice (a scaled expert service: ExpertLocation.slice_replicas),
+for at most MAX_ATTEMPTS rounds; the failed server is avoided for DOWN_RETRY_S.
 
 Shape legend: n tokens routed to one expert, H hidden_size.
 """
 
 import asyncio
+import logging
+import time
 
 import grpc
 import torch
 
 from shardmesh import codec
-from shardmesh.errors import RequestError, Unavailable
+from shardmesh.errors import InvalidArgument, RequestError, Unavailable
 from shardmesh.grpc_util import open_channel
 from shardmesh.split_expert import sum_slices
-from shardmesh.v1 import expert_pb2, expert_pb2_grpc
+from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2
 
-from stage_server.remote_experts import EXPERT_CALL_DEADLINE_S, RemoteExperts
+from stage_server.remote_experts import DOWN_RETRY_S, FAILOVER_CODES, FAST_FAILURE_OPTIONS, MAX_ATTEMPTS, RemoteExperts
 
+log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]
+SliceReplicas = tuple[tuple[str, ...], ...]  # at index r: the addresses of slice r's replicas
+
+
+def slice_replicas(location: stage_pb2.ExpertLocation, field: str, check_address) -> SliceReplicas:
+    """A split expert's ExpertLocation -> its slices' replicas (slice_addresses[r] first), checked;
+    InvalidArgument naming the field (`field` is the location's, e.g. "locations[3]")."""
+    if location.addresses or len(location.slice_addresses) < 2:
+        raise InvalidArgument(f"{field}.slice_addresses", "a split expert needs >= 2 slice addresses and no "
+                              "whole-expert addresses")
+    if location.slice_replicas and len(location.slice_replicas) != len(location.slice_addresses):
+        raise InvalidArgument(f"{field}.slice_replicas", f"{len(location.slice_replicas)} entries for "
+                              f"{len(location.slice_addresses)} slices")
+    slices = []
+    for r, first in enumerate(location.slice_addresses):
+        others = location.slice_replicas[r].addresses if location.slice_replicas else ()
+        replicas = [check_address(first, f"{field}.slice_addresses[{r}]")]
+        replicas += [check_address(a, f"{field}.slice_replicas[{r}].addresses[{j}]")
+                     for j, a in enumerate(others) if a != first]
+        slices.append(tuple(replicas))
+    return tuple(slices)
 
 
 class SplitExperts:
     def __init__(self, inner: RemoteExperts, security=None):
-        self.inner = inner                                 # whole experts
+        self.inner = inner                                 # whole experts; its deadline() serves here too
         self.security = security
-        self.slices: dict[ExpertKey, tuple[str, ...]] = {}  # (layer, expert) -> address of slice 0, 1, ...
+        self.slices: dict[ExpertKey, SliceReplicas] = {}   # (layer, expert) -> replicas of slice 0, 1, ...
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._down: dict[str, float] = {}  # address -> monotonic time until which it is avoided
+        self._turn = 0
+        self.failovers = 0  # slice calls sent again to another replica after their server failed
 
-    def update(self, slices: dict[ExpertKey, tuple[str, ...]]) -> None:
+    def update(self, slices: dict[ExpertKey, SliceReplicas]) -> None:
         """Switch where the split experts' slices are (between steps, under the stage's step lock)."""
         self.slices = dict(slices)
-        for address in {a for addresses in slices.values() for a in addresses}:
+        for address in {a for replicas in slices.values() for addresses in replicas for a in addresses}:
             if address not in self._stubs:
-                self._channels[address] = open_channel(address, self.security)
+                self._channels[address] = open_channel(address, self.security, FAST_FAILURE_OPTIONS)
                 self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
+                self._down.pop(address, None)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> hidden_states [n_e, H]; returns expert id -> output [n_e, H]."""
@@ -47,31 +80,76 @@ class SplitExperts:
         if not split:
             return await self.inner.run(layer, groups)
         whole = {e: x for e, x in groups.items() if e not in split}
-        by_server: dict[str, list[tuple[int, int]]] = {}  # address -> (expert, slice rank) it computes
+        whole_outputs = asyncio.ensure_future(self.inner.run(layer, whole) if whole else _nothing())
+        try:
+            partials = await self._slices(layer, split)
+        finally:
+            outputs = await whole_outputs
         for expert in split:
-            for rank, address in enumerate(self.slices[(layer, expert)]):
-                by_server.setdefault(address, []).append((expert, rank))
-        calls = [self._call(address, layer, parts, split) for address, parts in by_server.items()]
-        *answers, outputs = await asyncio.gather(*calls, self.inner.run(layer, whole) if whole else _nothing())
-        partials = dict(zip(by_server, answers))  # address -> expert -> partial [n_e, H]
-        for expert in split:
-            outputs[expert] = sum_slices([partials[a][expert] for a in self.slices[(layer, expert)]])
+            outputs[expert] = sum_slices([partials[(expert, r)] for r in range(len(self.slices[(layer, expert)]))])
         return outputs
 
+    async def _slices(self, layer: int, split: dict[int, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+        """(expert, slice rank) -> partial output [n_e, H] of every slice of the `split` experts."""
+        partials: dict[tuple[int, int], torch.Tensor] = {}
+        todo = [(expert, rank) for expert in split for rank in range(len(self.slices[(layer, expert)]))]
+        avoid: dict[tuple[int, int], set[str]] = {}  # a part -> replicas that failed it in this step
+        failures: list[str] = []
+        for attempt in range(MAX_ATTEMPTS):
+            by_server: dict[str, list[tuple[int, int]]] = {}
+            for part in todo:
+                by_server.setdefault(self._pick(layer, part, avoid.get(part, set())), []).append(part)
+            answers = await asyncio.gather(*(self._call(a, layer, parts, split) for a, parts in by_server.items()),
+                                           return_exceptions=True)
+            todo = []
+            for (address, parts), answer in zip(by_server.items(), answers):
+                if isinstance(answer, _ServerFailed):
+                    self._down[address] = time.monotonic() + DOWN_RETRY_S
+                    failures.append(str(answer))
+                    for part in parts:
+                        avoid.setdefault(part, set()).add(address)
+                    todo += parts
+                    log.warning("%s: %s; %d slices go to other replicas (attempt %d of %d)", self.inner.server_name,
+                                answer, len(parts), attempt + 1, MAX_ATTEMPTS)
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    partials.update(zip(parts, answer))
+            if not todo:
+                return partials
+            self.failovers += len(todo)
+        raise Unavailable("experts", f"layer {layer}: no replica of a split expert's slice answered after "
+                                     f"{MAX_ATTEMPTS} attempts: " + "; ".join(failures[-2:]))
+
+    def _pick(self, layer: int, part: tuple[int, int], failed: set[str]) -> str:
+        """A replica of slice part[1] of expert part[0]: one not failed in this step nor down lately,
+        in turn; else (every replica failed) one not failed in this step, else any."""
+        replicas = self.slices[(layer, part[0])][part[1]]
+        now = time.monotonic()
+        candidates = ([a for a in replicas if a not in failed and self._down.get(a, 0.0) <= now]
+                      or [a for a in replicas if a not in failed] or list(replicas))
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]
+
     async def _call(self, address: str, layer: int, parts: list[tuple[int, int]],
-                    groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+                    groups: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """One server's slices -> their partial outputs, in order; _ServerFailed when another replica may do."""
         count = {expert: len(self.slices[(layer, expert)]) for expert, _ in parts}
         request = expert_pb2.ComputeExpertsRequest(groups=[
             expert_pb2.ExpertGroup(layer=layer, expert=expert, hidden_states=codec.encode(groups[expert], arena=None),
                                    slice_rank=rank, slice_count=count[expert]) for expert, rank in parts])
+        timeout = self.inner.deadline(sum(groups[expert].shape[0] for expert, _ in parts))
         try:
-            reply = await self._stubs[address].ComputeExperts(request, timeout=EXPERT_CALL_DEADLINE_S)
+            reply = await self._stubs[address].ComputeExperts(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            raise Unavailable("experts", f"expert server {address} failed a slice of layer {layer}: "
-                                         f"{error.code().name} {error.details()}") from error
+            message = (f"expert server {address} failed a slice of layer {layer}: "
+                       f"{error.code().name} {error.details()}")
+            if error.code() in FAILOVER_CODES:
+                raise _ServerFailed(message) from error
+            raise Unavailable("experts", message) from error
         if len(reply.outputs) != len(parts):
             raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(parts)} slices")
-        partials = {}
+        partials = []
         for i, ((expert, _), message) in enumerate(zip(parts, reply.outputs)):
             try:
                 output = codec.decode(message, f"outputs[{i}]", segment=None)
@@ -80,12 +158,16 @@ class SplitExperts:
             if output.shape != groups[expert].shape or output.dtype != groups[expert].dtype:
                 raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} {output.dtype} "
                                              f"for {list(groups[expert].shape)} {groups[expert].dtype}")
-            partials[expert] = output
+            partials.append(output)
         return partials
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+
+
+class _ServerFailed(Exception):
+    """A slice call failed in a way another replica may not (the server is dead, frozen or stopping)."""
 
 
 async def _nothing() -> dict[int, torch.Tensor]:

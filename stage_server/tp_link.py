@@ -15,7 +15,9 @@ NCCL, always); the choice goes to the others through the store.
 
 A group that does not form within the join timeout leaves the stage NOT_SERVING (health) and its
 steps UNAVAILABLE with the reason; rank 0 then never registers with the router. A group that
-breaks later (a shard killed, a collective past its timeout) does the same from then on.
+breaks later (a shard killed, or frozen: its step stream fails keepalive within ~3 s; a collective
+past its timeout) does the same from then on. The rendezvous is given on the command line, or by
+the router (stage_server/tp_rank.py, router/tp_ranks.py).
 """
 
 import asyncio
@@ -27,9 +29,11 @@ import grpc
 from shardmesh import codec, grpc_util
 from shardmesh.errors import Unavailable
 from shardmesh.shm_allreduce import ShmGroup, same_host
-from shardmesh.tp_group import GlooGroup, NcclGroup, TPJoinError
+from shardmesh.tp_group import GlooGroup, NcclGroup, TPJoinError, TPStepFailed
 from shardmesh.tp_stage import forward_off_loop, join_group
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc
+
+from stage_server.remote_experts import FAST_FAILURE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,9 @@ class TPFanout:
     def __init__(self, addresses: list[str], security, step_timeout_s: float = 120.0):
         self.addresses = addresses
         self.step_timeout_s = step_timeout_s
-        self._channels = [grpc_util.open_channel(a, security) for a in addresses]
+        # Keepalive pings every second, 2 s to answer: a frozen shard (SIGSTOP, a wedged host) breaks
+        # its step stream within ~3 s, so rank 0 gives up on the step then, not at the collective timeout.
+        self._channels = [grpc_util.open_channel(a, security, FAST_FAILURE_OPTIONS) for a in addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self._calls: list = [None] * len(addresses)
 
@@ -105,24 +111,27 @@ class TPFanout:
         return [info.host_id for info in results]
 
     async def finish_step(self) -> None:
-        """Read every shard's reply to the step just sent; Unavailable naming a shard that failed."""
-        failure = None
+        """Read every shard's reply to the step just sent; Unavailable naming a shard that failed, or
+        TPStepFailed when every failure is one the whole group agreed on (the shards are fine)."""
+        failure, agreed = None, True
         for i, call in enumerate(self._calls):
             if call is None:
                 continue
             try:
                 reply = await asyncio.wait_for(call.read(), self.step_timeout_s)
             except (grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
-                call.cancel()
+                call.cancel()  # a step that failed ends its stream: the next step opens another
                 self._calls[i] = None
                 detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else "no reply in time"
+                agreed = agreed and TPStepFailed.MARKER in (detail or "")
                 failure = failure or f"shard {self.addresses[i]} failed the step: {detail}"
                 continue
             if reply is grpc.aio.EOF:
                 self._calls[i] = None
+                agreed = False
                 failure = failure or f"shard {self.addresses[i]} closed its step stream"
         if failure:
-            raise Unavailable("tp", failure)
+            raise (TPStepFailed("experts", failure) if agreed else Unavailable("tp", failure))
 
     async def free(self, request: stage_pb2.FreeSequencesRequest) -> None:
         await self._unary("FreeSequences", request)
@@ -158,13 +167,15 @@ SHM_CAPACITY = 1 << 20  # bytes per rank and bank: a decode step of 64 sequences
 
 async def join_stage_group(group: LazyGroup, stage_name: str, rendezvous: str, timeout_s: float,
                            advertised: str, security, host_id: str = "",
-                           collective_timeout_s: float | None = None, device: str = "cpu") -> TPFanout | None:
+                           collective_timeout_s: float | None = None, device: str = "cpu",
+                           store=None) -> TPFanout | None:
     """Form the group, exchange addresses, choose the AllReduce (shared memory when every shard
     advertises `host_id`, else gloo); on rank 0 returns the fan-out to the others. Raises
-    TPJoinError (recorded in `group.failure`) when the group is not complete within `timeout_s`."""
+    TPJoinError (recorded in `group.failure`) when the group is not complete within `timeout_s`.
+    `store`: rank 0's group store, already bound at `rendezvous` (stage_server/tp_rank.py)."""
     fanout = None
     try:
-        joined = await join_group(group.rank, group.world_size, rendezvous, timeout_s, name=stage_name,
+        joined = await join_group(group.rank, group.world_size, rendezvous, timeout_s, name=stage_name, store=store,
                                   collective_timeout_s=collective_timeout_s, device=device)  # CUDA: NCCL
         joined.store.set(f"{stage_name}/address/{group.rank}", advertised)
         choice_key = f"{stage_name}/all_reduce"
@@ -196,9 +207,13 @@ async def tp_step(fanout: TPFanout | None, request: stage_pb2.StepRequest, model
     Validated here first, so a bad request never reaches the other shards.
 
     Once the shards have the step, every rank must finish it or the ranks' collectives and KV
-    caches diverge: a step that fails on one rank (a shard died, an expert call failed) breaks the
-    group for good (LazyGroup.fail: NOT_SERVING, later steps UNAVAILABLE with the reason)."""
+    caches diverge. An expert call that fails on one rank is agreed on by every rank at the MoE
+    block's collective (models.parallel.moe_block): every rank raises TPStepFailed there, none keeps
+    the step's KV, and the next step runs as usual. Any other failure on one rank (a shard died)
+    breaks the group for good (LazyGroup.fail: NOT_SERVING, later steps UNAVAILABLE with the reason)."""
     model.validate(batch)
+    if isinstance(model.tp, LazyGroup) and model.tp.group is None:  # not formed, or broken: fail at once
+        raise Unavailable("tp", model.tp.failure)
     if fanout is None:
         try:
             return await forward_off_loop(model, batch, experts)
@@ -221,10 +236,23 @@ async def tp_step(fanout: TPFanout | None, request: stage_pb2.StepRequest, model
     replies = asyncio.ensure_future(fanout.finish_step())
     step = asyncio.ensure_future(forward_off_loop(model, batch, experts))
     await asyncio.wait({replies, step}, return_when=asyncio.FIRST_COMPLETED)
-    if replies.done() and replies.exception() is not None and not step.done():
-        model.tp.fail(str(replies.exception()))
+    if (replies.done() and replies.exception() is not None and not step.done()
+            and not isinstance(replies.exception(), TPStepFailed)):
+        model.tp.fail(str(replies.exception()))  # a shard died or froze mid-step: the group is lost
+        # Shared memory stops waiting at once; a gloo collective cannot be abandoned and holds this
+        # rank's step thread until the collective timeout. Either way the step has failed: say so now.
+        step.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise replies.exception()
     try:
         output = await step
+    except TPStepFailed:  # every rank failed it at the same collective: no KV kept anywhere, the group stays
+        try:
+            await replies
+        except TPStepFailed:
+            pass
+        except Unavailable as error:  # a shard failed otherwise (it died meanwhile): the group is lost
+            model.tp.fail(error.message)
+        raise
     except Exception as error:
         model.tp.fail(f"rank 0's step failed, the shards' did not wait for it: {error}")
         replies.cancel()
@@ -232,7 +260,7 @@ async def tp_step(fanout: TPFanout | None, request: stage_pb2.StepRequest, model
         raise
     try:
         await replies
-    except Unavailable as error:
+    except Unavailable as error:  # TPStepFailed too: this rank finished the step the shards failed
         model.tp.fail(error.message)
         raise
     return output

@@ -25,7 +25,7 @@ from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.models.matmul import linear
 from shardmesh.models.moe import MoEGate, combine, dispatch
-from shardmesh.tp_group import SINGLE, TPGroup
+from shardmesh.tp_group import SINGLE, TPGroup, TPStepFailed, all_reduce_agreeing
 
 
 def check_tp_shapes(config: ModelConfig, world_size: int) -> None:
@@ -167,11 +167,24 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
     if group.world_size == 1:
         groups, handle = dispatch(hidden_states, gate(hidden_states), gate.top_k)
         return combine(await experts.run(layer, groups), handle).to(hidden_states.dtype)
-    num_tokens, rank, world_size = hidden_states.shape[0], group.rank, group.world_size
+    num_tokens, hidden, rank, world_size = *hidden_states.shape, group.rank, group.world_size
     start, end = rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
-    output = torch.zeros_like(hidden_states)  # [N, H]
+    # [N * H + T]: the output and one failure flag per rank, summed by the one collective, so that an
+    # expert call failing on one rank fails the step on every rank at the same point (TPStepFailed).
+    flat = torch.zeros(num_tokens * hidden + world_size, dtype=hidden_states.dtype, device=hidden_states.device)
+    output = flat[:num_tokens * hidden].view(num_tokens, hidden)  # [N, H]
+    failure = None
     if end > start:
         mine = hidden_states[start:end]       # [n_r, H]
-        groups, handle = dispatch(mine, gate(mine), gate.top_k)
-        output[start:end] = combine(await experts.run(layer, groups), handle)
-    return group.all_reduce(output)
+        try:
+            groups, handle = dispatch(mine, gate(mine), gate.top_k)
+            output[start:end] = combine(await experts.run(layer, groups), handle)
+        except Exception as error:  # the other ranks wait in the collective below: join them, flagged
+            failure = error
+            output.zero_()
+    reduced, failed_ranks = all_reduce_agreeing(group, flat, failure is not None)
+    if failed_ranks:
+        cause = f": {failure}" if failure is not None else ""
+        raise TPStepFailed("experts", f"layer {layer}: the expert calls of rank(s) {failed_ranks} failed, so the step "
+                                      f"{TPStepFailed.MARKER} (no KV kept; the group stays){cause}")
+    return reduced[:num_tokens * hidden].view(num_tokens, hidden)
