@@ -61,6 +61,9 @@ CONFIGS = {
     "2s2e-shm-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2, data_plane="shm"),
     "1s1e-grpc-c2": MeshConfig(1, 1, compute_threads=2),
     "1s1e-shm-c2": MeshConfig(1, 1, compute_threads=2, data_plane="shm"),
+    # One stage with two micro-batches in flight: one step's attention while the other's experts compute.
+    "1s1e-shm-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2, data_plane="shm"),
+    "1s1e-grpc-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2),
     "2s2e-grpc-c2": MeshConfig(2, 2, compute_threads=2),
     "2s2e-shm-c2": MeshConfig(2, 2, compute_threads=2, data_plane="shm"),
     "2s2e-shm-mb2-c2": MeshConfig(2, 2, micro_batches=2, compute_threads=2, data_plane="shm"),

@@ -2,8 +2,8 @@
 move through a shared segment, with a small framed Unix socket instead of HTTP/2 for the calls.
 
     planes = DataPlanes(enabled=True)
-    channel = await planes.get(address, grpc_channel)   # ShmChannel, or None: use gRPC bytes
-    async with channel.session() as call:               # one call at a time per channel
+    channel = await planes.get(address, grpc_channel)   # ShmPool (shm_pool.py), or None: use gRPC bytes
+    async with channel.session() as call:               # one call at a time per session; sessions pooled
         request = ComputeExpertsRequest(groups=[ExpertGroup(..., hidden_states=call.encode(x))])
         reply = await call.invoke("shardmesh.v1.Expert/ComputeExperts", request,
                                   ComputeExpertsResponse, timeout=30)
@@ -34,6 +34,7 @@ import torch
 from shardmesh import codec
 from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.grpc_util import CONTROL_DEADLINE_S
+from shardmesh.shm_pool import DEFAULT_MAX_SESSIONS, ShmPool
 from shardmesh.shm_segment import MAX_SEGMENT_BYTES, PROBE_BYTES, ReplyArena, Segment, align
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
 
@@ -127,6 +128,9 @@ class ShmCall:
         except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
             channel.broken = True
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {channel.peer}: {error!r}") from error
+        except asyncio.CancelledError:  # the reply may still come: the session is out of step
+            channel.broken = True
+            raise
         reply = frame.reply
         if frame.WhichOneof("kind") != "reply" or reply.call_id != call.call_id:
             channel.broken = True
@@ -223,48 +227,51 @@ def _cuda_segment(peer: str, size: int, device: str, backend, probe: bytes) -> C
 
 
 class DataPlanes:
-    """Per peer address: the shared-memory channel negotiated with it, or None (gRPC bytes)."""
+    """Per peer address: the shared-memory sessions negotiated with it (ShmPool), or None (gRPC bytes)."""
 
     def __init__(self, enabled: bool, segment_bytes: int = INITIAL_SEGMENT_BYTES, device: str = "cpu",
-                 ipc_backend=None):
+                 ipc_backend=None, max_sessions: int = DEFAULT_MAX_SESSIONS):
         self.enabled = enabled and Segment.available()
         self.segment_bytes = segment_bytes
+        self.max_sessions = max_sessions  # per peer: calls to one peer in flight at once
         # Our device, when CUDA IPC segments can be offered to servers that map them (cuda_ipc.py);
         # `ipc_backend` replaces CuPy (tests: a fake backend serves any device, the CPU included).
         self.cuda_device = device if device.startswith("cuda") or ipc_backend is not None else None
         self.ipc_backend = ipc_backend
-        self._channels: dict[str, ShmChannel | None] = {}
+        self._channels: dict[str, ShmPool | None] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _usable(self, address: str) -> bool:
-        """Negotiated, and (if shared memory) not broken, nor idle and due for a larger segment."""
+        """Negotiated, and (if shared memory) with a session that has not broken."""
         if address not in self._channels:
             return False
-        channel = self._channels[address]
-        if channel is None:
-            return True
-        # Idle = no session holds or awaits its lock: nobody else has it in hand, it can be replaced.
-        return not (channel.broken or channel.wanted > channel.segment.size and not channel.lock.locked())
+        pool = self._channels[address]
+        return pool is None or pool.usable
 
-    async def get(self, address: str, grpc_channel: grpc.aio.Channel) -> ShmChannel | None:
-        """The shared-memory channel to `address` (negotiated over `grpc_channel` on first use, and
-        again after a failure or to grow its segment), or None: send tensors in gRPC messages.
-        Enter its session() at once (no await in between), so it is not replaced under you."""
+    async def get(self, address: str, grpc_channel: grpc.aio.Channel) -> ShmPool | None:
+        """The shared-memory sessions with `address` (negotiated over `grpc_channel` on first use,
+        and again once they all broke), or None: send tensors in gRPC messages. Enter its session()
+        at once (no await in between), so it is not replaced under you."""
         if not self.enabled:
             return None
         if not self._usable(address):
             async with self._locks.setdefault(address, asyncio.Lock()):
                 if not self._usable(address):
                     old = self._channels.pop(address, None)
-                    size = max(self.segment_bytes, old.wanted if old else 0)
+                    size = max(self.segment_bytes, old.segment_bytes if old else 0)
                     if old is not None:
-                        old.broken = True
                         await old.close()
                     channel = await self._negotiate(address, grpc_channel, size)
                     if channel is _RETRY:
                         return None  # the peer is unreachable now: this call goes (and fails) over gRPC
-                    self._channels[address] = channel
+                    self._channels[address] = channel if channel is None else ShmPool(
+                        address, channel, lambda size: self._another(address, grpc_channel, size), self.max_sessions)
         return self._channels[address]
+
+    async def _another(self, address: str, grpc_channel: grpc.aio.Channel, size: int) -> ShmChannel | None:
+        """One more session with `address` for its pool, or None when none opens now."""
+        channel = await self._negotiate(address, grpc_channel, size)
+        return None if channel is _RETRY else channel
 
     async def _negotiate(self, address: str, grpc_channel: grpc.aio.Channel, size: int):
         """A channel, None (the peer cannot share memory with us: gRPC bytes for good), or _RETRY

@@ -1,6 +1,7 @@
 """StageServicer: translates StepRequests into StageBatches for the StageModel and back."""
 
 import asyncio
+import contextlib
 
 import torch
 
@@ -13,7 +14,8 @@ from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 
 from stage_server.remote_experts import Placement, RemoteExperts
 from stage_server.sequence_history import SequenceHistory
-from stage_server.split_experts import SplitExperts
+from stage_server.split_experts import SliceReplicas, SplitExperts, slice_replicas
+from stage_server.step_gate import READ_AHEAD, StepGate, read_ahead
 from stage_server.tp_link import TPFanout, tp_step
 
 
@@ -39,7 +41,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         experts.server_name = name  # labels its metrics
         self.backend = SplitExperts(experts, experts.security)  # + experts split over servers (split_experts.py)
         metrics.watch_stage(name, model)  # KV cache use, read at scrape time
-        self.step_lock = asyncio.Lock()  # one step at a time mutates the KV cache
+        self.gate = StepGate()  # which steps may run at once: disjoint sequences do (step_gate.py)
         self.tp_fanout: TPFanout | None = None  # rank 0 of a tensor-parallel stage: its other shards
         self.host_id = ""  # StageInfo.host_id (set by stage_server.main)
         self.not_serving_reason = ""  # StageInfo.not_serving_reason: set when a TP group fails to form or breaks
@@ -67,26 +69,38 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         )
 
     async def Step(self, request_iterator, context):
-        async for request in request_iterator:
-            try:
-                batch = self._batch(request)
-                if not self.placement_ready.is_set():
-                    raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
-                async with self.step_lock:
-                    with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
-                        output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
-                    self.history.stepped(request.sequences)
-            except RequestError as error:
-                await abort_for(context, error)
-                return
-            if self.model.is_last:
-                yield stage_pb2.StepResponse(step_id=request.step_id, logits=codec.encode(output))
-            else:
-                yield stage_pb2.StepResponse(step_id=request.step_id, hidden_states=codec.encode(output))
+        """Bidi stream: one response per request, in request order, the stream ending with the first
+        error. Steps of one stream are read ahead (up to READ_AHEAD in flight) and run concurrently
+        where their sequences are disjoint (StepGate); several streams (or shared-memory sessions)
+        likewise."""
+        async with contextlib.aclosing(read_ahead(request_iterator, self._step, READ_AHEAD)) as steps:
+            async for request, step in steps:
+                try:
+                    output = await step
+                except RequestError as error:
+                    await abort_for(context, error)
+                    return
+                if self.model.is_last:
+                    yield stage_pb2.StepResponse(step_id=request.step_id, logits=codec.encode(output))
+                else:
+                    yield stage_pb2.StepResponse(step_id=request.step_id, hidden_states=codec.encode(output))
+
+    async def _step(self, request: stage_pb2.StepRequest) -> torch.Tensor:
+        batch = self._batch(request)
+        if not self.placement_ready.is_set():
+            raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
+        # A tensor-parallel stage's ranks must run the same steps in the same order: one at a time.
+        serial = self.tp_fanout is not None or self.model.tp.world_size > 1
+        async with self.gate.exclusive() if serial else self.gate.sequences(batch.sequence_ids):
+            with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
+                output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
+            self.history.stepped(request.sequences)
+        return output
 
     @translate_errors
     async def FreeSequences(self, request, context):
-        async with self.step_lock:
+        # After the steps admitted before it on these sequences (all steps when the shards must follow).
+        async with self.gate.exclusive() if self.tp_fanout is not None else self.gate.sequences(request.sequence_ids):
             cached = set(self.model.cached_sequence_ids())
             self.history.freed([i for i in request.sequence_ids if i in cached])
             freed = self.model.free(request.sequence_ids)
@@ -97,14 +111,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @translate_errors
     async def UpdatePlacement(self, request, context):
         replicas: dict[tuple[int, int], tuple[str, ...]] = {}
-        slices: dict[tuple[int, int], tuple[str, ...]] = {}  # split experts: address of slice 0, 1, ...
+        slices: dict[tuple[int, int], SliceReplicas] = {}  # split experts: replicas of slice 0, 1, ...
         for i, location in enumerate(request.locations):
-            if location.slice_addresses:
-                if location.addresses or len(location.slice_addresses) < 2:
-                    raise InvalidArgument(f"locations[{i}].slice_addresses", "a split expert needs >= 2 slice "
-                                          "addresses and no whole-expert addresses")
-                slices[(location.layer, location.expert)] = tuple(
-                    check_address(a, f"locations[{i}].slice_addresses[{j}]") for j, a in enumerate(location.slice_addresses))
+            if location.slice_addresses or location.slice_replicas:
+                slices[(location.layer, location.expert)] = slice_replicas(location, f"locations[{i}]", check_address)
                 continue
             if not location.addresses:
                 raise InvalidArgument(f"locations[{i}].addresses", "an expert needs at least one address")
@@ -119,7 +129,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             raise InvalidArgument("version", f"{request.version} is not below 2**63")
         if request.version < self.experts.placement.version:
             raise FailedPrecondition("version", f"{request.version} is older than {self.experts.placement.version}")
-        async with self.step_lock:
+        async with self.gate.exclusive():  # no step in flight while the placement switches
             await self.experts.update(Placement(request.version, replicas))
             self.backend.update(slices)
             if self.tp_fanout is not None:

@@ -57,7 +57,7 @@ async def double(planes: DataPlanes, address: str, *tensors):
             reply = await call.invoke(DOUBLE, request, expert_pb2.ComputeExpertsResponse, 5)
             outputs = [call.decode(out, f"outputs[{i}]") for i, out in enumerate(reply.outputs)]
             inputs = [call.decode(g.hidden_states, "input") for g in request.groups]
-        return request, reply, outputs, inputs, channel
+        return request, reply, outputs, inputs, call.channel  # the pool's session that carried the call
 
 
 def test_tensors_move_through_the_device_segment_in_place():
@@ -174,7 +174,7 @@ def test_bad_device_spans_get_a_precise_status_and_the_session_goes_on(case):
         async with echo_server(ipc_backend=ipc) as (_, _, address):
             planes = DataPlanes(enabled=True, ipc_backend=ipc if with_segment else None)
             async with grpc_util.insecure_channel(address) as grpc_channel:
-                channel = await planes.get(address, grpc_channel)
+                channel = (await planes.get(address, grpc_channel)).sessions[0]  # driven by hand
                 groups = [expert_pb2.ExpertGroup(hidden_states=tensor)] if tensor is not None else []
                 channel.call_ids += 1
                 write_frame(channel.writer, dataplane_pb2.ShmFrame(call=dataplane_pb2.ShmCall(

@@ -38,7 +38,7 @@ async def double_on(address: str, planes: DataPlanes, tensors: list[torch.Tensor
             reply = await call.invoke(DOUBLE, request, expert_pb2.ComputeExpertsResponse, 30)
             outputs = [call.decode(out, f"outputs[{i}]") for i, out in enumerate(reply.outputs)]
             marks = [float(call.decode(g.hidden_states, "input").view(-1)[0]) for g in request.groups]
-        return channel.cuda is not None, request, reply, outputs, marks
+        return call.channel.cuda is not None, request, reply, outputs, marks
 
 
 def test_two_processes_on_one_gpu_exchange_device_tensors_in_place():

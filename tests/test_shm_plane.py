@@ -91,10 +91,11 @@ def test_round_trip_in_place_and_nothing_left_in_dev_shm(loop):
                 reply = await call.invoke(DOUBLE, request, expert_pb2.ComputeExpertsResponse, 5)
                 assert all(out.HasField("shm") for out in reply.outputs)
                 outputs = [call.decode(out, f"outputs[{i}]") for i, out in enumerate(reply.outputs)]
-                marks = [float(codec.decode(g.hidden_states, "mark", segment=shm.segment).view(-1)[0])
+                session = call.channel  # the pool's session that carried the call
+                marks = [float(codec.decode(g.hidden_states, "mark", segment=session.segment).view(-1)[0])
                          for g in request.groups]
             await planes.close()
-            return doubler, outputs, x, bf16, marks, shm
+            return doubler, outputs, x, bf16, marks, session
 
     doubler, outputs, x, bf16, marks, shm = run(main()) if loop == "asyncio" else uvloop.run(main())
     assert doubler.inputs_in_shm == [True, True]
@@ -122,21 +123,24 @@ def test_a_payload_larger_than_the_segment_goes_inline_then_the_segment_grows():
         async with plane_server() as (_, doubler, channel, address):
             planes = DataPlanes(enabled=True, segment_bytes=4096)
             x = torch.randn(64, 64)  # 16 KiB > the 4 KiB segment
-            shm = await planes.get(address, channel)
-            async with shm.session() as call:
+            pool = await planes.get(address, channel)
+            async with pool.session() as call:
                 reply = await call.invoke(DOUBLE, request_of(call.encode, x), expert_pb2.ComputeExpertsResponse, 5)
                 first = call.decode(reply.outputs[0], "outputs[0]")
-            grown = await planes.get(address, channel)
-            async with grown.session() as call:
+                shm = call.channel
+            async with (await planes.get(address, channel)).session() as call:
                 reply = await call.invoke(DOUBLE, request_of(call.encode, x), expert_pb2.ComputeExpertsResponse, 5)
                 second = call.decode(reply.outputs[0], "outputs[0]")
+                grown = call.channel
+            sessions = list((await planes.get(address, channel)).sessions)
             await planes.close()
-            return doubler, x, first, second, shm, grown
+            return doubler, x, first, second, shm, grown, sessions
 
-    doubler, x, first, second, shm, grown = run(main())
+    doubler, x, first, second, shm, grown, sessions = run(main())
     assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
     assert doubler.inputs_in_shm == [False, True]
     assert grown is not shm and grown.segment.size > 4 * x.numel() and shm.segment.buffer.closed
+    assert sessions == [grown]  # the small session was replaced, not kept beside the new one
 
 
 async def raw_call(shm: ShmChannel, call: dataplane_pb2.ShmCall) -> dataplane_pb2.ShmReply:
@@ -171,7 +175,7 @@ def test_bad_calls_get_a_precise_status_and_the_session_goes_on(case):
     async def main():
         async with plane_server() as (_, _, channel, address):
             planes = DataPlanes(enabled=True)
-            shm = await planes.get(address, channel)
+            shm = (await planes.get(address, channel)).sessions[0]  # its one session, driven by hand
             groups = fields.get("groups", [])
             request = fields.get("request", expert_pb2.ComputeExpertsRequest(groups=[
                 expert_pb2.ExpertGroup(layer=0, expert=0, hidden_states=t) for t in groups]).SerializeToString())
@@ -243,7 +247,7 @@ def test_bad_hellos_are_refused_and_leave_nothing_behind():
 def test_stop_closes_sessions_and_unmaps_segments():
     async def main():
         async with plane_server() as (plane, _, channel, address):
-            shm = await DataPlanes(enabled=True).get(address, channel)
+            shm = (await DataPlanes(enabled=True).get(address, channel)).sessions[0]
             async with shm.session() as call:
                 await call.invoke(DOUBLE, request_of(call.encode, torch.ones(1, 4)), expert_pb2.ComputeExpertsResponse, 5)
             await plane.stop()
@@ -275,8 +279,9 @@ def test_an_unreachable_peer_is_asked_again_later():
         async with plane_server() as (_, _, channel, address):
             await planes.forget([address])
             shm = await planes.get(address, channel)
+            session = shm.sessions[0]
             await planes.forget([address])
-            forgotten = address not in planes._channels and shm.segment.buffer.closed
+            forgotten = address not in planes._channels and session.segment.buffer.closed
         return first, remembered, shm, forgotten
 
     first, remembered, shm, forgotten = run(main())
