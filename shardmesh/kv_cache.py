@@ -29,6 +29,10 @@ class KVCache:
     def __contains__(self, sequence_id: int) -> bool:
         return sequence_id in self._lengths
 
+    def __len__(self) -> int:
+        """Sequences cached."""
+        return len(self._lengths)
+
     def sequence_ids(self) -> list[int]:
         return sorted(self._lengths)
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.compute_pool import parallel_linear
 from shardmesh.config import ModelConfig
-from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
-from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment
+from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
 from shardmesh.tp_group import SINGLE, TPGroup
@@ -93,6 +93,9 @@ class StageModel:
                              config.max_position_embeddings, dtype, self.device)
         self._in_flight: set[int] = set()  # sequences inside a forward that has not finished
         self._freed_in_flight: set[int] = set()  # freed while in flight: not committed when that step ends
+        # Sequences the KV cache may hold (0 = no limit; a stage's --max-cached-sequences): a step
+        # that would start one more gets RESOURCE_EXHAUSTED naming it, and changes nothing.
+        self.max_cached_sequences = 0
 
     def validate(self, batch: StageBatch) -> None:
         """Raise InvalidArgument / NotFound / FailedPrecondition naming the offending request field."""
@@ -102,7 +105,7 @@ class StageModel:
         if len(batch.start_positions) != count or len(batch.num_tokens) != count:
             raise InvalidArgument("sequences", f"{count} sequence ids but {len(batch.start_positions)} start "
                                                f"positions and {len(batch.num_tokens)} token counts")
-        seen = set()
+        seen, new_sequences = set(), 0
         for i, (sequence_id, start, num_tokens) in enumerate(
                 zip(batch.sequence_ids, batch.start_positions, batch.num_tokens)):
             if sequence_id in seen:
@@ -122,6 +125,12 @@ class StageModel:
                 if start > 0:
                     raise NotFound(f"sequences[{i}].sequence_id",
                                    f"sequence {sequence_id} is not cached here (start_position {start} > 0)")
+                new_sequences += 1
+                limit = self.max_cached_sequences
+                if limit and len(self.cache) + new_sequences > limit:
+                    raise ResourceExhausted(f"sequences[{i}].sequence_id", f"sequence {sequence_id} is new, and "
+                                            f"this stage's KV cache holds at most {limit} sequences "
+                                            f"(--max-cached-sequences): free one first")
             elif start != self.cache.length(sequence_id):
                 raise FailedPrecondition(f"sequences[{i}].start_position", f"{start} but sequence {sequence_id} "
                                          f"has {self.cache.length(sequence_id)} tokens cached")
@@ -171,19 +180,24 @@ class StageModel:
 
     async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
                           experts: "ExpertBackend | None") -> torch.Tensor:
-        positions = torch.cat([torch.arange(s.start_position, s.start_position + s.num_tokens) for s in segments])
-        cos, sin = self.rotary(positions.to(self.device), self.dtype)  # [N, D] each
+        positions = torch.tensor([p for s in segments for p in range(s.start_position, s.start_position + s.num_tokens)],
+                                 device=self.device)  # [N]
+        cos, sin = self.rotary(positions, self.dtype)  # [N, D] each
         if self.is_first:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
         else:
             hidden_states = inputs                                          # [N, H]
+        caches = [layer_caches(buffer, segment) for buffer, segment in zip(buffers, segments)]  # [S][layers]
         for index, layer in enumerate(self.layers):
-            residual = hidden_states
-            hidden_states = layer.input_layernorm(hidden_states)
-            hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [b[index] for b in buffers])
-            hidden_states = residual + hidden_states
-            residual = hidden_states
-            hidden_states = layer.post_attention_layernorm(hidden_states)
+            # inference_mode saves per-op work (no version counters or view tracking) on these many
+            # small ops. Only around code with no await: the mode is per thread, and other coroutines
+            # run at an await. The KV buffers and what leaves this method stay normal tensors.
+            with torch.inference_mode():
+                residual = hidden_states
+                hidden_states = layer.input_layernorm(hidden_states)
+                hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches])
+                residual = residual + hidden_states
+                hidden_states = layer.post_attention_layernorm(residual)
             if isinstance(layer.ffn, MoEGate):
                 hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp)
             else:

@@ -12,6 +12,7 @@ Shape legend:
 """
 
 import dataclasses
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,23 @@ class Segment:
     num_tokens: int
 
 
+class LayerCache(typing.NamedTuple):
+    """One sequence's KV cache of one layer, as views made once per step by `layer_caches`."""
+
+    new_slots: torch.Tensor  # [2, G, n, D]: where this step's new keys and values go
+    keys: torch.Tensor       # [1, G, L, D]: the cached and new keys attention reads (L = start_position + n)
+    values: torch.Tensor     # [1, G, L, D]
+
+
+def layer_caches(buffer: torch.Tensor, segment: Segment) -> list[LayerCache]:
+    """buffer [layers, 2, G, capacity, D], one sequence's cache of every layer of a stage -> a
+    LayerCache per layer for this step: a few view ops per sequence and step instead of per layer."""
+    end = segment.start_position + segment.num_tokens
+    new_slots = buffer[:, :, :, segment.start_position:end].unbind(0)  # layers x [2, G, n, D]
+    cached = buffer[:, :, None, :, :end].unbind(0)                    # layers x [2, 1, G, L, D]
+    return [LayerCache(slots, *keys_values.unbind(0)) for slots, keys_values in zip(new_slots, cached)]
+
+
 class RMSNorm:
     """x / rms(x) * weight, the mean of squares taken in float32 as in transformers."""
 
@@ -40,6 +58,8 @@ class RMSNorm:
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
+        if input_dtype == torch.float32:  # torch's fused kernel: the same sums here (bit-identical), fewer ops
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.eps)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
@@ -47,24 +67,28 @@ class RMSNorm:
 
 
 class RotaryEmbedding:
-    """Default RoPE (no scaling): cos/sin of position * theta^(-2i/D), the halves concatenated."""
+    """Default RoPE (no scaling): cos/sin of position * theta^(-2i/D), the halves concatenated.
+    The sin it returns has its first half negated (`apply_rotary` then needs no negation)."""
 
     def __init__(self, head_dim: int, theta: float, device: torch.device | str = "cpu"):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
         self.inv_freq = 1.0 / (theta ** exponents)  # [D/2]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions int64 [N] -> (cos, sin), each [N, D] in `dtype`."""
+        """positions int64 [N] -> (cos, signed_sin), each [N, D] in `dtype`: signed_sin is sin with
+        its first half negated."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [N, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)                   # [N, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        signed_sin = angles.sin()
+        signed_sin[:, :freqs.shape[1]].neg_()
+        return angles.cos().to(dtype), signed_sin.to(dtype)
 
 
-def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """states [N, heads, D] rotated by cos/sin [N, D] (rotate-half convention of transformers)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    first, second = states.chunk(2, dim=-1)
-    return states * cos + torch.cat((-second, first), dim=-1) * sin
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """states [N, heads, D] rotated by cos/signed_sin [N, D] (`RotaryEmbedding`), the rotate-half
+    convention of transformers: states * cos + cat(-second, first) * sin, where cat(second, first)
+    is a roll by D/2 and the minus sits in signed_sin (negation is exact: the same products)."""
+    return states * cos[:, None, :] + states.roll(states.shape[-1] // 2, dims=-1) * signed_sin[:, None, :]
 
 
 class Attention:
@@ -91,44 +115,45 @@ class Attention:
         return cls(config, qkv_proj, RowParallelLinear.load(reader, f"{prefix}o_proj.weight", group, dtype, columns))
 
     def __call__(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 segments: list[Segment], kv_buffers: list[torch.Tensor]) -> torch.Tensor:
+                 segments: list[Segment], caches: list[LayerCache]) -> torch.Tensor:
         """hidden_states [N, H] -> [N, H].
 
-        kv_buffers[i] is segment i's cache for this layer, [2, G, capacity, D] (keys, values); the new
-        keys/values are written at [start_position, start_position + num_tokens). The caller decides
-        whether those slots count (commit) or are ignored (a failed step)."""
-        num_tokens = hidden_states.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        query, key, value = self.qkv_proj(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
-        query = apply_rotary(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)   # [N, A, D]
-        key = apply_rotary(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)    # [N, G, D]
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)                         # [N, G, D]
-        gqa = self.num_heads != self.num_kv_heads  # SDPA repeats each key/value head for its query heads
-        queries, keys, values = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # [heads, N, D]
+        caches[i] is segment i's cache of this layer (`layer_caches`); the new keys/values are written
+        at [start_position, start_position + num_tokens) of it. The caller decides whether those
+        slots count (commit) or are ignored (a failed step)."""
+        num_tokens, A, G, D = hidden_states.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(hidden_states).view(num_tokens, A + 2 * G, D)  # [N, A + 2G, D]
+        rotated = apply_rotary(qkv[:, :A + G], cos, sin)                   # [N, A + G, D]: queries and keys at once
+        queries = rotated[:, :A].transpose(0, 1)[None]                     # [1, A, N, D]
+        new_kv = torch.stack((rotated[:, A:], qkv[:, A + G:])).transpose(1, 2)  # [2, G, N, D]: keys, values
+        gqa = A != G  # SDPA repeats each key/value head for its query heads
         outputs = []
-        for segment, buffer in zip(segments, kv_buffers):
-            rows = slice(segment.offset, segment.offset + segment.num_tokens)
-            start, end = segment.start_position, segment.start_position + segment.num_tokens
-            buffer[0, :, start:end] = keys[:, rows]
-            buffer[1, :, start:end] = values[:, rows]
+        for segment, cache in zip(segments, caches):
+            first, count, start = segment.offset, segment.num_tokens, segment.start_position
+            cache.new_slots.copy_(new_kv[:, :, first:first + count])
             mask = None  # one new token sees every cached one; a whole prompt is plainly causal
-            if segment.num_tokens > 1 and start > 0:  # a prompt chunk after cached tokens
-                query_positions = torch.arange(start, end, device=buffer.device)
-                mask = torch.arange(end, device=buffer.device)[None, :] <= query_positions[:, None]  # [n, L]
+            if count > 1 and start > 0:  # a prompt chunk after cached tokens
+                query_positions = torch.arange(start, start + count, device=hidden_states.device)
+                mask = torch.arange(start + count, device=hidden_states.device)[None, :] <= query_positions[:, None]  # [n, L]
             # 4-d inputs (a batch of one): 3-d ones take SDPA's slow math path on CPU, not its fused kernel
-            attended = F.scaled_dot_product_attention(
-                queries[None, :, rows], buffer[None, 0, :, :end], buffer[None, 1, :, :end], attn_mask=mask,
-                scale=self.scaling, is_causal=mask is None and segment.num_tokens > 1, enable_gqa=gqa)[0]  # [A, n, D]
-            outputs.append(attended.transpose(0, 1).reshape(segment.num_tokens, q_size))
-        return self.o_proj(torch.cat(outputs))  # [N, H], summed over the TP group
+            outputs.append(F.scaled_dot_product_attention(
+                queries[:, :, first:first + count], cache.keys, cache.values, attn_mask=mask,
+                scale=self.scaling, is_causal=mask is None and count > 1, enable_gqa=gqa))  # [1, A, n, D]
+        attended = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # [1, A, N, D]
+        return self.o_proj(attended[0].transpose(0, 1).reshape(num_tokens, A * D))  # [N, H], summed over the TP group
 
 
 class SwiGLUMLP:
-    """down(silu(gate x) * up x), gate and up fused into one matmul."""
+    """down(silu(gate x) * up x): an expert on an expert server.
+
+    gate and up stay two matmuls: at the 4-8 rows an expert mostly gets in a batch-16 decode step,
+    two [I, H] products ran 7-12% faster than one fused [2I, H] product on the bench machine (one
+    thread, weights streamed from memory; bench/expert_matmul.py), and as fast at 1-3 rows."""
 
     def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor):
-        self.gate_up_proj = torch.cat([gate_proj, up_proj])  # [2I, H]
-        self.down_proj = down_proj                          # [H, I]
+        self.gate_proj = gate_proj  # [I, H]
+        self.up_proj = up_proj      # [I, H]
+        self.down_proj = down_proj  # [H, I]
 
     @classmethod
     def load(cls, reader: CheckpointReader, gate: str, up: str, down: str, dtype: torch.dtype) -> "SwiGLUMLP":
@@ -137,5 +162,5 @@ class SwiGLUMLP:
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] -> [n, H]."""
-        gate, up = F.linear(hidden_states, self.gate_up_proj).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        gate = F.silu(F.linear(hidden_states, self.gate_proj))  # [n, I]
+        return F.linear(gate.mul_(F.linear(hidden_states, self.up_proj)), self.down_proj)

@@ -11,6 +11,7 @@ of the probabilities, the k weights renormalized to sum to 1.
 Shape legend: T tokens, H hidden_size, E experts, K experts per token (top_k), n_e tokens of expert e.
 """
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -35,9 +36,9 @@ class MoEGate:
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights float32 [T, K], topk_idx int64 [T, K]), Mixtral's rule."""
-    probs = torch.softmax(router_logits.float(), dim=-1)          # [T, E]
-    topk_weights, topk_idx = torch.topk(probs, top_k, dim=-1)     # [T, K]
-    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E] (the logits cast first)
+    topk_weights, topk_idx = torch.topk(probs, top_k, dim=-1)          # [T, K]
+    topk_weights /= topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights, topk_idx
 
 
@@ -63,21 +64,20 @@ def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     hidden_states [T, H], router_logits [T, E] -> (groups, handle): groups maps each expert that got
     at least one token to its tokens' hidden_states [n_e, H] (in token order); experts with no
     tokens are absent. A token appears in K groups."""
-    num_tokens, num_experts = router_logits.shape
+    num_tokens = router_logits.shape[0]
     assert hidden_states.shape[0] == num_tokens, (hidden_states.shape, router_logits.shape)
     topk_weights, topk_idx = route(router_logits, top_k)
-    flat_experts = topk_idx.reshape(-1)                                 # [T*K]
-    order = torch.argsort(flat_experts, stable=True)                    # [T*K]
+    sorted_experts, order = topk_idx.reshape(-1).sort(stable=True)      # [T*K] each
     token_idx = order // top_k                                          # [T*K]
-    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
-    rows = hidden_states[token_idx].split(counts)                       # E tensors [n_e, H]
-    groups = {expert: rows[expert] for expert in range(num_experts) if counts[expert] > 0}
+    counts = collections.Counter(sorted_experts.tolist())               # ascending expert ids, as sorted
+    rows = hidden_states[token_idx].split(list(counts.values()))        # a tensor [n_e, H] per expert
+    groups = dict(zip(counts, rows))
     handle = DispatchHandle(
         num_tokens=num_tokens,
         hidden_size=hidden_states.shape[1],
         dtype=hidden_states.dtype,
-        experts=tuple(groups),
-        counts=tuple(counts[e] for e in groups),
+        experts=tuple(counts),
+        counts=tuple(counts.values()),
         token_idx=token_idx,
         weights=topk_weights.reshape(-1)[order],
         topk_idx=topk_idx,
@@ -95,14 +95,14 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
     if missing:
         raise ValueError(f"combine: no output for experts {missing}")
     for expert, count in zip(handle.experts, handle.counts):
-        if list(outputs[expert].shape) != [count, handle.hidden_size]:
+        if outputs[expert].shape != (count, handle.hidden_size):
             raise ValueError(f"combine: expert {expert} returned shape {list(outputs[expert].shape)}, "
                              f"expected [{count}, {handle.hidden_size}]")
     device = handle.weights.device
     combined = torch.zeros(handle.num_tokens, handle.hidden_size, dtype=torch.float32, device=device)  # [T, H]
     if handle.experts:
         rows = torch.cat([outputs[e].to(device, torch.float32) for e in handle.experts])  # [T*K, H]
-        combined.index_add_(0, handle.token_idx, rows * handle.weights[:, None])
+        combined.index_add_(0, handle.token_idx, rows.mul_(handle.weights[:, None]))  # rows is cat's own copy
     return combined.to(handle.dtype)
 
 
