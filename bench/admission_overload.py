@@ -1,27 +1,35 @@
 """Admission under overload: do admitted requests keep their throughput while a flood of requests
 past the router's bound is refused?
 
-    .venv/bin/python bench/admission_overload.py [--batch 4] [--new-tokens 64] [--flooders 8] [--repeats 3]
-                                                 [--flood-rate 0]
+    .venv/bin/python bench/admission_overload.py [--batch 4] [--new-tokens 256] [--flooders 8] [--repeats 3]
+                                                 [--flood-rate R] [--pin MESH_CPUS:FLOOD_CPUS]
 
 A mesh of real processes (`Launcher`, the small seeded Mixtral) whose router admits `--batch`
-running sequences and queues none (`--max-batch-sequences B --max-queued 0`). Each round runs B
-concurrent greedy generations and measures their decode tokens/s (tokens after each stream's
-first / time from the last first token to the last token), alone (baseline) and while a separate
-flood process (`--flooders` concurrent loops calling Generate without backoff, each refused with
-RESOURCE_EXHAUSTED) hammers the router. Prints the median of each, the ratio (goal >= 0.90), the
-refusals per second and their latency, and checks that every admitted generation got the same
-tokens in both runs.
+running sequences and queues none (`--max-batch-sequences B --max-queued 0`). The admitted load is
+B concurrent greedy generations; its figure is their decode tokens/s (tokens after each stream's
+first / time from the last first token to the last token). Each repeat runs three rounds in turn:
 
-What it measures, honestly: on a 2-core machine the flood process, the client and every service
-share the same cores, so an unlimited flood (`--flood-rate 0`) mostly measures how much CPU the
-flooder itself takes from the mesh. `--flood-rate R` caps the flood at R requests/s (spread over
-the flooders), so the ratio shows what refusing R requests/s costs the server; the router's CPU
-per refusal and the flooder's CPU are printed either way, with the router's peak memory.
+  alone   the admitted load and nothing else of ours;
+  flood   the same while a flood process (`--flooders` loops calling Generate without backoff, or
+          `--flood-rate R` requests/s in all) is refused RESOURCE_EXHAUSTED by the router; it starts
+          once every admitted stream has its first token, so no flood request takes a batch slot;
+  burner  the same while a process burns, on the flood's CPUs, the CPU time the flood process
+          used in this repeat's flood round (a duty-cycled busy loop, not one call): what the
+          flood costs through the CPU its own client takes.
+
+Printed (medians over repeats): flood/alone, the issue's figure (goal >= 0.90); flood/burner, the
+flood's cost with its client's CPU accounted for, i.e. what refusing costs the server side;
+burner/alone; refusals/s and their latency; the router's CPU per refusal and its share of a core
+spent refusing; the flood process's CPU; the router's peak memory; same tokens in every round.
+
+`--pin 0:1` runs the mesh and the admitted client on CPU 0 and the flood (and the burner) on CPU 1
+(sched_setaffinity; services inherit it), in every round: a flood from another machine, as in a
+deployment, with the server side's CPU its own. Without it every process shares every CPU.
 """
 
 import argparse
 import asyncio
+import math
 import os
 import pathlib
 import statistics
@@ -37,6 +45,7 @@ from shardmesh.launcher import Launcher
 
 PROMPTS = [[1, 5 + i, 9 + 2 * i, 27] for i in range(64)]
 TICKS = os.sysconf("SC_CLK_TCK")
+BURN_PERIOD_S = 0.01
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -50,6 +59,15 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpus(text: str) -> set[int]:
+    """"0", "0,1", "2-3" -> CPU numbers."""
+    out = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
 
 
 async def admitted_round(address: str, token: str, batch: int, new_tokens: int, started=None):
@@ -80,10 +98,11 @@ async def flood(address: str, token: str, flooders: int, rate: float) -> None:
     """After a line on stdin, loop Generate without backoff until the next line (or EOF); then print
     `refused accepted seconds latency...`."""
     stop = threading.Event()
-    sys.stdin.readline()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
     refused, accepted, latencies = 0, 0, []
     async with AsyncClient(address, timeout=30, token=token) as client:
+        await client.model_info()  # connected before the flood starts
+        sys.stdin.readline()
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
         interval = flooders / rate if rate else 0.0  # each loop's period at the capped rate
 
         async def loop():
@@ -106,79 +125,127 @@ async def flood(address: str, token: str, flooders: int, rate: float) -> None:
     print(refused, accepted, f"{elapsed:.3f}", *(f"{x:.6f}" for x in latencies), flush=True)
 
 
+def burn(fraction: float) -> None:
+    """Use `fraction` of one CPU (by this process's CPU time) until stdin closes."""
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    while True:
+        period_end = time.perf_counter() + BURN_PERIOD_S
+        target = time.process_time() + fraction * BURN_PERIOD_S
+        while time.process_time() < target and time.perf_counter() < period_end:
+            pass
+        time.sleep(max(0.0, period_end - time.perf_counter()))
+
+
+def helper(args: argparse.Namespace, flood_cpus: set[int] | None, *extra: str) -> subprocess.Popen:
+    pin = ["--pin-self", ",".join(map(str, sorted(flood_cpus)))] if flood_cpus else []
+    return subprocess.Popen([sys.executable, __file__, *pin, *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--flooders", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flood-rate", type=float, default=0.0, metavar="R",
                         help="cap the flood at R requests/s (0 = as fast as the flooders go)")
+    parser.add_argument("--pin", default="", metavar="MESH_CPUS:FLOOD_CPUS",
+                        help="e.g. 0:1: the mesh and the admitted client on CPU 0, the flood and burner on CPU 1")
     parser.add_argument("--flood", nargs=2, metavar=("ADDRESS", "TOKEN"), help=argparse.SUPPRESS)
+    parser.add_argument("--burn", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--pin-self", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pin_self:
+        os.sched_setaffinity(0, cpus(args.pin_self))  # before grpc starts its threads
     if args.flood:
         asyncio.run(flood(args.flood[0], args.flood[1], args.flooders, args.flood_rate))
         return 0
+    if args.burn is not None:
+        burn(args.burn)
+        return 0
+    mesh_cpus = flood_cpus = None
+    if args.pin:
+        mesh_text, _, flood_text = args.pin.partition(":")
+        mesh_cpus, flood_cpus = cpus(mesh_text), cpus(flood_text)
+        os.sched_setaffinity(0, mesh_cpus)  # every service inherits it
     model_dir = harness.checkpoint("small")
     router_args = ["--max-batch-sequences", str(args.batch), "--max-queued", "0"]
+    rounds = {"alone": [], "flood": [], "burner": []}
+    refusals, router_cpu, flooder_cpu, burner_cpu, flood_seconds = [], {k: [] for k in rounds}, [], [], []
     with Launcher(model_dir, service_args={"router": router_args}) as launcher:
         address, token = launcher.router_address, launcher.client_token
         asyncio.run(admitted_round(address, token, args.batch, 8))  # warm up
-        alone, loaded, refusals, router_cpu, flooder_cpu, flood_seconds = [], [], [], [], [], []
         router_pid = launcher.processes["router"].pid
         memory_before = memory_kib(router_pid)
-        same = True
+        reference, same = None, True
+
+        def measured(kind: str, started=None):
+            nonlocal reference, same
+            cpu, at = cpu_seconds(router_pid), time.perf_counter()
+            rate, outputs = asyncio.run(admitted_round(address, token, args.batch, args.new_tokens, started))
+            router_cpu[kind].append((cpu_seconds(router_pid) - cpu) / (time.perf_counter() - at))  # cores
+            rounds[kind].append(rate)
+            reference = reference or outputs
+            same &= outputs == reference
+
         for _ in range(args.repeats):
-            cpu = cpu_seconds(router_pid)
-            rate, reference = asyncio.run(admitted_round(address, token, args.batch, args.new_tokens))
-            alone.append(rate)
-            cpu_alone = cpu_seconds(router_pid) - cpu
-            # Started now, flooding once every admitted stream has its first token (so no flood
-            # request can take a batch slot): one line on its stdin says go, the next says stop.
-            flooder = subprocess.Popen([sys.executable, __file__, "--flooders", str(args.flooders), "--flood-rate",
-                                        str(args.flood_rate), "--flood", address, token],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            measured("alone")
+            flooder = helper(args, flood_cpus, "--flooders", str(args.flooders), "--flood-rate", str(args.flood_rate),
+                             "--flood", address, token)
             time.sleep(2.0)  # it imports grpc meanwhile
 
             def go():
                 flooder.stdin.write("go\n")
                 flooder.stdin.flush()
+                go.cpu, go.at = cpu_seconds(flooder.pid), time.perf_counter()
 
-            cpu, flooder_start = cpu_seconds(router_pid), cpu_seconds(flooder.pid)
-            started = time.perf_counter()
-            rate, outputs = asyncio.run(admitted_round(address, token, args.batch, args.new_tokens, go))
-            router_cpu.append((cpu_alone, cpu_seconds(router_pid) - cpu))
-            flooder_cpu.append((cpu_seconds(flooder.pid) - flooder_start) / (time.perf_counter() - started))
-            loaded.append(rate)
-            same &= outputs == reference
+            measured("flood", go)
+            flooder_cpu.append((cpu_seconds(flooder.pid) - go.cpu) / (time.perf_counter() - go.at))
             out, _ = flooder.communicate("stop\n", timeout=60)
             if out.strip():
                 refused, accepted, elapsed, *latencies = out.split()
                 refusals.append((int(refused), int(accepted), [float(x) for x in latencies]))
                 flood_seconds.append(float(elapsed))
+            # The same CPU as the flood process took, on the same CPUs, without a call.
+            count = max(1, math.ceil(flooder_cpu[-1]))
+            burners = [helper(args, flood_cpus, "--burn", f"{flooder_cpu[-1] / count:.3f}") for _ in range(count)]
+            time.sleep(0.5)
+            starts, at = [cpu_seconds(b.pid) for b in burners], time.perf_counter()
+            measured("burner")
+            burner_cpu.append(sum(cpu_seconds(b.pid) - s for b, s in zip(burners, starts)) / (time.perf_counter() - at))
+            for b in burners:
+                b.stdin.close()
+                b.wait(10)
         memory_after = memory_kib(router_pid)
-    base, under = statistics.median(alone), statistics.median(loaded)
-    print(f"batch {args.batch}, {args.new_tokens} new tokens, {args.flooders} flooders, {args.repeats} rounds, "
-          f"flood rate {'unlimited' if not args.flood_rate else f'capped at {args.flood_rate:g}/s'}")
-    print(f"  admitted decode tok/s alone      : {base:8.1f}  (rounds: {', '.join(f'{r:.1f}' for r in alone)})")
-    print(f"  admitted decode tok/s under flood: {under:8.1f}  (rounds: {', '.join(f'{r:.1f}' for r in loaded)})")
-    print(f"  ratio under flood / alone        : {under / base:8.3f}  (goal >= 0.90)")
+    median = {kind: statistics.median(values) for kind, values in rounds.items()}
+    print(f"batch {args.batch}, {args.new_tokens} new tokens, {args.flooders} flooders, {args.repeats} repeats, "
+          f"flood rate {'unlimited' if not args.flood_rate else f'capped at {args.flood_rate:g}/s'}, "
+          + (f"mesh + admitted client on CPUs {sorted(mesh_cpus)}, flood/burner on CPUs {sorted(flood_cpus)}"
+             if args.pin else f"every process on every CPU ({os.cpu_count()})"))
+    for kind in rounds:
+        print(f"  admitted decode tok/s, {kind:6s}: {median[kind]:8.1f}  "
+              f"(rounds: {', '.join(f'{r:.1f}' for r in rounds[kind])})")
+    print(f"  flood / alone  : {median['flood'] / median['alone']:6.3f}  (the issue's figure; goal >= 0.90)")
+    print(f"  flood / burner : {median['flood'] / median['burner']:6.3f}  (the flood client's CPU accounted for)")
+    print(f"  burner / alone : {median['burner'] / median['alone']:6.3f}  (the flood client's CPU alone)")
+    refused_total = sum(r for r, _, _ in refusals)
     latencies = sorted(x for _, _, lat in refusals for x in lat)
+    per_second = refused_total / max(sum(flood_seconds), 1e-9)
     if latencies:
-        print(f"  refusals: {sum(r for r, _, _ in refusals)} RESOURCE_EXHAUSTED "
-              f"({sum(r for r, _, _ in refusals) / max(sum(flood_seconds), 1e-9):.0f}/s while flooding), "
+        print(f"  refusals: {refused_total} RESOURCE_EXHAUSTED ({per_second:.0f}/s while flooding), "
               f"{sum(a for _, a, _ in refusals)} admitted; latency p50 {1e3 * latencies[len(latencies) // 2]:.2f} ms, "
               f"p99 {1e3 * latencies[int(len(latencies) * 0.99)]:.2f} ms")
-    refused_total = sum(r for r, _, _ in refusals)
-    extra_cpu = sum(loaded_cpu - alone_cpu for alone_cpu, loaded_cpu in router_cpu)
-    print(f"  router CPU s per round alone / under flood: "
-          f"{', '.join(f'{a:.2f}/{b:.2f}' for a, b in router_cpu)}; extra per refusal "
-          f"{1e6 * extra_cpu / max(refused_total, 1):.0f} us")
-    print(f"  flood process CPU: {', '.join(f'{c:.2f}' for c in flooder_cpu)} cores during the flooded rounds")
+    # The router's extra CPU under the flood (cores, flood round - alone round) per refusal/s.
+    extra = statistics.median(router_cpu["flood"]) - statistics.median(router_cpu["alone"])
+    print("  router CPU (cores) alone / flood / burner: " + ", ".join(
+        f"{a:.2f}/{f:.2f}/{b:.2f}" for a, f, b in zip(router_cpu["alone"], router_cpu["flood"], router_cpu["burner"]))
+          + f"; {extra:.2f} more under the flood = {1e6 * extra / max(per_second, 1e-9):.0f} us per refusal")
+    print(f"  flood process CPU: {', '.join(f'{c:.2f}' for c in flooder_cpu)} cores; burner: "
+          f"{', '.join(f'{c:.2f}' for c in burner_cpu)} cores")
     print(f"  router memory (KiB): VmRSS {memory_before['VmRSS']} -> {memory_after['VmRSS']}, "
           f"peak VmHWM {memory_before['VmHWM']} -> {memory_after['VmHWM']}")
-    print(f"  machine: {os.cpu_count()} CPUs shared by the flood process, the client and every service")
-    print(f"  same tokens alone and under flood: {same}")
+    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; same tokens in every round: {same}")
     return 0
 
 

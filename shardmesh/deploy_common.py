@@ -46,6 +46,21 @@ class DeploySource:
         return args + (["--device", device] if device else []) + self.settings.service_args(role)
 
 
+def server_containers(source: DeploySource) -> list[tuple[StageSpec | ExpertServerSpec, str, str]]:
+    """(topology entry, replica id, container name) of every server's container (compose service,
+    Kubernetes Deployment): a stage's standbys (topology `standbys`) have their own, `NAME-standby-N`,
+    and register as replica `standby-N` of the stage; an expert server has one (scale it)."""
+    names = [(spec, replica_id, f"{spec.name}-{replica_id}" if replica_id else spec.name)
+             for spec in source.servers
+             for replica_id in (spec.replica_ids() if isinstance(spec, StageSpec) else [""])]
+    taken = {spec.name for spec in source.servers}
+    for spec, replica_id, name in names:
+        if replica_id and (name in taken or not DNS_LABEL.match(name)):
+            raise ValueError(f"topology: {spec.name!r}'s {replica_id} would be container {name!r}, which is "
+                             f"another server's name or not a DNS label (63 characters at most)")
+    return names
+
+
 def load(topology_file: str | pathlib.Path, model_dir_in_container: str, model_dir: str | pathlib.Path | None = None
          ) -> DeploySource:
     """Read a topology file. With `model_dir` (a checkpoint on this machine) it is validated

@@ -92,8 +92,10 @@ class Launcher:
     def _spawn(self, name: str, role: str, *extra: str) -> None:
         command = self.command(name, role, *extra)
         log_file = open(self.workdir / f"{name.replace('/', '-')}.log", "wb")  # "stage-0/tp1" -> stage-0-tp1.log
+        # A session of its own: Ctrl-C in a terminal signals the launcher only, which stops the
+        # router first (`stop`); setsid runs in C, no Python in the child (see die_with_launcher).
         self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL,
+                                                stdin=subprocess.DEVNULL, start_new_session=True,
                                                 env=os.environ | {PARENT_PID_ENV: str(os.getpid())})
 
     def command(self, name: str, role: str, *extra: str) -> list[str]:
@@ -191,9 +193,14 @@ class Launcher:
         return all(len(server.replica_addresses) >= wanted[server.name]
                    for server in status.servers if server.name in wanted)
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every service (servers first, router last), SIGKILL what is left after `grace`."""
-        order = [n for n in self.processes if n != "router"] + (["router"] if "router" in self.processes else [])
+    def stop(self, grace: float = 10.0, router_grace: float | None = None) -> None:
+        """The router first: SIGTERM, and up to `router_grace` s (default `grace`) while it drains
+        (NOT_SERVING, new requests refused, streams in flight finish through the servers, still
+        running; its --shutdown-grace); then SIGTERM every server. SIGKILL what is left after each wait."""
+        self._terminate(["router"] if "router" in self.processes else [], grace if router_grace is None else router_grace)
+        self._terminate([name for name in self.processes if name != "router"], grace)
+
+    def _terminate(self, order: list[str], grace: float) -> None:
         for name in order:
             if self.processes[name].poll() is None:
                 self.processes[name].send_signal(signal.SIGTERM)
@@ -224,6 +231,11 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
+# Ctrl-C / SIGTERM: how long `shardmesh up` lets its router drain (its --shutdown-grace, 20 s by
+# default, and a margin to exit) before the servers stop.
+ROUTER_DRAIN_S = 25.0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -244,7 +256,8 @@ def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_le
             print("metrics: " + ", ".join(f"{name} {host}:{port}" for name, port in launcher.metrics_ports.items())
                   + ("" if all(launcher.metrics_ports.values()) else " (0: see the service's log)"), flush=True)
         token_file = launcher.secrets.client_token_file
-        tls_args = f" --tls-ca {tls.ca} --tls-cert CLIENT.pem --tls-key CLIENT-key.pem" if tls else ""
+        tls_args = (f" --tls-ca {tls.ca}" + ("" if tls.clients_without_certificates
+                                            else " --tls-cert CLIENT.pem --tls-key CLIENT-key.pem")) if tls else ""
         print(f"client token in {token_file}: shardmesh generate --router {address} --token-file {token_file}"
               f"{tls_args} --prompt ..." if token_file else "authentication off (--no-auth): for local use only",
               flush=True)
@@ -258,4 +271,4 @@ def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_le
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        launcher.stop()
+        launcher.stop(router_grace=ROUTER_DRAIN_S)

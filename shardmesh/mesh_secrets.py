@@ -29,9 +29,14 @@ class TlsFiles:
     cert: pathlib.Path
     key: pathlib.Path
     ca: pathlib.Path
+    # The router's port takes clients with TLS but no certificate (they send the client token);
+    # between services TLS stays mutual (`--tls-clients-without-certificates` on the router only).
+    clients_without_certificates: bool = False
 
-    def args(self) -> list[str]:
-        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-ca", str(self.ca)]
+    def args(self, role: str = "") -> list[str]:
+        args = ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-ca", str(self.ca)]
+        return args + (["--tls-clients-without-certificates"] if self.clients_without_certificates
+                       and role == "router" else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,7 @@ class MeshSecrets:
 
     def service_args(self, role: str) -> list[str]:
         """Command-line flags of one service of `role` ("router" | "stage" | "expert")."""
-        tls = self.tls.args() if self.tls else []
+        tls = self.tls.args(role) if self.tls else []
         if self.client_token_file is None:
             return [*tls, "--no-auth"]
         tokens = ["--auth-token-file", str(self.client_token_file)] if role == "router" else []
