@@ -1,6 +1,7 @@
 """The Expert service's load and placement RPCs (GetExpertLoad, LoadExperts, DropExperts), mixed
-into ExpertServicer. They need from it: `name`, `shard` (ExpertShard), `meter` (ExpertLoadMeter)
-and `model_dir` (where LoadExperts reads weights; None = this server cannot load)."""
+into ExpertServicer. They need from it: `name`, `shard` (ExpertShard), `meter` (ExpertLoadMeter),
+`model_dir` (where LoadExperts reads weights; None = this server cannot load) and
+`holdings_changed()` (called after experts were loaded or dropped)."""
 
 import asyncio
 import logging
@@ -57,6 +58,7 @@ class ExpertPlacementRpcs:
                     reader.close()
 
             self.shard.install(await asyncio.to_thread(read))
+            self.holdings_changed()
             log.info("%s: loaded %d experts, holds %d", self.name, len(new), len(self.shard.experts))
         return self._info()
 
@@ -72,5 +74,6 @@ class ExpertPlacementRpcs:
         if busy:
             raise FailedPrecondition("experts", f"{busy[:4]} still in use after the drain timeout: nothing dropped")
         self.shard.remove(keys)  # no await since the drain: no call can start using them in between
+        self.holdings_changed()
         log.info("%s: dropped %d experts, holds %d", self.name, len(keys), len(self.shard.experts))
         return self._info()

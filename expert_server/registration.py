@@ -42,6 +42,8 @@ async def hold_exactly(servicer, experts: list[tuple[int, int]]) -> None:
         if busy:
             raise RuntimeError(f"{servicer.name}: {busy[:4]} still in use after {DRAIN_TIMEOUT_S:.0f} s: kept")
         shard.remove(extra)
+    if missing or extra:
+        servicer.holdings_changed()
     log.info("%s: holds its %d assigned experts (loaded %d, dropped %d)", servicer.name, len(wanted),
              len(missing), len(extra))
 

@@ -6,6 +6,7 @@
     shardmesh generate --router ADDR   stream a generation (needs only grpcio + protobuf)
     shardmesh status --router ADDR     servers and expert load per layer (grpcio + protobuf)
     shardmesh rebalance --router ADDR  re-place experts by observed load, live (grpcio + protobuf)
+    shardmesh remove --router ADDR A   drain expert server replica A (host:port), take it out for good
     shardmesh make-checkpoint DIR      a seeded random checkpoint (needs transformers)
     shardmesh certs DIR                a local test CA and certificates for (mutual) TLS
     shardmesh topology --model DIR     print the default topology for a model
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     from shardmesh.cli_status import add_parser as add_status
     add_status(commands)
     add_rebalance(commands)
+    from shardmesh.cli_remove import add_parser as add_remove
+    add_remove(commands)
 
     from shardmesh.cli_health import add_parser as add_health
     add_health(commands)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from shardmesh.launcher import run_up
         return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
-                      device=args.device, no_auth=args.no_auth, tls=_tls_files(args),
+                      device=args.device, no_auth=args.no_auth, tls=_tls_files(args, args.no_auth),
                       compute_threads=args.compute_threads)
     if args.command == "certs":
         from shardmesh.certs import run
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "rebalance"):
         from shardmesh import cli_rebalance, cli_status
         return (cli_status if args.command == "status" else cli_rebalance).run(args)
+    if args.command == "remove":
+        from shardmesh.cli_remove import run
+        return run(args)
     if args.command == "generate":
         from shardmesh.cli_generate import run
         return run(args)
@@ -121,15 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _tls_files(args: argparse.Namespace):
-    """`up`'s TLS flags: none, or all three (its services verify each other by the CA)."""
+def _tls_files(args: argparse.Namespace, no_auth: bool = False):
+    """`up`'s TLS flags: none, or all three (its services verify each other by the CA), and
+    --tls-clients-without-certificates for the router's clients (they then need the token)."""
     given = [args.tls_cert, args.tls_key, args.tls_ca]
+    without_certificates = args.tls_clients_without_certificates
     if not any(given):
+        if without_certificates:
+            raise SystemExit("shardmesh up: --tls-clients-without-certificates needs --tls-cert, --tls-key and --tls-ca")
         return None
     if not all(given):
         raise SystemExit("shardmesh up: give --tls-cert, --tls-key and --tls-ca together (see `shardmesh certs`)")
+    if without_certificates and no_auth:
+        raise SystemExit("shardmesh up: --tls-clients-without-certificates needs tokens: it contradicts --no-auth")
     from shardmesh.mesh_secrets import TlsFiles
-    return TlsFiles(*(path.absolute() for path in given))
+    return TlsFiles(*(path.absolute() for path in given), clients_without_certificates=without_certificates)
 
 
 if __name__ == "__main__":

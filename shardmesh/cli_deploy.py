@@ -5,7 +5,8 @@
     shardmesh k8s --topology topology.toml --model-dir-in-container /models/demo --out k8s/base
 
 Write the compose file next to the topology file's path as given (it is bind-mounted from
-there, relative to the compose file's directory). `--model DIR` validates the topology against
+there, relative to the compose file's directory). With [telemetry] `collector` / `prometheus`,
+`compose` also writes otel-collector.yaml / prometheus.yml beside the topology file (mounted too). `--model DIR` validates the topology against
 a checkpoint on this machine too; without it the router validates it when it starts.
 Needs no torch (unless --model)."""
 
@@ -41,7 +42,8 @@ def add_parsers(subparsers) -> None:
             parser.add_argument("--expert-gpus", type=_gpu_list, default=[], metavar="ID,...",
                                 help="GPU ids for the expert servers, in turn (default: none, CPU)")
         else:
-            parser.add_argument("--gpu", action="store_true", help="one GPU (nvidia.com/gpu) per stage and expert pod")
+            parser.add_argument("--gpu", action="store_true", help="one GPU (nvidia.com/gpu) per stage and expert pod (a server's "
+                                                                      "`device` in the topology wins: cuda:N one GPU, cpu none)")
             parser.add_argument("--out", required=True, type=pathlib.Path, help="directory to write the base into")
 
 
@@ -69,6 +71,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             topology_path = "./" + topology_path  # compose would read a bare name as a named volume
         sys.stdout.write(compose_yaml(source, topology_path, command_line(argv), gpus=args.gpus,
                                       expert_gpus=args.expert_gpus, dtype=args.dtype, image=args.image))
+        from shardmesh.deploy_telemetry import compose_config_files
+        for name, text in compose_config_files(source).items():  # mounted from beside the topology file
+            (args.topology.parent / name).write_text(text)
+            print(f"wrote {args.topology.parent / name}", file=sys.stderr)
         return 0
     from shardmesh.deploy_k8s import render
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,9 @@ each listening on PORT inside its own container:
   the topology has registered (grpc.health.v1 SERVING, asked by `shardmesh health`);
 - each stage advertises its service name (`stage-0:50051`) and may be pinned to one GPU with a
   device reservation (inside its container that GPU is `cuda:0`);
+- a stage's standbys (topology `standbys = N`) are services `NAME-standby-1` .. `NAME-standby-N`
+  that load the same layers and register as its replicas `standby-1` ..; each takes the next GPU
+  of `--gpus` (or the stage's own `device`);
 - each expert server advertises `{ip}:50051` (its container's own address) and registers with
   `--replica-id {hostname}` (its container's id), so `docker compose up --scale experts-a=3` adds
   replicas that register with the router and take load;
@@ -19,10 +22,14 @@ The topology file's [telemetry] and [auto_rebalance] (shardmesh.mesh_settings) b
 service's flags: each container serves metrics on the same port (a Prometheus on the compose
 network scrapes `NAME:PORT`; a scaled service's replicas are the DNS name's addresses).
 
+With [telemetry] `collector` / `prometheus`: services `otel-collector` and `prometheus`
+(shardmesh.deploy_telemetry), their config files beside the topology file.
+
 Stages and experts start once the router has started (they retry registration until it
 answers); nothing waits for the model to load but the router's health."""
 
-from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, to_yaml
+from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, server_containers, to_yaml
+from shardmesh.deploy_telemetry import compose_services
 from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
 from shardmesh.topology import StageSpec
 
@@ -71,7 +78,7 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
         "restart": "unless-stopped",
     }}
     stage_index = expert_index = 0
-    for spec in source.servers:
+    for spec, replica_id, service_name in server_containers(source):
         is_stage = isinstance(spec, StageSpec)
         pool, index = (gpus, stage_index) if is_stage else (expert_gpus, expert_index)
         gpu = pool[index % len(pool)] if pool else ""
@@ -82,7 +89,7 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
         command = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if gpu else "")
         command += ["--name", spec.name, "--router", router_address]
         if is_stage:
-            command += ["--advertise", f"{spec.name}:{PORT}"]
+            command += ["--advertise", f"{service_name}:{PORT}"] + (["--replica-id", replica_id] if replica_id else [])
         else:
             command += ["--advertise", f"{{ip}}:{PORT}", "--replica-id", "{hostname}"]
         service = {"image": image, "command": command + ["--log-level", "INFO"],
@@ -91,7 +98,8 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
                    "healthcheck": healthcheck(), "restart": "unless-stopped"}
         if gpu:
             service["deploy"] = gpu_reservation(gpu)
-        services[spec.name] = service
+        services[service_name] = service
+    services.update(compose_services(source, topology_path))  # [telemetry] collector / prometheus
     services["smoke"] = {
         "image": image,
         "profiles": ["smoke"],

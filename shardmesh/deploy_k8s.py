@@ -9,7 +9,9 @@
                          `shardmesh-registry` for servers registering (not-ready addresses too:
                          the router is SERVING only after they have registered)
     <server>.yaml        one Deployment per stage (one replica, Recreate) and per expert server
-                         (scale it: `kubectl scale deployment/shardmesh-experts-a --replicas=3`)
+                         (scale it: `kubectl scale deployment/shardmesh-experts-a --replicas=3`);
+                         a stage's standbys (topology `standbys = N`): one each, <stage>-standby-N,
+                         registering as replica standby-N of the stage
 
 Tokens come from the Secret `shardmesh-tokens` (keys `auth-token`, `internal-token`), which
 the base does not hold: create it first (see the README). Stages and experts advertise their
@@ -20,7 +22,8 @@ sha256, so changing the topology rolls every pod. The topology file's [telemetry
 [auto_rebalance] (shardmesh.mesh_settings) become every container's flags; with a metrics_port
 each container names it `metrics` and each pod carries the prometheus.io/scrape annotations."""
 
-from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, header, to_yaml
+from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, header, server_containers, to_yaml
+from shardmesh.deploy_telemetry import k8s_files
 from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
 from shardmesh.topology import StageSpec
 
@@ -104,9 +107,11 @@ def _service(name: str, selector: dict, publish_not_ready: bool) -> dict:
 
 def manifests(source: DeploySource, gpu: bool = False, image: str = "", dtype: str = "") -> dict[str, list[dict]]:
     """file name -> the resources in it (kustomization.yaml included, listing the others)."""
-    image = image or f"shardmesh:{'cuda' if gpu else 'cpu'}"
-    dtype = dtype or ("bfloat16" if gpu else "float32")
-    device = "cuda:0" if gpu else ""
+    # A server's `device` in the topology wins over --gpu: cuda:N -> one GPU (the device plugin picks
+    # which: a pod cannot name GPU N; inside the container it is cuda:0), cpu -> none. One dtype for all.
+    any_gpu = gpu or any(d.startswith("cuda") for _, d in source.topology.devices)
+    image = image or f"shardmesh:{'cuda' if any_gpu else 'cpu'}"
+    dtype = dtype or ("bfloat16" if any_gpu else "float32")
     files: dict[str, list[dict]] = {
         "topology.yaml": [{"apiVersion": "v1", "kind": "ConfigMap",
                            "metadata": {"name": f"{APP}-topology", "labels": {"app.kubernetes.io/name": APP}},
@@ -124,15 +129,20 @@ def manifests(source: DeploySource, gpu: bool = False, image: str = "", dtype: s
     files["router.yaml"] = [_deployment(source, "router", "router", router, recreate=True),
                             _service(f"{APP}-router", router_labels, publish_not_ready=False),
                             _service(f"{APP}-registry", router_labels, publish_not_ready=True)]
-    for spec in source.servers:
+    for spec, replica_id, name in server_containers(source):  # a stage's standbys: NAME-standby-N
         is_stage = isinstance(spec, StageSpec)
-        args = source.service_args("stage" if is_stage else "expert", dtype, device)
+        own = source.topology.device_of(spec.name)
+        server_gpu = own.startswith("cuda") if own else gpu
+        args = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if server_gpu else "")
         args += ["--name", spec.name, "--router", f"{APP}-registry:{PORT}", "--advertise", f"$(POD_IP):{PORT}"]
         if not is_stage:
             args += ["--replica-id", "$(POD_NAME)"]
+        elif replica_id:
+            args += ["--replica-id", replica_id]
         component = "stage" if is_stage else "expert"
-        container = _container(source, spec.name, args, image, gpu, _grpc_probes())
-        files[f"{spec.name}.yaml"] = [_deployment(source, spec.name, component, container, recreate=is_stage)]
+        container = _container(source, name, args, image, server_gpu, _grpc_probes())
+        files[f"{name}.yaml"] = [_deployment(source, name, component, container, recreate=is_stage)]
+    files.update(k8s_files(source))  # [telemetry] collector / prometheus (shardmesh.deploy_telemetry)
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": list(files)}
     return {"kustomization.yaml": [kustomization], **files}

@@ -14,7 +14,7 @@ The plan, like EPLB's `replicate_experts` + `balanced_packing`:
    every count of extra replicas from none to all spare slots is tried, keeping the best;
 2. packing: replicas heaviest first, each onto the least-loaded server with a free slot that does
    not hold that expert yet (ties: a server that holds it now, so fewer weights move);
-3. refinement: moves and swaps off the busiest server while they lower it.
+3. refinement: moves and swaps off the busiest server while they lower it (eplb_refine.py).
 
 Layers: a stage's MoE layer waits for its slowest expert server, so a plan whose totals are even
 but which puts one layer's hot experts together is slow. Packing is tried both by server totals
@@ -32,6 +32,8 @@ placement that breaks the budget (a drained server still holds experts) is alway
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+
+from shardmesh.eplb_refine import refine
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 REFINED_CANDIDATES = 4  # the best packings (by peak) that the local search then improves
@@ -123,7 +125,7 @@ def plan_placement(load: Mapping[ExpertKey, float], slots: Mapping[str, int],
     refined = []  # (peak, layer cost, extra replicas, replicas)
     for candidates in packed.values():
         for _, extra, replicas in sorted(candidates, key=lambda p: (p[0], p[1]))[:REFINED_CANDIDATES]:
-            _refine(weights, replicas, servers, slots)
+            refine(weights, replicas, servers, slots)
             refined.append((peak(replicas), layer_cost(weights, replicas), extra, replicas))
     lowest = min(r[0] for r in refined)
     best = min((r for r in refined if r[0] <= lowest * (1 + LAYER_SLACK) + 1e-12), key=lambda r: (r[1], r[0], r[2]))
@@ -206,69 +208,3 @@ def _pack(weights, counts, servers, slots, current, by_layer: bool = False) -> d
         totals[target] += share
         free[target] -= 1
     return replicas
-
-
-def _refine(weights, replicas: dict[ExpertKey, list[str]], servers, slots, max_rounds: int = 2_000) -> None:
-    """Local search on `replicas` (in place): apply the best of these changes around the busiest
-    server while every server they touch ends below its load (so the top of the sorted load
-    vector strictly falls): move one of its replicas to a server with a free slot; swap one with a
-    lighter replica elsewhere; add a replica of one of its experts on a server with a free slot;
-    drop its replica of an expert that has others; turn a replica of another expert that has
-    spares into one of its experts'."""
-    for _ in range(max_rounds):
-        totals = {name: 0.0 for name in servers}
-        held: dict[str, set[ExpertKey]] = {name: set() for name in servers}
-        for key, holders in replicas.items():
-            for name in holders:
-                totals[name] += weights[key] / len(holders)
-                held[name].add(key)
-        busiest = max(servers, key=lambda n: totals[n])
-        peak = totals[busiest]
-        if peak <= 0:
-            return
-        best_change, best_top = None, peak * (1 - 1e-9)
-        for change in _changes(weights, replicas, held, busiest, servers, slots):
-            deltas: dict[str, float] = {}
-            for key, old, new in change:
-                for name, delta in _holder_deltas(weights[key], old, new).items():
-                    deltas[name] = deltas.get(name, 0.0) + delta
-            top = max(totals[name] + delta for name, delta in deltas.items())
-            if deltas.get(busiest, 0.0) < 0 and top < best_top:
-                best_change, best_top = change, top
-        if best_change is None:
-            return
-        for key, _, new in best_change:
-            replicas[key] = list(new)
-
-
-def _holder_deltas(weight: float, old: tuple[str, ...], new: tuple[str, ...]) -> dict[str, float]:
-    """Load change of each server when an expert's holders go from `old` to `new`."""
-    deltas = {name: -weight / len(old) for name in old}
-    for name in new:
-        deltas[name] = deltas.get(name, 0.0) + weight / len(new)
-    return deltas
-
-
-def _changes(weights, replicas, held, busiest, servers, slots):
-    """Candidate changes, each a list of (key, old holders, new holders)."""
-    def without(holders, name):
-        return tuple(n for n in holders if n != name)
-
-    for key in held[busiest]:
-        holders = tuple(replicas[key])
-        if len(holders) > 1:  # drop this replica: the others take its share
-            yield [(key, holders, without(holders, busiest))]
-        for other in servers:
-            if other in holders:
-                continue
-            free = len(held[other]) < slots[other]
-            if free:  # move it; or add a replica there
-                yield [(key, holders, without(holders, busiest) + (other,))]
-                yield [(key, holders, holders + (other,))]
-            for back in held[other]:
-                back_holders = tuple(replicas[back])
-                if busiest not in back_holders and weights[back] / len(back_holders) < weights[key] / len(holders):
-                    yield [(key, holders, without(holders, busiest) + (other,)),
-                           (back, back_holders, without(back_holders, other) + (busiest,))]
-                if len(back_holders) > 1 and back != key:  # a spare replica of `back` becomes one of `key`
-                    yield [(back, back_holders, without(back_holders, other)), (key, holders, holders + (other,))]

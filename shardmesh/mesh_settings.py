@@ -6,6 +6,10 @@ Kubernetes manifests) start every service observable and rebalancing alike. Need
     metrics_port = 9464                      # every service: Prometheus /metrics on this port (default off)
     otlp_endpoint = "otel-collector:4317"    # every service: traces over OTLP/gRPC to this collector (default off)
     trace_sample_ratio = 0.1                 # share of requests traced, parent-based (default 1.0)
+    collector = true                         # compose/k8s: add an OpenTelemetry collector service
+                                             # `otel-collector` (needs otlp_endpoint = "otel-collector:PORT")
+    prometheus = true                        # compose/k8s: add a Prometheus scraping every service's
+                                             # metrics_port (needs a metrics_port other than 0)
 
     [auto_rebalance]                         # the router re-places experts (router/auto_rebalance.py)
     threshold = 1.5                          # when busiest expert server / mean stays above this (> 1)
@@ -20,7 +24,8 @@ import dataclasses
 import tomllib
 
 TABLES = ("telemetry", "auto_rebalance")  # the topology file's tables that are no server (topology.py)
-_KEYS = {"telemetry": {"metrics_port", "otlp_endpoint", "trace_sample_ratio"},
+COLLECTOR_HOST = "otel-collector"  # the collector service's name (shardmesh/deploy_telemetry.py)
+_KEYS = {"telemetry": {"metrics_port", "otlp_endpoint", "trace_sample_ratio", "collector", "prometheus"},
          "auto_rebalance": {"threshold", "interval_seconds"}}
 
 
@@ -31,6 +36,8 @@ class MeshSettings:
     trace_sample_ratio: float = 1.0       # of requests (root spans); remote children follow their parent
     auto_rebalance_threshold: float = 0.0  # 0 = off
     auto_rebalance_interval_s: float = 30.0
+    collector: bool = False               # generated deploy files add an OTLP collector service
+    prometheus: bool = False              # generated deploy files add a Prometheus service
 
     def __post_init__(self):
         if self.metrics_port is not None and not (isinstance(self.metrics_port, int) and 0 <= self.metrics_port < 65536):
@@ -38,6 +45,12 @@ class MeshSettings:
         host, _, port = self.otlp_endpoint.rpartition(":")
         if self.otlp_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"[telemetry] otlp_endpoint {self.otlp_endpoint!r} is not host:port")
+        if self.collector is not False and (self.collector is not True or host != COLLECTOR_HOST):
+            raise ValueError(f"[telemetry] collector = {self.collector!r}: true adds the service {COLLECTOR_HOST!r}, "
+                             f"so it needs otlp_endpoint = \"{COLLECTOR_HOST}:4317\" (any port)")
+        if self.prometheus is not False and (self.prometheus is not True or not self.metrics_port):
+            raise ValueError(f"[telemetry] prometheus = {self.prometheus!r}: true scrapes every service's "
+                             f"metrics_port, so it needs a metrics_port other than 0")
         if not 0 < self.trace_sample_ratio <= 1:
             raise ValueError(f"[telemetry] trace_sample_ratio {self.trace_sample_ratio} is not in (0, 1]")
         if self.auto_rebalance_threshold and not self.auto_rebalance_threshold > 1:
@@ -62,7 +75,8 @@ class MeshSettings:
         return cls(metrics_port=telemetry.get("metrics_port"), otlp_endpoint=str(telemetry.get("otlp_endpoint", "")),
                    trace_sample_ratio=float(telemetry.get("trace_sample_ratio", 1.0)),
                    auto_rebalance_threshold=float(auto.get("threshold", 0.0)),
-                   auto_rebalance_interval_s=float(auto.get("interval_seconds", 30.0)))
+                   auto_rebalance_interval_s=float(auto.get("interval_seconds", 30.0)),
+                   collector=telemetry.get("collector", False), prometheus=telemetry.get("prometheus", False))
 
     def service_args(self, role: str, metrics_port: int | None = None) -> list[str]:
         """The flags these settings give a service of `role` ("router", "stage", "expert");

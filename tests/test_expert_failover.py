@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import torch
 
 from shardmesh import grpc_util
 from shardmesh.errors import Unavailable
 from shardmesh.service_config import ServiceConfig
+from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 from stage_server.remote_experts import FAST_FAILURE_OPTIONS, MAX_ATTEMPTS, Placement, RemoteExperts
 
@@ -87,8 +89,9 @@ def test_placement_without_a_server_closes_its_channel_and_shared_memory(mixtral
             await experts.update(Placement(1, both))
             experts.min_split_tokens = 8
             await experts.run(0, groups_for([0, 1]))
-            session = experts.data_planes._channels.get(second.address)
-            assert session is not None, "the shared-memory plane was not negotiated with the second server"
+            pool = experts.data_planes._channels.get(second.address)
+            assert pool is not None, "the shared-memory plane was not negotiated with the second server"
+            session = pool.sessions[0]
             channel = experts._channels[second.address]
 
             await experts.update(Placement(2, {(0, e): (first.address,) for e in range(5)}))
@@ -112,19 +115,28 @@ def test_placement_without_a_server_closes_its_channel_and_shared_memory(mixtral
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+class AcceptingRegistry(router_pb2_grpc.RegistryServicer):
+    async def RegisterServer(self, request, context):
+        return router_pb2.RegisterServerResponse()
+
+
 def test_frozen_server_is_found_by_keepalive_over_grpc(mixtral_dir):
     """SIGSTOP of an expert server process while a call waits on it: gRPC keepalive (a ping every
     second, 2 s for its ack) fails the call and its rows go to the other replica, long before the
     call's deadline (made huge here, so only keepalive can explain a quick failover)."""
     keepalive_bound = (FAST_FAILURE_OPTIONS["grpc.keepalive_time_ms"] + FAST_FAILURE_OPTIONS["grpc.keepalive_timeout_ms"]) / 1000
-    nowhere = closed_port_address()  # the server's router, never there: it serves while it retries registering
+    registry = closed_port_address()  # the server's "router": accepts its registration (then it serves)
     frozen = closed_port_address()   # where it listens (free a moment ago)
     process = subprocess.Popen([sys.executable, "-m", "shardmesh.cli", "expert", "--model", str(mixtral_dir),
-                                "--name", "experts-a", "--router", nowhere, "--data-plane", "grpc", "--threads", "1",
+                                "--name", "experts-a", "--router", registry, "--data-plane", "grpc", "--threads", "1",
                                 "--log-level", "ERROR", "--no-auth", "--port", frozen.rsplit(":", 1)[1]],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async def main():
+            accepting = grpc.aio.server()  # an expert server with a router serves once registered (expert_server/main.py)
+            router_pb2_grpc.add_RegistryServicer_to_server(AcceptingRegistry(), accepting)
+            accepting.add_insecure_port(registry)
+            await accepting.start()
             await grpc_util.wait_for_health(frozen, timeout=60)
             live = await start_experts(mixtral_dir, "experts-a", "grpc")
             experts = RemoteExperts(data_plane="grpc", flops_per_row=1e10)  # deadline 5 s + 1 s a row: minutes
@@ -147,6 +159,7 @@ def test_frozen_server_is_found_by_keepalive_over_grpc(mixtral_dir):
             finally:
                 await experts.close()
                 await live.stop(grace=None)
+                await accepting.stop(None)
 
         asyncio.run(asyncio.wait_for(main(), 90))
     finally:

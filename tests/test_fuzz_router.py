@@ -84,6 +84,12 @@ def rebalances(harness) -> st.SearchStrategy:
                      target=st.lists(servers, max_size=3), dry_run=st.booleans(), min_gain=F32)
 
 
+def removals(harness) -> st.SearchStrategy:
+    """Every expert server of the harness is its topology entry's last replica: every removal is refused."""
+    experts = [f"127.0.0.1:{server.port}" for server in harness.mesh.experts]
+    return st.builds(admin_pb2.RemoveServerRequest, address=st.one_of(st.sampled_from(experts), TEXT))
+
+
 def strategy_for(harness, rpc: str) -> st.SearchStrategy:
     return {
         "Router/Generate": generate_requests(),
@@ -92,6 +98,7 @@ def strategy_for(harness, rpc: str) -> st.SearchStrategy:
                                              load_window_seconds=F32),
         "Registry/RegisterServer": registrations(harness),
         "Admin/Rebalance": rebalances(harness),
+        "Admin/RemoveServer": removals(harness),
     }[rpc]
 
 
@@ -111,7 +118,7 @@ async def reregister_everyone(harness) -> None:
 # experts, so a genuine re-registration (which says "restarted, holding the topology's experts")
 # could not restore the mesh any more.
 RPCS_FUZZED = ["Router/Generate", "Router/GetModelInfo", "Router/GetClusterStatus", "Registry/RegisterServer",
-               "Admin/Rebalance"]
+               "Admin/RemoveServer", "Admin/Rebalance"]
 
 
 @pytest.mark.parametrize("rpc", RPCS_FUZZED)

@@ -44,10 +44,31 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def configure(endpoint: str, service: str, exporter=None, sample_ratio: float = 1.0) -> None:
-    """Export this process's spans over OTLP/gRPC to `endpoint` (host:port, plaintext) as service
-    `service`; `exporter` replaces the OTLP exporter (tests). `sample_ratio` (0, 1]: the share of
-    requests without a caller's decision that are traced (by trace id, so every service agrees).
+def otlp_exporter(endpoint: str, ca_file=None):
+    """The OTLP/gRPC span exporter to `endpoint`: TLS verified with the CA in `ca_file` when given;
+    else as OpenTelemetry's standard variables say (OTEL_EXPORTER_OTLP_[TRACES_]INSECURE,
+    _CERTIFICATE, _CLIENT_CERTIFICATE/_KEY, _HEADERS) or an https:// / http:// endpoint; else
+    plaintext (a collector beside the services, the default)."""
+    import os
+    import pathlib
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    if ca_file:
+        import grpc
+        credentials = grpc.ssl_channel_credentials(root_certificates=pathlib.Path(ca_file).read_bytes())
+        return OTLPSpanExporter(endpoint=endpoint, insecure=False, credentials=credentials, timeout=10)
+    standard = endpoint.startswith(("http://", "https://")) or any(os.environ.get(v) for v in OTLP_TLS_VARIABLES)
+    return OTLPSpanExporter(endpoint=endpoint, insecure=None if standard else True, timeout=10)
+
+
+OTLP_TLS_VARIABLES = tuple(f"OTEL_EXPORTER_OTLP_{signal}{key}" for signal in ("", "TRACES_")
+                           for key in ("INSECURE", "CERTIFICATE"))
+
+
+def configure(endpoint: str, service: str, exporter=None, sample_ratio: float = 1.0, ca_file=None) -> None:
+    """Export this process's spans over OTLP/gRPC to `endpoint` (host:port; plaintext unless
+    `ca_file` or the standard variables ask for TLS, see otlp_exporter) as service `service`;
+    `exporter` replaces the OTLP exporter (tests). `sample_ratio` (0, 1]: the share of requests
+    without a caller's decision that are traced (by trace id, so every service agrees).
     Imports OpenTelemetry only here."""
     global _tracer, _provider, _propagator, _processor, _sdk
     import types
@@ -63,8 +84,7 @@ def configure(endpoint: str, service: str, exporter=None, sample_ratio: float = 
     if not 0 < sample_ratio <= 1:
         raise ValueError(f"trace sample ratio {sample_ratio} is not in (0, 1]")
     if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=10)
+        exporter = otlp_exporter(endpoint, ca_file)
     _provider = TracerProvider(resource=Resource.create({"service.name": service}),
                                sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     _processor = BatchSpanProcessor(exporter, max_queue_size=QUEUE_SPANS, schedule_delay_millis=EXPORT_DELAY_MS,
