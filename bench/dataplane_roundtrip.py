@@ -4,8 +4,9 @@
 
 A stage -> expert ComputeExperts carrying one group of fp32 rows [n, 512] (the payload), answered
 by an echo expert server in another process (bench/echo_servers.py: decode and encode as the real
-servicer, no compute), made as RemoteExperts makes it (encode, call, decode the reply). Both
-planes are timed in the same run against the same server; the ratio is gRPC time / shm time.
+servicer, no compute), made as RemoteExperts makes it (encode, call, decode the reply). Every
+plane is timed in the same run against the same server; the ratios are gRPC time / shm time and
+gRPC time / nccl-link time (on the CPU the link is gloo point to point: nccl_dispatch.py).
 """
 
 import argparse
@@ -20,7 +21,7 @@ import hops
 
 COLUMNS = [("payload", "payload each way"), ("grpc_ms", "gRPC bytes ms"), ("shm_ms", "shared memory ms"),
            ("speedup", "shm speedup"), ("speedup_range", "speedup min-max"), ("grpc_gbs", "gRPC GB/s"),
-           ("shm_gbs", "shm GB/s")]
+           ("shm_gbs", "shm GB/s"), ("nccl_ms", "nccl link ms"), ("nccl_speedup", "nccl speedup")]
 SIZES_KIB = [16, 64, 256, 1024, 4096]
 
 
@@ -31,9 +32,9 @@ async def measure(address: str, rounds: int, repeats: int) -> list[dict]:
     rows = []
     for kib in SIZES_KIB:
         payload = torch.randn(kib * 1024 // (4 * 512), 512)  # [n, 512] fp32
-        times = {plane: [] for plane in hops.PLANES}
+        times = {plane: [] for plane in hops.EXPERT_PLANES}
         for _ in range(repeats):
-            for plane in hops.PLANES:
+            for plane in hops.EXPERT_PLANES:
                 times[plane].append(await hops.expert_round_trip(address, plane, {0: payload},
                                                                  max(10, rounds * 16 // kib)))
         ratios = [g / s for g, s in zip(times["grpc"], times["shm"])]
@@ -41,7 +42,9 @@ async def measure(address: str, rounds: int, repeats: int) -> list[dict]:
         moved = 2 * payload.numel() * 4  # there and back
         rows.append(dict(payload=f"{kib} KiB", grpc_ms=grpc_s * 1e3, shm_ms=shm_s * 1e3,
                          speedup=statistics.median(ratios), speedup_range=f"{min(ratios):.2f}-{max(ratios):.2f}",
-                         grpc_gbs=moved / grpc_s / 1e9, shm_gbs=moved / shm_s / 1e9))
+                         grpc_gbs=moved / grpc_s / 1e9, shm_gbs=moved / shm_s / 1e9,
+                         nccl_ms=statistics.median(times["nccl"]) * 1e3,
+                         nccl_speedup=statistics.median(g / n for g, n in zip(times["grpc"], times["nccl"]))))
         print(harness.format_table(rows[-1:], COLUMNS), flush=True)
     return rows
 

@@ -14,6 +14,7 @@ against its fastest. Each row is the best of `--repeats` runs; "CPU ms/step" is 
 of a configuration's processes spent per decode step, which other work on a shared machine hardly
 changes (wall times it does: the 1-min load average is printed). Writes the table (and raw
 figures) under bench/results/; bench/plot_steps.py charts time per step by configuration from them.
+With `--llama-cpp BIN --gguf FILE` it adds llama.cpp's rows on the same checkpoint (bench/llamacpp_rows.py).
 """
 
 import argparse
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=pathlib.Path, default=harness.DEFAULT_CACHE)
     parser.add_argument("--auth", action="store_true", help="bearer tokens on (default: the mesh runs --no-auth)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row, the best counts (default 2)")
+    parser.add_argument("--llama-cpp", type=pathlib.Path, help="a llama.cpp build's bin folder (llama-batched-bench): "
+                        "adds llama.cpp rows on --gguf (bench/llamacpp_rows.py)")
+    parser.add_argument("--gguf", type=pathlib.Path, help="the same checkpoint as an f32 GGUF, for --llama-cpp")
     parser.add_argument("--transformers-threads", default="2,1", help="thread counts tried for transformers; "
                         "ratios are against the fastest (default 2,1)")
     args = parser.parse_args(argv)
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(chosen) - set(mesh_configs.CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}")
+    if (args.llama_cpp is None) != (args.gguf is None):
+        parser.error("--llama-cpp and --gguf go together")
 
     model_dir = harness.checkpoint(shape, args.cache_dir)
     from shardmesh.config import ModelConfig
@@ -123,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                              **_figures(result, batch, reference[batch], floors[batch]),
                              agree=agreement(result["tokens"], reference[batch]["tokens"])))
             print(harness.format_table(rows[-1:], COLUMNS), flush=True)
+        if args.llama_cpp is not None:
+            from llamacpp_rows import run_llama_cpp
+            for threads in (int(t) for t in args.transformers_threads.split(",")):
+                result = run_llama_cpp(args.llama_cpp, args.gguf, batch, args.prompt_length, new_tokens, threads,
+                                       args.repeats)
+                rows.append(dict(config=f"llama.cpp f32, {threads} thread{'s' if threads > 1 else ''}", batch=batch,
+                                 **_figures(result, batch, reference[batch], floors[batch]), agree="n/a"))
+                print(harness.format_table(rows[-1:], COLUMNS), flush=True)
     gc.collect()
 
     from shardmesh.launcher import Launcher

@@ -1,6 +1,7 @@
 """Transport-only servers for bench/step_breakdown.py and bench/dataplane_roundtrip.py: the Expert
 and Stage services answering with tensors of the right size and no compute, so a round trip to them
-is the cost of the hop alone; each also offers the shared-memory data plane (DataPlane service).
+is the cost of the hop alone; each also offers the shared-memory data plane (DataPlane service) and
+joins NCCL links (gloo point to point on the CPU: nccl_dispatch.py).
 
     python bench/echo_servers.py --vocab-size 32000
     -> prints one JSON line {"expert": port, "stage_hidden": port, "stage_logits": port}, serves until SIGTERM
@@ -18,6 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from shardmesh import codec, grpc_util  # noqa: E402
+from shardmesh.nccl_dispatch import serves_nccl_calls  # noqa: E402
 from shardmesh.shm_server import Method, start_data_plane  # noqa: E402
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2, stage_pb2_grpc  # noqa: E402
 
@@ -27,7 +29,9 @@ class EchoExpertServicer(expert_pb2_grpc.ExpertServicer):
     does: over shared memory a view in, a copy into the segment out)."""
 
     REQUEST = expert_pb2.ComputeExpertsRequest
+    nccl = None  # the NcclEndpoint of links stages formed (set by serve)
 
+    @serves_nccl_calls
     async def ComputeExperts(self, request, context):
         return expert_pb2.ComputeExpertsResponse(outputs=[
             codec.encode(codec.decode(group.hidden_states, f"groups[{i}]")) for i, group in enumerate(request.groups)])
@@ -53,7 +57,9 @@ class EchoStageServicer(stage_pb2_grpc.StageServicer):
 
 async def serve(name: str, servicer, add_to_server, service: str, method: str, streaming: bool):
     plane, plane_service = await start_data_plane(name, {
-        f"{service}/{method}": Method(type(servicer).REQUEST, getattr(servicer, method), streaming)}, enabled=True)
+        f"{service}/{method}": Method(type(servicer).REQUEST, getattr(servicer, method), streaming)}, enabled=True,
+        nccl=True)
+    servicer.nccl = plane_service[0].nccl
     return await grpc_util.start_server(servicer, add_to_server, service, "127.0.0.1", 0,
                                         extra_services=[plane_service], on_stop=plane.stop)
 

@@ -12,10 +12,12 @@ import time
 import torch
 
 from shardmesh import codec, grpc_util
+from shardmesh.nccl_dispatch import NcclLinks
 from shardmesh.shm_plane import DataPlanes
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2
 
 PLANES = ("grpc", "shm")
+EXPERT_PLANES = (*PLANES, "nccl")  # stage -> expert only: NCCL links (gloo point to point on the CPU)
 
 
 @contextlib.contextmanager
@@ -46,12 +48,17 @@ async def expert_round_trip(address: str, plane: str, groups: dict[int, torch.Te
     async with grpc_util.insecure_channel(address) as channel:
         planes = DataPlanes(enabled=plane == "shm")
         stub = expert_pb2_grpc.ExpertStub(channel)
+        link = await NcclLinks("cpu").get(address, channel, "bench") if plane == "nccl" else None
 
         def request(encode):
             return expert_pb2.ComputeExpertsRequest(groups=[
                 expert_pb2.ExpertGroup(layer=0, expert=e, hidden_states=encode(x)) for e, x in groups.items()])
 
         async def call():
+            if link is not None:
+                async with link.call() as over_link:
+                    reply = await over_link.invoke(stub.ComputeExperts, request(over_link.encode), 30)
+                    return [over_link.decode(t, "outputs") for t in reply.outputs]
             shm = await planes.get(address, channel)
             if shm is not None:
                 async with shm.session() as session:

@@ -36,7 +36,9 @@ WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
 _VIEW_AS = {torch.bfloat16: torch.int16}
 
 INBOUND = object()  # default of `arena` / `segment`: the shared-memory call served in this context, if any
-# (shm_segment.Segment, shm_segment.ReplyArena) of the shared-memory call this context serves, else None.
+# (shm_segment.Segment, shm_segment.ReplyArena[, cuda_ipc.CudaSegment]) of the shared-memory call this
+# context serves, or (None, nccl_dispatch.PayloadArena, None, nccl_dispatch.Payload) of a call over an
+# NCCL link (nccl_dispatch.serves_nccl_calls); else None.
 inbound_call: contextvars.ContextVar = contextvars.ContextVar("shardmesh_inbound_shm_call", default=None)
 
 
@@ -64,7 +66,8 @@ def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
-def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND) -> torch.Tensor:
+def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,
+           nccl_payload=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.
 
     The result shares memory with the message's bytes and is read-only in spirit: clone it
@@ -72,7 +75,8 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, c
     (shm_segment.Segment; by default that of the shared-memory call served in this context),
     valid while that call lasts; with no such segment it is refused. Likewise a tensor in a CUDA
     IPC segment (`cuda_ipc`; `cuda_segment`: cuda_ipc.CudaSegment, by default the third element of
-    the inbound call): a view of device memory.
+    the inbound call): a view of device memory. And a tensor in the payload of a call over an NCCL
+    link (`nccl`; `nccl_payload`: nccl_dispatch.Payload, by default the fourth element): a view of it.
     """
     dtype = WIRE_TO_TORCH.get(message.dtype)
     if dtype is None:
@@ -84,12 +88,12 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, c
         raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     numel = math.prod(shape)
     itemsize = dtype.itemsize
-    if message.HasField("shm") and message.HasField("cuda_ipc"):
-        raise InvalidArgument(f"{field}.cuda_ipc", "give shm or cuda_ipc, not both")
-    if message.HasField("shm"):
-        return _decode_shared(message, field, segment, dtype, shape, numel * itemsize)
-    if message.HasField("cuda_ipc"):
-        return _decode_shared(message, field, cuda_segment, dtype, shape, numel * itemsize, "cuda_ipc")
+    spans = [kind for kind in _SPANS if message.HasField(kind)]
+    if len(spans) > 1:
+        raise InvalidArgument(f"{field}.{spans[1]}", f"give one of {' or '.join(spans)}, not both")
+    if spans:
+        where = {"shm": segment, "cuda_ipc": cuda_segment, "nccl": nccl_payload}[spans[0]]
+        return _decode_shared(message, field, where, dtype, shape, numel * itemsize, spans[0])
     if len(message.data) != numel * itemsize:
         raise InvalidArgument(
             f"{field}.data",
@@ -105,14 +109,20 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, c
     return flat.view(dtype).reshape(shape)
 
 
+# Where a tensor's bytes may lie instead of `data`: the field, its element of `inbound_call`, and
+# the calls that accept it.
+_SPANS = {"shm": (0, "the shared-memory data plane"),
+          "cuda_ipc": (2, "the shared-memory data plane with a CUDA IPC segment"),
+          "nccl": (3, "a call over an NCCL link (the nccl data plane)")}
+
+
 def _decode_shared(message: tensor_pb2.Tensor, field: str, segment, dtype: torch.dtype, shape: list[int],
                    nbytes: int, kind: str = "shm") -> torch.Tensor:
+    index, where = _SPANS[kind]
     if segment is INBOUND:
         call = inbound_call.get()
-        index = 0 if kind == "shm" else 2
         segment = call[index] if call is not None and len(call) > index else None
     if segment is None:
-        where = "the shared-memory data plane" + ("" if kind == "shm" else " with a CUDA IPC segment")
         raise InvalidArgument(f"{field}.{kind}", f"{kind} tensors are only accepted on {where}")
     if message.data:
         raise InvalidArgument(f"{field}.data", f"give data or {kind}, not both")

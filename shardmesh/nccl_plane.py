@@ -89,6 +89,49 @@ class CupyCommunicator:
             self.nccl.groupEnd()
 
 
+class GlooCommunicator:
+    """The same point-to-point contract over torch.distributed gloo, for services on the CPU (the
+    `nccl` data plane of CPU services, and what the CPU tests run): the unique id names a TCP
+    store that rank 0 opens on loopback, so every rank must be on rank 0's host. `send` returns
+    once the bytes are queued (as NCCL's does on a stream); `recv` returns once they are here."""
+
+    TIMEOUT_S = 30.0  # a send or receive whose peer never answers fails after this
+
+    def __init__(self, world_size: int, unique_id: bytes, rank: int, device: str):
+        import datetime
+
+        import torch.distributed as dist
+
+        host, port = unique_id.rstrip(b"\0").decode().removeprefix("gloo:").rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=self.TIMEOUT_S)
+        store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout)
+        self.group, self.rank, self._sending = dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, []
+
+    @staticmethod
+    def unique_id() -> bytes:
+        import socket
+
+        with socket.socket() as probe:  # a free loopback port for rank 0's store
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return f"gloo:127.0.0.1:{port}".encode().ljust(UNIQUE_ID_BYTES, b"\0")
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        self._sending = [work for work in self._sending if not work.is_completed()]
+        self._sending.append(self.group.send([tensor.view(torch.uint8).reshape(-1)], peer, 0))
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        for work in self._sending:  # a failed send surfaces here, not silently
+            work.wait()
+        self._sending = []
+        self.group.recv([tensor.view(torch.uint8).reshape(-1)], peer, 0).wait()
+
+
+def communicator_for(device: str) -> type:
+    """CuPy's NCCL on CUDA devices, gloo point to point on the CPU."""
+    return CupyCommunicator if device.startswith("cuda") else GlooCommunicator
+
+
 class NcclJoinError(RuntimeError):
     """A link did not form: the message names the peer and why."""
 
@@ -101,6 +144,7 @@ class NcclEndpoint:
     def __init__(self, device: str, communicator: type = CupyCommunicator, join_timeout_s: float = JOIN_TIMEOUT_S):
         self.device, self.communicator, self.join_timeout_s = device, communicator, join_timeout_s
         self.links: dict[str, Communicator] = {}
+        self.locks: dict[str, asyncio.Lock] = {}  # one call at a time per link (nccl_dispatch.py)
         self._joining: set[str] = set()
 
     async def join(self, request: dataplane_pb2.JoinNcclGroupRequest, context) -> dataplane_pb2.JoinNcclGroupReply:
@@ -122,7 +166,7 @@ class NcclEndpoint:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"group {request.group!r}: NCCL init failed: {error}")
         finally:
             self._joining.discard(request.group)
-        self.links[request.group] = communicator
+        self.links[request.group], self.locks[request.group] = communicator, asyncio.Lock()
         log.info("joined NCCL group %r as rank %d/%d on %s", request.group, request.rank, request.world_size, self.device)
         return dataplane_pb2.JoinNcclGroupReply(device=self.device, rank=request.rank)
 

@@ -25,7 +25,7 @@ import grpc
 from shardmesh import codec
 from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.errors import RequestError
-from shardmesh.nccl_plane import NcclEndpoint
+from shardmesh.nccl_plane import NcclEndpoint, communicator_for
 from shardmesh.shm_plane import read_frame, socket_path, write_frame
 from shardmesh.shm_segment import ReplyArena, Segment
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
@@ -239,12 +239,15 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
 SERVICE_NAME = dataplane_pb2.DESCRIPTOR.services_by_name["DataPlane"].full_name
 
 
-async def start_data_plane(name: str, methods: dict[str, Method], enabled: bool, device: str = "cpu"):
+async def start_data_plane(name: str, methods: dict[str, Method], enabled: bool, device: str = "cpu",
+                           nccl: bool = False):
     """The shared-memory plane of one server (None when not `enabled` or without /dev/shm), and the
     DataPlane gRPC service offering it, as (servicer, add_to_server, service name) for start_server.
-    On a CUDA `device` it also maps clients' CUDA IPC segments there."""
+    On a CUDA `device` it also maps clients' CUDA IPC segments there and joins NCCL links; with
+    `nccl` on the CPU it joins links too, over gloo (nccl_plane.GlooCommunicator)."""
     plane = ShmPlaneServer(name, methods, device=device) if enabled and Segment.available() else None
     if plane is not None:
         await plane.start()
-    nccl = NcclEndpoint(device) if device.startswith("cuda") else None  # CuPy imported at the first join
+    # CuPy imported at the first join
+    nccl = NcclEndpoint(device, communicator_for(device)) if nccl or device.startswith("cuda") else None
     return plane, (DataPlaneServicer(plane, nccl), dataplane_pb2_grpc.add_DataPlaneServicer_to_server, SERVICE_NAME)
