@@ -1,18 +1,23 @@
 """ExpertServicer: decodes token groups, checks them, and runs one matmul chain per expert."""
 
+import logging
+
 import grpc
 import torch
 
 from shardmesh import codec
 from shardmesh.compute_pool import parallel_map
-from shardmesh.errors import InvalidArgument, NotFound
+from shardmesh.errors import InvalidArgument, NotFound, Unavailable
 from shardmesh.expert_model import ExpertShard
 from shardmesh.grpc_util import translate_errors
+from shardmesh.nccl_dispatch import serves_nccl_calls
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2
 
 from expert_server.load import ExpertLoadMeter
 from expert_server.placement_rpcs import ExpertPlacementRpcs
+
+log = logging.getLogger(__name__)
 
 
 class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
@@ -25,6 +30,22 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         self.meter = ExpertLoadMeter()  # load accounting and drains (placement_rpcs.py)
         metrics.watch_expert(name, self.meter)  # per-expert tokens and busy time, read at scrape time
         self.model_dir = model_dir      # where LoadExperts reads new experts; None = cannot load
+        self.nccl = None  # nccl_plane.NcclEndpoint: the links stages formed with this server (nccl data plane)
+        # Why ComputeExperts answers UNAVAILABLE ("" = it computes): set while a server started with a
+        # router has not been placed by it yet (expert_server/main.py). A replica restarted at the
+        # address of one the router placed live may be called by stages before it has loaded what the
+        # router assigns it; UNAVAILABLE sends those rows to other replicas (stage failover).
+        self.unplaced_reason = ""
+        self.assignment_file = None  # expert_server/assignment_file.py: what it holds, kept on disk
+
+    def holdings_changed(self) -> None:
+        """After experts were loaded or dropped: record what it holds now (when an assignment file is kept)."""
+        if self.assignment_file is None:
+            return
+        try:
+            self.assignment_file.write(self.shard.experts)
+        except OSError as error:  # the experts are loaded all the same; only a restart would miss them
+            log.warning("%s: cannot write the assignment file %s: %s", self.name, self.assignment_file.path, error)
 
     @property
     def layers(self) -> set[int]:
@@ -49,7 +70,10 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         return hidden_states
 
     @translate_errors
+    @serves_nccl_calls  # tensors over the caller's NCCL link when its metadata names one (self.nccl)
     async def ComputeExperts(self, request, context):
+        if self.unplaced_reason:
+            raise Unavailable("groups", f"{self.name}: {self.unplaced_reason}")
         # Decode and check every group before computing any, so a bad group costs nothing.
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         outputs = []

@@ -10,6 +10,8 @@ from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from shardmesh.topology import ExpertServerSpec, ExpertSlice, StageSpec, Topology
 from shardmesh.v1 import router_pb2, stage_pb2
 
+from router.tp_ranks import TPRanks
+
 MAX_REPLICA_ID_CHARS = 253  # a DNS name's length: room for any host name or pod name
 
 
@@ -46,6 +48,11 @@ class ClusterMap:
         # Expert server addresses that fail the router's health probes (router/expert_health.py):
         # still registered, left out of the placement until they answer again.
         self.unreachable: set[str] = set()
+        # Expert server replicas (topology name, replica_id) an operator removed (router/remove.py):
+        # their registrations are refused, so a process left running does not come back.
+        self.removed: set[tuple[str, str]] = set()
+        # Ranks of tensor-parallel shards that ask the router for theirs (router/tp_ranks.py).
+        self.tp_ranks = TPRanks(self.topology, config)
 
     @property
     def complete(self) -> bool:
@@ -66,7 +73,15 @@ class ClusterMap:
                     else f"expert server {name!r}")
             lost = self.lost.get(name)
             reasons.append(f"{what} has no live server: {lost}" if lost else f"{what} has not registered yet")
-        return reasons + self._experts_without_live_replica()
+        return reasons + self._experts_without_live_replica() + self._slices_without_live_replica()
+
+    def _slices_without_live_replica(self) -> list[str]:
+        """Split-expert servers registered but with no reachable replica: their slices cannot be computed."""
+        splits = self.topology.splits()
+        down = sorted({name for names in splits.values() for name in names if self.servers[name].addresses
+                       and all(a in self.unreachable for a in self.servers[name].addresses)})
+        return [f"expert server {name!r} holds slices of {sum(name in n for n in splits.values())} split experts "
+                f"and no replica of it is reachable ({', '.join(self.servers[name].addresses)})" for name in down]
 
     def _experts_without_live_replica(self) -> list[str]:
         """Once every expert server has registered: the (layer, expert) no reachable server holds."""
@@ -124,6 +139,9 @@ class ClusterMap:
         if request.model_fingerprint != self.config.fingerprint:
             raise FailedPrecondition("model_fingerprint", f"{request.model_fingerprint!r} differs from the router's "
                                      f"{self.config.fingerprint!r}: servers must load the same checkpoint")
+        if (request.name, request.replica_id) in self.removed:
+            raise FailedPrecondition("replica_id", f"{request.name!r} replica {request.replica_id!r} was removed from "
+                                     f"the mesh (Admin.RemoveServer): stop it, or start it with another replica id")
         registration = self.servers[request.name]
         spec = registration.spec
         if isinstance(spec, StageSpec):
@@ -230,10 +248,14 @@ class ClusterMap:
                 replicas.setdefault(key, []).append(address)
         locations = [stage_pb2.ExpertLocation(layer=layer, expert=expert, addresses=addresses)
                      for (layer, expert), addresses in sorted(replicas.items())]
-        # Split experts (shardmesh.split_expert) stay where the topology puts them: slice r on names[r].
-        locations += [stage_pb2.ExpertLocation(layer=layer, expert=expert,
-                                               slice_addresses=[self.servers[name].address for name in names])
-                      for (layer, expert), names in sorted(self.topology.splits().items())]
+        # Split experts (shardmesh.split_expert) stay where the topology puts them: slice r on names[r],
+        # on every reachable replica of it (the stages fail over among them; all when none answers).
+        slices = {name: [a for a in self.servers[name].addresses if a not in self.unreachable]
+                  or self.servers[name].addresses for names in self.topology.splits().values() for name in names}
+        locations += [stage_pb2.ExpertLocation(
+            layer=layer, expert=expert, slice_addresses=[slices[name][0] if slices[name] else "" for name in names],
+            slice_replicas=[stage_pb2.SliceReplicas(addresses=slices[name]) for name in names])
+            for (layer, expert), names in sorted(self.topology.splits().items())]
         return stage_pb2.ExpertPlacement(version=self.placement_version, locations=locations)
 
     def status(self, serving: bool, active_sequences: int) -> router_pb2.ClusterStatus:
@@ -246,13 +268,26 @@ class ClusterMap:
             if isinstance(spec, StageSpec):
                 status.role = router_pb2.SERVER_ROLE_STAGE
                 status.layers.start, status.layers.end = spec.start_layer, spec.end_layer
+                status.tp_shards.extend(self.tp_ranks.shards(name))
             else:
                 status.role = router_pb2.SERVER_ROLE_EXPERT
                 held = {k for a in registration.addresses for k in self.assigned.get(a, spec.experts)}
                 status.experts.extend(router_pb2.ExpertKey(layer=l, expert=e)
                                       for l, e in sorted(held if registration.addresses else spec.experts))
                 status.unreachable_addresses.extend(a for a in registration.addresses if a in self.unreachable)
+                status.expert_slices.extend(router_pb2.ExpertSliceKey(layer=k.layer, expert=k.expert, rank=k.rank,
+                                                                      count=k.tp) for k in spec.slices)
             servers.append(status)
         return router_pb2.ClusterStatus(serving=serving, placement_version=self.placement_version,
                                         servers=servers, active_sequences=active_sequences,
-                                        unservable=self.unservable())
+                                        unservable=self.unservable(), split_experts=self.split_status())
+
+    def split_status(self) -> list[router_pb2.SplitExpertStatus]:
+        """Every split expert of the topology and where each of its slices is served."""
+        def piece(rank: int, name: str) -> router_pb2.SplitSliceStatus:
+            addresses = self.servers[name].addresses
+            return router_pb2.SplitSliceStatus(rank=rank, server=name, addresses=addresses,
+                                               unreachable_addresses=[a for a in addresses if a in self.unreachable])
+        return [router_pb2.SplitExpertStatus(layer=layer, expert=expert,
+                                             slices=[piece(rank, name) for rank, name in enumerate(names)])
+                for (layer, expert), names in sorted(self.topology.splits().items())]

@@ -17,11 +17,13 @@ from shardmesh.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc,
 from router.admin import AdminServicer
 from router.admission import AdmissionGate
 from router.auto_rebalance import AutoRebalanceConfig, AutoRebalancer
+from router.caller_limit import CallerLimit
 from router.cluster import ClusterMap
 from router.expert_health import ExpertProber
 from router.failover import StageFailover
 from router.pipeline import DEFAULT_STEP_TIMEOUT_S, StagePipeline
 from router.servicer import RegistryServicer, RouterServicer
+from router.standby_health import StandbyProber
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = [router_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Router", "Registry")] + [
@@ -44,6 +46,7 @@ class RouterState:
         self.config = config.model
         self.security = config.security
         self.max_queued = max_queued
+        self.caller_limit = CallerLimit(0)  # start_router sets --max-sequences-per-caller
         self.cluster = ClusterMap(config.topology, config.model)
         self.text = TextCodec.from_model_dir(config.model_dir)
         self.max_context = max_context
@@ -59,6 +62,7 @@ class RouterState:
         self.health = None
         self.auto_rebalancer = None  # router/auto_rebalance.py, when started with auto_rebalance
         self.expert_prober = None    # router/expert_health.py
+        self.standby_prober = None   # router/standby_health.py, when a stage has standbys
 
     async def on_cluster_change(self) -> None:
         """After a registration or a health verdict (router/expert_health.py): reconnect stages and,
@@ -116,6 +120,8 @@ class RouterServer:
             await self.state.auto_rebalancer.stop()
         if self.state.expert_prober is not None:
             await self.state.expert_prober.stop()
+        if self.state.standby_prober is not None:
+            await self.state.standby_prober.stop()
         await self.state.scheduler.stop()
         await self.state.pipeline.close()
 
@@ -124,11 +130,14 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
                        max_queued: int = DEFAULT_MAX_QUEUED, micro_batches: int = 0,
                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
                        auto_rebalance: AutoRebalanceConfig | None = None,
-                       step_timeout: float = DEFAULT_STEP_TIMEOUT_S) -> RouterServer:
+                       step_timeout: float = DEFAULT_STEP_TIMEOUT_S, max_sequences_per_caller: int = 0,
+                       caller_identity: str = "host") -> RouterServer:
     """micro_batches: steps in flight through the pipeline (0 = one per stage); prefill_chunk_tokens:
     prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler.
     auto_rebalance: re-place experts when the load stays imbalanced (router/auto_rebalance.py).
-    step_timeout: base seconds of a step's deadline at each stage (router/pipeline.py, failover.py)."""
+    step_timeout: base seconds of a step's deadline at each stage (router/pipeline.py, failover.py).
+    max_sequences_per_caller (0 = no limit), caller_identity: see router/caller_limit.py."""
+    caller_limit = CallerLimit(max_sequences_per_caller, caller_identity)  # raises ValueError when invalid
     model_limit = config.model.max_position_embeddings
     if max_context > model_limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
@@ -140,6 +149,7 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
         raise ValueError(f"max_queued {max_queued} must be >= 0 and max_batch_sequences {max_batch_sequences} >= 1")
     state = RouterState(config, max_context or model_limit, max_batch_sequences, max_queued, micro_batches,
                         prefill_chunk_tokens, step_timeout)
+    state.caller_limit = caller_limit
     server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES,
                                   interceptors=[AdmissionGate(state)])  # a refusal under overload costs ~nothing
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(state), server)
@@ -154,5 +164,7 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
         state.auto_rebalancer = AutoRebalancer(state, AdminServicer(state).rebalancer, auto_rebalance).start()
     if config.model.is_moe:
         state.expert_prober = ExpertProber(state).start()
+    if any(spec.standbys for spec in state.cluster.topology.stages):
+        state.standby_prober = StandbyProber(state).start()
     log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())
     return RouterServer(server, port, state)

@@ -77,6 +77,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             sequence = self._sequence(request)
             if not self.state.serving:
                 raise Unavailable("router", self.state.unavailable_reason())
+            caller = self.state.caller_limit.acquire(context)  # router/caller_limit.py; released below
         except RequestError as error:
             await abort_for(context, error)
             return
@@ -105,6 +106,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             telemetry.finish(outcome)
             # Client cancelled or disconnected (or the stream ended): free the sequence everywhere.
             self.state.scheduler.cancel(sequence)
+            self.state.caller_limit.release(caller)
 
     async def GetModelInfo(self, request, context):
         config = self.state.config
@@ -129,6 +131,8 @@ class RegistryServicer(router_pb2_grpc.RegistryServicer):
     @translate_errors
     async def RegisterServer(self, request, context):
         cluster = self.state.cluster
+        if request.HasField("tp_shard"):  # a TP shard asking for its rank / its group's rendezvous
+            return cluster.tp_ranks.answer(request)
         async with self.state.registry_lock:
             assigned = cluster.assignment_to_restore(request)
             if assigned is not None:  # restarted after a live placement change: it must load those first

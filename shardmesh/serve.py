@@ -26,12 +26,31 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             parser.add_argument("--tp-rendezvous", default="", metavar="HOST:PORT",
                                 help="shards of a tensor-parallel stage (tp > 1 in the topology): where their group "
                                      "meets; the stage's rank 0 binds it, every shard is given the same")
+            parser.add_argument("--tp-rank", choices=["auto"], default=None,
+                                help="auto: this process is a shard of the tensor-parallel stage --name (the stage's "
+                                     "name, not \"/tpN\"); the router assigns its rank and tells it where its group "
+                                     "meets (see router/tp_ranks.py). Without it a shard's rank is in its name and, "
+                                     "without --tp-rendezvous, the router gives the rendezvous")
+            parser.add_argument("--tp-shard-id", default="", metavar="ID",
+                                help="with a rendezvous from the router: this shard's id, unique in its stage and the "
+                                     "same across its restarts, e.g. {hostname} in a container (default: host name "
+                                     "and process id)")
             parser.add_argument("--tp-join-timeout", type=float, default=120.0, metavar="SECONDS",
                                 help="how long the shards of a TP stage wait for each other to join; then the stage "
                                      "is NOT_SERVING with the reason (default %(default)s)")
             parser.add_argument("--tp-collective-timeout", type=float, default=60.0, metavar="SECONDS",
                                 help="how long one AllReduce waits for a peer; then the group is lost and the stage "
                                      "NOT_SERVING (default %(default)s)")
+        if role == "stage":
+            parser.add_argument("--max-cached-sequences", type=int, default=0, metavar="N",
+                                help="sequences this stage's KV cache may hold; a step that starts one more gets "
+                                     "RESOURCE_EXHAUSTED naming it (default 0 = no limit; keep it >= the router's "
+                                     "--max-batch-sequences)")
+        if role == "expert":
+            parser.add_argument("--assignment-file", type=pathlib.Path, metavar="PATH",
+                                help="keep the experts a live rebalance gave this server here (JSON), and load them "
+                                     "from it at start, so they survive a restart of this server and the router "
+                                     "together (default: none; a restarted router adopts them from live servers)")
         parser.add_argument("--replica-id", default="", help="tells replicas of one server apart: an expert server "
                             "scaled to several (e.g. {hostname}), a stage's standbys (topology `standbys`); "
                             "default: the only one (a stage's first, active one)")
@@ -43,6 +62,12 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument("--max-queued", type=int, default=256, metavar="N",
                             help="requests that may wait for a batch slot; past it Generate gets "
                                  "RESOURCE_EXHAUSTED at once (default %(default)s)")
+        parser.add_argument("--max-sequences-per-caller", type=int, default=0, metavar="N",
+                            help="sequences one caller may hold (queued or running); past it its Generate gets "
+                                 "RESOURCE_EXHAUSTED at once (default 0 = no limit; router/caller_limit.py)")
+        parser.add_argument("--caller-identity", choices=("host", "connection"), default="host",
+                            help="who one caller is for --max-sequences-per-caller: a peer host, or one client "
+                                 "connection; a TLS client certificate's subject in both (default %(default)s)")
         parser.add_argument("--micro-batches", type=int, default=0, metavar="M",
                             help="micro-batches in flight through the pipeline (default 0 = one per stage)")
         parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, metavar="C",
@@ -72,17 +97,23 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                         help="threads running independent matmuls of a step in parallel (the experts of a layer, "
                              "slices of the LM head); they sleep when idle, so services taking turns on the same "
                              "cores share them well (default %(default)s; see shardmesh.compute_pool)")
-    parser.add_argument("--data-plane", default="shm", choices=["shm", "grpc"],
+    parser.add_argument("--data-plane", default="shm", choices=["shm", "grpc", "nccl"],
                         help="shm: tensors to and from services on this host through shared memory, "
-                             "negotiated per peer (gRPC bytes with the others); grpc: always in gRPC messages "
-                             "(default %(default)s)")
+                             "negotiated per peer (gRPC bytes with the others); grpc: always in gRPC messages; "
+                             "nccl: stage <-> expert tensors over NCCL links formed through the control plane "
+                             "(gloo point to point for CPU services, which must share a host), the router's in "
+                             "gRPC messages (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one JSON object per line, with request_id where known (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = the OS chooses; default off)")
     parser.add_argument("--otlp-endpoint", default="", metavar="HOST:PORT",
-                        help="export OpenTelemetry traces over OTLP/gRPC (plaintext) to this collector (default off)")
+                        help="export OpenTelemetry traces over OTLP/gRPC to this collector (default off; TLS: --otlp-ca)")
+    parser.add_argument("--otlp-ca", type=pathlib.Path, metavar="PEM",
+                        help="with --otlp-endpoint: TLS to the collector, its certificate verified with this CA "
+                             "(default: plaintext, unless OpenTelemetry's OTEL_EXPORTER_OTLP_INSECURE / "
+                             "_CERTIFICATE variables or an https:// endpoint say otherwise)")
     parser.add_argument("--trace-sample-ratio", type=float, default=1.0, metavar="R",
                         help="with --otlp-endpoint: the share of requests the router traces, by trace id; other "
                              "services follow the caller's decision (default %(default)s)")
@@ -99,9 +130,13 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
                            router_address=getattr(args, "router", ""), host=args.host, port=args.port,
                            advertise_address=getattr(args, "advertise", ""), replica_id=getattr(args, "replica_id", ""),
                            tp_rendezvous=getattr(args, "tp_rendezvous", ""),
+                           tp_auto_rank=getattr(args, "tp_rank", None) == "auto",
+                           tp_shard_id=getattr(args, "tp_shard_id", ""),
                            tp_join_timeout=getattr(args, "tp_join_timeout", 120.0),
                            tp_collective_timeout=getattr(args, "tp_collective_timeout", 60.0),
-                           dtype=args.dtype, device=args.device, data_plane=args.data_plane)
+                           max_cached_sequences=getattr(args, "max_cached_sequences", 0),
+                           dtype=args.dtype, device=args.device, data_plane=args.data_plane,
+                           assignment_file=getattr(args, "assignment_file", None))
     _start_telemetry(role, args)  # before serving: a bad --metrics-port fails at once
     if role == "router":
         from router.auto_rebalance import AutoRebalanceConfig
@@ -111,7 +146,9 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
         server = await start_router(config, max_context=args.max_context,
                                     max_batch_sequences=args.max_batch_sequences, max_queued=args.max_queued,
                                     micro_batches=args.micro_batches, prefill_chunk_tokens=args.prefill_chunk_tokens,
-                                    auto_rebalance=auto, step_timeout=args.step_timeout)
+                                    auto_rebalance=auto, step_timeout=args.step_timeout,
+                                    max_sequences_per_caller=args.max_sequences_per_caller,
+                                    caller_identity=args.caller_identity)
     elif role == "stage":
         from stage_server.main import start_stage_server
         server = await start_stage_server(config)
@@ -148,7 +185,8 @@ def _start_telemetry(role: str, args: argparse.Namespace) -> None:
         from shardmesh.telemetry import tracing
         if not 0 < args.trace_sample_ratio <= 1:
             raise ValueError(f"--trace-sample-ratio {args.trace_sample_ratio} is not in (0, 1]")
-        tracing.configure(args.otlp_endpoint, f"shardmesh-{service}", sample_ratio=args.trace_sample_ratio)
+        tracing.configure(args.otlp_endpoint, f"shardmesh-{service}", sample_ratio=args.trace_sample_ratio,
+                          ca_file=args.otlp_ca)
 
 
 def run_service(role: str, args: argparse.Namespace) -> int:

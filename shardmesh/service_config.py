@@ -1,7 +1,9 @@
 """What every service process is told at start, validated once (see STYLE.md: config)."""
 
 import dataclasses
+import os
 import pathlib
+import socket
 
 import torch
 
@@ -10,7 +12,7 @@ from shardmesh.config import ModelConfig
 from shardmesh.security import Security
 from shardmesh.topology import ExpertServerSpec, Topology
 
-DATA_PLANES = ("shm", "grpc")
+DATA_PLANES = ("shm", "grpc", "nccl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,13 +58,24 @@ class ServiceConfig:
     data_plane: str = "shm"
     # A shard of a tensor-parallel stage (tp > 1): host:port of its group's rendezvous, which rank 0
     # (the stage's own name) binds; every shard of the stage is given the same (launcher / local mesh).
+    # Without one, the shard asks the router (router/tp_ranks.py) where its group meets.
     tp_rendezvous: str = ""
+    # A shard started as its stage's name with no rank (`--tp-rank auto`): the router assigns the
+    # rank (which slice it loads) and the rendezvous. tp_shard_id names this shard to the router
+    # ("" = host name and process id; {hostname} expands as in advertise).
+    tp_auto_rank: bool = False
+    tp_shard_id: str = ""
     tp_join_timeout: float = 120.0  # s for every shard of the group to join (then NOT_SERVING with the reason)
     tp_collective_timeout: float = 60.0  # s one AllReduce waits for a peer (then the group breaks: NOT_SERVING)
     host_id: str = ""  # advertised to TP peers (StageInfo.host_id); "" = this host's (shm_allreduce.host_id)
     # Stage and expert servers register again this often (s), so a restarted router gets them back
     # (shardmesh.registration; the default is its REREGISTER_INTERVAL_S).
     reregister_interval_s: float = 5.0
+    # Expert servers: where to keep what it holds across restarts (expert_server/assignment_file.py); None = nowhere.
+    assignment_file: pathlib.Path | None = None
+    # A stage: sequences its KV cache may hold (0 = no limit); a step starting one more gets
+    # RESOURCE_EXHAUSTED naming the sequence (StageModel.max_cached_sequences).
+    max_cached_sequences: int = 0
     # TLS and tokens (shardmesh.security); the default, for in-process meshes, checks nothing.
     # The command line requires tokens unless --no-auth (security.service_security).
     security: Security = dataclasses.field(default_factory=Security)
@@ -94,8 +107,14 @@ class ServiceConfig:
             self.device = check_device(self.topology.device_of(self.name) or "cpu")
         self.dtype = self.dtype or default_dtype(self.device)
         self.advertise_address = advertise.check(self.advertise_address)
-        if self.name and getattr(self.topology.server(self.name), "tp", 1) > 1 and not self.tp_rendezvous:
-            raise ValueError(f"{self.name!r} is a shard of a tensor-parallel stage: it needs a tp_rendezvous (host:port)")
+        tp = getattr(self.topology.server(self.name), "tp", 1) if self.name else 1
+        if tp > 1 and not self.tp_rendezvous and not self.router_address:
+            raise ValueError(f"{self.name!r} is a shard of a tensor-parallel stage: it needs a tp_rendezvous (host:port) "
+                             f"or a router to ask for it")
+        if self.tp_auto_rank and (tp == 1 or self.tp_rendezvous or self.name != self.topology.server(self.name).name):
+            raise ValueError(f"tp_auto_rank: {self.name!r} must be the name of a tensor-parallel stage (not a shard's "
+                             f"\"/tpN\"), without a tp_rendezvous: the router gives both")
+        self.tp_shard_id = advertise.expand(self.tp_shard_id) or f"{socket.gethostname()}-{os.getpid()}"
         self.replica_id = advertise.expand(self.replica_id)
         spec = self.topology.server(self.name) if self.name else None
         if self.replica_id and not (isinstance(spec, ExpertServerSpec) or getattr(spec, "standbys", 0)):

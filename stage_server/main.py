@@ -7,6 +7,7 @@ from shardmesh import grpc_util
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.registration import RouterRegistration
 from shardmesh.service_config import ServiceConfig
+from shardmesh.service_start import keep_registered, own_spec
 from shardmesh.shm_allreduce import host_id
 from shardmesh.shm_server import Method, start_data_plane
 from shardmesh.stage_model import StageModel
@@ -17,27 +18,34 @@ from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 from stage_server.remote_experts import RemoteExperts
 from stage_server.servicer import StageServicer
 from stage_server.tp_link import LazyGroup, join_stage_group
+from stage_server.tp_rank import RouterRanks
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
 async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
-    spec = config.topology.server(config.name)
-    if not isinstance(spec, StageSpec):
-        raise ValueError(f"{config.name!r} is an expert server in the topology, not a stage")
+    spec = own_spec(config, StageSpec)
+    rank = None if config.tp_auto_rank else spec.shard_names().index(config.name)
+    # No rendezvous given: the router gives it, and the rank too with --tp-rank auto (stage_server/tp_rank.py).
+    ranks = RouterRanks(config, spec, rank) if spec.tp > 1 and not config.tp_rendezvous else None
+    if ranks is not None:
+        rank = await ranks.ask_rank()  # before loading: the rank says which slice to load
+    name = spec.shard_names()[rank]  # config.name, or "stage-1/tp1" for a shard the router made rank 1
     reader = CheckpointReader(config.model_dir, device=config.device)
-    log.info("%s: loading layers [%d, %d)", config.name, spec.start_layer, spec.end_layer)
-    rank = spec.shard_names().index(config.name)
+    log.info("%s: loading layers [%d, %d)", name, spec.start_layer, spec.end_layer)
     tp_group = LazyGroup(rank, spec.tp) if spec.tp > 1 else None  # joins once serving (below)
     model = StageModel(config.model, spec.start_layer, spec.end_layer, reader, dtype=config.torch_dtype, tp=tp_group)
     reader.close()
-    servicer = StageServicer(config.name, model, RemoteExperts(config.security, data_plane=config.data_plane,
+    if config.max_cached_sequences < 0:
+        raise ValueError(f"max_cached_sequences {config.max_cached_sequences} must be >= 0")
+    model.max_cached_sequences = config.max_cached_sequences
+    servicer = StageServicer(name, model, RemoteExperts(config.security, data_plane=config.data_plane,
                                                                device=config.device, flops_per_row=6.0 *
                                                                config.model.hidden_size * config.model.intermediate_size))
     servicer.host_id = config.host_id or host_id()  # advertised to TP peers (StageInfo.host_id)
     # The router's Step stream may also come over shared memory (shardmesh.shm_plane).
-    plane, plane_service = await start_data_plane(config.name, {
+    plane, plane_service = await start_data_plane(name, {
         f"{SERVICE_NAME}/Step": Method(stage_pb2.StepRequest, servicer.Step, streaming=True)},
         enabled=config.data_plane == "shm")
 
@@ -53,17 +61,24 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
     running = await grpc_util.start_server(servicer, stage_pb2_grpc.add_StageServicer_to_server, SERVICE_NAME,
                                            config.host, config.port, on_stop=on_stop, serving=tp_group is None,
                                            security=config.security, extra_services=[plane_service])
+    if ranks is not None:
+        running.on_stop_first(ranks.stop)
     if tp_group is not None:
         try:
-            servicer.tp_fanout = await join_stage_group(tp_group, spec.name, config.tp_rendezvous,
+            rendezvous, store = config.tp_rendezvous, None
+            if ranks is not None:  # rank 0 binds the store and tells the router; the others ask it
+                rendezvous, store = await ranks.rendezvous(config.advertised(running.port).rpartition(":")[0])
+            servicer.tp_fanout = await join_stage_group(tp_group, spec.name, rendezvous,
                                                         config.tp_join_timeout, config.advertised(running.port),
                                                         config.security, servicer.host_id, config.tp_collective_timeout,
-                                                        device=config.device)
+                                                        device=config.device, store=store)
         except TPJoinError as error:  # stays NOT_SERVING, steps get UNAVAILABLE with the reason
-            log.error("%s: %s", config.name, error)
+            log.error("%s: %s", name, error)
             servicer.not_serving_reason = str(error)
+            if ranks is not None:
+                await ranks.stop()  # no longer asks: its rank may go to another shard after the lease
             return running
-        tp_group.on_break = _not_serving_on_break(config.name, servicer, running, [SERVICE_NAME, plane_service[2]])
+        tp_group.on_break = _not_serving_on_break(name, servicer, running, [SERVICE_NAME, plane_service[2]])
         await grpc_util.set_serving(running.health, [SERVICE_NAME, plane_service[2]], True)
     if config.router_address and rank == 0:  # the router talks to rank 0 only (stage_server/tp_link.py)
         def request() -> router_pb2.RegisterServerRequest:
@@ -73,12 +88,9 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
                 model_fingerprint=config.model.fingerprint, replica_id=config.replica_id,
                 placement_version=servicer.experts.placement.version)
 
-        registration = RouterRegistration(config.router_address, request, config.security,
-                                                    config.reregister_interval_s)
-        await registration.register()
-        registration.start()  # again every interval: a restarted router gets this stage back
-        running.on_stop_first(registration.stop)
-    log.info("%s: stage server listening on %s, advertised as %s", config.name, running.address,
+        await keep_registered(running, RouterRegistration(config.router_address, request, config.security,
+                                                          config.reregister_interval_s))
+    log.info("%s: stage server listening on %s, advertised as %s", name, running.address,
              config.advertised(running.port))
     return running
 

@@ -23,6 +23,7 @@ import torch
 from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, RequestError, Unavailable
 from shardmesh.grpc_util import open_channel
+from shardmesh.nccl_dispatch import NcclLinks
 from shardmesh.shm_plane import DataPlaneError, DataPlanes
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
@@ -42,7 +43,6 @@ DOWN_RETRY_S = 10.0   # a server that failed a call is avoided this long (unless
 # the deadline otherwise (the shared-memory plane; a reconnect hanging on a frozen listener).
 EXPERT_CALL_BASE_S = 5.0
 EXPERT_FLOPS_PER_S = 1e10
-EXPERT_CALL_DEADLINE_S = 30.0  # calls that carry no work estimate (split experts, split_experts.py)
 # Stage -> expert channels ping every second and give up on a ping unanswered for 2 s: a frozen
 # peer's calls fail within ~3 s whatever their deadline. Acks come from gRPC's own threads, not the
 # server's (possibly busy) event loop, so a live server answers in time even at load ~10. A peer
@@ -81,6 +81,8 @@ class RemoteExperts:
         self.security = security  # shardmesh.security.Security of the outgoing channels
         # Expert servers on this host are called over shared memory when they offer it.
         self.data_planes = DataPlanes(enabled=data_plane == "shm", device=device)
+        # Or every expert server over an NCCL link (gloo on the CPU): shardmesh/nccl_dispatch.py.
+        self.nccl_links = NcclLinks(device) if data_plane == "nccl" else None
         self.placement = Placement(0, {})
         self.flops_per_row = flops_per_row
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
@@ -106,6 +108,8 @@ class RemoteExperts:
             self._down.pop(address, None)
         gone = before - after
         await self.data_planes.forget(gone)
+        if self.nccl_links is not None:
+            self.nccl_links.forget(gone)
         for address in gone:
             del self._stubs[address], self._in_flight[address]
             self._down.pop(address, None)
@@ -185,6 +189,8 @@ class RemoteExperts:
         try:
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0):
+                if self.nccl_links is not None:
+                    return await self._call_over_nccl(address, pieces, inputs, request, timeout)
                 shm = await self.data_planes.get(address, self._channels[address])
                 if shm is not None:
                     async with shm.session() as call:  # tensors through shared memory
@@ -199,14 +205,24 @@ class RemoteExperts:
                 error, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
             details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error) or "timed out"
             message = f"expert server {address} failed layer {layer}: {code.name} {details}"
+            if self.nccl_links is not None:
+                self.nccl_links.forget([address])  # the link may be out of step: a new one next time
             if code in FAILOVER_CODES:
-                await self.data_planes.forget([address])  # its session may be dead or out of step
+                # A shared-memory session that failed or was cut mid-call marked itself broken: its pool
+                # closes it (and its idle ones) while the other calls in flight to `address` go on.
                 raise ServerFailed(message) from error
             raise Unavailable("experts", message) from error
         finally:
             self._in_flight[address] -= rows
             nbytes = sum(metrics.tensor_bytes(x) for x in inputs)  # answers are the same size
             metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
+
+    async def _call_over_nccl(self, address: str, pieces: list[Piece], inputs: list[torch.Tensor], request,
+                              timeout: float) -> list[torch.Tensor]:
+        link = await self.nccl_links.get(address, self._channels[address], self.server_name)
+        async with link.call() as call:  # tensors beside the call, over the link
+            reply = await call.invoke(self._stubs[address].ComputeExperts, request(call.encode), timeout)
+            return self._outputs(address, pieces, inputs, reply, call.decode)
 
     def _outputs(self, address: str, pieces: list[Piece], inputs: list[torch.Tensor],
                  reply: expert_pb2.ComputeExpertsResponse, decode) -> list[torch.Tensor]:

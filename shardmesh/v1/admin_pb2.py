@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from shardmesh.v1 import router_pb2 as shardmesh_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardmesh/v1/admin.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\"X\n\rServerExperts\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\"\xa8\x01\n\x10RebalanceRequest\x12\x1b\n\x13load_window_seconds\x18\x01 \x01(\x02\x12\x18\n\x10slots_per_server\x18\x02 \x01(\r\x12\r\n\x05\x64rain\x18\x03 \x03(\t\x12+\n\x06target\x18\x04 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x10\n\x08min_gain\x18\x06 \x01(\x02\"\x9c\x02\n\x11RebalanceResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x18\n\x10imbalance_before\x18\x03 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x04 \x01(\x01\x12.\n\tplacement\x18\x05 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12+\n\x06loaded\x18\x06 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12,\n\x07\x64ropped\x18\x07 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0c\n\x04note\x18\t \x01(\t2U\n\x05\x41\x64min\x12L\n\tRebalance\x12\x1e.shardmesh.v1.RebalanceRequest\x1a\x1f.shardmesh.v1.RebalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardmesh/v1/admin.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\"&\n\x13RemoveServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x94\x01\n\x14RemoveServerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64rained\x18\x03 \x01(\x08\x12.\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x1f.shardmesh.v1.RebalanceResponse\x12\x19\n\x11placement_version\x18\x05 \x01(\x04\"X\n\rServerExperts\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x07\x65xperts\x18\x03 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\"\xa8\x01\n\x10RebalanceRequest\x12\x1b\n\x13load_window_seconds\x18\x01 \x01(\x02\x12\x18\n\x10slots_per_server\x18\x02 \x01(\r\x12\r\n\x05\x64rain\x18\x03 \x03(\t\x12+\n\x06target\x18\x04 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x12\x10\n\x08min_gain\x18\x06 \x01(\x02\"\x9c\x02\n\x11RebalanceResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x04\x12\x18\n\x10imbalance_before\x18\x03 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x04 \x01(\x01\x12.\n\tplacement\x18\x05 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12+\n\x06loaded\x18\x06 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12,\n\x07\x64ropped\x18\x07 \x03(\x0b\x32\x1b.shardmesh.v1.ServerExperts\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0c\n\x04note\x18\t \x01(\t2\xac\x01\n\x05\x41\x64min\x12L\n\tRebalance\x12\x1e.shardmesh.v1.RebalanceRequest\x1a\x1f.shardmesh.v1.RebalanceResponse\x12U\n\x0cRemoveServer\x12!.shardmesh.v1.RemoveServerRequest\x1a\".shardmesh.v1.RemoveServerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardmesh.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVEREXPERTS']._serialized_start=69
-  _globals['_SERVEREXPERTS']._serialized_end=157
-  _globals['_REBALANCEREQUEST']._serialized_start=160
-  _globals['_REBALANCEREQUEST']._serialized_end=328
-  _globals['_REBALANCERESPONSE']._serialized_start=331
-  _globals['_REBALANCERESPONSE']._serialized_end=615
-  _globals['_ADMIN']._serialized_start=617
-  _globals['_ADMIN']._serialized_end=702
+  _globals['_REMOVESERVERREQUEST']._serialized_start=69
+  _globals['_REMOVESERVERREQUEST']._serialized_end=107
+  _globals['_REMOVESERVERRESPONSE']._serialized_start=110
+  _globals['_REMOVESERVERRESPONSE']._serialized_end=258
+  _globals['_SERVEREXPERTS']._serialized_start=260
+  _globals['_SERVEREXPERTS']._serialized_end=348
+  _globals['_REBALANCEREQUEST']._serialized_start=351
+  _globals['_REBALANCEREQUEST']._serialized_end=519
+  _globals['_REBALANCERESPONSE']._serialized_start=522
+  _globals['_REBALANCERESPONSE']._serialized_end=806
+  _globals['_ADMIN']._serialized_start=809
+  _globals['_ADMIN']._serialized_end=981
 # @@protoc_insertion_point(module_scope)

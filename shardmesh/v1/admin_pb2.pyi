@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RemoveServerRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class RemoveServerResponse(_message.Message):
+    __slots__ = ("name", "replica_id", "drained", "drain", "placement_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replica_id: str
+    drained: bool
+    drain: RebalanceResponse
+    placement_version: int
+    def __init__(self, name: _Optional[str] = ..., replica_id: _Optional[str] = ..., drained: _Optional[bool] = ..., drain: _Optional[_Union[RebalanceResponse, _Mapping]] = ..., placement_version: _Optional[int] = ...) -> None: ...
+
 class ServerExperts(_message.Message):
     __slots__ = ("address", "name", "experts")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class AdminStub:
                 request_serializer=shardmesh_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=shardmesh_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.RemoveServer = channel.unary_unary(
+                '/shardmesh.v1.Admin/RemoveServer',
+                request_serializer=shardmesh_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
+                response_deserializer=shardmesh_dot_v1_dot_admin__pb2.RemoveServerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -55,6 +60,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveServer(self, request, context):
+        """Unary, slow when it drains (as Rebalance): take one expert server replica out of the mesh for
+        good (scale-down). A reachable replica that holds experts is drained first (a Rebalance with it
+        in `drain`: its experts are loaded and warm elsewhere before the placement switches, then
+        dropped on it); then the router forgets it: no more health probes, gone from GetClusterStatus,
+        and registrations of the same replica (topology name and replica_id) are refused from then on
+        (FAILED_PRECONDITION), so stop its process. NOT_FOUND: no expert server registered at `address`;
+        FAILED_PRECONDITION: the last replica of its topology entry, the mesh not serving (a drain is
+        needed), or an unreachable replica that was the only holder of some experts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +81,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=shardmesh_dot_v1_dot_admin__pb2.RebalanceRequest.FromString,
                     response_serializer=shardmesh_dot_v1_dot_admin__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'RemoveServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveServer,
+                    request_deserializer=shardmesh_dot_v1_dot_admin__pb2.RemoveServerRequest.FromString,
+                    response_serializer=shardmesh_dot_v1_dot_admin__pb2.RemoveServerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +115,33 @@ class Admin:
             '/shardmesh.v1.Admin/Rebalance',
             shardmesh_dot_v1_dot_admin__pb2.RebalanceRequest.SerializeToString,
             shardmesh_dot_v1_dot_admin__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardmesh.v1.Admin/RemoveServer',
+            shardmesh_dot_v1_dot_admin__pb2.RemoveServerRequest.SerializeToString,
+            shardmesh_dot_v1_dot_admin__pb2.RemoveServerResponse.FromString,
             options,
             channel_credentials,
             insecure,

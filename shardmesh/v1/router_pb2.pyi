@@ -137,7 +137,7 @@ class ExpertSliceKey(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rank: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("name", "role", "address", "registered", "layers", "experts", "replica_addresses", "unreachable_addresses")
+    __slots__ = ("name", "role", "address", "registered", "layers", "experts", "replica_addresses", "unreachable_addresses", "tp_shards", "expert_slices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class ServerStatus(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TP_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SLICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
@@ -154,10 +156,44 @@ class ServerStatus(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     replica_addresses: _containers.RepeatedScalarFieldContainer[str]
     unreachable_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    tp_shards: _containers.RepeatedCompositeFieldContainer[TensorParallelShardStatus]
+    expert_slices: _containers.RepeatedCompositeFieldContainer[ExpertSliceKey]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ..., tp_shards: _Optional[_Iterable[_Union[TensorParallelShardStatus, _Mapping]]] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ...) -> None: ...
+
+class TensorParallelShardStatus(_message.Message):
+    __slots__ = ("rank", "shard_id", "seconds_since_heard")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARD_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    shard_id: str
+    seconds_since_heard: float
+    def __init__(self, rank: _Optional[int] = ..., shard_id: _Optional[str] = ..., seconds_since_heard: _Optional[float] = ...) -> None: ...
+
+class SplitExpertStatus(_message.Message):
+    __slots__ = ("layer", "expert", "slices")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    slices: _containers.RepeatedCompositeFieldContainer[SplitSliceStatus]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SplitSliceStatus, _Mapping]]] = ...) -> None: ...
+
+class SplitSliceStatus(_message.Message):
+    __slots__ = ("rank", "server", "addresses", "unreachable_addresses")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    server: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    unreachable_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., server: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("serving", "placement_version", "servers", "active_sequences", "expert_load", "expert_servers", "load_window_seconds", "load_imbalance", "unservable")
+    __slots__ = ("serving", "placement_version", "servers", "active_sequences", "expert_load", "expert_servers", "load_window_seconds", "load_imbalance", "unservable", "split_experts")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +203,7 @@ class ClusterStatus(_message.Message):
     LOAD_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     UNSERVABLE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     placement_version: int
     servers: _containers.RepeatedCompositeFieldContainer[ServerStatus]
@@ -176,7 +213,8 @@ class ClusterStatus(_message.Message):
     load_window_seconds: float
     load_imbalance: float
     unservable: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_servers: _Optional[_Iterable[_Union[ExpertServerLoad, _Mapping]]] = ..., load_window_seconds: _Optional[float] = ..., load_imbalance: _Optional[float] = ..., unservable: _Optional[_Iterable[str]] = ...) -> None: ...
+    split_experts: _containers.RepeatedCompositeFieldContainer[SplitExpertStatus]
+    def __init__(self, serving: _Optional[bool] = ..., placement_version: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., active_sequences: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_servers: _Optional[_Iterable[_Union[ExpertServerLoad, _Mapping]]] = ..., load_window_seconds: _Optional[float] = ..., load_imbalance: _Optional[float] = ..., unservable: _Optional[_Iterable[str]] = ..., split_experts: _Optional[_Iterable[_Union[SplitExpertStatus, _Mapping]]] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "expert", "tokens", "replica_addresses", "replica_tokens")
@@ -211,7 +249,7 @@ class ExpertServerLoad(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., experts: _Optional[int] = ..., tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
-    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint", "replica_id", "expert_slices", "holds_assignment", "placement_version")
+    __slots__ = ("name", "role", "address", "layers", "experts", "model_fingerprint", "replica_id", "expert_slices", "holds_assignment", "placement_version", "tp_shard")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +260,7 @@ class RegisterServerRequest(_message.Message):
     EXPERT_SLICES_FIELD_NUMBER: _ClassVar[int]
     HOLDS_ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TP_SHARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ServerRole
     address: str
@@ -232,14 +271,39 @@ class RegisterServerRequest(_message.Message):
     expert_slices: _containers.RepeatedCompositeFieldContainer[ExpertSliceKey]
     holds_assignment: bool
     placement_version: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ..., holds_assignment: _Optional[bool] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    tp_shard: TensorParallelShard
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ..., holds_assignment: _Optional[bool] = ..., placement_version: _Optional[int] = ..., tp_shard: _Optional[_Union[TensorParallelShard, _Mapping]] = ...) -> None: ...
+
+class TensorParallelShard(_message.Message):
+    __slots__ = ("shard_id", "rank", "rendezvous", "starting")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    STARTING_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    rank: int
+    rendezvous: str
+    starting: bool
+    def __init__(self, shard_id: _Optional[str] = ..., rank: _Optional[int] = ..., rendezvous: _Optional[str] = ..., starting: _Optional[bool] = ...) -> None: ...
+
+class TensorParallelAssignment(_message.Message):
+    __slots__ = ("rank", "world_size", "rendezvous")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    world_size: int
+    rendezvous: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., rendezvous: _Optional[str] = ...) -> None: ...
 
 class RegisterServerResponse(_message.Message):
-    __slots__ = ("placement_version", "reassigned", "assigned_experts")
+    __slots__ = ("placement_version", "reassigned", "assigned_experts", "tp")
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASSIGNED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
     placement_version: int
     reassigned: bool
     assigned_experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
-    def __init__(self, placement_version: _Optional[int] = ..., reassigned: _Optional[bool] = ..., assigned_experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
+    tp: TensorParallelAssignment
+    def __init__(self, placement_version: _Optional[int] = ..., reassigned: _Optional[bool] = ..., assigned_experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., tp: _Optional[_Union[TensorParallelAssignment, _Mapping]] = ...) -> None: ...

@@ -55,16 +55,24 @@ class FreeSequencesResponse(_message.Message):
     def __init__(self, freed: _Optional[int] = ...) -> None: ...
 
 class ExpertLocation(_message.Message):
-    __slots__ = ("layer", "expert", "addresses", "slice_addresses")
+    __slots__ = ("layer", "expert", "addresses", "slice_addresses", "slice_replicas")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     SLICE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert: int
     addresses: _containers.RepeatedScalarFieldContainer[str]
     slice_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., slice_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    slice_replicas: _containers.RepeatedCompositeFieldContainer[SliceReplicas]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., slice_addresses: _Optional[_Iterable[str]] = ..., slice_replicas: _Optional[_Iterable[_Union[SliceReplicas, _Mapping]]] = ...) -> None: ...
+
+class SliceReplicas(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertPlacement(_message.Message):
     __slots__ = ("version", "locations")

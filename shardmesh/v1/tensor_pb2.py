@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/tensor.proto\x12\x0cshardmesh.v1\"\xa8\x01\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12+\n\x03shm\x18\x04 \x01(\x0b\x32\x1e.shardmesh.v1.SharedMemorySpan\x12\x30\n\x08\x63uda_ipc\x18\x05 \x01(\x0b\x32\x1e.shardmesh.v1.SharedMemorySpan\"2\n\x10SharedMemorySpan\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/tensor.proto\x12\x0cshardmesh.v1\"\xd6\x01\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.shardmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12+\n\x03shm\x18\x04 \x01(\x0b\x32\x1e.shardmesh.v1.SharedMemorySpan\x12\x30\n\x08\x63uda_ipc\x18\x05 \x01(\x0b\x32\x1e.shardmesh.v1.SharedMemorySpan\x12,\n\x04nccl\x18\x06 \x01(\x0b\x32\x1e.shardmesh.v1.SharedMemorySpan\"2\n\x10SharedMemorySpan\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardmesh.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=266
-  _globals['_DTYPE']._serialized_end=388
+  _globals['_DTYPE']._serialized_start=312
+  _globals['_DTYPE']._serialized_end=434
   _globals['_TENSOR']._serialized_start=44
-  _globals['_TENSOR']._serialized_end=212
-  _globals['_SHAREDMEMORYSPAN']._serialized_start=214
-  _globals['_SHAREDMEMORYSPAN']._serialized_end=264
+  _globals['_TENSOR']._serialized_end=258
+  _globals['_SHAREDMEMORYSPAN']._serialized_start=260
+  _globals['_SHAREDMEMORYSPAN']._serialized_end=310
 # @@protoc_insertion_point(module_scope)

@@ -23,18 +23,20 @@ DTYPE_INT64: DType
 DTYPE_INT32: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "shm", "cuda_ipc")
+    __slots__ = ("dtype", "shape", "data", "shm", "cuda_ipc", "nccl")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shm: SharedMemorySpan
     cuda_ipc: SharedMemorySpan
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., cuda_ipc: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
+    nccl: SharedMemorySpan
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., cuda_ipc: _Optional[_Union[SharedMemorySpan, _Mapping]] = ..., nccl: _Optional[_Union[SharedMemorySpan, _Mapping]] = ...) -> None: ...
 
 class SharedMemorySpan(_message.Message):
     __slots__ = ("offset", "length")
