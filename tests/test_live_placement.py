@@ -111,7 +111,10 @@ def test_add_server_replica_move_drain_remove_during_generations(mixtral_dir):
 
             for counts in mid_flight:  # each change happened while generations were running
                 assert any(0 < c < NEW_TOKENS for c in counts), f"no generation in flight at a switch: {mid_flight}"
-            assert versions[1] == versions[0] + 5  # the scaled replica's registration, then four changes
+            # The scaled replica's registration, then four changes; and one more when the router's health
+            # prober had already taken the stopped experts-1 out of the placement at the final read.
+            dropped = any(names["experts-1"] in s.unreachable_addresses for s in final.servers)
+            assert versions[1] == versions[0] + 5 + dropped, (versions, dropped)
             for i, (record, base) in enumerate(zip(results, baseline)):
                 assert record.indexes == list(range(NEW_TOKENS)) and record.finish_reason == "length", i
                 assert record.tokens == base.tokens, f"prompt {i}: tokens differ from the run with no change"

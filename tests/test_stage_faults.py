@@ -40,7 +40,11 @@ def stage_1(status):
 async def check_replayed_once(address: str, baseline: list[list[int]]) -> None:
     """The server at `address` took over mid-generation: it was sent each sequence's whole prefix
     once, from position 0, and went on from there (Petals #503/#587: twice, or the wrong position)."""
-    history = (await stage_info(address)).sequence_history
+    async def freed() -> list | None:  # the router frees a sequence just after its last token reached the client
+        history = (await stage_info(address)).sequence_history
+        return history if history and all(entry.frees for entry in history) else None
+
+    history = await wait_for(freed, 5.0) or (await stage_info(address)).sequence_history  # 5 s: load ~10
     assert len(history) == len(PROMPTS)  # it was idle before: only these sequences
     # Every position of prompt + generated but the last token, once: a prefix sent twice (or a
     # step at a wrong position, which the stage refuses) would change this sum.
