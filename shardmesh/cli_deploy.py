@@ -59,26 +59,30 @@ def relative_topology_path(topology_file: str, output_file: str) -> str:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from shardmesh import deploy_common
-    try:
+    from shardmesh.deploy_compose import compose_yaml
+    from shardmesh.deploy_k8s import render
+    topology_path = str(args.topology)
+    if not topology_path.startswith(("/", "./", "../")):
+        topology_path = "./" + topology_path  # compose would read a bare name as a named volume
+    try:  # what the mesh cannot run (e.g. two TP shards on one GPU) is refused naming the server, as a bad file
         source = deploy_common.load(args.topology, args.model_dir_in_container, args.model)
+        if args.command == "compose":
+            text = compose_yaml(source, topology_path, command_line(argv), gpus=args.gpus,
+                                expert_gpus=args.expert_gpus, dtype=args.dtype, image=args.image)
+        else:
+            files = render(source, command_line(argv), gpu=args.gpu, image=args.image, dtype=args.dtype)
     except (ValueError, KeyError, FileNotFoundError) as error:
         print(f"shardmesh {args.command}: {error}", file=sys.stderr)
         return 2
     if args.command == "compose":
-        from shardmesh.deploy_compose import compose_yaml
-        topology_path = str(args.topology)
-        if not topology_path.startswith(("/", "./", "../")):
-            topology_path = "./" + topology_path  # compose would read a bare name as a named volume
-        sys.stdout.write(compose_yaml(source, topology_path, command_line(argv), gpus=args.gpus,
-                                      expert_gpus=args.expert_gpus, dtype=args.dtype, image=args.image))
+        sys.stdout.write(text)
         from shardmesh.deploy_telemetry import compose_config_files
         for name, text in compose_config_files(source).items():  # mounted from beside the topology file
             (args.topology.parent / name).write_text(text)
             print(f"wrote {args.topology.parent / name}", file=sys.stderr)
         return 0
-    from shardmesh.deploy_k8s import render
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in render(source, command_line(argv), gpu=args.gpu, image=args.image, dtype=args.dtype).items():
+    for name, text in files.items():
         (args.out / name).write_text(text)
         print(f"wrote {args.out / name}")
     return 0

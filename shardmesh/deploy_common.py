@@ -9,6 +9,7 @@ import json
 import pathlib
 import re
 import tomllib
+from typing import NamedTuple
 
 from shardmesh.mesh_settings import MeshSettings
 from shardmesh.topology import ExpertServerSpec, StageSpec, Topology
@@ -46,19 +47,64 @@ class DeploySource:
         return args + (["--device", device] if device else []) + self.settings.service_args(role)
 
 
-def server_containers(source: DeploySource) -> list[tuple[StageSpec | ExpertServerSpec, str, str]]:
-    """(topology entry, replica id, container name) of every server's container (compose service,
-    Kubernetes Deployment): a stage's standbys (topology `standbys`) have their own, `NAME-standby-N`,
-    and register as replica `standby-N` of the stage; an expert server has one (scale it)."""
-    names = [(spec, replica_id, f"{spec.name}-{replica_id}" if replica_id else spec.name)
-             for spec in source.servers
-             for replica_id in (spec.replica_ids() if isinstance(spec, StageSpec) else [""])]
-    taken = {spec.name for spec in source.servers}
-    for spec, replica_id, name in names:
-        if replica_id and (name in taken or not DNS_LABEL.match(name)):
-            raise ValueError(f"topology: {spec.name!r}'s {replica_id} would be container {name!r}, which is "
-                             f"another server's name or not a DNS label (63 characters at most)")
-    return names
+class ServerContainer(NamedTuple):
+    """One server's container (compose service, Kubernetes Deployment)."""
+    spec: StageSpec | ExpertServerSpec
+    name: str              # the container's (service's, Deployment's) name: a DNS label
+    server_name: str       # its --name: the topology entry's, or a TP shard's "NAME/tpN"
+    replica_id: str = ""   # a stage's standby: "standby-N"
+
+    @property
+    def is_stage(self) -> bool:
+        return isinstance(self.spec, StageSpec)
+
+
+def server_containers(source: DeploySource) -> list[ServerContainer]:
+    """Every server's container (compose service, Kubernetes Deployment), in topology order:
+    - a stage's standbys (topology `standbys`) have their own, `NAME-standby-N`, and register as
+      replica `standby-N` of the stage;
+    - each shard of a tensor-parallel stage (topology `tp = T`) has its own: rank 0 is `NAME`
+      (`--name NAME`), rank r is `NAME-tpR` (`--name NAME/tpR`); they meet where the router tells
+      them (rank 0 gives it the address of the group store it binds: router/tp_ranks.py);
+    - an expert server has one (scale it).
+    ValueError naming the stage for what the mesh does not serve (a TP stage with standbys), and
+    for a container name that is another's or not a DNS label."""
+    containers = []
+    for spec in source.servers:
+        if not isinstance(spec, StageSpec):
+            containers.append(ServerContainer(spec, spec.name, spec.name))
+        elif spec.tp > 1:
+            if spec.standbys:
+                raise ValueError(f"topology: stage {spec.name!r}: standbys = {spec.standbys} with tp = {spec.tp}: "
+                                 f"a tensor-parallel stage cannot have standbys (the mesh does not support it yet)")
+            containers += [ServerContainer(spec, f"{spec.name}-tp{rank}" if rank else spec.name, shard)
+                           for rank, shard in enumerate(spec.shard_names())]
+        else:
+            containers += [ServerContainer(spec, f"{spec.name}-{replica_id}" if replica_id else spec.name,
+                                           spec.name, replica_id) for replica_id in spec.replica_ids()]
+    taken = [spec.name for spec in source.servers]
+    for container in containers:
+        if container.name != container.spec.name:  # a standby's or a TP shard's
+            what = container.replica_id or f"shard {container.server_name!r}"
+            if container.name in taken or not DNS_LABEL.match(container.name):
+                raise ValueError(f"topology: {container.spec.name!r}'s {what} would be container {container.name!r}, "
+                                 f"which is another server's name or not a DNS label (63 characters at most)")
+            taken.append(container.name)
+    return containers
+
+
+def check_shard_devices(stage: str, shard_gpus: list[str], distinct: bool = True) -> None:
+    """The shards of a TP stage AllReduce with NCCL on GPUs (one rank per GPU) or gloo on CPUs:
+    ValueError naming the stage when some would run on a GPU and others on the CPU, or (`distinct`:
+    GPU ids on one host, compose) two on one GPU. `shard_gpus`: rank -> its GPU id, "any" (one the
+    cluster picks) or "" (the CPU)."""
+    used = [gpu for gpu in shard_gpus if gpu]
+    if used and len(used) != len(shard_gpus) or distinct and len(set(used)) != len(used):
+        where = ", ".join(f"rank {rank}: {('GPU ' + gpu if gpu.isdigit() else 'a GPU') if gpu else 'CPU'}"
+                          for rank, gpu in enumerate(shard_gpus))
+        raise ValueError(f"topology: stage {stage!r}: its tensor-parallel shards need a GPU each or all the CPU "
+                         f"({where}); give the stage one device per shard, device = [\"cuda:0\", \"cuda:1\"], "
+                         f"or more GPUs")
 
 
 def load(topology_file: str | pathlib.Path, model_dir_in_container: str, model_dir: str | pathlib.Path | None = None

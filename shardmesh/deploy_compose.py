@@ -10,6 +10,12 @@ each listening on PORT inside its own container:
 - a stage's standbys (topology `standbys = N`) are services `NAME-standby-1` .. `NAME-standby-N`
   that load the same layers and register as its replicas `standby-1` ..; each takes the next GPU
   of `--gpus` (or the stage's own `device`);
+- each shard of a tensor-parallel stage (topology `tp = T`) is a service: rank 0 keeps the stage's
+  name, rank r is `NAME-tpR` (`--name NAME/tpR`), each advertising its service name, with a GPU
+  of its own (the stage's `device` list, else the next of `--gpus`; a GPU each or all CPU) and
+  `--tp-shard-id` its service name; no rendezvous is written: rank 0 binds the group's store on a
+  port the OS chooses and the router hands `NAME:port` to the other ranks (router/tp_ranks.py).
+  The shards' containers have their own /dev/shm, so they AllReduce over gloo (NCCL on GPUs);
 - each expert server advertises `{ip}:50051` (its container's own address) and registers with
   `--replica-id {hostname}` (its container's id), so `docker compose up --scale experts-a=3` adds
   replicas that register with the router and take load;
@@ -28,10 +34,10 @@ With [telemetry] `collector` / `prometheus`: services `otel-collector` and `prom
 Stages and experts start once the router has started (they retry registration until it
 answers); nothing waits for the model to load but the router's health."""
 
-from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, server_containers, to_yaml
+from shardmesh.deploy_common import (PORT, TOPOLOGY_IN_CONTAINER, DeploySource, check_shard_devices, server_containers,
+                                     to_yaml)
 from shardmesh.deploy_telemetry import compose_services
 from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
-from shardmesh.topology import StageSpec
 
 MODEL_DIR_VARIABLE = "SHARDMESH_MODEL_DIR"
 IMAGE_VARIABLE = "SHARDMESH_IMAGE"
@@ -78,18 +84,23 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
         "restart": "unless-stopped",
     }}
     stage_index = expert_index = 0
-    for spec, replica_id, service_name in server_containers(source):
-        is_stage = isinstance(spec, StageSpec)
+    gpus_of: dict[str, list[str]] = {}  # TP stage -> its shards' GPUs ("" = CPU), checked below
+    for container in server_containers(source):
+        spec, is_stage = container.spec, container.is_stage
         pool, index = (gpus, stage_index) if is_stage else (expert_gpus, expert_index)
         gpu = pool[index % len(pool)] if pool else ""
-        own = source.topology.device_of(spec.name)  # the topology file's `device` wins over the pools
+        own = source.topology.device_of(container.server_name)  # the topology file's `device` wins over the pools
         if own:
             gpu = own.partition(":")[2]  # "cuda:1" -> reserve GPU 1 ("cpu" -> none)
         stage_index, expert_index = stage_index + is_stage, expert_index + (not is_stage)
         command = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if gpu else "")
-        command += ["--name", spec.name, "--router", router_address]
+        command += ["--name", container.server_name, "--router", router_address]
         if is_stage:
-            command += ["--advertise", f"{service_name}:{PORT}"] + (["--replica-id", replica_id] if replica_id else [])
+            command += ["--advertise", f"{container.name}:{PORT}"]
+            command += ["--replica-id", container.replica_id] if container.replica_id else []
+            if spec.tp > 1:  # the router gives the rendezvous: rank 0's store at its advertised host
+                command += ["--tp-shard-id", container.name]  # the same across restarts: keeps its rank
+                gpus_of.setdefault(spec.name, []).append(gpu)
         else:
             command += ["--advertise", f"{{ip}}:{PORT}", "--replica-id", "{hostname}"]
         service = {"image": image, "command": command + ["--log-level", "INFO"],
@@ -98,7 +109,9 @@ def compose(source: DeploySource, topology_path: str, gpus: list[str] = (), expe
                    "healthcheck": healthcheck(), "restart": "unless-stopped"}
         if gpu:
             service["deploy"] = gpu_reservation(gpu)
-        services[service_name] = service
+        services[container.name] = service
+    for stage, shard_gpus in gpus_of.items():
+        check_shard_devices(stage, shard_gpus)
     services.update(compose_services(source, topology_path))  # [telemetry] collector / prometheus
     services["smoke"] = {
         "image": image,

@@ -11,7 +11,11 @@
     <server>.yaml        one Deployment per stage (one replica, Recreate) and per expert server
                          (scale it: `kubectl scale deployment/shardmesh-experts-a --replicas=3`);
                          a stage's standbys (topology `standbys = N`): one each, <stage>-standby-N,
-                         registering as replica standby-N of the stage
+                         registering as replica standby-N of the stage; a tensor-parallel
+                         stage (topology `tp = T`): one per shard, rank 0 <stage>, rank R
+                         <stage>-tpR (`--name <stage>/tpR`), each with its own GPU with --gpu
+                         or `device`; rank 0 binds the group's store on a port the OS chooses at
+                         its pod IP and the router hands that address to the other ranks
 
 Tokens come from the Secret `shardmesh-tokens` (keys `auth-token`, `internal-token`), which
 the base does not hold: create it first (see the README). Stages and experts advertise their
@@ -22,10 +26,10 @@ sha256, so changing the topology rolls every pod. The topology file's [telemetry
 [auto_rebalance] (shardmesh.mesh_settings) become every container's flags; with a metrics_port
 each container names it `metrics` and each pod carries the prometheus.io/scrape annotations."""
 
-from shardmesh.deploy_common import PORT, TOPOLOGY_IN_CONTAINER, DeploySource, header, server_containers, to_yaml
+from shardmesh.deploy_common import (PORT, TOPOLOGY_IN_CONTAINER, DeploySource, check_shard_devices, header,
+                                     server_containers, to_yaml)
 from shardmesh.deploy_telemetry import k8s_files
 from shardmesh.security import CLIENT_TOKEN_ENV, INTERNAL_TOKEN_ENV
-from shardmesh.topology import StageSpec
 
 APP = "shardmesh"
 USER_ID = 10001  # the image's `shardmesh` user (deploy/Dockerfile)
@@ -129,19 +133,26 @@ def manifests(source: DeploySource, gpu: bool = False, image: str = "", dtype: s
     files["router.yaml"] = [_deployment(source, "router", "router", router, recreate=True),
                             _service(f"{APP}-router", router_labels, publish_not_ready=False),
                             _service(f"{APP}-registry", router_labels, publish_not_ready=True)]
-    for spec, replica_id, name in server_containers(source):  # a stage's standbys: NAME-standby-N
-        is_stage = isinstance(spec, StageSpec)
-        own = source.topology.device_of(spec.name)
+    gpus_of: dict[str, list[str]] = {}  # TP stage -> "any" (a GPU) | "" (CPU) per shard, checked below
+    for container in server_containers(source):  # a stage's standbys: NAME-standby-N; TP shards: NAME-tpR
+        spec, name, is_stage = container.spec, container.name, container.is_stage
+        own = source.topology.device_of(container.server_name)
         server_gpu = own.startswith("cuda") if own else gpu
         args = source.service_args("stage" if is_stage else "expert", dtype, "cuda:0" if server_gpu else "")
-        args += ["--name", spec.name, "--router", f"{APP}-registry:{PORT}", "--advertise", f"$(POD_IP):{PORT}"]
+        args += ["--name", container.server_name, "--router", f"{APP}-registry:{PORT}",
+                 "--advertise", f"$(POD_IP):{PORT}"]
         if not is_stage:
             args += ["--replica-id", "$(POD_NAME)"]
-        elif replica_id:
-            args += ["--replica-id", replica_id]
+        elif container.replica_id:
+            args += ["--replica-id", container.replica_id]
+        elif spec.tp > 1:  # the router gives the rendezvous: rank 0's store at its pod IP (router/tp_ranks.py)
+            args += ["--tp-shard-id", name]  # the same across its pods (Recreate): keeps its rank
+            gpus_of.setdefault(spec.name, []).append("any" if server_gpu else "")
         component = "stage" if is_stage else "expert"
-        container = _container(source, name, args, image, server_gpu, _grpc_probes())
-        files[f"{name}.yaml"] = [_deployment(source, name, component, container, recreate=is_stage)]
+        container_spec = _container(source, name, args, image, server_gpu, _grpc_probes())
+        files[f"{name}.yaml"] = [_deployment(source, name, component, container_spec, recreate=is_stage)]
+    for stage, shard_gpus in gpus_of.items():  # the device plugin gives each pod its own GPU
+        check_shard_devices(stage, shard_gpus, distinct=False)
     files.update(k8s_files(source))  # [telemetry] collector / prometheus (shardmesh.deploy_telemetry)
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": list(files)}

@@ -43,7 +43,7 @@ def collector_config(source: DeploySource) -> dict:
 
 def compose_scrape_config(source: DeploySource) -> dict:
     """One job per compose service, its containers found by DNS (every replica of a scaled one)."""
-    names = ["router", *(name for _, _, name in server_containers(source))]
+    names = ["router", *(container.name for container in server_containers(source))]
     return {"global": {"scrape_interval": SCRAPE_INTERVAL},
             "scrape_configs": [{"job_name": name, "dns_sd_configs": [
                 {"names": [name], "type": "A", "port": source.settings.metrics_port}]} for name in names]}

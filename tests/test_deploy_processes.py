@@ -1,7 +1,9 @@
 """deploy/compose/cpu.yaml, run without a container engine: each service's exact command and
 environment (as `docker-compose config` resolves them) as a local process, experts-a scaled to
 two replicas as `docker compose up --scale experts-a=2` would, then health checks, the smoke
-job and SDK generations checked against transformers.
+job and SDK generations checked against transformers. The same for the compose file generated
+from that topology with stage-1 at tp = 2: a service per shard, whose group forms through the
+router (no rendezvous in any command line).
 
 What Docker would provide is emulated by rewriting the command lines, and nothing else:
 - DNS and ports: every container has its own address and listens on 50051; here every process
@@ -30,7 +32,8 @@ import yaml
 from shardmesh.checkpoint_maker import DEMO_CONFIG
 from shardmesh.cli_health import check
 from shardmesh.client import Client
-from shardmesh.deploy_common import PORT
+from shardmesh.deploy_common import PORT, from_text
+from shardmesh.deploy_compose import compose_yaml
 from shardmesh.mesh_settings import MeshSettings
 from shardmesh.reference import transformers_greedy
 
@@ -40,7 +43,7 @@ METRICS_PORT = MeshSettings.from_toml((DEPLOY / "topology.toml").read_text()).me
 
 pytestmark = pytest.mark.slow
 SHARDMESH = [sys.executable, "-m", "shardmesh.cli"]
-SCALE = {"experts-a": 2}
+TP_TOPOLOGY = (DEPLOY / "topology.toml").read_text().replace("layers = [2, 4]\n", "layers = [2, 4]\ntp = 2\n", 1)
 PROMPTS = [[1, 9, 27, 81], [5, 7, 11, 13, 17, 19], [300, 2, 44]]
 NEW_TOKENS = 8
 
@@ -123,15 +126,32 @@ def wait_healthy(instances: list[Instance], ports: dict[str, int], log_dir: path
         assert result.returncode == 0, f"{instance.hostname}: {result.stdout} {result.stderr}"
 
 
-def test_compose_services_run_as_processes_and_generate_exact_tokens(make_model_dir, tmp_path):
+def compose_file_of(variant: str, directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, int]]:
+    """(the compose file, replicas per service to start where not 1)."""
+    if variant == "committed":
+        return DEPLOY / "compose" / "cpu.yaml", {"experts-a": 2}
+    assert "tp = 2" in TP_TOPOLOGY
+    (directory / "topology.toml").write_text(TP_TOPOLOGY)
+    compose_file = directory / "compose.yaml"
+    compose_file.write_text(compose_yaml(from_text(TP_TOPOLOGY, "/models/demo"), "./topology.toml", "test"))
+    return compose_file, {}  # experts-a's scaling is covered above: one process less on a small machine
+
+
+@pytest.mark.parametrize("variant", ["committed", "tp"])
+def test_compose_services_run_as_processes_and_generate_exact_tokens(variant, make_model_dir, tmp_path):
     model_dir = make_model_dir(**DEMO_CONFIG)
-    compose_file = DEPLOY / "compose" / "cpu.yaml"
+    compose_file, scale = compose_file_of(variant, tmp_path)
     environment = dict(COMPOSE_ENV, SHARDMESH_MODEL_DIR=str(model_dir))
     resolved = compose_config(compose_file, "--profile", "smoke", environment=environment)
     assert resolved.returncode == 0, resolved.stderr
     services = yaml.safe_load(resolved.stdout)["services"]
     smoke = services.pop("smoke")
-    instances = {name: [Instance(name, k + 1, spec) for k in range(SCALE.get(name, 1))]
+    if variant == "tp":  # rank 1 is its own service; nobody is given a rendezvous: the router hands it out
+        assert sorted(services) == ["experts-a", "experts-b", "router", "stage-0", "stage-1", "stage-1-tp1"]
+        assert services["stage-1-tp1"]["command"][services["stage-1-tp1"]["command"].index("--name") + 1] == \
+            "stage-1/tp1"
+        assert not any("--tp-rendezvous" in spec["command"] for spec in services.values())
+    instances = {name: [Instance(name, k + 1, spec) for k in range(scale.get(name, 1))]
                  for name, spec in services.items()}
     ports = {name: replicas[0].port for name, replicas in instances.items()}  # what the DNS answers
     everything = [i for replicas in instances.values() for i in replicas]
@@ -159,6 +179,9 @@ def test_compose_services_run_as_processes_and_generate_exact_tokens(make_model_
             status = client.cluster_status()
             experts_a = next(s for s in status.servers if s.name == "experts-a")
             assert sorted(experts_a.replica_addresses) == sorted(f"127.0.0.1:{i.port}" for i in instances["experts-a"])
+            stage_1 = next(s for s in status.servers if s.name == "stage-1")
+            assert [(shard.rank, shard.shard_id) for shard in stage_1.tp_shards] == (
+                [(0, "stage-1"), (1, "stage-1-tp1")] if variant == "tp" else [])
             for prompt in PROMPTS:
                 tokens = client.generate_all(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
                 assert list(tokens) == transformers_greedy(model_dir, prompt, NEW_TOKENS, ignore_eos=True), prompt
