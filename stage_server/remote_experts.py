@@ -120,37 +120,19 @@ class RemoteExperts:
         return set(self._channels)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        outputs: dict[Piece, torch.Tensor] = {}  # piece -> its output rows [stop - start, H]
-        todo = [Piece(expert, 0, rows.shape[0]) for expert, rows in groups.items()]
-        failures: list[str] = []
-        for attempt in range(MAX_ATTEMPTS):
+        def assign(todo: list[Piece], avoid) -> dict[str, list[Piece]]:  # failed servers are down: _spread skips them
             by_server: dict[str, list[Piece]] = {}
             for piece in todo:  # a hot expert's rows may be cut into pieces over its replicas
                 start = piece.start
                 for address, count in self._spread(layer, piece.expert, piece.stop - piece.start):
                     by_server.setdefault(address, []).append(Piece(piece.expert, start, start + count))
                     start += count
-            with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-                answers = await asyncio.gather(*(self._call(address, layer, pieces, groups)
-                                                 for address, pieces in by_server.items()), return_exceptions=True)
-            todo = []
-            for (address, pieces), answer in zip(by_server.items(), answers):
-                if isinstance(answer, ServerFailed):
-                    self._down[address] = time.monotonic() + DOWN_RETRY_S
-                    failures.append(str(answer))
-                    todo += pieces
-                    log.warning("%s: %s; %d rows go to other replicas (attempt %d of %d)", self.server_name,
-                                answer, sum(p.stop - p.start for p in pieces), attempt + 1, MAX_ATTEMPTS)
-                elif isinstance(answer, BaseException):
-                    raise answer
-                else:
-                    outputs.update(zip(pieces, answer))
-            if not todo:
-                break
-            self.failovers += len(todo)
-        else:
-            raise Unavailable("experts", f"layer {layer}: no replica answered after {MAX_ATTEMPTS} attempts: "
-                                         + "; ".join(failures[-2:]))
+            return by_server
+
+        todo = [Piece(expert, 0, rows.shape[0]) for expert, rows in groups.items()]
+        outputs = await with_failover(self, layer, todo, assign,  # piece -> its output rows [stop - start, H]
+                                      lambda address, pieces: self._call(address, layer, pieces, groups),
+                                      lambda pieces: f"{sum(p.stop - p.start for p in pieces)} rows", "")
         with tracing.span("moe.combine", layer=layer):
             done: dict[int, list[Piece]] = {}
             for piece in sorted(outputs, key=lambda p: (p.expert, p.start)):
@@ -196,10 +178,10 @@ class RemoteExperts:
                     async with shm.session() as call:  # tensors through shared memory
                         reply = await call.invoke(EXPERT_METHOD, request(call.encode),
                                                   expert_pb2.ComputeExpertsResponse, timeout)
-                        return self._outputs(address, pieces, inputs, reply, call.decode)
+                        return checked_outputs(address, inputs, reply, call.decode)
                 reply = await self._stubs[address].ComputeExperts(
                     request(functools.partial(codec.encode, arena=None)), timeout=timeout)
-                return self._outputs(address, pieces, inputs, reply, functools.partial(codec.decode, segment=None))
+                return checked_outputs(address, inputs, reply, functools.partial(codec.decode, segment=None))
         except (grpc.aio.AioRpcError, DataPlaneError, TimeoutError) as error:
             code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(
                 error, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -222,25 +204,65 @@ class RemoteExperts:
         link = await self.nccl_links.get(address, self._channels[address], self.server_name)
         async with link.call() as call:  # tensors beside the call, over the link
             reply = await call.invoke(self._stubs[address].ComputeExperts, request(call.encode), timeout)
-            return self._outputs(address, pieces, inputs, reply, call.decode)
-
-    def _outputs(self, address: str, pieces: list[Piece], inputs: list[torch.Tensor],
-                 reply: expert_pb2.ComputeExpertsResponse, decode) -> list[torch.Tensor]:
-        if len(reply.outputs) != len(pieces):
-            raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(pieces)} groups")
-        outputs = []
-        for i, (message, x) in enumerate(zip(reply.outputs, inputs)):
-            try:
-                output = decode(message, f"outputs[{i}]")
-            except RequestError as error:
-                raise Unavailable("experts", f"expert server {address} sent a bad tensor: {error}") from error
-            if output.shape != x.shape or output.dtype != x.dtype:
-                raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} "
-                                             f"{output.dtype} for {list(x.shape)} {x.dtype}")
-            outputs.append(output)
-        return outputs
+            return checked_outputs(address, inputs, reply, call.decode)
 
     async def close(self) -> None:
         await self.data_planes.close()
         for channel in self._channels.values():
             await channel.close()
+
+
+async def with_failover(owner, layer: int, todo: list, assign, call, describe, what: str) -> dict:
+    """Every part of `todo` computed by some server: `assign(todo, avoid)` -> {address: parts} (avoid:
+    part -> addresses that failed it in this call), `call(address, parts)` -> their outputs in order,
+    all servers at once. The parts of a server that raised ServerFailed go round again, at most
+    MAX_ATTEMPTS rounds, and the server is avoided for DOWN_RETRY_S. `owner`: its `_down`
+    (address -> monotonic time until which it is avoided), `failovers` (counted) and `server_name`;
+    `describe(parts)` and `what` word the log and the error. Returns part -> output; Unavailable
+    when a part found no replica."""
+    outputs: dict = {}
+    avoid: dict = {}
+    failures: list[str] = []
+    for attempt in range(MAX_ATTEMPTS):
+        by_server = assign(todo, avoid)
+        with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
+            answers = await asyncio.gather(*(call(address, parts) for address, parts in by_server.items()),
+                                           return_exceptions=True)
+        todo = []
+        for (address, parts), answer in zip(by_server.items(), answers):
+            if isinstance(answer, ServerFailed):
+                owner._down[address] = time.monotonic() + DOWN_RETRY_S
+                failures.append(str(answer))
+                for part in parts:
+                    avoid.setdefault(part, set()).add(address)
+                todo += parts
+                log.warning("%s: %s; %s go to other replicas (attempt %d of %d)", owner.server_name, answer,
+                            describe(parts), attempt + 1, MAX_ATTEMPTS)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                outputs.update(zip(parts, answer))
+        if not todo:
+            return outputs
+        owner.failovers += len(todo)
+    raise Unavailable("experts", f"layer {layer}: no replica {what}answered after {MAX_ATTEMPTS} attempts: "
+                                 + "; ".join(failures[-2:]))
+
+
+def checked_outputs(address: str, inputs: list[torch.Tensor], reply: expert_pb2.ComputeExpertsResponse,
+                    decode) -> list[torch.Tensor]:
+    """A server's answer to groups `inputs` -> one output per input, each of its input's shape and
+    dtype; Unavailable naming the server otherwise (a bad answer is the server's failure)."""
+    if len(reply.outputs) != len(inputs):
+        raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(inputs)} groups")
+    outputs = []
+    for i, (message, x) in enumerate(zip(reply.outputs, inputs)):
+        try:
+            output = decode(message, f"outputs[{i}]")
+        except RequestError as error:
+            raise Unavailable("experts", f"expert server {address} sent a bad tensor: {error}") from error
+        if output.shape != x.shape or output.dtype != x.dtype:
+            raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} "
+                                         f"{output.dtype} for {list(x.shape)} {x.dtype}")
+        outputs.append(output)
+    return outputs

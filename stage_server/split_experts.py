@@ -16,21 +16,21 @@ Shape legend: n tokens routed to one expert, H hidden_size.
 """
 
 import asyncio
-import logging
+import functools
 import time
 
 import grpc
 import torch
 
 from shardmesh import codec
-from shardmesh.errors import InvalidArgument, RequestError, Unavailable
+from shardmesh.errors import InvalidArgument, Unavailable
 from shardmesh.grpc_util import open_channel
 from shardmesh.split_expert import sum_slices
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2
 
-from stage_server.remote_experts import DOWN_RETRY_S, FAILOVER_CODES, FAST_FAILURE_OPTIONS, MAX_ATTEMPTS, RemoteExperts
+from stage_server.remote_experts import (FAILOVER_CODES, FAST_FAILURE_OPTIONS, RemoteExperts, ServerFailed,
+                                         checked_outputs, with_failover)
 
-log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]
 SliceReplicas = tuple[tuple[str, ...], ...]  # at index r: the addresses of slice r's replicas
 
@@ -65,6 +65,10 @@ class SplitExperts:
         self._turn = 0
         self.failovers = 0  # slice calls sent again to another replica after their server failed
 
+    @property
+    def server_name(self) -> str:  # the stage's, for logs
+        return self.inner.server_name
+
     def update(self, slices: dict[ExpertKey, SliceReplicas]) -> None:
         """Switch where the split experts' slices are (between steps, under the stage's step lock)."""
         self.slices = dict(slices)
@@ -91,35 +95,15 @@ class SplitExperts:
 
     async def _slices(self, layer: int, split: dict[int, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
         """(expert, slice rank) -> partial output [n_e, H] of every slice of the `split` experts."""
-        partials: dict[tuple[int, int], torch.Tensor] = {}
-        todo = [(expert, rank) for expert in split for rank in range(len(self.slices[(layer, expert)]))]
-        avoid: dict[tuple[int, int], set[str]] = {}  # a part -> replicas that failed it in this step
-        failures: list[str] = []
-        for attempt in range(MAX_ATTEMPTS):
+        def assign(todo: list[tuple[int, int]], avoid) -> dict[str, list[tuple[int, int]]]:
             by_server: dict[str, list[tuple[int, int]]] = {}
             for part in todo:
                 by_server.setdefault(self._pick(layer, part, avoid.get(part, set())), []).append(part)
-            answers = await asyncio.gather(*(self._call(a, layer, parts, split) for a, parts in by_server.items()),
-                                           return_exceptions=True)
-            todo = []
-            for (address, parts), answer in zip(by_server.items(), answers):
-                if isinstance(answer, _ServerFailed):
-                    self._down[address] = time.monotonic() + DOWN_RETRY_S
-                    failures.append(str(answer))
-                    for part in parts:
-                        avoid.setdefault(part, set()).add(address)
-                    todo += parts
-                    log.warning("%s: %s; %d slices go to other replicas (attempt %d of %d)", self.inner.server_name,
-                                answer, len(parts), attempt + 1, MAX_ATTEMPTS)
-                elif isinstance(answer, BaseException):
-                    raise answer
-                else:
-                    partials.update(zip(parts, answer))
-            if not todo:
-                return partials
-            self.failovers += len(todo)
-        raise Unavailable("experts", f"layer {layer}: no replica of a split expert's slice answered after "
-                                     f"{MAX_ATTEMPTS} attempts: " + "; ".join(failures[-2:]))
+            return by_server
+
+        todo = [(expert, rank) for expert in split for rank in range(len(self.slices[(layer, expert)]))]
+        return await with_failover(self, layer, todo, assign, lambda address, parts: self._call(address, layer, parts, split),
+                                   lambda parts: f"{len(parts)} slices", "of a split expert's slice ")
 
     def _pick(self, layer: int, part: tuple[int, int], failed: set[str]) -> str:
         """A replica of slice part[1] of expert part[0]: one not failed in this step nor down lately,
@@ -145,29 +129,14 @@ class SplitExperts:
             message = (f"expert server {address} failed a slice of layer {layer}: "
                        f"{error.code().name} {error.details()}")
             if error.code() in FAILOVER_CODES:
-                raise _ServerFailed(message) from error
+                raise ServerFailed(message) from error
             raise Unavailable("experts", message) from error
-        if len(reply.outputs) != len(parts):
-            raise Unavailable("experts", f"expert server {address} answered {len(reply.outputs)} of {len(parts)} slices")
-        partials = []
-        for i, ((expert, _), message) in enumerate(zip(parts, reply.outputs)):
-            try:
-                output = codec.decode(message, f"outputs[{i}]", segment=None)
-            except RequestError as error:
-                raise Unavailable("experts", f"expert server {address} sent a bad tensor: {error}") from error
-            if output.shape != groups[expert].shape or output.dtype != groups[expert].dtype:
-                raise Unavailable("experts", f"expert server {address} answered {list(output.shape)} {output.dtype} "
-                                             f"for {list(groups[expert].shape)} {groups[expert].dtype}")
-            partials.append(output)
-        return partials
+        return checked_outputs(address, [groups[expert] for expert, _ in parts], reply,
+                               functools.partial(codec.decode, segment=None))
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
-
-
-class _ServerFailed(Exception):
-    """A slice call failed in a way another replica may not (the server is dead, frozen or stopping)."""
 
 
 async def _nothing() -> dict[int, torch.Tensor]:
