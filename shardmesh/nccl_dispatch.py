@@ -165,16 +165,19 @@ def serves_nccl_calls(method):
     """Wraps a unary servicer method of a server whose `self.nccl` is an NcclEndpoint (or None): a
     call naming a link in its metadata gets its request payload from that link before the method
     runs and sends its reply payload after; codec.decode/encode in the method use them. Other
-    calls pass through untouched. Bad metadata: INVALID_ARGUMENT / NOT_FOUND naming the key."""
+    calls, and every call on a server with no endpoint, pass through untouched (an `nccl` span
+    there is refused by codec.decode). Bad metadata: INVALID_ARGUMENT / NOT_FOUND naming the key."""
 
     @functools.wraps(method)
     async def serve(self, request, context):
+        endpoint = self.nccl
+        if endpoint is None:  # no links here: no metadata to read on this per-layer path
+            return await method(self, request, context)
         metadata = dict(context.invocation_metadata() or ())
         group = metadata.get(GROUP_KEY)
         if group is None:
             return await method(self, request, context)
-        endpoint = getattr(self, "nccl", None)
-        if endpoint is None or group not in endpoint.links:
+        if group not in endpoint.links:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"metadata {GROUP_KEY}: no NCCL link {group[:140]!r} here")
         try:
             size = _payload_bytes(metadata.get(BYTES_KEY), f"metadata {BYTES_KEY}")
