@@ -142,6 +142,17 @@ def write_topology(path: pathlib.Path, num_layers: int, stages: list[tuple[int, 
     return path
 
 
+def wait_for_ports(port_files: list[pathlib.Path], processes: list, what: str, timeout_s: float = 300) -> list[int]:
+    """The ports the started `processes` wrote to `port_files`; RuntimeError naming `what` when one
+    exits first or they take longer than `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not all(f.exists() for f in port_files):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+            raise RuntimeError(f"{what}: shard servers did not start")
+        time.sleep(0.1)
+    return [int(f.read_text()) for f in port_files]
+
+
 def mean_interval(timestamps: list[float], skip: int = 2) -> tuple[float, int]:
     """Mean gap between consecutive timestamps after the first `skip` (prefill, warm-up); (s, gaps)."""
     gaps = [b - a for a, b in zip(timestamps[skip:], timestamps[skip + 1:])]

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+import harness
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 PROMPT = 32
 
@@ -114,12 +116,7 @@ def run_mode(args, model_dir: str, mode: str, workdir: pathlib.Path) -> float:
                                    "--layers", str(args.layers)], stdin=subprocess.DEVNULL)
                  for name, port_file in zip(names, port_files)]
     try:
-        deadline = time.monotonic() + 300
-        while not all(f.exists() for f in port_files):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise RuntimeError(f"{mode}: shard servers did not start")
-            time.sleep(0.1)
-        ports = [int(f.read_text()) for f in port_files]
+        ports = harness.wait_for_ports(port_files, processes, mode)
         return asyncio.run(drive(ports, mode, args.batch, args.steps))
     finally:
         for process in processes:

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+import harness
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.tp_fanout import PROMPT, make_model  # noqa: E402
 
@@ -107,12 +109,7 @@ def run(args, model_dir: str, all_reduce: str, workdir: pathlib.Path) -> dict:
                                   stdin=subprocess.DEVNULL)
                  for name, port_file in zip(["stage-0", "stage-0/tp1"], port_files)]
     try:
-        deadline = time.monotonic() + 300
-        while not all(f.exists() for f in port_files):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise RuntimeError(f"{all_reduce}: shard servers did not start")
-            time.sleep(0.1)
-        port = int(port_files[0].read_text())
+        port = harness.wait_for_ports(port_files, processes, all_reduce)[0]
         return asyncio.run(drive(port, lambda: processes[1].send_signal(signal.SIGSTOP),
                                  args.collective_timeout * 2 + 30))
     finally:
