@@ -30,15 +30,7 @@ import torch
 import harness
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-PROMPT = 32
-
-
-def make_model(out_dir: str, hidden: int, layers: int) -> str:
-    from shardmesh.checkpoint_maker import make_checkpoint
-
-    return str(make_checkpoint(out_dir, "llama", seed=0, vocab_size=512, hidden_size=hidden,
-                               intermediate_size=hidden * 11 // 4 // 8 * 8, num_hidden_layers=layers,
-                               num_attention_heads=hidden // 64, num_key_value_heads=max(2, hidden // 256)))
+from bench.tp_decode_step import PROMPT, make_model  # noqa: E402  the same seeded Llama and prompt length
 
 
 async def serve(args) -> None:
