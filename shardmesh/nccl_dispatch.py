@@ -150,7 +150,7 @@ class NcclLinks:
                 group = f"{owner}/experts/{secrets.token_hex(8)}"
                 try:
                     communicator = await form_link(group, [dataplane_pb2_grpc.DataPlaneStub(channel)], self.device,
-                                                   communicator=self.communicator)
+                                                   communicator=self.communicator, owner=f"{owner}/experts")
                 except NcclJoinError as error:
                     raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"{address}: {error}") from error
                 self._links[address] = Link(group, communicator, self.device)
@@ -183,8 +183,9 @@ def serves_nccl_calls(method):
             size = _payload_bytes(metadata.get(BYTES_KEY), f"metadata {BYTES_KEY}")
         except InvalidArgument as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        link = endpoint.links[group]
-        async with endpoint.locks[group]:
+        link, lock = endpoint.links[group], endpoint.locks[group]
+        endpoint.used(group)
+        async with lock:
             received = torch.empty(size, dtype=torch.uint8, device=endpoint.device)  # [bytes]
             try:
                 await asyncio.to_thread(link.recv, received, 0)

@@ -28,6 +28,7 @@ UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
 MAX_WORLD_SIZE = 1024
 GROUP_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 JOIN_TIMEOUT_S = 60.0  # ncclCommInitRank waits for every rank
+MAX_LINKS = 64  # a server keeps at most this many links (idle ones past it are dropped, oldest use first)
 
 
 class Communicator(typing.Protocol):
@@ -143,8 +144,9 @@ class NcclEndpoint:
 
     def __init__(self, device: str, communicator: type = CupyCommunicator, join_timeout_s: float = JOIN_TIMEOUT_S):
         self.device, self.communicator, self.join_timeout_s = device, communicator, join_timeout_s
-        self.links: dict[str, Communicator] = {}
+        self.links: dict[str, Communicator] = {}  # least recently used first (`used` moves one to the end)
         self.locks: dict[str, asyncio.Lock] = {}  # one call at a time per link (nccl_dispatch.py)
+        self.owners: dict[str, str] = {}  # owner -> its current group (JoinNcclGroupRequest.owner)
         self._joining: set[str] = set()
 
     async def join(self, request: dataplane_pb2.JoinNcclGroupRequest, context) -> dataplane_pb2.JoinNcclGroupReply:
@@ -168,7 +170,32 @@ class NcclEndpoint:
             self._joining.discard(request.group)
         self.links[request.group], self.locks[request.group] = communicator, asyncio.Lock()
         log.info("joined NCCL group %r as rank %d/%d on %s", request.group, request.rank, request.world_size, self.device)
+        self._prune(request.group, request.owner)
         return dataplane_pb2.JoinNcclGroupReply(device=self.device, rank=request.rank)
+
+    def used(self, group: str) -> None:
+        """A call just used `group`: it becomes the most recently used link."""
+        self.links[group] = self.links.pop(group)
+
+    def _prune(self, joined: str, owner: str) -> None:
+        """Drop the link `owner` had before `joined`, then the least recently used idle links past
+        MAX_LINKS. A dropped link's communicator goes with its last reference (a call still running
+        on it keeps its own); its peer's next call naming it gets NOT_FOUND and forms a new one."""
+        stale = []
+        if owner:
+            previous = self.owners.get(owner)
+            self.owners[owner] = joined
+            if previous is not None and previous != joined:
+                stale.append((previous, f"superseded by {joined!r} of the same owner"))
+        excess = len(self.links) - len(stale) - MAX_LINKS
+        for group in list(self.links)[:max(excess, 0)]:
+            if group != joined and not self.locks[group].locked():
+                stale.append((group, f"least recently used of more than {MAX_LINKS} links"))
+        for group, why in stale:
+            if self.links.pop(group, None) is not None:
+                self.locks.pop(group, None)
+                log.info("dropped NCCL group %r: %s", group, why)
+        self.owners = {name: group for name, group in self.owners.items() if group in self.links}
 
 
 def check_join(request: dataplane_pb2.JoinNcclGroupRequest) -> str:
@@ -181,18 +208,21 @@ def check_join(request: dataplane_pb2.JoinNcclGroupRequest) -> str:
         return f"rank: {request.rank} is not in [1, {request.world_size}) (the caller is rank 0)"
     if not GROUP_NAME.fullmatch(request.group):
         return f"group: {request.group[:140]!r} is not 1 to 128 of [A-Za-z0-9_.:/-]"
+    if request.owner and not GROUP_NAME.fullmatch(request.owner):
+        return f"owner: {request.owner[:140]!r} is not empty or 1 to 128 of [A-Za-z0-9_.:/-]"
     return ""
 
 
 async def form_link(group: str, peers: list, device: str, communicator: type = CupyCommunicator,
-                    join_timeout_s: float = JOIN_TIMEOUT_S) -> Communicator:
+                    join_timeout_s: float = JOIN_TIMEOUT_S, owner: str = "") -> Communicator:
     """Rank 0 of a new communicator with `peers` (DataPlane stubs; peer i takes rank i + 1): the id
-    is made here, sent to every peer over gRPC while this process joins as rank 0. Raises
+    is made here, sent to every peer over gRPC while this process joins as rank 0. `owner`: this
+    caller's one link with those peers (their earlier link of that owner is dropped). Raises
     NcclJoinError naming the first peer that failed (its status), or a timeout."""
     unique_id = communicator.unique_id()
     world_size = len(peers) + 1
     joins = [stub.JoinNcclGroup(dataplane_pb2.JoinNcclGroupRequest(
-        unique_id=unique_id, world_size=world_size, rank=rank, group=group), timeout=join_timeout_s + CONTROL_DEADLINE_S)
+        unique_id=unique_id, world_size=world_size, rank=rank, group=group, owner=owner), timeout=join_timeout_s + CONTROL_DEADLINE_S)
         for rank, stub in enumerate(peers, start=1)]
     ours = asyncio.ensure_future(asyncio.to_thread(communicator, world_size, unique_id, 0, device))
     replies = await asyncio.gather(*joins, return_exceptions=True)

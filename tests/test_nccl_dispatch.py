@@ -79,6 +79,7 @@ def test_link_is_formed_again_after_a_failed_call(mixtral_dir):
             again = await experts.run(0, groups)
             (new_link,) = experts.nccl_links._links.values()
             assert new_link.group != group.group
+            assert list(server.servicer.nccl.links) == [new_link.group]  # the server dropped the old one
             expected = await reference.run(0, groups)
             for e in groups:
                 torch.testing.assert_close(first[e], expected[e], rtol=0, atol=0)

@@ -112,6 +112,7 @@ BAD_JOINS = {
     "rank past the world": (dict(rank=2), "rank: 2 is not in [1, 2) (the caller is rank 0)"),
     "empty group": (dict(group=""), "group: '' is not 1 to 128 of [A-Za-z0-9_.:/-]"),
     "group with a space": (dict(group="a b"), "group: 'a b' is not 1 to 128 of [A-Za-z0-9_.:/-]"),
+    "owner with a space": (dict(owner="a b"), "owner: 'a b' is not empty or 1 to 128 of [A-Za-z0-9_.:/-]"),
 }
 
 
@@ -145,6 +146,29 @@ def test_missing_ranks_time_out_and_the_server_serves_on():
     assert alone.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "within 0.3 s" in alone.details()
     assert (again.code(), again.details()) == (grpc.StatusCode.ALREADY_EXISTS, "group: 'later' is already joined here")
     assert link.rank == 0 and set(endpoint.links) == {"later"}
+
+
+def test_a_server_keeps_one_link_per_owner_and_at_most_max_links(monkeypatch):
+    """An owner's new link drops its old one there (a stage re-forming after a failed call, or
+    restarted); past MAX_LINKS the least recently used idle link goes. Before, every link stayed
+    until the server restarted."""
+    monkeypatch.setattr("shardmesh.nccl_plane.MAX_LINKS", 3)
+
+    async def main():
+        async with servers(1) as [(endpoint, stub)]:
+            await form_link("stage-0/experts/a", [stub], "cpu", FakeCommunicator, owner="stage-0/experts")
+            await form_link("stage-1/experts/a", [stub], "cpu", FakeCommunicator, owner="stage-1/experts")
+            await form_link("stage-0/experts/b", [stub], "cpu", FakeCommunicator, owner="stage-0/experts")
+            after_reform = list(endpoint.links)
+            await form_link("anon-1", [stub], "cpu", FakeCommunicator)
+            endpoint.used("stage-1/experts/a")  # a call on stage-1's link: stage-0's is now the oldest use
+            await form_link("anon-2", [stub], "cpu", FakeCommunicator)
+            return after_reform, list(endpoint.links), dict(endpoint.owners), set(endpoint.locks)
+
+    after_reform, links, owners, locks = run(main())
+    assert after_reform == ["stage-1/experts/a", "stage-0/experts/b"]
+    assert links == ["anon-1", "stage-1/experts/a", "anon-2"] and locks == set(links)
+    assert owners == {"stage-1/experts": "stage-1/experts/a"}
 
 
 def test_a_server_without_a_gpu_refuses_and_the_link_fails_naming_it():

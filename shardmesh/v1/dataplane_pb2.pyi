@@ -10,16 +10,18 @@ class OfferDataPlanesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JoinNcclGroupRequest(_message.Message):
-    __slots__ = ("unique_id", "world_size", "rank", "group")
+    __slots__ = ("unique_id", "world_size", "rank", "group", "owner")
     UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     unique_id: bytes
     world_size: int
     rank: int
     group: str
-    def __init__(self, unique_id: _Optional[bytes] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, unique_id: _Optional[bytes] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., group: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class JoinNcclGroupReply(_message.Message):
     __slots__ = ("device", "rank")
