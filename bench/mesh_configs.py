@@ -20,11 +20,13 @@ class MeshConfig:
     omp_passive: bool = False  # OMP_WAIT_POLICY=PASSIVE in the services: torch's threads sleep between kernels
     stage_threads: int = 0     # the stages' torch threads and compute threads when they differ from
     stage_compute_threads: int = 0  # the expert servers' (0 = threads / compute_threads)
+    cpu_kernels: bool = True   # False: SHARDMESH_CPU_KERNELS=0, torch instead of shardmesh.kernels' C kernels
 
     @property
     def env(self) -> dict:
         """Environment variables of the mesh's processes (on top of this process's)."""
-        return {"OMP_WAIT_POLICY": "PASSIVE"} if self.omp_passive else {}
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} if self.omp_passive else {}
+        return env if self.cpu_kernels else {**env, "SHARDMESH_CPU_KERNELS": "0"}
 
     @property
     def service_args(self) -> dict:
@@ -61,6 +63,8 @@ CONFIGS = {
     "2s2e-shm-mb2-t2": MeshConfig(2, 2, micro_batches=2, threads=2, data_plane="shm"),
     "1s1e-grpc-c2": MeshConfig(1, 1, compute_threads=2),
     "1s1e-shm-c2": MeshConfig(1, 1, compute_threads=2, data_plane="shm"),
+    # The same on torch alone (no C kernels): the A/B baseline of shardmesh/kernels.
+    "1s1e-shm-c2-torch": MeshConfig(1, 1, compute_threads=2, data_plane="shm", cpu_kernels=False),
     # One stage with two micro-batches in flight: one step's attention while the other's experts compute.
     "1s1e-shm-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2, data_plane="shm"),
     "1s1e-grpc-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2),

@@ -205,3 +205,5 @@ def test_dockerfile_agrees_with_the_project():
     assert "-c constraints.txt torch" in dockerfile  # the CPU variant's torch is the pinned CPU build
     assert re.search(r"^torch==[\d.]+\+cpu$", (ROOT / "constraints.txt").read_text(), re.M)
     assert 'ENTRYPOINT ["shardmesh"]' in dockerfile
+    # CPU services compile shardmesh/kernels at first start: a compiler, and a cache the service user may write
+    assert re.search(r"apt-get install .*\bgcc\b", dockerfile) and "ENV SHARDMESH_KERNEL_DIR=/tmp/" in dockerfile

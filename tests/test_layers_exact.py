@@ -63,4 +63,6 @@ def test_expert_mlp_equals_fused_gate_up(rows):
     hidden_states = torch.randn(rows, 32, generator=generator)                     # [n, H]
     fused_gate, fused_up = F.linear(hidden_states, torch.cat([gate, up])).chunk(2, dim=-1)
     expected = F.linear(F.silu(fused_gate) * fused_up, down)                        # the former formulation
-    torch.testing.assert_close(SwiGLUMLP(gate, up, down)(hidden_states), expected, rtol=1e-6, atol=1e-5)
+    mlp = SwiGLUMLP(gate, up, down)
+    mlp.kernel = None  # torch's split matmuls; the C kernel's own sums are checked in tests/test_cpu_kernels.py
+    torch.testing.assert_close(mlp(hidden_states), expected, rtol=1e-6, atol=1e-5)

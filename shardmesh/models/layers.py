@@ -17,6 +17,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
+from shardmesh import kernels
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.models.parallel import QKVParallelLinear, RowParallelLinear
@@ -146,14 +147,19 @@ class Attention:
 class SwiGLUMLP:
     """down(silu(gate x) * up x): an expert on an expert server.
 
-    gate and up stay two matmuls: at the 4-8 rows an expert mostly gets in a batch-16 decode step,
-    two [I, H] products ran 7-12% faster than one fused [2I, H] product on the bench machine (one
-    thread, weights streamed from memory; bench/expert_matmul.py), and as fast at 1-3 rows."""
+    fp32 on the CPU goes to the C kernel (shardmesh.kernels), which streams each weight once for all
+    rows: 1.7-2x torch's speed at 4-12 rows (10-11 GB/s, where MKL reads weights at 5-6 GB/s),
+    1.1-1.25x at 1-3, 1.4x at 24, ~1.1x at 32, 0.7x at 64 (bench/expert_matmul.py). It takes every
+    row count, prefill's too, because its rows do not depend on each other: a group cut into
+    pieces over replicas gets the same bits as whole (torch at some sizes and the kernel at others
+    would not). Other devices and dtypes, or no kernel: two torch matmuls (gate and up stay split:
+    at 4-8 rows two [I, H] products ran 7-12% faster than one fused [2I, H] product)."""
 
     def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor):
         self.gate_proj = gate_proj  # [I, H]
         self.up_proj = up_proj      # [I, H]
         self.down_proj = down_proj  # [H, I]
+        self.kernel = kernels.for_weights("experts", gate_proj, up_proj, down_proj)  # None: torch only
 
     @classmethod
     def load(cls, reader: CheckpointReader, gate: str, up: str, down: str, dtype: torch.dtype) -> "SwiGLUMLP":
@@ -162,5 +168,7 @@ class SwiGLUMLP:
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] -> [n, H]."""
+        if self.kernel is not None and kernels.usable(hidden_states):
+            return self.kernel.expert_ffn(hidden_states, self.gate_proj, self.up_proj, self.down_proj)
         gate = F.silu(F.linear(hidden_states, self.gate_proj))  # [n, I]
         return F.linear(gate.mul_(F.linear(hidden_states, self.up_proj)), self.down_proj)

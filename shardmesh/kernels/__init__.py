@@ -1,0 +1,159 @@
+"""CPU kernels in C for the few-row fp32 products of a decode step, compiled at first use.
+
+`expert_ffn.c` holds the kernels (why they beat MKL at 1-16 rows is said there). `kernel()` compiles
+it with the system C compiler (`$SHARDMESH_KERNEL_CC`, else `$CC`, else `cc`) with `-O3 -march=native`
+into a cache directory (`$SHARDMESH_KERNEL_DIR`, else ~/.cache/shardmesh/kernels) under a name that
+hashes the source, the compiler's identity, the flags and this CPU's model and feature flags, so a
+cache shared between machines never serves code built for another CPU; the library is written to a
+temporary name and renamed into place, so processes compiling at once each see a whole file. It is
+loaded with ctypes, which releases the GIL for the call: the compute pool's threads run kernels in
+parallel (shardmesh.compute_pool). Nothing here is threaded itself (no OpenMP: torch ships its own).
+
+Off (`SHARDMESH_CPU_KERNELS=0`), without a compiler, or when compiling fails, `kernel()` is None
+and callers keep their torch path; one log line says why. `calls` counts kernel calls (tests read it).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("expert_ffn.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
+calls = {"expert_ffn": 0, "linear": 0}  # kernel calls in this process, by kernel
+
+
+class Kernel:
+    """The loaded library: ctypes functions over contiguous fp32 CPU tensors (callers check that)."""
+
+    def __init__(self, library: ctypes.CDLL, path: pathlib.Path):
+        self.path = path
+        self._expert_ffn = library.shardmesh_expert_ffn
+        self._expert_ffn.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 6
+        self._expert_ffn.restype = None
+        self._linear = library.shardmesh_linear
+        self._linear.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
+        self._linear.restype = None
+
+    def expert_ffn(self, hidden_states: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                   down_proj: torch.Tensor) -> torch.Tensor:
+        """down (silu(gate x) * (up x)): hidden_states [n, H], gate_proj/up_proj [I, H], down_proj
+        [H, I], all contiguous fp32 on the CPU -> [n, H]."""
+        n, hidden = hidden_states.shape
+        intermediate = gate_proj.shape[0]
+        out = torch.empty(n, hidden, dtype=torch.float32)
+        if n == 0:
+            return out
+        scratch = torch.empty(2, n, intermediate, dtype=torch.float32)  # gate, up: [2, n, I]
+        calls["expert_ffn"] += 1
+        self._expert_ffn(n, hidden, intermediate, hidden_states.data_ptr(), gate_proj.data_ptr(),
+                         up_proj.data_ptr(), down_proj.data_ptr(), scratch.data_ptr(), out.data_ptr())
+        return out
+
+    def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """inputs [n, K] @ weight [M, K]^T -> [n, M], both contiguous fp32 on the CPU."""
+        n, features_in = inputs.shape
+        out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+        if n == 0:
+            return out
+        calls["linear"] += 1
+        self._linear(n, features_in, weight.shape[0], inputs.data_ptr(), weight.data_ptr(), out.data_ptr())
+        return out
+
+
+def compiler() -> str | None:
+    """The C compiler's path, or None when there is none."""
+    name = os.environ.get("SHARDMESH_KERNEL_CC") or os.environ.get("CC") or "cc"
+    return shutil.which(name)
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SHARDMESH_KERNEL_DIR") or pathlib.Path.home() / ".cache" / "shardmesh" / "kernels")
+
+
+def _cpu_identity() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+def library_path(cc: str) -> pathlib.Path:
+    """Where the library built by `cc` for this source, flags and CPU lives in the cache."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+                                    _cpu_identity()]).encode()).hexdigest()[:24]
+    return cache_dir() / f"expert_ffn-{key}.so"
+
+
+def build(cc: str) -> pathlib.Path:
+    """Compile into the cache unless it is there already; returns the library's path."""
+    path = library_path(cc)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run([cc, *FLAGS, "-o", temporary, str(SOURCE), "-lm"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+        os.replace(temporary, path)  # atomic: a concurrent compile renames an identical file
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    log.info("compiled the CPU kernels into %s", path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def kernel() -> Kernel | None:
+    """The compiled kernels, or None (then one log line says why and callers use torch)."""
+    if os.environ.get("SHARDMESH_CPU_KERNELS", "1") == "0":
+        log.info("CPU kernels off (SHARDMESH_CPU_KERNELS=0): experts and linears use torch")
+        return None
+    cc = compiler()
+    if cc is None:
+        log.warning("no C compiler found (SHARDMESH_KERNEL_CC / CC / cc): experts and linears use torch")
+        return None
+    try:
+        path = build(cc)
+        return Kernel(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("CPU kernels unavailable (%s): experts and linears use torch", error)
+        return None
+
+
+_logged: set[tuple] = set()  # (purpose, device type, dtype) fallbacks logged in this process, each once
+
+
+def for_weights(purpose: str, *weights: torch.Tensor) -> Kernel | None:
+    """The kernel for layers over these weights, or None (torch), logging the reason once per process.
+    Weights it cannot take (another device or dtype) never make it compile."""
+    if usable(*weights):
+        return kernel()
+    weight = weights[0]
+    reason = (purpose, weight.device.type, weight.dtype)
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info("%s on %s in %s use torch (the CPU kernels take contiguous float32 on the CPU)", *reason)
+    return None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go to a kernel: contiguous fp32 on the CPU."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)

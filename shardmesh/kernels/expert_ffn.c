@@ -1,0 +1,194 @@
+/* Streaming fp32 kernels for the few-row products of a decode step (shardmesh/kernels/__init__.py).
+ *
+ * At 1-16 rows a product x W^T reads every weight once and does little arithmetic per weight, so
+ * it runs at the speed weights come from memory, if they are read only once. These kernels keep
+ * every weight row in the dot-product orientation (W row-major as loaded, [out, in]) and, for each
+ * pair of weight rows, take the dot products with up to ROWS_BLOCK rows of x at once, register-
+ * blocked: the two weight rows are read from memory once and from L1 for further blocks of x.
+ * Vectorised with GCC vector extensions (AVX-512 with -march=native on the bench machines, AVX or
+ * SSE elsewhere, from one source); lengths that are not a multiple of the vector width finish in a
+ * scalar tail.
+ *
+ * Shape legend: n rows (tokens), H hidden, I intermediate, K input features, M output features.
+ * Every matrix is row-major and contiguous; nothing here allocates or keeps state.
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define LANES 16
+#define ROWS_BLOCK 8 /* 2 x 8 accumulators + 3 operands of 32 vector registers */
+#elif defined(__AVX__)
+#define LANES 8
+#define ROWS_BLOCK 4 /* 16 vector registers */
+#else
+#define LANES 4
+#define ROWS_BLOCK 4
+#endif
+
+typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef float vec_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
+
+static inline vec load(const float *p) { return *(const vec_unaligned *)p; }
+
+#if LANES == 16 && (defined(__clang__) || __GNUC__ >= 12) /* halving sums: 4 shuffles and adds, not 15 extractions */
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+static inline float lane_sum(vec v) {
+    vec8 half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+              + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vec4 quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+    quarter += __builtin_shufflevector(quarter, quarter, 2, 3, 0, 1);
+    return quarter[0] + quarter[1];
+}
+#else
+static inline float lane_sum(vec v) {
+    float sum = 0.0f;
+    for (int lane = 0; lane < LANES; lane++) sum += v[lane];
+    return sum;
+}
+#endif
+
+/* dots_a[r] = wa . x[r], dots_b[r] = wb . x[r] for r < rows (rows <= ROWS_BLOCK, a constant after
+ * inlining so the accumulators live in registers). wa, wb: [K]; x: rows rows of stride ldx.
+ * next_a, next_b (or NULL): the weight rows of the next call, fetched into the caches one line per
+ * step meanwhile: without it the core computes on one pair of rows, then waits for the next
+ * (1.1-1.3x at 2-16 rows on the bench machine: bench/expert_matmul.py). Prefetches never fault,
+ * so past the last row they are harmless. */
+static inline __attribute__((always_inline)) void pair_dots(const float *wa, const float *wb, const float *x,
+                                                           long ldx, long K, int rows, float *dots_a, float *dots_b,
+                                                           const float *next_a, const float *next_b) {
+    vec acc_a[ROWS_BLOCK], acc_b[ROWS_BLOCK];
+    for (int r = 0; r < rows; r++) acc_a[r] = acc_b[r] = (vec){0};
+    long k = 0;
+    for (; k + LANES <= K; k += LANES) {
+        vec va = load(wa + k), vb = load(wb + k);
+        if (next_a) { /* LANES floats: one 64-byte line per step with AVX-512 (two with narrower vectors) */
+            __builtin_prefetch(next_a + k, 0, 3);
+            __builtin_prefetch(next_b + k, 0, 3);
+        }
+        for (int r = 0; r < rows; r++) {
+            vec xr = load(x + r * ldx + k);
+            acc_a[r] += va * xr;
+            acc_b[r] += vb * xr;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float a = lane_sum(acc_a[r]), b = lane_sum(acc_b[r]);
+        for (long t = k; t < K; t++) {
+            a += wa[t] * x[r * ldx + t];
+            b += wb[t] * x[r * ldx + t];
+        }
+        dots_a[r] = a;
+        dots_b[r] = b;
+    }
+}
+
+/* pair_dots for any rows <= ROWS_BLOCK, each count its own fully unrolled copy. */
+static void pair_dots_any(const float *wa, const float *wb, const float *x, long ldx, long K, int rows,
+                          float *dots_a, float *dots_b, const float *next_a, const float *next_b) {
+    switch (rows) {
+#define CASE(R) case R: \
+        if (next_a) pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, next_a, next_b); \
+        else pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, NULL, NULL); \
+        return;
+        CASE(1) CASE(2) CASE(3) CASE(4)
+#if ROWS_BLOCK > 4
+        CASE(5) CASE(6) CASE(7) CASE(8)
+#endif
+#undef CASE
+    }
+}
+
+/* out [n, M] = x [n, K] W^T, W [M, K]: each pair of weight rows streamed once for all n rows. */
+void shardmesh_linear(long n, long K, long M, const float *x, const float *weight, float *out) {
+    float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
+    for (long m = 0; m < M; m += 2) {
+        const float *wa = weight + m * K;
+        const float *wb = m + 1 < M ? wa + K : wa; /* an odd last row pairs with itself; stored once */
+        for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
+            int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
+            const float *next = r0 == 0 ? weight + (m + 2) * K : NULL; /* the next pair, during the first block */
+            pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next, next ? next + K : NULL);
+            for (int r = 0; r < rows; r++) {
+                out[(r0 + r) * M + m] = dots_a[r];
+                if (m + 1 < M) out[(r0 + r) * M + m + 1] = dots_b[r];
+            }
+        }
+    }
+}
+
+/* exp(v) for |v| < ~87 (silu's argument is clamped below), about 2 ulp: 2^j * p(f) with
+ * v = (j + f) ln 2, |f| <= 1/2, p a degree-6 polynomial (Cephes expf's coefficients). */
+static inline vec vexp(vec v) {
+    const vec log2e = (vec){0} + 1.44269504088896341f, ln2_hi = (vec){0} + 0.693359375f,
+              ln2_lo = (vec){0} + -2.12194440e-4f;
+    vec j = v * log2e;
+    j = j + ((vec){0} + 12582912.0f) - ((vec){0} + 12582912.0f); /* round to nearest (|j| < 2^22) */
+    vec f = v - j * ln2_hi - j * ln2_lo;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.0f;
+    typedef int ivec __attribute__((vector_size(LANES * 4)));
+    ivec bits = (__builtin_convertvector(j, ivec) + 127) << 23; /* 2^j as a float's bits */
+    vec scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* v limited to [-80, 80], where vexp is exact to a few ulp and finite (NaN stays NaN): silu(g)
+ * = g / (1 + exp(-g)) is g to float precision for g >= 80 and below 1e-33 for g <= -80. */
+static inline vec clamp80(vec v) {
+    typedef int ivec __attribute__((vector_size(LANES * 4)));
+    const vec limit = (vec){0} + 80.0f;
+    ivec bits, limit_bits, over = v > limit, under = v < -limit;
+    memcpy(&bits, &v, sizeof v);
+    memcpy(&limit_bits, &limit, sizeof v);
+    ivec negative_limit_bits = limit_bits | ((ivec){0} + (-2147483647 - 1)); /* -80: the sign bit set */
+    bits = (bits & ~(over | under)) | (limit_bits & over) | (negative_limit_bits & under);
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* gate [count] <- silu(gate) * up, in place. */
+static void silu_mul(float *gate, const float *up, long count) {
+    long i = 0;
+    for (; i + LANES <= count; i += LANES) {
+        vec g = load(gate + i);
+        vec h = g / (1.0f + vexp(clamp80(-g))) * load(up + i);
+        memcpy(gate + i, &h, sizeof h);
+    }
+    for (; i < count; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* One SwiGLU expert on its n rows: out [n, H] = w2 (silu(w1 x) * (w3 x)).
+ * x [n, H]; w1, w3 [I, H]; w2 [H, I]; scratch [2, n, I] (gate then up); out [n, H].
+ * Each row's output is the same bits whatever the other rows and n: every dot product sums in the
+ * same order for any block of rows, and silu takes the vector or scalar path by column, not by
+ * position in the batch. So a group of tokens cut into pieces over replicas (stage_server/
+ * remote_experts.py) gets the answer it would get whole. */
+void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w1, const float *w3,
+                          const float *w2, float *scratch, float *out) {
+    float *gate = scratch, *up = scratch + n * I; /* [n, I] each */
+    float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
+    for (long i = 0; i < I; i++) { /* the gate and up rows i together, once from memory */
+        for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
+            int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
+            int first = r0 == 0; /* the next gate and up rows, during the first block */
+            pair_dots_any(w1 + i * H, w3 + i * H, x + r0 * H, H, H, rows, dots_a, dots_b,
+                          first ? w1 + (i + 1) * H : NULL, first ? w3 + (i + 1) * H : NULL);
+            for (int r = 0; r < rows; r++) {
+                gate[(r0 + r) * I + i] = dots_a[r];
+                up[(r0 + r) * I + i] = dots_b[r];
+            }
+        }
+    }
+    for (long r = 0; r < n; r++) silu_mul(gate + r * I, up + r * I, I); /* row by row: see below */
+    shardmesh_linear(n, I, H, gate, w2, out);
+}
