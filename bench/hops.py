@@ -21,10 +21,13 @@ EXPERT_PLANES = (*PLANES, "nccl")  # stage -> expert only: NCCL links (gloo poin
 
 
 @contextlib.contextmanager
-def echo_servers(vocab_size: int):
-    """Start echo_servers.py in another process; yields {"expert" | "stage_hidden" | "stage_logits": address}."""
+def echo_servers(vocab_size: int, pids: list | None = None):
+    """Start echo_servers.py in another process; yields {"expert" | "stage_hidden" | "stage_logits": address}
+    (and appends the process id to `pids`, if given)."""
     process = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("echo_servers.py")),
                                 "--vocab-size", str(vocab_size)], stdout=subprocess.PIPE, text=True)
+    if pids is not None:
+        pids.append(process.pid)
     try:
         ports = json.loads(process.stdout.readline())
         yield {name: f"127.0.0.1:{port}" for name, port in ports.items()}
@@ -75,6 +78,19 @@ async def expert_round_trip(address: str, plane: str, groups: dict[int, torch.Te
         return seconds
 
 
+async def remote_experts_round_trip(address: str, plane: str, groups: dict[int, torch.Tensor], rounds: int) -> float:
+    """One MoE layer's groups (expert -> [n, H]) through the stage's own RemoteExperts.run: the
+    transport plus the stage's per-call work (spread over replicas, failover bookkeeping, metrics)."""
+    from stage_server.remote_experts import Placement, RemoteExperts
+
+    experts = RemoteExperts(data_plane=plane, flops_per_row=1.0)
+    await experts.update(Placement(1, {(0, e): (address,) for e in groups}))
+    try:
+        return await timed(lambda: experts.run(0, groups), rounds)
+    finally:
+        await experts.close()
+
+
 async def stage_round_trip(address: str, plane: str, batch: int, hidden_size: int, rounds: int) -> float:
     """One Step of `batch` single-token sequences with hidden_states [batch, H], as StageLink makes it."""
     from router.pipeline import StageLink
@@ -87,6 +103,8 @@ async def stage_round_trip(address: str, plane: str, batch: int, hidden_size: in
 
     async def call():
         output = await link.forward(next(steps), sequences, "hidden_states", hidden)
+        if isinstance(output, tuple):  # (output, the sequences the stage refused)
+            output = output[0]
         return output if isinstance(output, torch.Tensor) else codec.decode(output, "output", segment=None)
 
     seconds = await timed(call, rounds)

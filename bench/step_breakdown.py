@@ -9,7 +9,8 @@ Each part is measured on its own, on the same checkpoint and batch:
   dispatch/combine, embedding, LM head);
 - transport, to echo servers in another process (bench/echo_servers.py: the right reply sizes,
   no compute), over gRPC bytes and over shared memory: a stage -> expert ComputeExperts round
-  trip carrying one MoE layer's groups of this batch (as RemoteExperts sends them), and a router
+  trip carrying one MoE layer's groups of this batch, made directly and through the stage's own
+  RemoteExperts.run (replica spread, failover bookkeeping, metrics: the one summed), and a router
   -> stage Step round trip with a hidden-states reply (a middle stage) and with a logits reply
   (the last stage); the hops of `--data-plane` are summed, the others shown for comparison;
 - end to end: a mesh of real processes (Launcher, `--stages` stages and as many expert servers,
@@ -89,6 +90,8 @@ async def measure_transport(addresses: dict, groups: dict, batch: int, hidden_si
     results = {"empty": await hops.expert_round_trip(addresses["expert"], "grpc", {}, rounds)}
     for plane in hops.PLANES:
         results[("expert", plane)] = await hops.expert_round_trip(addresses["expert"], plane, layer_groups, rounds)
+        results[("remote_experts", plane)] = await hops.remote_experts_round_trip(addresses["expert"], plane,
+                                                                                  layer_groups, rounds)
         for name in ("stage_hidden", "stage_logits"):
             results[(name, plane)] = await hops.stage_round_trip(addresses[name], plane, batch, hidden_size, rounds)
     results["expert_bytes"] = sum(x.numel() * x.element_size() for x in layer_groups.values())
@@ -139,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in hops.PLANES:  # the other plane's hops are shown for comparison, not summed
         parts += [
             (f"stage -> expert round trip, {name}, one layer's groups ({transport['expert_bytes'] / 1024:.0f} KiB "
-             f"each way)", transport[("expert", name)], layers if name == plane else 0),
+             f"each way), the call alone", transport[("expert", name)], 0),
+            (f"stage -> expert round trip, {name}, the same through the stage's RemoteExperts.run",
+             transport[("remote_experts", name)], layers if name == plane else 0),
             (f"router -> stage round trip, {name}, hidden-states reply", transport[("stage_hidden", name)],
              args.stages - 1 if name == plane else 0),
             (f"router -> stage round trip, {name}, logits reply", transport[("stage_logits", name)],

@@ -54,13 +54,14 @@ def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
         call = inbound_call.get()
         arena = call[1] if call is not None else None
     if arena is not None:
-        placed = arena.put(tensor.detach())
+        placed = arena.put(tensor.detach() if tensor.requires_grad else tensor)
         if placed is not None:
             # (offset, length) in host shared memory, or (offset, length, span field) from an arena
             # that also places device tensors (cuda_ipc.DeviceArena: field "cuda_ipc").
-            span_field = placed[2] if len(placed) > 2 else "shm"
-            return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape),
-                                     **{span_field: tensor_pb2.SharedMemorySpan(offset=placed[0], length=placed[1])})
+            message = tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=tensor.shape)
+            span = message.shm if len(placed) == 2 else getattr(message, placed[2])
+            span.offset, span.length = placed[0], placed[1]
+            return message
     flat = tensor.detach().to("cpu").contiguous()
     data = flat.view(_VIEW_AS.get(flat.dtype, flat.dtype)).numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
@@ -82,11 +83,14 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, c
     if dtype is None:
         raise InvalidArgument(f"{field}.dtype", f"unknown or unspecified dtype {message.dtype}")
     shape = list(message.shape)
-    if any(dim < 0 for dim in shape):
-        raise InvalidArgument(f"{field}.shape", f"negative dimension in {shape}")
-    if math.prod(dim for dim in shape if dim) >= 2**63:  # torch cannot even make an empty tensor of it
-        raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
+    if shape and min(shape) <= 0:
+        if min(shape) < 0:
+            raise InvalidArgument(f"{field}.shape", f"negative dimension in {shape}")
+        if math.prod(dim for dim in shape if dim) >= 2**63:  # torch cannot even make an empty tensor of it
+            raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     numel = math.prod(shape)
+    if numel >= 2**63:
+        raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     itemsize = dtype.itemsize
     spans = [kind for kind in _SPANS if message.HasField(kind)]
     if len(spans) > 1:

@@ -116,13 +116,15 @@ class ShmCall:
     async def invoke(self, method: str, request, response_type, timeout: float):
         channel = self.channel
         channel.call_ids += 1
-        call = dataplane_pb2.ShmCall(call_id=channel.call_ids, method=method, request=request.SerializeToString(),
-                                     reply_offset=align(self.arena.next))
+        frame = dataplane_pb2.ShmFrame()
+        call = frame.call  # built in place: no copy of the request into the frame
+        call.call_id, call.method, call.request = channel.call_ids, method, request.SerializeToString()
+        call.reply_offset = align(self.arena.next)
         if isinstance(self.arena, DeviceArena):
             call.cuda_reply_offset = align(self.arena.device.next)
             self.arena.publish()  # the device has written the request tensors before the server reads them
         try:
-            write_frame(channel.writer, dataplane_pb2.ShmFrame(call=call))
+            write_frame(channel.writer, frame)
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
                 frame = await read_frame(channel.reader)
         except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
@@ -197,12 +199,20 @@ class ShmChannel:
     @contextlib.asynccontextmanager
     async def session(self):
         async with self.lock:
-            if self.broken:
-                raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {self.peer} is closed")
-            call = ShmCall(self)
+            call = self.begin()
             yield call
-            if call.inline_bytes:  # next time, a segment where this call would have fitted
-                self.wanted = min(MAX_SEGMENT_BYTES, 2 * (self.segment.size + call.inline_bytes))
+            self.end(call)
+
+    def begin(self) -> ShmCall:
+        """A call on this session; the caller has it to itself (session()'s lock, or ShmPool) until end()."""
+        if self.broken:
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {self.peer} is closed")
+        return ShmCall(self)
+
+    def end(self, call: ShmCall) -> None:
+        """After a call that went through: next time, a segment where its tensors would all have fitted."""
+        if call.inline_bytes:
+            self.wanted = min(MAX_SEGMENT_BYTES, 2 * (self.segment.size + call.inline_bytes))
 
     async def close(self) -> None:
         self.broken = True

@@ -37,6 +37,7 @@ class ShmPool:
         self._idle = [first]     # the most recently used last
         self._opening = 0
         self._freed = asyncio.Condition()
+        self._waiting = 0  # _acquire calls waiting on _freed (a release with none skips the condition)
         self.closed = False
 
     @property
@@ -48,9 +49,10 @@ class ShmPool:
     async def session(self):
         """An ShmCall on a session of this pool for the duration of one call."""
         channel = await self._acquire()
-        try:
-            async with channel.session() as call:
-                yield call
+        try:  # the channel is this call's alone until released: no lock of its own needed
+            call = channel.begin()
+            yield call
+            channel.end(call)
         finally:
             await self._release(channel)
 
@@ -82,7 +84,11 @@ class ShmPool:
             async with self._freed:  # a session comes back (or is dropped: room to open one)
                 if self.closed or self._idle or len(self.sessions) + self._opening < self.max_sessions:
                     continue
-                await self._freed.wait()
+                self._waiting += 1
+                try:
+                    await self._freed.wait()
+                finally:
+                    self._waiting -= 1
 
     async def _release(self, channel) -> None:
         if channel.wanted > channel.segment.size:  # next time a segment where the call fits
@@ -97,8 +103,9 @@ class ShmPool:
             await channel.close()
         else:
             self._idle.append(channel)
-        async with self._freed:
-            self._freed.notify_all()
+        if self._waiting:
+            async with self._freed:
+                self._freed.notify_all()
 
     async def _drop(self, channel) -> None:
         if channel in self.sessions:

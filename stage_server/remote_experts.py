@@ -134,6 +134,8 @@ class RemoteExperts:
                                       lambda address, pieces: self._call(address, layer, pieces, groups),
                                       lambda pieces: f"{sum(p.stop - p.start for p in pieces)} rows", "")
         with tracing.span("moe.combine", layer=layer):
+            if len(outputs) == len(groups):  # one piece per expert: every group answered whole, nothing to join
+                return {piece.expert: output for piece, output in outputs.items()}
             done: dict[int, list[Piece]] = {}
             for piece in sorted(outputs, key=lambda p: (p.expert, p.start)):
                 done.setdefault(piece.expert, []).append(piece)
@@ -157,7 +159,9 @@ class RemoteExperts:
     async def _call(self, address: str, layer: int, pieces: list[Piece],
                     groups: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """One server's pieces -> their outputs, in order. ServerFailed if the server failed."""
-        inputs = [groups[p.expert][p.start:p.stop] for p in pieces]  # each [rows, H]
+        # each [rows, H]: a whole group as it is (a slice costs a tensor op per piece, every layer)
+        inputs = [groups[p.expert] if p.start == 0 and p.stop == groups[p.expert].shape[0]
+                  else groups[p.expert][p.start:p.stop] for p in pieces]
 
         def request(encode) -> expert_pb2.ComputeExpertsRequest:
             return expert_pb2.ComputeExpertsRequest(groups=[
@@ -226,8 +230,15 @@ async def with_failover(owner, layer: int, todo: list, assign, call, describe, w
     for attempt in range(MAX_ATTEMPTS):
         by_server = assign(todo, avoid)
         with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-            answers = await asyncio.gather(*(call(address, parts) for address, parts in by_server.items()),
-                                           return_exceptions=True)
+            if len(by_server) == 1:  # one server (batch 1, mostly): its call in this task, not one of its own
+                [(address, parts)] = by_server.items()
+                try:
+                    answers = [await call(address, parts)]
+                except ServerFailed as error:
+                    answers = [error]
+            else:
+                answers = await asyncio.gather(*(call(address, parts) for address, parts in by_server.items()),
+                                               return_exceptions=True)
         todo = []
         for (address, parts), answer in zip(by_server.items(), answers):
             if isinstance(answer, ServerFailed):
