@@ -2,7 +2,7 @@
 past the router's bound is refused?
 
     .venv/bin/python bench/admission_overload.py [--batch 4] [--new-tokens 256] [--flooders 8] [--repeats 3]
-                                                 [--flood-rate R] [--pin MESH_CPUS:FLOOD_CPUS]
+                                                 [--flood-rate R] [--pin MESH_CPUS:FLOOD_CPUS] [--tarpit R]
 
 A mesh of real processes (`Launcher`, the small seeded Mixtral) whose router admits `--batch`
 running sequences and queues none (`--max-batch-sequences B --max-queued 0`). The admitted load is
@@ -25,10 +25,15 @@ spent refusing; the flood process's CPU; the router's peak memory; same tokens i
 `--pin 0:1` runs the mesh and the admitted client on CPU 0 and the flood (and the burner) on CPU 1
 (sched_setaffinity; services inherit it), in every round: a flood from another machine, as in a
 deployment, with the server side's CPU its own. Without it every process shares every CPU.
+
+`--tarpit R` starts a second, identical mesh whose router holds the refusals of callers refused
+faster than R/s (router/tarpit.py); each repeat then also runs alone+tarpit and flood+tarpit on it
+(each mesh idle while the other is measured), and prints flood+tarpit / alone+tarpit.
 """
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import pathlib
@@ -150,6 +155,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flood-rate", type=float, default=0.0, metavar="R",
                         help="cap the flood at R requests/s (0 = as fast as the flooders go)")
+    parser.add_argument("--tarpit", type=float, default=0.0, metavar="R",
+                        help="also measure, in the same run, a second mesh whose router has "
+                             "--tarpit-refusals-per-second R (router/tarpit.py): rounds alone+tarpit, flood+tarpit")
     parser.add_argument("--pin", default="", metavar="MESH_CPUS:FLOOD_CPUS",
                         help="e.g. 0:1: the mesh and the admitted client on CPU 0, the flood and burner on CPU 1")
     parser.add_argument("--flood", nargs=2, metavar=("ADDRESS", "TOKEN"), help=argparse.SUPPRESS)
@@ -171,28 +179,36 @@ def main() -> int:
         os.sched_setaffinity(0, mesh_cpus)  # every service inherits it
     model_dir = harness.checkpoint("small")
     router_args = ["--max-batch-sequences", str(args.batch), "--max-queued", "0"]
-    rounds = {"alone": [], "flood": [], "burner": []}
-    refusals, router_cpu, flooder_cpu, burner_cpu, flood_seconds = [], {k: [] for k in rounds}, [], [], []
-    with Launcher(model_dir, service_args={"router": router_args}) as launcher:
-        address, token = launcher.router_address, launcher.client_token
-        asyncio.run(admitted_round(address, token, args.batch, 8))  # warm up
-        router_pid = launcher.processes["router"].pid
-        memory_before = memory_kib(router_pid)
+    kinds = ["alone", "flood", "burner"] + (["alone+tarpit", "flood+tarpit"] if args.tarpit else [])
+    rounds = {kind: [] for kind in kinds}
+    router_cpu, flooder_cpu, burner_cpu = {k: [] for k in kinds}, {k: [] for k in kinds}, []
+    refusals, flood_seconds = {k: [] for k in kinds}, {k: [] for k in kinds}  # per flood kind
+    with contextlib.ExitStack() as stack:
+        # Without --tarpit one mesh; with it a second one whose router has the tarpit, idle while
+        # the first is measured and the other way round.
+        meshes = {"": stack.enter_context(Launcher(model_dir, service_args={"router": router_args}))}
+        if args.tarpit:
+            meshes["+tarpit"] = stack.enter_context(Launcher(model_dir, service_args={
+                "router": router_args + ["--tarpit-refusals-per-second", str(args.tarpit)]}))
+        for launcher in meshes.values():
+            asyncio.run(admitted_round(launcher.router_address, launcher.client_token, args.batch, 8))  # warm up
+        memory_before = {suffix: memory_kib(m.processes["router"].pid) for suffix, m in meshes.items()}
         reference, same = None, True
 
-        def measured(kind: str, started=None):
+        def measured(kind: str, launcher, started=None):
             nonlocal reference, same
-            cpu, at = cpu_seconds(router_pid), time.perf_counter()
-            rate, outputs = asyncio.run(admitted_round(address, token, args.batch, args.new_tokens, started))
-            router_cpu[kind].append((cpu_seconds(router_pid) - cpu) / (time.perf_counter() - at))  # cores
+            pid = launcher.processes["router"].pid
+            cpu, at = cpu_seconds(pid), time.perf_counter()
+            rate, outputs = asyncio.run(admitted_round(launcher.router_address, launcher.client_token, args.batch,
+                                                       args.new_tokens, started))
+            router_cpu[kind].append((cpu_seconds(pid) - cpu) / (time.perf_counter() - at))  # cores
             rounds[kind].append(rate)
             reference = reference or outputs
             same &= outputs == reference
 
-        for _ in range(args.repeats):
-            measured("alone")
+        def flooded(kind: str, launcher):
             flooder = helper(args, flood_cpus, "--flooders", str(args.flooders), "--flood-rate", str(args.flood_rate),
-                             "--flood", address, token)
+                             "--flood", launcher.router_address, launcher.client_token)
             time.sleep(2.0)  # it imports grpc meanwhile
 
             def go():
@@ -200,51 +216,65 @@ def main() -> int:
                 flooder.stdin.flush()
                 go.cpu, go.at = cpu_seconds(flooder.pid), time.perf_counter()
 
-            measured("flood", go)
-            flooder_cpu.append((cpu_seconds(flooder.pid) - go.cpu) / (time.perf_counter() - go.at))
+            measured(kind, launcher, go)
+            flooder_cpu[kind].append((cpu_seconds(flooder.pid) - go.cpu) / (time.perf_counter() - go.at))
             out, _ = flooder.communicate("stop\n", timeout=60)
             if out.strip():
                 refused, accepted, elapsed, *latencies = out.split()
-                refusals.append((int(refused), int(accepted), [float(x) for x in latencies]))
-                flood_seconds.append(float(elapsed))
+                refusals[kind].append((int(refused), int(accepted), [float(x) for x in latencies]))
+                flood_seconds[kind].append(float(elapsed))
+
+        for _ in range(args.repeats):
+            measured("alone", meshes[""])
+            flooded("flood", meshes[""])
             # The same CPU as the flood process took, on the same CPUs, without a call.
-            count = max(1, math.ceil(flooder_cpu[-1]))
-            burners = [helper(args, flood_cpus, "--burn", f"{flooder_cpu[-1] / count:.3f}") for _ in range(count)]
+            used = flooder_cpu["flood"][-1]
+            count = max(1, math.ceil(used))
+            burners = [helper(args, flood_cpus, "--burn", f"{used / count:.3f}") for _ in range(count)]
             time.sleep(0.5)
             starts, at = [cpu_seconds(b.pid) for b in burners], time.perf_counter()
-            measured("burner")
+            measured("burner", meshes[""])
             burner_cpu.append(sum(cpu_seconds(b.pid) - s for b, s in zip(burners, starts)) / (time.perf_counter() - at))
             for b in burners:
                 b.stdin.close()
                 b.wait(10)
-        memory_after = memory_kib(router_pid)
+            if args.tarpit:
+                measured("alone+tarpit", meshes["+tarpit"])
+                flooded("flood+tarpit", meshes["+tarpit"])
+        memory_after = {suffix: memory_kib(m.processes["router"].pid) for suffix, m in meshes.items()}
     median = {kind: statistics.median(values) for kind, values in rounds.items()}
     print(f"batch {args.batch}, {args.new_tokens} new tokens, {args.flooders} flooders, {args.repeats} repeats, "
           f"flood rate {'unlimited' if not args.flood_rate else f'capped at {args.flood_rate:g}/s'}, "
           + (f"mesh + admitted client on CPUs {sorted(mesh_cpus)}, flood/burner on CPUs {sorted(flood_cpus)}"
-             if args.pin else f"every process on every CPU ({os.cpu_count()})"))
-    for kind in rounds:
-        print(f"  admitted decode tok/s, {kind:6s}: {median[kind]:8.1f}  "
+             if args.pin else f"every process on every CPU ({os.cpu_count()})")
+          + (f"; tarpit: a second mesh, --tarpit-refusals-per-second {args.tarpit:g}" if args.tarpit else ""))
+    for kind in kinds:
+        print(f"  admitted decode tok/s, {kind:12s}: {median[kind]:8.1f}  "
               f"(rounds: {', '.join(f'{r:.1f}' for r in rounds[kind])})")
     print(f"  flood / alone  : {median['flood'] / median['alone']:6.3f}  (the issue's figure; goal >= 0.90)")
     print(f"  flood / burner : {median['flood'] / median['burner']:6.3f}  (the flood client's CPU accounted for)")
     print(f"  burner / alone : {median['burner'] / median['alone']:6.3f}  (the flood client's CPU alone)")
-    refused_total = sum(r for r, _, _ in refusals)
-    latencies = sorted(x for _, _, lat in refusals for x in lat)
-    per_second = refused_total / max(sum(flood_seconds), 1e-9)
-    if latencies:
-        print(f"  refusals: {refused_total} RESOURCE_EXHAUSTED ({per_second:.0f}/s while flooding), "
-              f"{sum(a for _, a, _ in refusals)} admitted; latency p50 {1e3 * latencies[len(latencies) // 2]:.2f} ms, "
-              f"p99 {1e3 * latencies[int(len(latencies) * 0.99)]:.2f} ms")
-    # The router's extra CPU under the flood (cores, flood round - alone round) per refusal/s.
-    extra = statistics.median(router_cpu["flood"]) - statistics.median(router_cpu["alone"])
-    print("  router CPU (cores) alone / flood / burner: " + ", ".join(
-        f"{a:.2f}/{f:.2f}/{b:.2f}" for a, f, b in zip(router_cpu["alone"], router_cpu["flood"], router_cpu["burner"]))
-          + f"; {extra:.2f} more under the flood = {1e6 * extra / max(per_second, 1e-9):.0f} us per refusal")
-    print(f"  flood process CPU: {', '.join(f'{c:.2f}' for c in flooder_cpu)} cores; burner: "
-          f"{', '.join(f'{c:.2f}' for c in burner_cpu)} cores")
-    print(f"  router memory (KiB): VmRSS {memory_before['VmRSS']} -> {memory_after['VmRSS']}, "
-          f"peak VmHWM {memory_before['VmHWM']} -> {memory_after['VmHWM']}")
+    if args.tarpit:
+        print(f"  tarpit: flood+tarpit / alone+tarpit {median['flood+tarpit'] / median['alone+tarpit']:6.3f}, "
+              f"flood+tarpit / alone {median['flood+tarpit'] / median['alone']:6.3f} (goal >= 0.90)")
+    for kind in [k for k in kinds if refusals[k]]:
+        refused_total = sum(r for r, _, _ in refusals[kind])
+        latencies = sorted(x for _, _, lat in refusals[kind] for x in lat)
+        per_second = refused_total / max(sum(flood_seconds[kind]), 1e-9)
+        print(f"  {kind}: {refused_total} RESOURCE_EXHAUSTED ({per_second:.0f}/s while flooding), "
+              f"{sum(a for _, a, _ in refusals[kind])} admitted; latency p50 "
+              f"{1e3 * latencies[len(latencies) // 2]:.2f} ms, p99 {1e3 * latencies[int(len(latencies) * 0.99)]:.2f} ms; "
+              f"flood process CPU {', '.join(f'{c:.2f}' for c in flooder_cpu[kind])} cores")
+        # The router's extra CPU under the flood (cores, flood round - alone round) per refusal/s.
+        alone = "alone+tarpit" if kind == "flood+tarpit" else "alone"
+        extra = statistics.median(router_cpu[kind]) - statistics.median(router_cpu[alone])
+        print(f"    router CPU (cores) {alone} / {kind}: " + ", ".join(
+            f"{a:.2f}/{f:.2f}" for a, f in zip(router_cpu[alone], router_cpu[kind]))
+              + f"; {extra:.2f} more under the flood = {1e6 * extra / max(per_second, 1e-9):.0f} us per refusal")
+    print(f"  burner CPU: {', '.join(f'{c:.2f}' for c in burner_cpu)} cores")
+    for suffix in meshes:
+        print(f"  router{suffix} memory (KiB): VmRSS {memory_before[suffix]['VmRSS']} -> {memory_after[suffix]['VmRSS']}, "
+              f"peak VmHWM {memory_before[suffix]['VmHWM']} -> {memory_after[suffix]['VmHWM']}")
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; same tokens in every round: {same}")
     return 0
 

@@ -13,9 +13,17 @@ handler does (~0.25 ms of CPU here), which is also about what the refused client
 call: a flood costs the router about as much CPU as the flooding client burns (see
 bench/admission_overload.py). The servicer keeps the same check for the race where the queue
 fills between this gate and the servicer.
+
+With a tarpit (router/tarpit.py, `--tarpit-refusals-per-second`), a caller refused faster than
+that gets its refusal only after a delay, which slows a closed-loop flood to a trickle; its
+refusal then also names the delay and carries `retry-after` / `grpc-retry-pushback-ms`. The same
+holds for the servicer's refusals of a caller past `--max-sequences-per-caller` (`held_refusal`).
 """
 
 import grpc
+
+from router.caller_limit import caller_of
+from router.tarpit import backoff_metadata
 
 GENERATE = "/shardmesh.v1.Router/Generate"
 
@@ -25,16 +33,33 @@ def refusal_details(max_queued: int) -> str:
     return f"router: {max_queued} requests already wait for a batch slot (--max-queued): retry later"
 
 
+async def held_refusal(state, context: grpc.aio.ServicerContext) -> str:
+    """Count a refusal of this call's caller in the router's tarpit (if any) and hold it as long
+    as the tarpit says; when held, set the backoff metadata and return what to add to the
+    refusal's details ("" when refused at once)."""
+    pit = state.tarpit
+    if pit is None:
+        return ""
+    limit = state.caller_limit  # its identity says who a caller is
+    held = await pit.hold(caller_of(context, limit.identity, limit.tokens))
+    if not held:
+        return ""
+    context.set_trailing_metadata(backoff_metadata(held))
+    return (f"; this caller is refused too often: back off (this refusal was held {held:.2f} s; "
+            "--tarpit-refusals-per-second)")
+
+
 class AdmissionGate(grpc.aio.ServerInterceptor):
     """RESOURCE_EXHAUSTED for Generate while `state.admission_full()` (see the module docstring)."""
 
     def __init__(self, state):
-        self.state = state  # router.main.RouterState
+        self.state = state  # router.main.RouterState; its `tarpit` (router/tarpit.py) is read at each refusal
         details = refusal_details(state.max_queued)
 
         async def refuse(requests, context: grpc.aio.ServicerContext) -> None:
+            backoff = await held_refusal(state, context)
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(details)
+            context.set_details(details + backoff)
 
         # Stream-stream and never iterated: the request is not even received (see the module
         # docstring). Built once, returned for every refused call.

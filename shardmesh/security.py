@@ -2,7 +2,8 @@
 and applied by `shardmesh.grpc_util` to every server it creates and every channel it opens.
 
 Tokens (metadata `authorization: Bearer <token>`, compared in constant time):
-  client token    the public Router service (Generate, GetModelInfo, GetClusterStatus).
+  client token    the public Router service (Generate, GetModelInfo, GetClusterStatus); or
+                  several named ones from a tokens file (shardmesh/client_tokens.py).
   internal token  Registry (on the router's port), Stage and Expert services; every outgoing
                   call between services sends it. A client token never opens an internal service.
 grpc.health.v1 is open to all (orchestrators and `shardmesh up` probe it without secrets);
@@ -25,6 +26,8 @@ import os
 import pathlib
 
 import grpc
+
+from shardmesh.client_tokens import DEFAULT_NAME, ClientTokens
 
 CLIENT_TOKEN_ENV = "SHARDMESH_AUTH_TOKEN"
 INTERNAL_TOKEN_ENV = "SHARDMESH_INTERNAL_TOKEN"
@@ -91,6 +94,8 @@ class Security:
     """One process's secrets; the default (all None) is no TLS and no token checks."""
 
     client_token: str | None = dataclasses.field(default=None, repr=False)
+    # Named client tokens (a tokens file); client_token, when also set, is one of them ("default").
+    client_tokens: ClientTokens | None = dataclasses.field(default=None, repr=False)
     internal_token: str | None = dataclasses.field(default=None, repr=False)
     tls_cert: bytes | None = dataclasses.field(default=None, repr=False)  # PEM chain of this process
     tls_key: bytes | None = dataclasses.field(default=None, repr=False)   # PEM private key
@@ -107,13 +112,23 @@ class Security:
 
     @classmethod
     def from_files(cls, *, client_token_file=None, internal_token_file=None, cert_file=None, key_file=None,
-                   ca_file=None, read_environment: bool = True) -> "Security":
-        """Read token files (falling back to $SHARDMESH_AUTH_TOKEN / $SHARDMESH_INTERNAL_TOKEN) and PEM files."""
+                   ca_file=None, read_environment: bool = True, client_tokens_file=None) -> "Security":
+        """Read token files (falling back to $SHARDMESH_AUTH_TOKEN / $SHARDMESH_INTERNAL_TOKEN), the
+        named client tokens file (shardmesh/client_tokens.py) and PEM files."""
         read = lambda path: pathlib.Path(path).read_bytes() if path is not None else None  # noqa: E731
         token = lambda path, env: read_token(path, env) if read_environment or path else None  # noqa: E731
-        return cls(client_token=token(client_token_file, CLIENT_TOKEN_ENV),
+        client_token = token(client_token_file, CLIENT_TOKEN_ENV)
+        return cls(client_token=client_token,
+                   client_tokens=ClientTokens.from_file(client_tokens_file, client_token) if client_tokens_file else None,
                    internal_token=token(internal_token_file, INTERNAL_TOKEN_ENV),
                    tls_cert=read(cert_file), tls_key=read(key_file), tls_ca=read(ca_file))
+
+    @property
+    def accepted_client_tokens(self) -> ClientTokens | None:
+        """Every client token this process accepts, by name (None: clients are not token-checked)."""
+        if self.client_tokens is not None:
+            return self.client_tokens
+        return ClientTokens({DEFAULT_NAME: self.client_token}) if self.client_token else None
 
     @property
     def tls(self) -> bool:
@@ -139,9 +154,9 @@ class Security:
         return grpc.ssl_channel_credentials()
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        if self.client_token is None and self.internal_token is None:
+        if self.accepted_client_tokens is None and self.internal_token is None:
             return []
-        return [BearerTokenInterceptor(self.client_token, self.internal_token)]
+        return [BearerTokenInterceptor(self.accepted_client_tokens, self.internal_token)]
 
     def channel_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """Outgoing calls between services carry the internal token."""
@@ -152,12 +167,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuse a call without the token its service requires with UNAUTHENTICATED, before its
     request is parsed (the refusal reads no message)."""
 
-    def __init__(self, client_token: str | None, internal_token: str | None):
-        self._client = client_token.encode() if client_token else None
+    def __init__(self, client_tokens: ClientTokens | None, internal_token: str | None):
+        self._client = client_tokens
         self._internal = internal_token.encode() if internal_token else None
 
-    def _accepted(self, service: str) -> list[bytes]:
-        """Tokens that open `service`; [] = not token-checked."""
+    def _accepted(self, service: str) -> list:
+        """Tokens that open `service` (ClientTokens or the internal token's bytes); [] = not token-checked."""
         if service in OPEN_SERVICES:
             return []
         if service in CLIENT_SERVICES:
@@ -177,7 +192,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         for value in presented:
             raw = value.encode() if isinstance(value, str) else bytes(value)
             for token in accepted:  # every comparison runs: no early exit to time
-                matched |= hmac.compare_digest(raw, b"Bearer " + token)
+                if isinstance(token, ClientTokens):
+                    matched |= token.name_of(raw) is not None
+                else:
+                    matched |= hmac.compare_digest(raw, b"Bearer " + token)
         if matched:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
@@ -260,6 +278,10 @@ def add_service_security_arguments(parser: argparse.ArgumentParser, role: str) -
     if role == "router":
         parser.add_argument("--auth-token-file", type=pathlib.Path, metavar="FILE",
                             help=f"bearer token clients must send (else ${CLIENT_TOKEN_ENV})")
+        parser.add_argument("--auth-tokens-file", type=pathlib.Path, metavar="FILE",
+                            help="named client tokens, one `NAME TOKEN` a line: any of them opens the client API "
+                                 "and its name is the caller for --caller-identity token (with --auth-token-file, "
+                                 "that one is named `default`; shardmesh/client_tokens.py)")
     parser.add_argument("--internal-token-file", type=pathlib.Path, metavar="FILE",
                         help=f"bearer token between services (else ${INTERNAL_TOKEN_ENV})")
     parser.add_argument("--no-auth", action="store_true",
@@ -272,23 +294,25 @@ def service_security(args: argparse.Namespace, role: str) -> Security:
     The router needs a client token; every service needs its internal ports protected by an
     internal token or mutual TLS (else anyone reaching a port could register or feed a stage)."""
     client_file = getattr(args, "auth_token_file", None)
+    client_tokens_file = getattr(args, "auth_tokens_file", None)
     without_certificates = getattr(args, "tls_clients_without_certificates", False)
     if without_certificates and args.tls_ca is None:
         raise ValueError("--tls-clients-without-certificates needs --tls-ca (without it no certificate is asked anyway)")
     if args.no_auth:
         if without_certificates:
             raise ValueError("--tls-clients-without-certificates needs tokens: it contradicts --no-auth")
-        if client_file or args.internal_token_file:
+        if client_file or client_tokens_file or args.internal_token_file:
             raise ValueError("--no-auth contradicts a token file")
         return Security.from_files(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
                                    read_environment=False)
     security = Security.from_files(client_token_file=client_file, internal_token_file=args.internal_token_file,
-                                   cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
-    if role == "router" and security.client_token is None:
-        raise ValueError(f"the router needs a client token: --auth-token-file FILE or ${CLIENT_TOKEN_ENV} "
-                         "(or --no-auth, for local use only)")
+                                   cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca,
+                                   client_tokens_file=client_tokens_file)
+    if role == "router" and security.accepted_client_tokens is None:
+        raise ValueError(f"the router needs a client token: --auth-token-file FILE, --auth-tokens-file FILE or "
+                         f"${CLIENT_TOKEN_ENV} (or --no-auth, for local use only)")
     if role != "router":
-        security = dataclasses.replace(security, client_token=None)  # never sent nor accepted here
+        security = dataclasses.replace(security, client_token=None, client_tokens=None)  # never sent nor accepted here
     security = dataclasses.replace(security, require_client_certificates=not without_certificates)
     if security.internal_token is None and not security.requires_peer_certificates:
         raise ValueError(f"internal services need --internal-token-file FILE, ${INTERNAL_TOKEN_ENV} or mutual "

@@ -40,7 +40,8 @@ async def run_link(step_ids: list[int]):
 
     async def one(step_id: int):
         try:
-            output = await link.forward(step_id, sequences, "hidden_states", torch.zeros(1, 4))
+            output, refused = await link.forward(step_id, sequences, "hidden_states", torch.zeros(1, 4))
+            assert refused == []  # StepResponse.refused: none here
             return float(codec.decode(output, "output", segment=None)[0, 0])
         except Unavailable as error:
             return error

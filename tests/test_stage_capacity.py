@@ -1,11 +1,21 @@
 """A stage's KV capacity (`--max-cached-sequences`): a step that would start one sequence more than
 the cache may hold is refused with RESOURCE_EXHAUSTED naming that sequence, changes nothing, and a
-step of cached sequences goes on; once one is freed a new one fits. Also through the command line."""
+step of cached sequences goes on; once one is freed a new one fits. Also through the command line.
+Over the wire (stage_server/capacity.py, StepResponse.refused): only the sequence that does not
+fit fails, with RESOURCE_EXHAUSTED to its client; the sequences stepped with it go on with
+transformers' tokens."""
 
 import asyncio
 
+import grpc
 import pytest
 import torch
+
+from shardmesh.reference import transformers_greedy
+from shardmesh.v1 import router_pb2, router_pb2_grpc
+
+from mesh_helpers import local_mesh, topology
+from stage_server.capacity import split_over_capacity
 
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
@@ -42,3 +52,68 @@ def test_the_stage_command_line_takes_the_capacity():
     add_service_arguments(parser, "stage")
     args = parser.parse_args(["--model", "m", "--name", "s0", "--router", "r:1", "--max-cached-sequences", "8"])
     assert args.max_cached_sequences == 8
+
+
+def test_a_step_is_split_around_the_sequences_that_do_not_fit(llama_dir):
+    config = ModelConfig.from_dir(llama_dir)
+    stage = StageModel(config, 0, config.num_layers, CheckpointReader(llama_dir))
+    stage.max_cached_sequences = 2
+    step(stage, [1], [0], [3])
+    batch = StageBatch([1, 2, 3, 4], [3, 0, 0, 0], [1, 2, 3, 1], torch.tensor([10, 20, 21, 30, 31, 32, 40]))
+    kept, refused = split_over_capacity(stage, batch)
+    assert kept.sequence_ids == [1, 2] and kept.num_tokens == [1, 2] and kept.inputs.tolist() == [10, 20, 21]
+    assert [(r.index, r.code, r.field) for r in refused] == [(2, "RESOURCE_EXHAUSTED", "sequences[2].sequence_id"),
+                                                             (3, "RESOURCE_EXHAUSTED", "sequences[3].sequence_id")]
+    assert "--max-cached-sequences" in refused[0].message
+    step(stage, [2], [0], [1])  # full now: a step of new sequences only is refused whole
+    kept, refused = split_over_capacity(stage, StageBatch([5, 6], [0, 0], [1, 1], torch.tensor([1, 2])))
+    assert kept is None and [r.index for r in refused] == [0, 1]
+    malformed = StageBatch([5, 6], [0, 0], [1, 1], torch.tensor([1, 2, 3]))  # 3 tokens for 2: validate names it
+    assert split_over_capacity(stage, malformed) == (malformed, [])
+
+
+def test_only_the_sequence_past_a_stage_capacity_fails(llama_dir):
+    """A and B run on two stages; C joins their batch while the second stage's cache holds only 2
+    sequences: C gets RESOURCE_EXHAUSTED naming that stage's field (the first stage had cached it,
+    and frees it), A and B finish with transformers' tokens, and D fits once they are done."""
+    prompts = {"A": [1, 5, 9], "B": [1, 7, 11, 13], "C": [1, 3], "D": [1, 17, 19]}
+    new_tokens = {"A": 24, "B": 24, "C": 4, "D": 6}
+
+    async def body():
+        async with local_mesh(llama_dir, topology([(0, 2), (2, 4)]),
+                              router_options=dict(max_batch_sequences=4, micro_batches=1)) as mesh:
+            mesh.stages[1].servicer.model.max_cached_sequences = 2
+            first_stage = mesh.stages[0].servicer.model
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.router.port}") as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+
+                def generate(name):
+                    return stub.Generate(router_pb2.GenerateRequest(
+                        prompt_token_ids=prompts[name], max_new_tokens=new_tokens[name], ignore_eos=True), timeout=120)
+
+                running = {name: generate(name) for name in "AB"}
+                tokens = {name: [(await call.read()).token_id] for name, call in running.items()}  # both cached
+                try:
+                    c_tokens = [r.token_id async for r in generate("C")]
+                    c_outcome = (grpc.StatusCode.OK, c_tokens)
+                except grpc.aio.AioRpcError as error:
+                    c_outcome = (error.code(), error.details())
+                for name, call in running.items():
+                    while (response := await call.read()) is not grpc.aio.EOF:
+                        tokens[name].append(response.token_id)
+                for _ in range(500):  # the router frees C, then A and B, on every stage (bounded wait)
+                    if not first_stage.cached_sequence_ids():
+                        break
+                    await asyncio.sleep(0.01)
+                cached_after = first_stage.cached_sequence_ids()
+                tokens["D"] = [r.token_id async for r in generate("D")]
+        return c_outcome, tokens, cached_after
+
+    c_outcome, tokens, cached_after = asyncio.run(body())
+    code, details = c_outcome
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, c_outcome
+    assert details.startswith("stage: stage stage-1 refused this sequence: sequences[") and \
+        "--max-cached-sequences" in details, details
+    for name in "ABD":
+        assert tokens[name] == transformers_greedy(llama_dir, prompts[name], new_tokens[name], ignore_eos=True), name
+    assert cached_after == []
