@@ -13,6 +13,7 @@ the server's loop (`LoopBridgeExperts`).
 import asyncio
 import concurrent.futures
 import functools
+import threading
 
 import torch
 
@@ -30,11 +31,40 @@ async def join_group(rank: int, world_size: int, rendezvous: str, timeout_s: flo
     kind = group_class(device)
     on_device = {"device": device} if kind is NcclGroup else {}
     try:
-        return await asyncio.wait_for(asyncio.to_thread(functools.partial(
+        return await asyncio.wait_for(in_daemon_thread(functools.partial(
             kind, rank, world_size, rendezvous, timeout_s, name, store, collective_timeout_s, **on_device)),
             timeout_s + 5)
     except asyncio.TimeoutError:  # gloo's own timeout should have fired first; belt and braces
         raise TPJoinError(f"{name} rank {rank}/{world_size}: no group at {rendezvous} after {timeout_s} s") from None
+
+
+def in_daemon_thread(function, *args) -> asyncio.Future:
+    """`function(*args)` in a daemon thread of its own, awaited here. For the group's blocking calls
+    (joining, store reads): one given up (cancelled, or its process stopping) runs out its own
+    timeout unheeded, and neither asyncio.run nor the interpreter's exit waits for it, as they
+    would for asyncio.to_thread's pool."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as caught:  # handed to the awaiting coroutine
+            result, error = None, caught
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+    threading.Thread(target=run, daemon=True, name="tp-group").start()
+    return future
 
 
 class LoopBridgeExperts:

@@ -2,9 +2,9 @@
 shardmesh.models.parallel, the group in shardmesh.tp_group).
 
 The router sees one server per stage: rank 0, registered under the stage's name. Rank 0 fans every
-request it gets out to the other shards ("stage-1/tp1", ...) over gRPC: each Step on one long-lived
-Step stream per shard (written before rank 0 computes, read after), FreeSequences and
-UpdatePlacement as unary calls. All ranks then run the same steps in the same order and meet in
+request it gets out to the other shards ("stage-1/tp1", ...) over gRPC (stage_server/tp_fanout.py:
+each Step on one long-lived Step stream per shard, FreeSequences and UpdatePlacement as unary
+calls). All ranks then run the same steps in the same order and meet in
 the row-parallel layers' AllReduce. Shards find each other through the group's rendezvous store:
 each publishes its advertised address there once the group has formed.
 
@@ -16,24 +16,23 @@ NCCL, always); the choice goes to the others through the store.
 A group that does not form within the join timeout leaves the stage NOT_SERVING (health) and its
 steps UNAVAILABLE with the reason; rank 0 then never registers with the router. A group that
 breaks later (a shard killed, or frozen: its step stream fails keepalive within ~3 s; a collective
-past its timeout) does the same from then on. The rendezvous is given on the command line, or by
-the router (stage_server/tp_rank.py, router/tp_ranks.py).
+past its timeout) does the same: for good when the rendezvous was given on the command line; a
+group whose rendezvous the router gives (stage_server/tp_rank.py, router/tp_ranks.py) re-forms in
+a new generation instead (stage_server/tp_membership.py).
 """
 
 import asyncio
 import logging
 from collections.abc import Callable
 
-import grpc
-
-from shardmesh import codec, grpc_util
+from shardmesh import codec
 from shardmesh.errors import Unavailable
 from shardmesh.shm_allreduce import ShmGroup, same_host
 from shardmesh.tp_group import GlooGroup, NcclGroup, TPJoinError, TPStepFailed
-from shardmesh.tp_stage import forward_off_loop, join_group
-from shardmesh.v1 import stage_pb2, stage_pb2_grpc
+from shardmesh.tp_stage import forward_off_loop, in_daemon_thread, join_group
+from shardmesh.v1 import stage_pb2
 
-from stage_server.remote_experts import FAST_FAILURE_OPTIONS
+from stage_server.tp_fanout import TPFanout
 
 log = logging.getLogger(__name__)
 
@@ -73,95 +72,6 @@ class LazyGroup:
             self.on_break(reason)
 
 
-class TPFanout:
-    """Rank 0's calls to the other shards of its stage (addresses in rank order, ranks 1..T-1)."""
-
-    def __init__(self, addresses: list[str], security, step_timeout_s: float = 120.0):
-        self.addresses = addresses
-        self.step_timeout_s = step_timeout_s
-        # Keepalive pings every second, 2 s to answer: a frozen shard (SIGSTOP, a wedged host) breaks
-        # its step stream within ~3 s, so rank 0 gives up on the step then, not at the collective timeout.
-        self._channels = [grpc_util.open_channel(a, security, FAST_FAILURE_OPTIONS) for a in addresses]
-        self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
-        self._calls: list = [None] * len(addresses)
-
-    async def send_step(self, request: stage_pb2.StepRequest) -> None:
-        """Unavailable naming the shard when a step cannot be written (its stream broke)."""
-        for i, stub in enumerate(self._stubs):
-            if self._calls[i] is None:
-                self._calls[i] = stub.Step()  # long-lived stream; each read below has a deadline
-            try:
-                await self._calls[i].write(request)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
-                call, self._calls[i] = self._calls[i], None
-                try:  # the stream ended earlier: say how
-                    error = f"its step stream ended: {(await asyncio.wait_for(call.code(), 1)).name} {await call.details()}"
-                except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-                    pass
-                raise Unavailable("tp", f"shard {self.addresses[i]} cannot take the step: {error}") from None
-
-    async def host_ids(self) -> list[str]:
-        """Every other shard's StageInfo.host_id (rank order); TPJoinError naming one that fails."""
-        results = await asyncio.gather(*(stub.GetStageInfo(stage_pb2.GetStageInfoRequest(),
-                                                           timeout=grpc_util.CONTROL_DEADLINE_S)
-                                         for stub in self._stubs), return_exceptions=True)
-        for address, result in zip(self.addresses, results):
-            if isinstance(result, BaseException):
-                raise TPJoinError(f"shard {address} did not say its host: {result}")
-        return [info.host_id for info in results]
-
-    async def finish_step(self) -> None:
-        """Read every shard's reply to the step just sent; Unavailable naming a shard that failed, or
-        TPStepFailed when every failure is one the whole group agreed on (the shards are fine)."""
-        failure, agreed = None, True
-        for i, call in enumerate(self._calls):
-            if call is None:
-                continue
-            try:
-                reply = await asyncio.wait_for(call.read(), self.step_timeout_s)
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
-                call.cancel()  # a step that failed ends its stream: the next step opens another
-                self._calls[i] = None
-                detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else "no reply in time"
-                agreed = agreed and TPStepFailed.MARKER in (detail or "")
-                failure = failure or f"shard {self.addresses[i]} failed the step: {detail}"
-                continue
-            if reply is grpc.aio.EOF:
-                self._calls[i] = None
-                agreed = False
-                failure = failure or f"shard {self.addresses[i]} closed its step stream"
-        if failure:
-            raise (TPStepFailed("experts", failure) if agreed else Unavailable("tp", failure))
-
-    async def free(self, request: stage_pb2.FreeSequencesRequest) -> None:
-        await self._unary("FreeSequences", request)
-
-    async def update_placement(self, request: stage_pb2.ExpertPlacement) -> None:
-        await self._unary("UpdatePlacement", request)
-
-    async def _unary(self, method: str, request) -> None:
-        """`method` on every other shard; Unavailable naming the first that failed."""
-        results = await asyncio.gather(*(getattr(stub, method)(request, timeout=grpc_util.CONTROL_DEADLINE_S)
-                                         for stub in self._stubs), return_exceptions=True)
-        for address, result in zip(self.addresses, results):
-            if isinstance(result, grpc.aio.AioRpcError):
-                raise Unavailable("tp", f"shard {address} failed {method}: {result.code().name} {result.details()}")
-            if isinstance(result, BaseException):
-                raise result
-
-    async def reset(self) -> None:
-        """Cancel every shard's step stream (a step that cannot complete on every rank)."""
-        for i, call in enumerate(self._calls):
-            if call is not None:
-                call.cancel()
-            self._calls[i] = None
-
-    async def close(self) -> None:
-        await self.reset()
-        for channel in self._channels:
-            await channel.close()
-
-
 SHM_CAPACITY = 1 << 20  # bytes per rank and bank: a decode step of 64 sequences at H = 4096 (fp32); more: gloo
 
 
@@ -181,21 +91,25 @@ async def join_stage_group(group: LazyGroup, stage_name: str, rendezvous: str, t
         choice_key = f"{stage_name}/all_reduce"
         if group.rank == 0:
             keys = [f"{stage_name}/address/{rank}" for rank in range(1, group.world_size)]
-            addresses = await asyncio.to_thread(lambda: [joined.store.get(key).decode() for key in keys])
+            addresses = await in_daemon_thread(lambda: [joined.store.get(key).decode() for key in keys])
             fanout = TPFanout(addresses, security)
             others = await fanout.host_ids()
             choice = "shm" if ShmGroup.supported() and same_host([host_id, *others]) else "gloo"
             choice = "nccl" if isinstance(joined, NcclGroup) else choice  # shards on CUDA: no host copies
             joined.store.set(choice_key, choice)
         else:
-            choice = (await asyncio.to_thread(joined.store.get, choice_key)).decode()
-        chosen = joined if choice in ("gloo", "nccl") else await asyncio.to_thread(
+            choice = (await in_daemon_thread(joined.store.get, choice_key)).decode()
+        chosen = joined if choice in ("gloo", "nccl") else await in_daemon_thread(
             ShmGroup.over, joined, SHM_CAPACITY, collective_timeout_s or timeout_s)
     except (TPJoinError, RuntimeError, OSError) as error:  # RuntimeError: the store lost a peer while exchanging
         if fanout is not None:
             await fanout.close()
         group.failure = f"stage {stage_name} rank {group.rank}: {error}"
         raise TPJoinError(group.failure) from error
+    except asyncio.CancelledError:  # given up (stage_server/tp_membership.py): the group is never used
+        if fanout is not None:
+            await fanout.close()
+        raise
     group.group, group.backend = chosen, choice
     log.info("%s rank %d/%d: tensor-parallel group formed at %s, AllReduce over %s", stage_name, group.rank,
              group.world_size, rendezvous, choice)

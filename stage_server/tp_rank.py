@@ -3,14 +3,19 @@ router (the router's half, and the protocol: router/tp_ranks.py).
 
     ranks = RouterRanks(config, spec, rank=None)        # None: --tp-rank auto
     rank = await ranks.ask_rank()                        # before loading: the rank picks the slice
-    rendezvous, store = await ranks.rendezvous(advertised_host)   # once listening
+    generation, rendezvous, store = await ranks.rendezvous(advertised_host, after=0)   # once listening
     group = await join_stage_group(..., rendezvous, ..., store=store)
 
 Rank 0 binds the group's store itself (a port the OS chooses) and gives its address to the
 router; the others ask until the router has it. Every shard asks again every few seconds from
 the moment it has a rank (its lease: a shard that stops asking loses its rank after a while).
-Every wait is bounded by the join timeout: a rendezvous that never comes is a TPJoinError, and
+The first wait is bounded by the join timeout: a rendezvous that never comes is a TPJoinError, and
 the stage stays NOT_SERVING with that reason, as for a group that does not form.
+
+Each rendezvous is for one group generation (router/tp_ranks.py): `rendezvous(after=g)` waits for
+one of a generation after g (the shard left g); rank 0 opens a new store for it. The shard's asks
+carry the generation it is in and, once its group broke, `group_lost`; every reply goes to
+`on_reply` (stage_server/tp_membership.py: a newer generation makes the shard leave its group).
 """
 
 import asyncio
@@ -26,6 +31,7 @@ from shardmesh.tp_group import GlooGroup, TPJoinError
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+ASK_INTERVAL_S = 1.0  # a shard asks at least this often: it sees a new generation within a second
 
 
 class RouterRanks:
@@ -33,11 +39,17 @@ class RouterRanks:
         self.config, self.spec = config, spec
         self.rank = rank                 # None until the router assigns one (--tp-rank auto)
         self.given_rendezvous = ""       # rank 0: host:port of the store it bound, once bound
+        self._store = None               # rank 0: that store, for `generation`, until its group takes it
         self.heartbeat: RouterRegistration | None = None
+        # Rank 0's given_rendezvous is for this generation; every shard says it in each ask.
+        self.generation = 0              # the group generation this shard is in or joining (0: none yet)
+        self.group_lost = False          # its group of `generation` broke: the router starts another
+        self.on_reply = None             # called with the TensorParallelAssignment of every heartbeat's reply
 
     def request(self, starting: bool = False) -> router_pb2.RegisterServerRequest:
         shard = router_pb2.TensorParallelShard(shard_id=self.config.tp_shard_id, rendezvous=self.given_rendezvous,
-                                               starting=starting)
+                                               starting=starting, generation=self.generation,
+                                               group_lost=self.group_lost)
         if self.rank is not None:
             shard.rank = self.rank
         return router_pb2.RegisterServerRequest(
@@ -57,43 +69,63 @@ class RouterRanks:
         log.info("%s: the router gave this shard (%s) rank %d of %d", self.spec.name, self.config.tp_shard_id,
                  self.rank, self.spec.tp)
         self.heartbeat = RouterRegistration(self.config.router_address, self.request, self.config.security,
-                                            self.config.reregister_interval_s).start()
+                                            min(self.config.reregister_interval_s, ASK_INTERVAL_S),
+                                            on_reply=self._heard).start()
         return self.rank
 
-    async def rendezvous(self, advertised_host: str) -> tuple[str, object | None]:
-        """(host:port where the group meets, the store rank 0 bound there or None). TPJoinError when
-        the router has not had it from rank 0 within the join timeout."""
-        timeout_s = self.config.tp_join_timeout
-        if self.rank == 0:
-            try:
-                store = await asyncio.to_thread(GlooGroup.host_store, self.config.host, self.spec.tp, timeout_s)
-            except RuntimeError as error:
-                raise TPJoinError(f"stage {self.spec.name} rank 0: cannot bind the group's store on "
-                                  f"{self.config.host}: {error}") from error
-            self.given_rendezvous = f"{advertised_host}:{store.port}"
-            try:
-                await grpc_util.register_with_router(self.config.router_address, self.request(), timeout_s,
-                                                     self.config.security)
-            except (TimeoutError, grpc.aio.AioRpcError) as error:
-                raise TPJoinError(f"stage {self.spec.name} rank 0: could not give the router the rendezvous: "
-                                  f"{_why(error)}") from error
-            return self.given_rendezvous, store
+    async def _heard(self, reply: router_pb2.RegisterServerResponse) -> bool:
+        if self.on_reply is not None:
+            self.on_reply(reply.tp)
+        return False  # nothing to register again at once
+
+    async def rendezvous(self, advertised_host: str, after: int = 0,
+                         timeout_s: float | None = None) -> tuple[int, str, object | None]:
+        """(generation, host:port where its group meets, the store rank 0 bound there or None), for a
+        generation after `after`. TPJoinError when the router has not had it from rank 0 within
+        `timeout_s` (None: wait as long as it takes; every ask keeps this shard's rank)."""
+        name = f"stage {self.spec.name} rank {self.rank}"
+        limit = self.config.tp_join_timeout if timeout_s is None else timeout_s
         async with grpc_util.open_channel(self.config.router_address, self.config.security) as channel:
             stub = router_pb2_grpc.RegistryStub(channel)
 
-            async def ask(remaining: float) -> str | None:
-                reply = await stub.RegisterServer(self.request(), timeout=min(remaining, grpc_util.CONTROL_DEADLINE_S))
-                return reply.tp.rendezvous or None
+            async def ask(remaining: float):
+                reply = (await stub.RegisterServer(self.request(), timeout=min(remaining, grpc_util.CONTROL_DEADLINE_S))).tp
+                if self.rank != 0:
+                    return (reply.generation, reply.rendezvous, None) if reply.rendezvous and reply.generation > after else None
+                generation = max(reply.generation, after + 1)  # > reply's: a router that restarted adopts it
+                if self._store is None or self.generation != generation:  # a store for `generation`, given with it
+                    self._store, self.given_rendezvous = None, ""
+                    try:
+                        self._store = await asyncio.to_thread(GlooGroup.host_store, self.config.host, self.spec.tp, limit)
+                    except RuntimeError as error:
+                        raise TPJoinError(f"{name}: cannot bind the group's store on {self.config.host}: {error}") from error
+                    self.given_rendezvous = f"{advertised_host}:{self._store.port}"
+                    self.generation, self.group_lost = generation, False
+                    reply = (await stub.RegisterServer(self.request(), timeout=grpc_util.CONTROL_DEADLINE_S)).tp
+                if reply.rendezvous == self.given_rendezvous and reply.generation == generation:
+                    return generation, self.given_rendezvous, self._store
+                return None  # not recorded (yet): ask again; a newer generation gets a new store
 
             def late(error) -> TPJoinError:
                 last = f" (last: {error.details()})" if error is not None else ""
-                return TPJoinError(f"stage {self.spec.name} rank {self.rank}: the router gave no rendezvous within "
-                                   f"{timeout_s} s: rank 0 has not given it (not started, or still loading){last}")
-            try:
-                return await grpc_util.retry_until(ask, timeout_s, 0.05, 0.5, late,
-                                                   peer=f"router at {self.config.router_address}"), None
-            except grpc.aio.AioRpcError as error:
-                raise TPJoinError(f"stage {self.spec.name} rank {self.rank}: the router refused: {_why(error)}") from error
+                if self.rank == 0:
+                    return TPJoinError(f"{name}: could not give the router the rendezvous within {limit} s{last}")
+                return TPJoinError(f"{name}: the router gave no rendezvous within {limit} s: rank 0 has not "
+                                   f"given it (not started, or still loading){last}")
+            while True:
+                try:
+                    found = await grpc_util.retry_until(ask, limit, 0.05, 0.5, late,
+                                                        peer=f"router at {self.config.router_address}")
+                except grpc.aio.AioRpcError as error:
+                    raise TPJoinError(f"{name}: the router refused: {_why(error)}") from error
+                except TPJoinError:
+                    if timeout_s is not None:
+                        raise
+                    continue  # no bound: ask on
+                self._store = None  # the group owns it now (rank 0)
+                self.generation, self.group_lost = found[0], False  # joining it
+                return found
+
 
     async def stop(self) -> None:
         if self.heartbeat is not None:

@@ -2,7 +2,8 @@
 stage processes started with `--tp-rank auto` (no rank, no rendezvous on their command lines).
 The router gives each its rank and rank 0's rendezvous; the stage registers once its group has
 formed and the mesh serves transformers' greedy tokens; GetClusterStatus shows the ranks. Then
-rank 1 freezes (SIGSTOP) and a request fails UNAVAILABLE within seconds, not the collective timeout.
+rank 1 freezes (SIGSTOP) and a request fails UNAVAILABLE once rank 1's lease has run out (the group
+could re-form until then: tests/test_tp_reform_processes.py), not at the collective timeout.
 
 Bounds are generous for a loaded 2-core CI machine (load average ~10): startup waits on the
 router's status with a 300 s cap (a process imports torch in seconds when idle, much longer
@@ -66,8 +67,10 @@ def test_shards_started_without_ranks_get_them_from_the_router_and_serve_the_ref
         assert tokens == expected
         assert all(p.poll() is None for p in processes), "no process may exit"
 
-        # Rank 1 freezes: rank 0's step stream to it fails its keepalive within ~3 s, so the request
-        # fails then, not at the 300 s collective timeout; rank 0 reports NOT_SERVING with the reason.
+        # Rank 1 freezes: rank 0's step stream to it fails its keepalive within ~3 s, not at the 300 s
+        # collective timeout; rank 0 reports NOT_SERVING with the reason and re-forms a new generation,
+        # which rank 1 cannot join. The router waits for that while rank 1's lease runs (30 s after its
+        # last ask: router/failover.py TP_HEARD_S), then fails the request.
         rank1 = next(s.shard_id for s in stage.tp_shards if s.rank == 1)
         frozen = processes[1 + ["a", "b"].index(rank1)]
         frozen.send_signal(signal.SIGSTOP)
@@ -75,7 +78,8 @@ def test_shards_started_without_ranks_get_them_from_the_router_and_serve_the_ref
         with Client(router, timeout=120) as client:
             with pytest.raises(UnavailableError):
                 client.generate_all(PROMPT, max_new_tokens=4, ignore_eos=True)
-        assert time.monotonic() - started < 60  # ~3 s idle; 60 s: a loaded machine, and far below 300 s
+        failed_s = time.monotonic() - started
+        assert 20 < failed_s < 90, failed_s  # ~30 s idle; 90 s: a loaded machine, and far below 300 s
         status, reason = wait_for(lambda: (s := stage_state(stage.address))[0] != health_pb2.HealthCheckResponse.SERVING
                                   and s, 60, "stage-0 NOT_SERVING")
         assert "shard 127.0.0.1:" in reason and "ping timeout" in reason, reason  # idle or mid-step

@@ -3,7 +3,8 @@ stage_server/tp_rank.py): the router assigns shards their ranks and hands out ra
 
 Unit tests of the router's rank table on a fake clock, then in-process meshes over real gRPC on
 loopback: shards started with no rank form their group and serve transformers' tokens; a shard
-whose rendezvous never comes leaves its stage NOT_SERVING with the reason, never a hang."""
+whose rendezvous does not come leaves its stage NOT_SERVING with the reason, never a hang, and
+keeps waiting: the group forms once its rank 0 starts."""
 
 import asyncio
 import dataclasses
@@ -174,15 +175,18 @@ async def _equal(awaitable, value) -> bool:
     return await awaitable == value
 
 
-def test_a_shard_whose_rank_0_never_comes_is_not_serving_with_the_reason(llama_dir):
+def test_a_shard_whose_rank_0_does_not_come_is_not_serving_with_the_reason_until_it_comes(llama_dir):
+    prompt = [5, 17, 99, 3]
+    expected = reference_greedy(llama_dir, prompt, 4)[0]
+
     async def main():
         router = await start_router(ServiceConfig(model_dir=llama_dir, topology=TOPOLOGY))
         base = _configs(llama_dir, router.port, tp_join_timeout=1.5)[2]
         config = dataclasses.replace(base, name="stage-0/tp1", tp_shard_id="lonely", tp_join_timeout=1.5)
-        server = None
+        server, late = None, []
         try:
             started = time.monotonic()
-            server = await start_stage_server(config)  # rank 1 by its name; rank 0 never starts
+            server = await start_stage_server(config)  # rank 1 by its name; rank 0 not started yet
             # The 1.5 s join timeout, not a hang; 30 s is room for a loaded machine (load average ~10).
             assert time.monotonic() - started < 30
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -201,13 +205,22 @@ def test_a_shard_whose_rank_0_never_comes_is_not_serving_with_the_reason(llama_d
                     await router_pb2_grpc.RegistryStub(channel).RegisterServer(request, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert caught.value.details().startswith("tp_shard.rank: 7 is not in [0, 2)")
-            # It stopped asking (every 0.5 s before): its rank goes to another shard once the lease runs out.
+            # It keeps its rank and keeps waiting (stage_server/tp_membership.py): once a rank 0 comes,
+            # the group forms and the stage serves transformers' tokens.
             await asyncio.sleep(1.2)
             [holder] = router.state.cluster.tp_ranks.shards("stage-0")
-            assert (holder.rank, holder.shard_id) == (1, "lonely") and holder.seconds_since_heard > 1.0
+            assert (holder.rank, holder.shard_id) == (1, "lonely") and holder.seconds_since_heard < 1.0
+            late = [await start_stage_server(dataclasses.replace(base, name="stage-0", tp_auto_rank=True,
+                                                                  tp_shard_id="late", tp_join_timeout=60)),
+                    await start_stage_server(base)]
+            await grpc_util.wait_for_health(f"127.0.0.1:{router.port}", 60)
+            async with AsyncClient(f"127.0.0.1:{router.port}", timeout=60) as client:
+                result = await client.generate_all(prompt, max_new_tokens=4, ignore_eos=True)
+            assert [t.token_id for t in result.tokens] == expected
         finally:
-            if server is not None:
-                await server.stop(grace=None)
+            for running in [server, *late]:
+                if running is not None:
+                    await running.stop(grace=None)
             await router.stop(grace=None)
 
     asyncio.run(asyncio.wait_for(main(), 120))
