@@ -11,6 +11,9 @@ stage's grpc.health.v1 with a short deadline:
   position (a new epoch: the scheduler frees each running sequence everywhere and replays its
   tokens), or, when none is left, the pipeline is marked broken: every step fails UNAVAILABLE at
   once, health turns NOT_SERVING and Generate refuses new requests, naming what cannot be served.
+  Except a tensor-parallel stage whose every rank is still held by a live (or restarted) shard:
+  its group re-forms (stage_server/tp_membership.py); the router waits for it (`_tp_reformed`)
+  and replays the running sequences on it, as above.
 
 Bounds (how fast a lost stage is noticed):
 - killed: at once (connection reset or refused), plus the probe's refused connection (milliseconds);
@@ -19,7 +22,8 @@ Bounds (how fast a lost stage is noticed):
   plane gRPC keepalive if sooner (STAGE_CHANNEL_OPTIONS: a ping every 2 s, 3 s to answer, ~5 s);
   then the probe, at most PROBE_TIMEOUT_S. So at most step deadline + 3 s (tests: 3 s + 3 s);
 - while idle: on the gRPC data plane its Step stream breaks (killed: at once; frozen: keepalive,
-  ~5 s) and the same handling follows; otherwise at the next step."""
+  ~5 s) and the same handling follows; on any plane the idle prober (router/stage_health.py)
+  hands it here after 3 missed health probes (killed ~1.5 s, frozen ~7.5 s)."""
 
 import asyncio
 import logging
@@ -29,7 +33,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardmesh.grpc_util import open_channel
 
+from router.tp_ranks import LEASE_S
+
 log = logging.getLogger(__name__)
+# A TP stage that lost a shard re-forms (its shards ask the router every second): the router waits
+# while every rank's shard asked within TP_HEARD_S (the rank's lease: a shard restarted under its id
+# within it gets its rank back), at most TP_REFORM_WAIT_S; a dead shard not restarted lets the
+# failure through once its lease has run out (~30 s after it died).
+TP_HEARD_S = LEASE_S
+TP_REFORM_WAIT_S = 120.0
 PROBE_TIMEOUT_S = 3.0  # a live stage answers a health check in milliseconds; 3 s holds at load ~10
 
 
@@ -50,6 +62,8 @@ class StageFailover:
                             "sequences on it (%s)", link.name, link.address, error.message)
                 pipeline.epoch += 1
                 return
+            if await self._tp_reformed(link, epoch):  # its running sequences replay on the re-formed group
+                return
             async with state.registry_lock:
                 active = cluster.drop_replica(link.name, link.address, f"stopped answering ({error.message})")
                 if active:
@@ -60,6 +74,27 @@ class StageFailover:
                     log.error("stage %s: %s, its last server, stopped answering (%s): cannot serve",
                               link.name, link.address, error.message)
                 await state.on_cluster_change()  # a new link and epoch, or `broken`; health follows
+
+    async def _tp_reformed(self, link, epoch: int) -> bool:
+        """A tensor-parallel stage whose every rank is held by a shard that asked lately (alive, or
+        restarted) re-forms its group after losing a peer (stage_server/tp_membership.py): wait for
+        it, at most TP_REFORM_WAIT_S, rather than drop it. True once it serves again: at the same
+        address (a new epoch: the running sequences replay), or registered at another (rank 0
+        restarted: the registration made the new link and epoch). False at once for other stages."""
+        ranks, pipeline, loop = self.state.cluster.tp_ranks, self.state.pipeline, asyncio.get_running_loop()
+        deadline = loop.time() + TP_REFORM_WAIT_S
+        if ranks.all_heard(link.name, TP_HEARD_S):
+            log.warning("stage %s: its tensor-parallel group is re-forming (every rank's shard asked within "
+                        "%.0f s): waiting up to %.0f s for it", link.name, TP_HEARD_S, TP_REFORM_WAIT_S)
+        while ranks.all_heard(link.name, TP_HEARD_S) and loop.time() < deadline:
+            if pipeline.epoch != epoch or link not in pipeline.links:
+                return True
+            if await self._alive(link.address):
+                log.warning("stage %s: its tensor-parallel group re-formed: replaying running sequences", link.name)
+                pipeline.epoch += 1
+                return True
+            await asyncio.sleep(0.2)
+        return False
 
     async def _alive(self, address: str) -> bool:
         try:

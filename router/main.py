@@ -23,7 +23,9 @@ from router.expert_health import ExpertProber
 from router.failover import StageFailover
 from router.pipeline import DEFAULT_STEP_TIMEOUT_S, StagePipeline
 from router.servicer import RegistryServicer, RouterServicer
+from router.stage_health import IdleStageProber
 from router.standby_health import StandbyProber
+from router.tarpit import Tarpit, TarpitConfig
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = [router_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("Router", "Registry")] + [
@@ -47,6 +49,7 @@ class RouterState:
         self.security = config.security
         self.max_queued = max_queued
         self.caller_limit = CallerLimit(0)  # start_router sets --max-sequences-per-caller
+        self.tarpit = None  # router/tarpit.py, when start_router is given one
         self.cluster = ClusterMap(config.topology, config.model)
         self.text = TextCodec.from_model_dir(config.model_dir)
         self.max_context = max_context
@@ -63,6 +66,7 @@ class RouterState:
         self.auto_rebalancer = None  # router/auto_rebalance.py, when started with auto_rebalance
         self.expert_prober = None    # router/expert_health.py
         self.standby_prober = None   # router/standby_health.py, when a stage has standbys
+        self.stage_prober = None     # router/stage_health.py: active stages that die while idle
 
     async def on_cluster_change(self) -> None:
         """After a registration or a health verdict (router/expert_health.py): reconnect stages and,
@@ -122,6 +126,8 @@ class RouterServer:
             await self.state.expert_prober.stop()
         if self.state.standby_prober is not None:
             await self.state.standby_prober.stop()
+        if self.state.stage_prober is not None:
+            await self.state.stage_prober.stop()
         await self.state.scheduler.stop()
         await self.state.pipeline.close()
 
@@ -131,13 +137,15 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
                        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
                        auto_rebalance: AutoRebalanceConfig | None = None,
                        step_timeout: float = DEFAULT_STEP_TIMEOUT_S, max_sequences_per_caller: int = 0,
-                       caller_identity: str = "host") -> RouterServer:
+                       caller_identity: str = "host", tarpit: TarpitConfig | None = None) -> RouterServer:
     """micro_batches: steps in flight through the pipeline (0 = one per stage); prefill_chunk_tokens:
     prompt tokens per micro-batch step (0 = whole prompts). See shardmesh.scheduler.
     auto_rebalance: re-place experts when the load stays imbalanced (router/auto_rebalance.py).
     step_timeout: base seconds of a step's deadline at each stage (router/pipeline.py, failover.py).
-    max_sequences_per_caller (0 = no limit), caller_identity: see router/caller_limit.py."""
-    caller_limit = CallerLimit(max_sequences_per_caller, caller_identity)  # raises ValueError when invalid
+    max_sequences_per_caller (0 = no limit), caller_identity: see router/caller_limit.py.
+    tarpit: hold the refusals of callers refused too often (router/tarpit.py; None = off)."""
+    caller_limit = CallerLimit(max_sequences_per_caller, caller_identity,  # raises ValueError when invalid
+                               config.security.accepted_client_tokens)
     model_limit = config.model.max_position_embeddings
     if max_context > model_limit:
         raise ValueError(f"max_context {max_context} exceeds the model's max_position_embeddings {model_limit}")
@@ -150,8 +158,9 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
     state = RouterState(config, max_context or model_limit, max_batch_sequences, max_queued, micro_batches,
                         prefill_chunk_tokens, step_timeout)
     state.caller_limit = caller_limit
-    server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES,
-                                  interceptors=[AdmissionGate(state)])  # a refusal under overload costs ~nothing
+    state.tarpit = Tarpit(tarpit) if tarpit is not None else None
+    server = grpc_util.new_server(config.security, max_receive_bytes=MAX_REQUEST_BYTES,  # a refusal under
+                                  interceptors=[AdmissionGate(state)])  # overload costs ~nothing
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(state), server)
     router_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(state), server)
@@ -166,5 +175,6 @@ async def start_router(config: ServiceConfig, max_context: int = 0, max_batch_se
         state.expert_prober = ExpertProber(state).start()
     if any(spec.standbys for spec in state.cluster.topology.stages):
         state.standby_prober = StandbyProber(state).start()
+    state.stage_prober = IdleStageProber(state).start()
     log.info("router listening on %s:%d, waiting for %s", config.host, port, state.cluster.missing())
     return RouterServer(server, port, state)

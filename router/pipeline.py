@@ -25,6 +25,7 @@ from shardmesh.errors import RequestError, Unavailable
 from shardmesh.grpc_util import CONTROL_DEADLINE_S, open_channel
 from shardmesh.sequence import KVLost, SequenceSlice
 from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.step_refusals import SequencesRefused, refusal_error
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
@@ -148,13 +149,15 @@ class StageLink:
                       deadline: float = DEFAULT_STEP_TIMEOUT_S):
         """One step through this stage. inputs: the step's token_ids or hidden_states, as a tensor or
         as the wire Tensor a previous stage sent (gRPC: passed on undecoded). Returns the stage's
-        hidden_states or logits: the wire Tensor as it came (gRPC) or a tensor (shared memory, copied out)."""
+        hidden_states or logits: the wire Tensor as it came (gRPC) or a tensor (shared memory, copied out),
+        None when the stage refused every sequence; and the stage's StepResponse.refused."""
         shm = await self.data_planes.get(self.address, self.channel) if self.data_planes else None
         if shm is None:
             message = inputs if isinstance(inputs, tensor_pb2.Tensor) else codec.encode(inputs, arena=None)
             response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message},
                                                              traceparent=tracing.current_traceparent()), deadline)
-            return response.logits if response.HasField("logits") else response.hidden_states
+            name = "logits" if response.HasField("logits") else "hidden_states" if response.HasField("hidden_states") else ""
+            return (getattr(response, name) if name else None), list(response.refused)
         try:
             async with shm.session() as call:
                 tensor = inputs if isinstance(inputs, torch.Tensor) else codec.decode(inputs, field, segment=None)
@@ -163,8 +166,8 @@ class StageLink:
                 response = await call.invoke(STEP_METHOD, request, stage_pb2.StepResponse, deadline)
                 if response.step_id != step_id:
                     raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
-                name = "logits" if response.HasField("logits") else "hidden_states"
-                return call.decode(getattr(response, name), name)
+                name = "logits" if response.HasField("logits") else "hidden_states" if response.HasField("hidden_states") else ""
+                return (call.decode(getattr(response, name), name) if name else None), list(response.refused)
         except (DataPlaneError, RequestError, EOFError) as error:
             raise self._unavailable(error) from error
 
@@ -240,6 +243,7 @@ class StagePipeline:
         payload, field = token_ids, "token_ids"
         epoch, links = self.epoch, self.links
         deadline = self.step_timeout + STEP_SECONDS_PER_TOKEN * token_ids.shape[0]
+        live, refused = list(range(len(slices))), {}  # slices still in the step; index -> its RequestError
         metrics.BATCH_SEQUENCES.labels("router").observe(len(slices))
         metrics.BATCH_TOKENS.labels("router").observe(token_ids.shape[0])
         with tracing.router_step([s.sequence_id for s in slices]):  # a no-op unless tracing is on
@@ -247,16 +251,36 @@ class StagePipeline:
                 self._check(epoch)
                 started, sent = time.perf_counter(), metrics.tensor_bytes(payload)
                 try:
-                    payload = await link.forward(step_id, sequences, field, payload, deadline)
+                    payload, refusals = await link.forward(step_id, sequences, field, payload, deadline)
                 except StageLost as error:
                     await self._lost(link, error, epoch)
                     self._check(epoch)  # replaced: KVLost; no server left: why
                     raise
+                if refusals:  # shardmesh/step_refusals.py: these leave the step, the others go on
+                    live, sequences = self._refused(link, refusals, live, sequences, refused)
+                    if not live:
+                        raise SequencesRefused(refused, None)
                 metrics.data_plane_call("router", "router_stage", link.name, started, sent, metrics.tensor_bytes(payload))
                 field = "hidden_states"
+        if refused:
+            raise SequencesRefused(refused, payload if isinstance(payload, torch.Tensor)
+                                   else codec.decode(payload, "logits", segment=None))  # [B', V]
         if isinstance(payload, torch.Tensor):
             return payload  # [B, V]
         return codec.decode(payload, "logits", segment=None)  # [B, V]
+
+    @staticmethod
+    def _refused(link: StageLink, refusals: list, live: list[int], sequences: list, refused: dict):
+        """Record `link`'s refusals (indices into `sequences`) in `refused` (by index into the step's
+        slices); return the live indices and sequences left."""
+        out = {r.index for r in refusals}
+        if len(out) != len(refusals) or max(out) >= len(sequences):
+            raise Unavailable("stage", f"stage {link.name} ({link.address}) refused sequences "
+                                       f"{sorted(out)} of a step of {len(sequences)}")
+        for r in refusals:
+            refused[live[r.index]] = refusal_error(link.name, r.code, r.field, r.message)
+        keep = [j for j in range(len(sequences)) if j not in out]
+        return [live[j] for j in keep], [sequences[j] for j in keep]
 
     def _check(self, epoch: int) -> None:
         if self.broken:

@@ -15,7 +15,7 @@ from shardmesh.telemetry.requests import RequestTelemetry
 from shardmesh.text import IncrementalDecoder
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
-from router.admission import refusal_details
+from router.admission import held_refusal, refusal_details
 from router.load import add_load_to_status
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise Unavailable("router", self.state.unavailable_reason())
             caller = self.state.caller_limit.acquire(context)  # router/caller_limit.py; released below
         except RequestError as error:
+            if error.field == "caller":  # past --max-sequences-per-caller: the tarpit may hold it
+                error = ResourceExhausted("caller", error.message + await held_refusal(self.state, context))
             await abort_for(context, error)
             return
         decoder = IncrementalDecoder(self.state.text)

@@ -10,7 +10,6 @@ import asyncio
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -145,10 +144,17 @@ class Launcher:
                 raise ServiceFailed(f"router did not start within {self.ready_timeout:.0f} s")
             time.sleep(0.05)
         self.router_address = f"{self.host}:{int(port_file.read_text())}"
-        for spec in self.topology.stages:  # every shard of a tensor-parallel stage meets at one rendezvous
-            rendezvous = ["--tp-rendezvous", f"{self.host}:{_free_port(self.host)}"] if spec.tp > 1 else []
-            for name in spec.shard_names():
-                self._spawn(name, "stage", "--name", name, "--router", self.router_address, *rendezvous)
+        for spec in self.topology.stages:
+            if spec.tp == 1:
+                self._spawn(spec.name, "stage", "--name", spec.name, "--router", self.router_address)
+            # A tensor-parallel stage's shards get their ranks and rendezvous from the router
+            # (router/tp_ranks.py), so a shard restarted under its id makes the group re-form:
+            # process "stage-1/shard-1" may hold any rank. Each keeps its topology shard's device.
+            for i, shard in enumerate(spec.shard_names() if spec.tp > 1 else ()):
+                device = [] if self.device or not self.topology.device_of(shard) else [
+                    "--device", self.topology.device_of(shard)]
+                self._spawn(f"{spec.name}/shard-{i}", "stage", "--name", spec.name, "--tp-rank", "auto",
+                            "--tp-shard-id", f"{spec.name}/shard-{i}", "--router", self.router_address, *device)
             for replica_id in spec.replica_ids()[1:]:  # standbys: "stage-1@standby-1" in self.processes
                 self._spawn(f"{spec.name}@{replica_id}", "stage", "--name", spec.name, "--replica-id", replica_id,
                             "--router", self.router_address)
@@ -222,13 +228,6 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _free_port(host: str) -> int:
-    """A port free now on `host`, for a TP group's rendezvous (its rank 0 binds it moments later)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 # Ctrl-C / SIGTERM: how long `shardmesh up` lets its router drain (its --shutdown-grace, 20 s by

@@ -10,7 +10,6 @@ from shardmesh import grpc_util
 from shardmesh.security import Security
 from shardmesh.service_config import ServiceConfig
 from shardmesh.topology import Topology
-from shardmesh.tp_group import free_port
 
 
 @dataclasses.dataclass
@@ -55,15 +54,19 @@ async def start_local_mesh(model_dir: str | pathlib.Path, topology: Topology | N
     address = f"127.0.0.1:{router.port}"
     mesh = LocalMesh(router, [], [])
     try:
-        def config(name: str, **more) -> ServiceConfig:
+        def config(name: str, server: str = "", **more) -> ServiceConfig:
+            server = server or name  # a TP shard's own name, for its device
             return dataclasses.replace(base, name=name, router_address=address, topology=base.topology,
-                                       device=devices.get(name) or base.topology.device_of(name) or base.device,
+                                       device=devices.get(server) or base.topology.device_of(server) or base.device,
                                        **more)
 
-        # Every shard of a tensor-parallel stage (tp > 1) meets its group at one rendezvous address.
-        rendezvous = {s.name: f"127.0.0.1:{free_port()}" if s.tp > 1 else "" for s in base.topology.stages}
-        mesh.stages = list(await asyncio.gather(*(start_stage_server(config(name, tp_rendezvous=rendezvous[s.name]))
-                                                  for s in base.topology.stages for name in s.shard_names())))
+        # A tensor-parallel stage's shards (tp > 1) get their ranks and rendezvous from the router
+        # (router/tp_ranks.py), as `shardmesh up` starts them; listed in rank order below.
+        shards = [config(s.name, shard, tp_auto_rank=True, tp_shard_id=shard) if s.tp > 1 else config(s.name)
+                  for s in base.topology.stages for shard in s.shard_names()]
+        started = await asyncio.gather(*(start_stage_server(c) for c in shards))
+        order = [name for s in base.topology.stages for name in s.shard_names()]
+        mesh.stages = sorted(started, key=lambda server: order.index(server.servicer.name))
         mesh.experts = list(await asyncio.gather(
             *(start_expert_server(config(e.name)) for e in base.topology.expert_servers)))
         await grpc_util.wait_for_health(address, ready_timeout, security=base.security)

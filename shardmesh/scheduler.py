@@ -23,6 +23,7 @@ import torch
 from shardmesh.errors import Unavailable
 # The sequence types live in shardmesh.sequence; importable from here as before.
 from shardmesh.sequence import MAX_REPLAYS, KVLost, Sequence, SequenceSlice, TokenEvent  # noqa: F401
+from shardmesh.step_refusals import SequencesRefused
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,15 @@ class Scheduler:
             return False
         try:
             logits = await self.pipeline.step(slices, torch.tensor(token_ids, dtype=torch.int64))  # [B, V]
+        except SequencesRefused as refusal:  # a stage refused some on their own: they fail, the others go on
+            for index, error in refusal.errors.items():
+                stepping[index].finished = True
+                stepping[index].events.put_nowait(error)
+            await self._retire(lane, [stepping[index] for index in refusal.errors])  # frees their KV
+            kept = refusal.kept(len(stepping))
+            stepping, slices, logits = [stepping[i] for i in kept], [slices[i] for i in kept], refusal.logits  # [B', V]
+            if not stepping:
+                return True
         except KVLost as error:  # a stage was replaced: these sequences replay at the lane's next step
             log.warning("step of %d sequences lost its KV caches (%s): replaying them", len(stepping), error)
             for sequence in stepping:

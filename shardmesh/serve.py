@@ -65,9 +65,15 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         parser.add_argument("--max-sequences-per-caller", type=int, default=0, metavar="N",
                             help="sequences one caller may hold (queued or running); past it its Generate gets "
                                  "RESOURCE_EXHAUSTED at once (default 0 = no limit; router/caller_limit.py)")
-        parser.add_argument("--caller-identity", choices=("host", "connection"), default="host",
-                            help="who one caller is for --max-sequences-per-caller: a peer host, or one client "
-                                 "connection; a TLS client certificate's subject in both (default %(default)s)")
+        parser.add_argument("--caller-identity", choices=("host", "connection", "token"), default="host",
+                            help="who one caller is for --max-sequences-per-caller and the tarpit: a peer host, one "
+                                 "client connection (a TLS client certificate's subject in both), or the name of "
+                                 "its client token (--auth-tokens-file) (default %(default)s)")
+        parser.add_argument("--tarpit-refusals-per-second", type=float, default=0.0, metavar="R",
+                            help="a caller refused (RESOURCE_EXHAUSTED, admission queue full) faster than R/s gets "
+                                 "its further refusals only after a delay of 0.1-0.5 s, which slows a client "
+                                 "retrying without backoff; others are refused at once (default 0 = off; "
+                                 "router/tarpit.py)")
         parser.add_argument("--micro-batches", type=int, default=0, metavar="M",
                             help="micro-batches in flight through the pipeline (default 0 = one per stage)")
         parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, metavar="C",
@@ -141,6 +147,7 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
     if role == "router":
         from router.auto_rebalance import AutoRebalanceConfig
         from router.main import start_router
+        from router.tarpit import TarpitConfig
         auto = (AutoRebalanceConfig(args.auto_rebalance, args.auto_rebalance_interval)
                 if args.auto_rebalance else None)
         server = await start_router(config, max_context=args.max_context,
@@ -148,7 +155,9 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
                                     micro_batches=args.micro_batches, prefill_chunk_tokens=args.prefill_chunk_tokens,
                                     auto_rebalance=auto, step_timeout=args.step_timeout,
                                     max_sequences_per_caller=args.max_sequences_per_caller,
-                                    caller_identity=args.caller_identity)
+                                    caller_identity=args.caller_identity,
+                                    tarpit=TarpitConfig(args.tarpit_refusals_per_second)
+                                    if args.tarpit_refusals_per_second else None)
     elif role == "stage":
         from stage_server.main import start_stage_server
         server = await start_stage_server(config)

@@ -57,8 +57,9 @@ class ServiceConfig:
     # peer, gRPC bytes with the others); "grpc": always in gRPC messages (shardmesh.shm_plane).
     data_plane: str = "shm"
     # A shard of a tensor-parallel stage (tp > 1): host:port of its group's rendezvous, which rank 0
-    # (the stage's own name) binds; every shard of the stage is given the same (launcher / local mesh).
-    # Without one, the shard asks the router (router/tp_ranks.py) where its group meets.
+    # (the stage's own name) binds; every shard of the stage is given the same. Without one (as
+    # `shardmesh up` and the local mesh start shards), the shard asks the router (router/tp_ranks.py)
+    # where its group meets, and the group re-forms when a shard restarts (stage_server/tp_membership.py).
     tp_rendezvous: str = ""
     # A shard started as its stage's name with no rank (`--tp-rank auto`): the router assigns the
     # rank (which slice it loads) and the rendezvous. tp_shard_id names this shard to the router

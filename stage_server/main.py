@@ -3,6 +3,8 @@
 import asyncio
 import logging
 
+import grpc
+
 from shardmesh import grpc_util
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.registration import RouterRegistration
@@ -18,6 +20,7 @@ from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 from stage_server.remote_experts import RemoteExperts
 from stage_server.servicer import StageServicer
 from stage_server.tp_link import LazyGroup, join_stage_group
+from stage_server.tp_membership import GroupMembership
 from stage_server.tp_rank import RouterRanks
 
 log = logging.getLogger(__name__)
@@ -63,23 +66,7 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
                                            security=config.security, extra_services=[plane_service])
     if ranks is not None:
         running.on_stop_first(ranks.stop)
-    if tp_group is not None:
-        try:
-            rendezvous, store = config.tp_rendezvous, None
-            if ranks is not None:  # rank 0 binds the store and tells the router; the others ask it
-                rendezvous, store = await ranks.rendezvous(config.advertised(running.port).rpartition(":")[0])
-            servicer.tp_fanout = await join_stage_group(tp_group, spec.name, rendezvous,
-                                                        config.tp_join_timeout, config.advertised(running.port),
-                                                        config.security, servicer.host_id, config.tp_collective_timeout,
-                                                        device=config.device, store=store)
-        except TPJoinError as error:  # stays NOT_SERVING, steps get UNAVAILABLE with the reason
-            log.error("%s: %s", name, error)
-            servicer.not_serving_reason = str(error)
-            if ranks is not None:
-                await ranks.stop()  # no longer asks: its rank may go to another shard after the lease
-            return running
-        tp_group.on_break = _not_serving_on_break(name, servicer, running, [SERVICE_NAME, plane_service[2]])
-        await grpc_util.set_serving(running.health, [SERVICE_NAME, plane_service[2]], True)
+    registration = None
     if config.router_address and rank == 0:  # the router talks to rank 0 only (stage_server/tp_link.py)
         def request() -> router_pb2.RegisterServerRequest:
             return router_pb2.RegisterServerRequest(
@@ -88,11 +75,51 @@ async def start_stage_server(config: ServiceConfig) -> grpc_util.RunningServer:
                 model_fingerprint=config.model.fingerprint, replica_id=config.replica_id,
                 placement_version=servicer.experts.placement.version)
 
-        await keep_registered(running, RouterRegistration(config.router_address, request, config.security,
-                                                          config.reregister_interval_s))
+        registration = RouterRegistration(config.router_address, request, config.security, config.reregister_interval_s)
+    if ranks is not None:  # the group re-forms whenever it breaks or a shard restarts (stage_server/tp_membership.py)
+        membership = GroupMembership(ranks, tp_group, servicer, running, config, [SERVICE_NAME, plane_service[2]],
+                                     on_reformed=registration and _RegisterNow(name, running, registration))
+        await membership.start()
+        if not membership.formed:
+            return running  # NOT_SERVING with the reason; rank 0 registers once a later generation forms
+    elif tp_group is not None:
+        try:
+            servicer.tp_fanout = await join_stage_group(tp_group, spec.name, config.tp_rendezvous,
+                                                        config.tp_join_timeout, config.advertised(running.port),
+                                                        config.security, servicer.host_id, config.tp_collective_timeout,
+                                                        device=config.device)
+        except TPJoinError as error:  # stays NOT_SERVING, steps get UNAVAILABLE with the reason
+            log.error("%s: %s", name, error)
+            servicer.not_serving_reason = str(error)
+            return running
+        # A group met at a fixed rendezvous cannot re-form: NOT_SERVING until every shard restarts.
+        tp_group.on_break = _not_serving_on_break(name, servicer, running, [SERVICE_NAME, plane_service[2]])
+        await grpc_util.set_serving(running.health, [SERVICE_NAME, plane_service[2]], True)
+    if registration is not None:
+        registration.kept = True  # for _RegisterNow
+        await keep_registered(running, registration)
     log.info("%s: stage server listening on %s, advertised as %s", name, running.address,
              config.advertised(running.port))
     return running
+
+
+class _RegisterNow:
+    """GroupMembership.on_reformed of rank 0: the router hears at once that the stage serves again
+    (and every few seconds from then on, when its first group had not formed)."""
+
+    def __init__(self, name: str, running: grpc_util.RunningServer, registration: RouterRegistration):
+        self.name, self.running, self.registration = name, running, registration
+        registration.kept = False  # True once keep_registered runs it
+
+    async def __call__(self) -> None:
+        try:
+            if self.registration.kept:
+                await self.registration.register(timeout=grpc_util.CONTROL_DEADLINE_S)
+            else:
+                self.registration.kept = True
+                await keep_registered(self.running, self.registration)
+        except (TimeoutError, ConnectionError, grpc.aio.AioRpcError) as error:  # its heartbeat tries again
+            log.warning("%s: registering after the re-form failed: %s", self.name, error)
 
 
 def _not_serving_on_break(name: str, servicer: StageServicer, running: grpc_util.RunningServer, services: list[str]):

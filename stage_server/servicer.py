@@ -12,11 +12,13 @@ from shardmesh.stage_model import StageBatch, StageModel
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
 
+from stage_server.capacity import split_over_capacity
 from stage_server.remote_experts import Placement, RemoteExperts
 from stage_server.sequence_history import SequenceHistory
 from stage_server.split_experts import SliceReplicas, SplitExperts, slice_replicas
 from stage_server.step_gate import READ_AHEAD, StepGate, read_ahead
-from stage_server.tp_link import TPFanout, tp_step
+from stage_server.tp_fanout import TPFanout
+from stage_server.tp_link import tp_step
 
 
 MAX_PLACEMENT_VERSION = 2**63  # placement versions stay far from uint64's end (routers add 1)
@@ -47,6 +49,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.not_serving_reason = ""  # StageInfo.not_serving_reason: set when a TP group fails to form or breaks
         self.history = SequenceHistory()  # StageInfo.sequence_history: what it received of each sequence
         self.placement_ready = asyncio.Event()
+        self.last_placement: stage_pb2.ExpertPlacement | None = None  # TP rank 0 gives it to re-formed shards
         if not model.config.is_moe:
             self.placement_ready.set()
 
@@ -76,26 +79,32 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         async with contextlib.aclosing(read_ahead(request_iterator, self._step, READ_AHEAD)) as steps:
             async for request, step in steps:
                 try:
-                    output = await step
+                    output, refused = await step
                 except RequestError as error:
                     await abort_for(context, error)
                     return
-                if self.model.is_last:
-                    yield stage_pb2.StepResponse(step_id=request.step_id, logits=codec.encode(output))
-                else:
-                    yield stage_pb2.StepResponse(step_id=request.step_id, hidden_states=codec.encode(output))
+                response = stage_pb2.StepResponse(step_id=request.step_id, refused=refused)
+                if output is not None:  # None: every sequence was refused
+                    (response.logits if self.model.is_last else response.hidden_states).CopyFrom(codec.encode(output))
+                yield response
 
-    async def _step(self, request: stage_pb2.StepRequest) -> torch.Tensor:
+    async def _step(self, request: stage_pb2.StepRequest) -> tuple[torch.Tensor | None, list]:
+        """The step's output ([N, H] hidden states, or logits [S, V] on the last stage) and the
+        sequences refused on their own (stage_server/capacity.py; the output omits their rows)."""
         batch = self._batch(request)
         if not self.placement_ready.is_set():
             raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
         # A tensor-parallel stage's ranks must run the same steps in the same order: one at a time.
         serial = self.tp_fanout is not None or self.model.tp.world_size > 1
         async with self.gate.exclusive() if serial else self.gate.sequences(batch.sequence_ids):
+            batch, refused = (batch, []) if serial else split_over_capacity(self.model, batch)
+            if batch is None:
+                return None, refused
             with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
                 output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
-            self.history.stepped(request.sequences)
-        return output
+            out = {r.index for r in refused}
+            self.history.stepped([s for i, s in enumerate(request.sequences) if i not in out])
+        return output, refused
 
     @translate_errors
     async def FreeSequences(self, request, context):
@@ -134,6 +143,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             self.backend.update(slices)
             if self.tp_fanout is not None:
                 await self.tp_fanout.update_placement(request)
+            self.last_placement = request
         self.placement_ready.set()
         return stage_pb2.UpdatePlacementResponse(version=request.version)
 

@@ -161,14 +161,16 @@ class ServerStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., registered: _Optional[bool] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., replica_addresses: _Optional[_Iterable[str]] = ..., unreachable_addresses: _Optional[_Iterable[str]] = ..., tp_shards: _Optional[_Iterable[_Union[TensorParallelShardStatus, _Mapping]]] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ...) -> None: ...
 
 class TensorParallelShardStatus(_message.Message):
-    __slots__ = ("rank", "shard_id", "seconds_since_heard")
+    __slots__ = ("rank", "shard_id", "seconds_since_heard", "generation")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARD_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     rank: int
     shard_id: str
     seconds_since_heard: float
-    def __init__(self, rank: _Optional[int] = ..., shard_id: _Optional[str] = ..., seconds_since_heard: _Optional[float] = ...) -> None: ...
+    generation: int
+    def __init__(self, rank: _Optional[int] = ..., shard_id: _Optional[str] = ..., seconds_since_heard: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SplitExpertStatus(_message.Message):
     __slots__ = ("layer", "expert", "slices")
@@ -275,26 +277,32 @@ class RegisterServerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ServerRole, str]] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., replica_id: _Optional[str] = ..., expert_slices: _Optional[_Iterable[_Union[ExpertSliceKey, _Mapping]]] = ..., holds_assignment: _Optional[bool] = ..., placement_version: _Optional[int] = ..., tp_shard: _Optional[_Union[TensorParallelShard, _Mapping]] = ...) -> None: ...
 
 class TensorParallelShard(_message.Message):
-    __slots__ = ("shard_id", "rank", "rendezvous", "starting")
+    __slots__ = ("shard_id", "rank", "rendezvous", "starting", "generation", "group_lost")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     STARTING_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_LOST_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     rank: int
     rendezvous: str
     starting: bool
-    def __init__(self, shard_id: _Optional[str] = ..., rank: _Optional[int] = ..., rendezvous: _Optional[str] = ..., starting: _Optional[bool] = ...) -> None: ...
+    generation: int
+    group_lost: bool
+    def __init__(self, shard_id: _Optional[str] = ..., rank: _Optional[int] = ..., rendezvous: _Optional[str] = ..., starting: _Optional[bool] = ..., generation: _Optional[int] = ..., group_lost: _Optional[bool] = ...) -> None: ...
 
 class TensorParallelAssignment(_message.Message):
-    __slots__ = ("rank", "world_size", "rendezvous")
+    __slots__ = ("rank", "world_size", "rendezvous", "generation")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     rendezvous: str
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., rendezvous: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., rendezvous: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class RegisterServerResponse(_message.Message):
     __slots__ = ("placement_version", "reassigned", "assigned_experts", "tp")

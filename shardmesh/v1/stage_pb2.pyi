@@ -33,14 +33,28 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "logits")
+    __slots__ = ("step_id", "hidden_states", "logits", "refused")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: _tensor_pb2.Tensor
     logits: _tensor_pb2.Tensor
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    refused: _containers.RepeatedCompositeFieldContainer[SequenceRefusal]
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., refused: _Optional[_Iterable[_Union[SequenceRefusal, _Mapping]]] = ...) -> None: ...
+
+class SequenceRefusal(_message.Message):
+    __slots__ = ("index", "code", "field", "message")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: str
+    field: str
+    message: str
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FreeSequencesRequest(_message.Message):
     __slots__ = ("sequence_ids",)
