@@ -41,8 +41,10 @@ class Clock:
 
 
 def ask(table: TPRanks, config: ModelConfig, shard_id: str, rank: int | None = None, rendezvous: str = "",
-        name: str = "stage-0", layers=(0, 2), starting: bool = False) -> router_pb2.TensorParallelAssignment:
-    shard = router_pb2.TensorParallelShard(shard_id=shard_id, rendezvous=rendezvous, starting=starting)
+        name: str = "stage-0", layers=(0, 2), starting: bool = False, generation: int = 0,
+        lost: bool = False) -> router_pb2.TensorParallelAssignment:
+    shard = router_pb2.TensorParallelShard(shard_id=shard_id, rendezvous=rendezvous, starting=starting,
+                                           generation=generation, group_lost=lost)
     if rank is not None:
         shard.rank = rank
     request = router_pb2.RegisterServerRequest(name=name, role=router_pb2.SERVER_ROLE_STAGE,

@@ -23,33 +23,9 @@ from shardmesh.config import ModelConfig
 from shardmesh.client import AsyncClient
 from shardmesh.errors import InvalidArgument
 from shardmesh.service_config import ServiceConfig
-from shardmesh.topology import StageSpec, Topology
-from shardmesh.v1 import router_pb2
 from stage_server.main import start_stage_server
 from test_mesh_features import wait_until
-
-TOPOLOGY = Topology((StageSpec("stage-0", 0, 2, 2), StageSpec("stage-1", 2, 4)))
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def ask(table: TPRanks, config: ModelConfig, shard_id: str, rank: int | None = None, rendezvous: str = "",
-        starting: bool = False, generation: int = 0, lost: bool = False) -> router_pb2.TensorParallelAssignment:
-    shard = router_pb2.TensorParallelShard(shard_id=shard_id, rendezvous=rendezvous, starting=starting,
-                                           generation=generation, group_lost=lost)
-    if rank is not None:
-        shard.rank = rank
-    request = router_pb2.RegisterServerRequest(name="stage-0", role=router_pb2.SERVER_ROLE_STAGE,
-                                               model_fingerprint=config.fingerprint, tp_shard=shard,
-                                               layers=router_pb2.LayerRange(start=0, end=2))
-    return table.answer(request).tp
-
+from test_tp_ranks import TOPOLOGY, Clock, ask
 
 def test_a_restarted_or_lost_rank_starts_one_new_generation_and_only_its_store_is_taken(llama_dir):
     config, clock = ModelConfig.from_dir(llama_dir), Clock()
