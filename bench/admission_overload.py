@@ -186,7 +186,8 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         # Without --tarpit one mesh; with it a second one whose router has the tarpit, idle while
         # the first is measured and the other way round.
-        meshes = {"": stack.enter_context(Launcher(model_dir, service_args={"router": router_args}))}
+        meshes = {"": stack.enter_context(Launcher(model_dir, service_args={  # the tarpit is on by default
+            "router": router_args + ["--tarpit-refusals-per-second", "0"]}))}
         if args.tarpit:
             meshes["+tarpit"] = stack.enter_context(Launcher(model_dir, service_args={
                 "router": router_args + ["--tarpit-refusals-per-second", str(args.tarpit)]}))

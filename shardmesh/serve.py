@@ -69,11 +69,11 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                             help="who one caller is for --max-sequences-per-caller and the tarpit: a peer host, one "
                                  "client connection (a TLS client certificate's subject in both), or the name of "
                                  "its client token (--auth-tokens-file) (default %(default)s)")
-        parser.add_argument("--tarpit-refusals-per-second", type=float, default=0.0, metavar="R",
+        parser.add_argument("--tarpit-refusals-per-second", type=float, default=50.0, metavar="R",
                             help="a caller refused (RESOURCE_EXHAUSTED, admission queue full) faster than R/s gets "
                                  "its further refusals only after a delay of 0.1-0.5 s, which slows a client "
-                                 "retrying without backoff; others are refused at once (default 0 = off; "
-                                 "router/tarpit.py)")
+                                 "retrying without backoff; others are refused at once (default %(default)s; "
+                                 "0 = off; router/tarpit.py)")
         parser.add_argument("--micro-batches", type=int, default=0, metavar="M",
                             help="micro-batches in flight through the pipeline (default 0 = one per stage)")
         parser.add_argument("--prefill-chunk-tokens", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS, metavar="C",
