@@ -13,7 +13,7 @@ import torch
 
 from shardmesh import codec, grpc_util
 from shardmesh.nccl_dispatch import NcclLinks
-from shardmesh.shm_plane import DataPlanes
+from shardmesh.data_planes import DataPlanes
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2
 
 PLANES = ("grpc", "shm")

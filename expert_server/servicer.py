@@ -2,7 +2,6 @@
 
 import logging
 
-import grpc
 import torch
 
 from shardmesh import codec

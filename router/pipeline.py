@@ -24,7 +24,8 @@ from shardmesh import codec
 from shardmesh.errors import RequestError, Unavailable
 from shardmesh.grpc_util import CONTROL_DEADLINE_S, open_channel
 from shardmesh.sequence import KVLost, SequenceSlice
-from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import DataPlaneError
 from shardmesh.step_refusals import SequencesRefused, refusal_error
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2

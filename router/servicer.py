@@ -1,6 +1,5 @@
 """RouterServicer (public API) and RegistryServicer (servers joining), thin over core code."""
 
-import asyncio
 import itertools
 import logging
 

@@ -24,7 +24,8 @@ from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, RequestError, Unavailable
 from shardmesh.grpc_util import open_channel
 from shardmesh.nccl_dispatch import NcclLinks
-from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import DataPlaneError
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 

@@ -15,7 +15,8 @@ from ipc_echo_server import DOUBLE, MARK, echo_server
 from shardmesh import codec, grpc_util
 from shardmesh.cuda_ipc import HANDLE_BYTES, CudaSegment
 from shardmesh.errors import InvalidArgument
-from shardmesh.shm_plane import DataPlanes, connect_unix, read_frame, write_frame
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import connect_unix, read_frame, write_frame
 from shardmesh.shm_segment import Segment
 from shardmesh.v1 import dataplane_pb2, expert_pb2, tensor_pb2
 

@@ -17,7 +17,7 @@ import torch
 from ipc_echo_server import DOUBLE, MARK, echo_server
 from mesh_helpers import check_against_reference, generate_staggered
 from shardmesh import grpc_util
-from shardmesh.shm_plane import DataPlanes
+from shardmesh.data_planes import DataPlanes
 from shardmesh.v1 import expert_pb2
 
 pytestmark = pytest.mark.gpu

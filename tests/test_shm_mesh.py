@@ -9,7 +9,8 @@ import torch
 from bad_input_harness import (BAD_SEQUENCE_ID, HIDDEN, INVALID, assert_status, harness, step_error,  # noqa: F401
                                tiny_moe_model)
 from shardmesh import codec, grpc_util
-from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import DataPlaneError
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 from test_bad_input_servers import BAD_STEPS, ids, step
 

@@ -12,7 +12,8 @@ import uvloop
 from shardmesh import codec, grpc_util
 from shardmesh.errors import InvalidArgument
 from shardmesh.grpc_util import translate_errors
-from shardmesh.shm_plane import DataPlaneError, DataPlanes, ShmChannel, connect_unix, read_frame, write_frame
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import DataPlaneError, ShmChannel, connect_unix, read_frame, write_frame
 from shardmesh.shm_segment import SHM_DIR, Segment
 from shardmesh.shm_server import SERVICE_NAME, DataPlaneServicer, Method, ShmPlaneServer
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc, expert_pb2, tensor_pb2

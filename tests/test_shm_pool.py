@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from shardmesh import codec, grpc_util
-from shardmesh.shm_plane import DataPlaneError, DataPlanes
+from shardmesh.data_planes import DataPlanes
+from shardmesh.shm_plane import DataPlaneError
 from shardmesh.shm_server import SERVICE_NAME, DataPlaneServicer, Method, ShmPlaneServer
 from shardmesh.v1 import dataplane_pb2_grpc, expert_pb2
 
