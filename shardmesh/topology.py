@@ -33,10 +33,10 @@ by at least one expert server (more than one = replicas), or be split (then by n
 
 import dataclasses
 import pathlib
-import re
 import tomllib
 
 from shardmesh.config import ModelConfig
+from shardmesh.topology_toml import read_devices, write_toml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Topology:
                 slices.setdefault(name, set()).update(ExpertSlice(layer, int(e), rank, tp)
                                                       for layer in range(start, end) for e in entry["experts"])
         return cls(stages, tuple(ExpertServerSpec(name, tuple(sorted(keys)), _sorted_slices(slices.get(name, ())))
-                                 for name, keys in experts.items()), _devices(raw, stages))
+                                 for name, keys in experts.items()), read_devices(raw, stages))
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path, config: ModelConfig) -> "Topology":
@@ -224,75 +224,8 @@ class Topology:
         return cls(stages, tuple(servers)).validate(config)
 
     def to_toml(self) -> str:
-        lines = []
-        devices = dict(self.devices)
-        for stage in self.stages:
-            shard_devices = [devices.get(name, "") for name in stage.shard_names()]
-            lines += ["[[stage]]", f'name = "{stage.name}"', f"layers = [{stage.start_layer}, {stage.end_layer}]",
-                      *([_device_line(shard_devices)] if any(shard_devices) else []),
-                      *([f"tp = {stage.tp}"] if stage.tp > 1 else []),
-                      *([f"standbys = {stage.standbys}"] if stage.standbys else []), ""]
-        for spec in self.expert_servers:
-            by_layer: dict[int, set[int]] = {}
-            for layer, expert in spec.experts:
-                by_layer.setdefault(layer, set()).add(expert)
-            if not by_layer:  # holds only slices of split experts (below)
-                lines += ["[[expert_server]]", f'name = "{spec.name}"', "experts = []",
-                          *([_device_line([devices[spec.name]])] if spec.name in devices else []), ""]
-                continue
-            # Group runs of layers that hold the same expert set into one table each.
-            layers = sorted(by_layer)
-            run_start = layers[0]
-            for i, layer in enumerate(layers):
-                last = i + 1 == len(layers) or layers[i + 1] != layer + 1 or by_layer[layers[i + 1]] != by_layer[layer]
-                if last:
-                    ids = ", ".join(str(e) for e in sorted(by_layer[layer]))
-                    lines += ["[[expert_server]]", f'name = "{spec.name}"', f"experts = [{ids}]",
-                              f"layers = [{run_start}, {layer + 1}]",
-                              *([_device_line([devices[spec.name]])] if spec.name in devices else []), ""]
-                    if i + 1 < len(layers):
-                        run_start = layers[i + 1]
-        for (layer, expert), servers in sorted(self.splits().items()):  # one table per split expert
-            names = ", ".join(f'"{name}"' for name in servers)
-            lines += ["[[split_expert]]", f"experts = [{expert}]", f"layers = [{layer}, {layer + 1}]",
-                      f"tp = {len(servers)}", f"servers = [{names}]", ""]
-        return "\n".join(lines)
-
-
-DEVICE = re.compile(r"cpu|cuda:\d{1,3}")
-
-
-def _devices(raw: dict, stages: tuple[StageSpec, ...]) -> tuple[tuple[str, str], ...]:
-    """The `device` keys of [[stage]] and [[expert_server]] tables, per server (TP shard) name."""
-    found: dict[str, str] = {}
-    for stage, entry in zip(stages, raw.get("stage", [])):
-        device = entry.get("device")
-        if device is None:
-            continue
-        names = stage.shard_names()
-        per_shard = list(device) if isinstance(device, list) else [device] * len(names)
-        if len(per_shard) != len(names):
-            raise ValueError(f"topology: stage {stage.name!r}: device lists {len(per_shard)} devices for tp {stage.tp}")
-        found.update(zip(names, (_check_device(d, stage.name) for d in per_shard)))
-    for entry in raw.get("expert_server", []):
-        if "device" in entry:
-            device = _check_device(entry["device"], entry["name"])
-            if found.setdefault(entry["name"], device) != device:
-                raise ValueError(f"topology: expert server {entry['name']!r}: tables give devices "
-                                 f"{found[entry['name']]!r} and {device!r}")
-    return tuple(sorted(found.items()))
-
-
-def _check_device(device, server: str) -> str:
-    if not isinstance(device, str) or not DEVICE.fullmatch(device):
-        raise ValueError(f"topology: {server!r}: device {device!r} is not \"cpu\" or \"cuda:N\"")
-    return device
-
-
-def _device_line(devices: list[str]) -> str:
-    if len(set(devices)) == 1:
-        return f'device = "{devices[0]}"'
-    return "device = [" + ", ".join(f'"{d}"' for d in devices) + "]"
+        """The topology file that reads back as this topology (shardmesh/topology_toml.py)."""
+        return write_toml(self)
 
 
 def _sorted_slices(slices) -> tuple[ExpertSlice, ...]:
