@@ -10,6 +10,7 @@ from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from shardmesh.topology import ExpertServerSpec, ExpertSlice, StageSpec, Topology
 from shardmesh.v1 import router_pb2, stage_pb2
 
+from router.cluster_status import cluster_status
 from router.tp_ranks import TPRanks
 
 MAX_REPLICA_ID_CHARS = 253  # a DNS name's length: room for any host name or pod name
@@ -259,35 +260,5 @@ class ClusterMap:
         return stage_pb2.ExpertPlacement(version=self.placement_version, locations=locations)
 
     def status(self, serving: bool, active_sequences: int) -> router_pb2.ClusterStatus:
-        servers = []
-        for name, registration in self.servers.items():
-            spec = registration.spec
-            status = router_pb2.ServerStatus(name=name, address=registration.address,
-                                             registered=bool(registration.address),
-                                             replica_addresses=registration.addresses)
-            if isinstance(spec, StageSpec):
-                status.role = router_pb2.SERVER_ROLE_STAGE
-                status.layers.start, status.layers.end = spec.start_layer, spec.end_layer
-                status.tp_shards.extend(self.tp_ranks.shards(name))
-            else:
-                status.role = router_pb2.SERVER_ROLE_EXPERT
-                held = {k for a in registration.addresses for k in self.assigned.get(a, spec.experts)}
-                status.experts.extend(router_pb2.ExpertKey(layer=l, expert=e)
-                                      for l, e in sorted(held if registration.addresses else spec.experts))
-                status.unreachable_addresses.extend(a for a in registration.addresses if a in self.unreachable)
-                status.expert_slices.extend(router_pb2.ExpertSliceKey(layer=k.layer, expert=k.expert, rank=k.rank,
-                                                                      count=k.tp) for k in spec.slices)
-            servers.append(status)
-        return router_pb2.ClusterStatus(serving=serving, placement_version=self.placement_version,
-                                        servers=servers, active_sequences=active_sequences,
-                                        unservable=self.unservable(), split_experts=self.split_status())
-
-    def split_status(self) -> list[router_pb2.SplitExpertStatus]:
-        """Every split expert of the topology and where each of its slices is served."""
-        def piece(rank: int, name: str) -> router_pb2.SplitSliceStatus:
-            addresses = self.servers[name].addresses
-            return router_pb2.SplitSliceStatus(rank=rank, server=name, addresses=addresses,
-                                               unreachable_addresses=[a for a in addresses if a in self.unreachable])
-        return [router_pb2.SplitExpertStatus(layer=layer, expert=expert,
-                                             slices=[piece(rank, name) for rank, name in enumerate(names)])
-                for (layer, expert), names in sorted(self.topology.splits().items())]
+        """GetClusterStatus's answer (router/cluster_status.py)."""
+        return cluster_status(self, serving, active_sequences)
