@@ -93,7 +93,7 @@ async def remote_experts_round_trip(address: str, plane: str, groups: dict[int, 
 
 async def stage_round_trip(address: str, plane: str, batch: int, hidden_size: int, rounds: int) -> float:
     """One Step of `batch` single-token sequences with hidden_states [batch, H], as StageLink makes it."""
-    from router.pipeline import StageLink
+    from router.stage_link import StageLink
 
     planes = DataPlanes(enabled=plane == "shm")
     link = StageLink("echo", address, data_planes=planes)

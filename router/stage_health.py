@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from router.expert_health import ExpertProber
-from router.pipeline import StageLost
+from router.stage_link import StageLost
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 import torch
 
-from router.pipeline import StageLink
+from router.stage_link import StageLink
 from shardmesh import codec, grpc_util
 from shardmesh.errors import Unavailable
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc
