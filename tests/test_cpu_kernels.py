@@ -63,6 +63,50 @@ def test_linear_matches_float64(kernel, features_in, features_out):
         assert_close(kernel.linear(x, weight), F.linear(x.double(), weight.double()), f"{rows} rows")
 
 
+@pytest.mark.parametrize("features_in, features_out", [(72, 136), (136, 7), (5, 1), (512, 33), (17, 61)])
+def test_linear_wide_matches_float64_at_every_row_count(kernel, features_in, features_out):
+    # every row count 1..70: 1-4 vectors of 16 rows, a second pass past 64, partly filled vectors;
+    # outputs not a multiple of the weight-row blocks (16/12/8/6) run the one-row tail blocks
+    generator = torch.Generator().manual_seed(features_in)
+    weight = torch.randn(features_out, features_in, generator=generator)
+    for rows in range(0, 71):
+        x = torch.randn(rows, features_in, generator=generator)
+        assert_close(kernel.linear_wide(x, weight), F.linear(x.double(), weight.double()), f"{rows} rows")
+
+
+def test_linear_wide_long_sums_stay_as_close_as_torch(kernel):
+    # K = 4096 (a large model's MLP): summed in one chain the error reached 2e-6 of the largest output
+    # (5x torch's 4e-7); in 128-term chunks it stays near torch's
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(64, 4096, generator=generator) * 0.05
+    x = torch.randn(33, 4096, generator=generator)
+    reference = F.linear(x.double(), weight.double())
+    error = ((kernel.linear_wide(x, weight).double() - reference).abs().max() / reference.abs().max()).item()
+    assert error <= 1e-6, error
+
+
+def test_linear_wide_rows_do_not_depend_on_the_batch(kernel):
+    # each output sums its products in order k = 0..K-1 in whichever lane, block or pass it lands
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(61, 136, generator=generator)
+    x = torch.randn(70, 136, generator=generator)
+    whole = kernel.linear_wide(x, weight)
+    cuts = [0, 1, 4, 17, 33, 34, 49, 70]
+    pieces = torch.cat([kernel.linear_wide(x[a:b].contiguous(), weight) for a, b in zip(cuts, cuts[1:])])
+    assert torch.equal(whole, pieces)
+
+
+def test_linear_wide_catches_a_wrong_weight(kernel):
+    # the tolerance is tight enough to see one weight changed by 1% (a wrong index or tail would be O(1))
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(40, 72, generator=generator)
+    x = torch.randn(33, 72, generator=generator)
+    changed = weight.clone()
+    changed[39, 71] *= 1.01
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(kernel.linear_wide(x, changed), F.linear(x.double(), weight.double()), "one weight off")
+
+
 def test_silu_over_its_whole_range(kernel):
     # gate_i = g_i exactly (w1 picks x[:, i + 1]), up_i = 1 (w3 picks x[:, 0] = 1), out[:, i + 1] = silu(g_i):
     # 2 rows of 20 values = 40 gate entries, so the vector path (16 lanes) and the scalar tail both run.
@@ -113,13 +157,16 @@ def test_dense_linear_uses_the_kernel_inside_kernel_rows(kernel):
     from shardmesh.models import matmul
 
     low, high = matmul.KERNEL_ROWS
+    wide_low, wide_high = matmul.WIDE_KERNEL_ROWS
+    assert wide_low == high + 1
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(75, 40, generator=generator)  # [o, i]
-    for rows in (low - 1, low, high, high + 1):
-        before = kernels.calls["linear"]
+    for rows in (low - 1, low, high, wide_low, wide_high, wide_high + 1):
+        before = kernels.calls["linear"], kernels.calls["linear_wide"]
         x = torch.randn(rows, 40, generator=generator)
         assert_close(matmul.linear(x, weight), F.linear(x.double(), weight.double()), f"{rows} rows")
-        assert kernels.calls["linear"] - before == int(low <= rows <= high), rows
+        assert kernels.calls["linear"] - before[0] == int(low <= rows <= high), rows
+        assert kernels.calls["linear_wide"] - before[1] == int(wide_low <= rows <= wide_high), rows
     before = kernels.calls["linear"]
     x = torch.randn(low, 40, generator=generator)
     strided = weight[:, :20]

@@ -1,6 +1,7 @@
 """CPU kernels in C for the few-row fp32 products of a decode step, compiled at first use.
 
-`expert_ffn.c` holds the kernels (why they beat MKL at 1-16 rows is said there). `kernel()` compiles
+`expert_ffn.c` holds the kernels (why they beat MKL at 1-16 rows is said there) and includes
+`linear_wide.c` (the outer-product form for 17-64 rows); the cache key hashes every .c file here. `kernel()` compiles
 it with the system C compiler (`$SHARDMESH_KERNEL_CC`, else `$CC`, else `cc`) with `-O3 -march=native`
 into a cache directory (`$SHARDMESH_KERNEL_DIR`, else ~/.cache/shardmesh/kernels) under a name that
 hashes the source, the compiler's identity, the flags and this CPU's model and feature flags, so a
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("expert_ffn.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
-calls = {"expert_ffn": 0, "linear": 0}  # kernel calls in this process, by kernel
+WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
+calls = {"expert_ffn": 0, "linear": 0, "linear_wide": 0}  # kernel calls in this process, by kernel
 
 
 class Kernel:
@@ -44,6 +46,9 @@ class Kernel:
         self._linear = library.shardmesh_linear
         self._linear.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
         self._linear.restype = None
+        self._linear_wide = library.shardmesh_linear_wide
+        self._linear_wide.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4
+        self._linear_wide.restype = None
 
     def expert_ffn(self, hidden_states: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                    down_proj: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,21 @@ class Kernel:
         self._linear(n, features_in, weight.shape[0], inputs.data_ptr(), weight.data_ptr(), out.data_ptr())
         return out
 
+    def linear_wide(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`linear` in the outer-product form (faster from ~17 rows): inputs [n, K] @ weight [M, K]^T
+        -> [n, M], both contiguous fp32 on the CPU. Each row's result is the same bits for any n."""
+        n, features_in = inputs.shape
+        out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+        if n == 0:
+            return out
+        # the packed inputs [K, up to 64 rows], 64-byte aligned: 16 spare floats to shift into alignment
+        spare = torch.empty(features_in * WIDE_PASS_ROWS + 16, dtype=torch.float32)
+        offset = (-spare.data_ptr() // 4) % 16
+        calls["linear_wide"] += 1
+        self._linear_wide(n, features_in, weight.shape[0], inputs.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                          spare.data_ptr() + 4 * offset)
+        return out
+
 
 def compiler() -> str | None:
     """The C compiler's path, or None when there is none."""
@@ -94,7 +114,8 @@ def _cpu_identity() -> str:
 def library_path(cc: str) -> pathlib.Path:
     """Where the library built by `cc` for this source, flags and CPU lives in the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+    sources = [SOURCE.read_text()] + [path.read_text() for path in sorted(SOURCE.parent.glob("*.c")) if path != SOURCE]
+    key = hashlib.sha256("\0".join([*sources, cc, version, " ".join(FLAGS), platform.machine(),
                                     _cpu_identity()]).encode()).hexdigest()[:24]
     return cache_dir() / f"expert_ffn-{key}.so"
 

@@ -192,3 +192,5 @@ void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w
     for (long r = 0; r < n; r++) silu_mul(gate + r * I, up + r * I, I); /* row by row: see below */
     shardmesh_linear(n, I, H, gate, w2, out);
 }
+
+#include "linear_wide.c" /* the outer-product form for 17-64 rows (vec, LANES, load from above) */
