@@ -60,14 +60,15 @@ def wait_for_line(lines: "queue.Queue[str]", prefix: str, timeout: float) -> str
 
 
 @contextlib.contextmanager
-def shardmesh_up(model_dir: pathlib.Path, tmp_path: pathlib.Path, *args: str):
+def shardmesh_up(model_dir: pathlib.Path, tmp_path: pathlib.Path, *args: str, start_new_session: bool = False):
     """Run `shardmesh up` on a link to `model_dir` unique to this test (so its processes can be
     found by their command lines); yield (process, output lines, link). Whatever is left is
-    killed, by pid, on the way out."""
+    killed, by pid, on the way out. start_new_session: its own process group, as a shell gives a
+    foreground job (os.killpg is then a terminal's Ctrl-C)."""
     model = tmp_path / "model"
     model.symlink_to(model_dir)
     up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                          stderr=subprocess.STDOUT, text=True, start_new_session=start_new_session)
     try:
         yield up, read_lines(up), model
     finally:

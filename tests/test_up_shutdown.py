@@ -17,7 +17,7 @@ from shardmesh.launcher import Launcher
 from shardmesh.mesh_secrets import TlsFiles
 from shardmesh.reference import transformers_greedy
 from shardmesh.security import client_credentials
-from test_cli_processes import SHARDMESH, processes_mentioning, read_lines, wait_for_line, wait_gone
+from test_cli_processes import SHARDMESH, processes_mentioning, shardmesh_up, wait_for_line, wait_gone
 
 pytestmark = pytest.mark.slow
 PROMPT, NEW_TOKENS = [1, 9, 27, 81], 100  # still decoding when Ctrl-C comes after its 2nd token
@@ -27,15 +27,9 @@ def test_ctrl_c_drains_the_router_first_and_clients_need_no_certificate(mixtral_
     certs = tmp_path / "certs"
     made = subprocess.run([*SHARDMESH, "certs", str(certs)], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    model = tmp_path / "model"
-    model.symlink_to(mixtral_dir)  # a path unique to this test: its processes are found by it
-    # Its own process group, as a shell gives a foreground job: killpg below is Ctrl-C.
-    up = subprocess.Popen([*SHARDMESH, "up", "--model", str(model), "--tls-cert", str(certs / "service.pem"),
-                           "--tls-key", str(certs / "service-key.pem"), "--tls-ca", str(certs / "ca.pem"),
-                           "--tls-clients-without-certificates"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True)
-    try:
-        lines = read_lines(up)
+    tls = ("--tls-cert", str(certs / "service.pem"), "--tls-key", str(certs / "service-key.pem"),
+           "--tls-ca", str(certs / "ca.pem"), "--tls-clients-without-certificates")
+    with shardmesh_up(mixtral_dir, tmp_path, *tls, start_new_session=True) as (up, lines, model):
         address = wait_for_line(lines, "router listening on", timeout=180).split()[3]
         hint = wait_for_line(lines, "client token in ", timeout=5)
         assert "--tls-ca" in hint and "--tls-cert" not in hint, hint  # no client certificate needed
@@ -67,12 +61,6 @@ def test_ctrl_c_drains_the_router_first_and_clients_need_no_certificate(mixtral_
         assert len(tokens) == NEW_TOKENS  # finished during the drain, all of it
         assert up.wait(timeout=90) == 0
         assert wait_gone(model) == []
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        for pid in processes_mentioning(str(model)):
-            os.kill(pid, signal.SIGKILL)
     assert tokens == transformers_greedy(mixtral_dir, PROMPT, NEW_TOKENS, ignore_eos=True)
 
 
