@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                              identical=identical, kernel_error=f"{error:.1e}"))
     header = (f"expert MLP, {args.experts} experts of hidden {H}, intermediate {I}, fp32 ({weight_bytes / 1e6:.0f} MB), "
               f"1 thread, best of {args.rounds} alternating rounds; 1-min load average {os.getloadavg()[0]:.1f}")
-    text = header + "\n\n" + harness.format_table(rows_out, COLUMNS)
-    print(text)
-    print(f"\nwritten to {harness.save('expert_matmul', text, dict(rows=rows_out, argv=sys.argv))}")
+    harness.report("expert_matmul", header, rows_out, COLUMNS)
     return 0
 
 

@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import statistics
+import sys
 import time
 
 import torch
@@ -186,3 +187,12 @@ def save(name: str, text: str, data: object) -> pathlib.Path:
     (RESULTS_DIR / f"{name}-{stamp}.txt").write_text(text + "\n")
     (RESULTS_DIR / f"{name}-{stamp}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return RESULTS_DIR / f"{name}-{stamp}.txt"
+
+
+def report(name: str, header: str, rows: list[dict], columns: list[tuple[str, str]]) -> pathlib.Path:
+    """Print header + table, save both with the rows and this run's argv (`save`), print where."""
+    text = header + "\n\n" + format_table(rows, columns)
+    print(text)
+    path = save(name, text, dict(rows=rows, argv=sys.argv))
+    print(f"\nwritten to {path}")
+    return path

@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     with hops.echo_servers(VOCAB, pids) as addresses:
         import uvloop
         rows = uvloop.run(measure(addresses, pids[0], [int(b) for b in args.batch.split(",")], args.rounds))
-    text = (f"CPU per round trip, caller and callee (echo servers, no compute); 1-min load average "
-            f"{os.getloadavg()[0]:.1f}\n\n" + harness.format_table(rows, COLUMNS))
-    print(text)
-    print(f"\nwritten to {harness.save('hop_cpu', text, dict(rows=rows, argv=sys.argv))}")
+    harness.report("hop_cpu", f"CPU per round trip, caller and callee (echo servers, no compute); 1-min load "
+                   f"average {os.getloadavg()[0]:.1f}", rows, COLUMNS)
     return 0
 
 

@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(harness.format_table(rows_out[-1:], COLUMNS), flush=True)
     header = (f"dense products, fp32, 1 thread, best of {args.rounds} alternating rounds; "
               f"1-min load average {os.getloadavg()[0]:.1f}")
-    text = header + "\n\n" + harness.format_table(rows_out, COLUMNS)
-    print(text)
-    print(f"\nwritten to {harness.save('linear_matmul', text, dict(rows=rows_out, argv=sys.argv))}")
+    harness.report("linear_matmul", header, rows_out, COLUMNS)
     return 0
 
 

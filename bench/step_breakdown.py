@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                      step_ms=(end_to_end - accounted) * 1e3, share=f"{(end_to_end - accounted) / end_to_end:.0%}"))
     header = (f"one decode step, {shape} shape, batch {args.batch}; an empty gRPC round trip (no tensors) costs "
               f"{transport['empty'] * 1e3:.2f} ms here; 1-min load average {os.getloadavg()[0]:.1f}")
-    text = header + "\n\n" + harness.format_table(rows, COLUMNS)
-    print(text)
-    print(f"\nwritten to {harness.save(f'step_breakdown-{shape}-b{args.batch}', text, dict(rows=rows, argv=sys.argv))}")
+    harness.report(f"step_breakdown-{shape}-b{args.batch}", header, rows, COLUMNS)
     return 0
 
 
