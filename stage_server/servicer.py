@@ -102,8 +102,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 return None, refused
             with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
                 output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
-            out = {r.index for r in refused}
-            self.history.stepped([s for i, s in enumerate(request.sequences) if i not in out])
+            if refused:
+                out = {r.index for r in refused}
+                self.history.stepped([s for i, s in enumerate(request.sequences) if i not in out])
+            else:
+                self.history.stepped(request.sequences)
         return output, refused
 
     @translate_errors
