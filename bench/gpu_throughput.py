@@ -28,7 +28,11 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import seeded_mixtral  # noqa: E402  (bench/ is not a package)
+import gpu_profile  # noqa: E402  (bench/ is not a package)
+import seeded_mixtral  # noqa: E402
+
+
+PROFILE_STEPS = 8  # decode steps profiled per system (--profile)
 
 
 def log(message: str) -> None:
@@ -106,7 +110,8 @@ async def time_mesh(address: str, prompts: list[list[int]], steps: int, warmup: 
 
 
 async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: int, steps: int, warmup: int,
-                   vocab_size: int, stages: int, expert_servers: int) -> tuple[dict[int, float], float, str]:
+                   vocab_size: int, stages: int, expert_servers: int, profiles: list[str] | None = None
+                   ) -> tuple[dict[int, float], float, str]:
     from shardmesh.config import ModelConfig
     from shardmesh.local_mesh import start_local_mesh
     from shardmesh.topology import Topology
@@ -128,6 +133,11 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
             seconds[batch] = await time_mesh(mesh.address, random_prompts(batch, prompt_length, vocab_size, batch),
                                              steps, warmup)
             log(f"mesh batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
+        if profiles is not None:
+            prompts = random_prompts(1, prompt_length, vocab_size, 1)
+            with gpu_profile.Recorder() as recorder:
+                await time_mesh(mesh.address, prompts, PROFILE_STEPS, 2)
+            profiles.append(recorder.table(f"mesh in one process, batch 1, prefill + 2 + {PROFILE_STEPS} steps", PROFILE_STEPS + 3))
     finally:
         await mesh.stop()
     shape = f"{len(topology.stages)} stages, {len(topology.expert_servers)} expert servers"
@@ -164,6 +174,14 @@ def run_mesh_processes(model_dir, device: str, dtype: str, batches, prompt_lengt
     return seconds, load_s, f"processes, stage-expert sessions: {cuda} CUDA IPC, {host} host shm"
 
 
+OUT_DIR = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def table(rows, floor_s, device_name: str) -> str:
     lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -176,9 +194,7 @@ def table(rows, floor_s, device_name: str) -> str:
 
 def write_report(header: list[str], starts: list[str], rows, floor_s, device_name: str) -> str:
     report = "\n".join([*header, f"- {'; '.join(starts)}", "", table(rows, floor_s, device_name), ""])
-    out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_throughput.md").write_text(report)
+    write_text(OUT_DIR / "gpu_throughput.md", report)
     return report
 
 
@@ -199,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=pathlib.Path, help="where the checkpoint goes (default: a temp dir)")
     parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
                         help="also the mesh as processes (CUDA IPC between them on CUDA; default on)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also profile batch-1 steps of transformers and the in-process mesh (CPU side, "
+                             "torch.profiler) and time a kernel launch; writes gpu_profile.md (default on)")
     parser.add_argument("--processes-after-s", type=float, default=120.0,
                         help="skip the mesh as processes when this many seconds have passed (default %(default)s)")
     args = parser.parse_args(argv)
@@ -215,6 +234,12 @@ def main(argv=None) -> int:
 
     bandwidth = copy_bandwidth(device, (1 << 30) if device.startswith("cuda") else (64 << 20))
     log(f"device-to-device copy: {bandwidth / 1e12:.3f} TB/s (read + written)")
+    profiles = [] if args.profile else None
+    if args.profile and device.startswith("cuda"):
+        queued, synced = gpu_profile.launch_cost(device)
+        profiles.append(f"# Where batch-1 steps go on {device_name}\n\n- one-element add: {queued * 1e6:.1f} us "
+                        f"per queued launch, {synced * 1e6:.1f} us launched and waited for\n")
+        log(profiles[-1].splitlines()[-1])
     element_size = torch.empty((), dtype=dtype).element_size()
     floor_s = {b: seeded_mixtral.weight_bytes_per_step(shape, b, element_size) / bandwidth for b in batches}
 
@@ -234,13 +259,21 @@ def main(argv=None) -> int:
                                     args.steps, args.warmup)
         rows.append(("transformers", batch, seconds))
         log(f"transformers batch {batch}: {seconds * 1e3:.2f} ms per step")
+    if profiles is not None:
+        prompts = random_prompts(1, args.prompt_length, shape.vocab_size, 1)
+        with gpu_profile.Recorder() as recorder:
+            time_transformers(model, device, prompts, PROFILE_STEPS, 0)
+        profiles.append(recorder.table(f"transformers, batch 1, prefill + {PROFILE_STEPS} steps",
+                                       PROFILE_STEPS + 1))
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
 
     mesh_seconds, mesh_load_s, mesh_shape = asyncio.run(run_mesh(
         model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup, shape.vocab_size,
-        args.stages, args.expert_servers))
+        args.stages, args.expert_servers, profiles))
+    if profiles:
+        write_text(OUT_DIR / "gpu_profile.md", "\n".join(profiles))
     rows += [(f"mesh ({mesh_shape}, one process: host shm plane)", b, s)
              for b, s in mesh_seconds.items()]
     starts = [f"transformers load {hf_load_s:.1f} s", f"mesh start {mesh_load_s:.1f} s"]
