@@ -55,3 +55,80 @@ class Recorder:
         return "\n".join([f"## {label}", "", f"CUDA runtime calls per step: {counts or 'none'}; table: all steps together", "", "```",
                           averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48),
                           "```", ""])
+
+
+class ClockSampler:
+    """`with ClockSampler() as clocks: <timed work>` then `clocks.summary()`: the GPU's SM clock and
+    utilisation, sampled by `nvidia-smi -lms 100` while the work ran ("" without nvidia-smi). A GPU
+    left mostly idle between small kernels (batch 1) may never leave its low clocks, which then set
+    the step time rather than bandwidth."""
+
+    def __enter__(self) -> "ClockSampler":
+        import shutil
+        import subprocess
+
+        self._process = None
+        if shutil.which("nvidia-smi"):
+            self._process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            output, _ = self._process.communicate(timeout=10)
+            self._samples = [tuple(float(v) for v in line.split(",")[:2]) for line in output.splitlines()
+                             if line.count(",") >= 1 and line.split(",")[0].strip().replace(".", "").isdigit()]
+
+    def summary(self) -> str:
+        """'median SM MHz (median utilisation %)' over the samples, or ''."""
+        import statistics
+
+        samples = getattr(self, "_samples", [])
+        if not samples:
+            return ""
+        return (f"{statistics.median(s[0] for s in samples):.0f} "
+                f"({statistics.median(s[1] for s in samples):.0f}%)")
+
+
+class MpsDaemon:
+    """`with MpsDaemon() as mps:` runs an NVIDIA MPS control daemon for the processes started inside
+    (they find it through CUDA_MPS_PIPE_DIRECTORY, set here and inherited), so that several service
+    processes on one GPU share it without time-slicing between their contexts. `mps.error` says why
+    not ('' when it runs)."""
+
+    def __enter__(self) -> "MpsDaemon":
+        import os
+        import shutil
+        import subprocess
+        import tempfile
+
+        self.error, self._env = "", None
+        control = shutil.which("nvidia-cuda-mps-control")
+        if control is None:
+            self.error = "nvidia-cuda-mps-control not found"
+            return self
+        folder = tempfile.mkdtemp(prefix="shardmesh-mps-")
+        self._env = {"CUDA_MPS_PIPE_DIRECTORY": f"{folder}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{folder}/log"}
+        for path in self._env.values():
+            os.makedirs(path)
+        result = subprocess.run([control, "-d"], env={**os.environ, **self._env}, capture_output=True, text=True,
+                                timeout=30)
+        if result.returncode != 0:
+            self.error, self._env = f"nvidia-cuda-mps-control -d: exit {result.returncode} {result.stderr.strip()}", None
+            return self
+        os.environ.update(self._env)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import shutil
+        import subprocess
+
+        if self._env is None:
+            return
+        subprocess.run([shutil.which("nvidia-cuda-mps-control")], input="quit\n", env={**os.environ}, text=True,
+                       capture_output=True, timeout=30)
+        for name in self._env:
+            os.environ.pop(name, None)

@@ -17,6 +17,7 @@ table to $OUT/gpu_throughput.md, else bench/results/gpu_throughput.md.
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pathlib
 import sys
@@ -130,9 +131,11 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
     try:
         seconds = {}
         for batch in batches:
-            seconds[batch] = await time_mesh(mesh.address, random_prompts(batch, prompt_length, vocab_size, batch),
-                                             steps, warmup)
+            with gpu_profile.ClockSampler() as clocks:
+                seconds[batch] = await time_mesh(mesh.address, random_prompts(batch, prompt_length, vocab_size, batch),
+                                                 steps, warmup)
             log(f"mesh batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
+            seconds[batch] = (seconds[batch], clocks.summary())
         if profiles is not None:
             prompts = random_prompts(1, prompt_length, vocab_size, 1)
             with gpu_profile.Recorder() as recorder:
@@ -164,9 +167,11 @@ def run_mesh_processes(model_dir, device: str, dtype: str, batches, prompt_lengt
         load_s = time.perf_counter() - began
         seconds = {}
         for batch in batches:
-            seconds[batch] = asyncio.run(time_mesh(launcher.router_address, random_prompts(
-                batch, prompt_length, vocab_size, batch), steps, warmup))
+            with gpu_profile.ClockSampler() as clocks:
+                seconds[batch] = asyncio.run(time_mesh(launcher.router_address, random_prompts(
+                    batch, prompt_length, vocab_size, batch), steps, warmup))
             log(f"mesh (processes) batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
+            seconds[batch] = (seconds[batch], clocks.summary())
         logs = [launcher.workdir / f"stage-{i}.log" for i in range(stages)]
         cuda = sum(path.read_text(errors="replace").count("and a CUDA IPC segment") for path in logs if path.exists())
         host = sum(path.read_text(errors="replace").count("shared-memory plane with a") for path in logs
@@ -183,12 +188,15 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 
 def table(rows, floor_s, device_name: str) -> str:
-    lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for system, batch, seconds in rows:
-        baseline = next(s for name, b, s in rows if name == "transformers" and b == batch)
+    """rows: (system, batch, seconds per step, SM clock summary or '')."""
+    clocks = any(clock for *_, clock in rows)
+    lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |"
+             + (" SM MHz (GPU busy) |" if clocks else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if clocks else "")]
+    for system, batch, seconds, clock in rows:
+        baseline = next(s for name, b, s, _ in rows if name == "transformers" and b == batch)
         lines.append(f"| {system} | {batch} | {batch / seconds:,.1f} | {seconds * 1e3:.2f} | {floor_s[batch] * 1e3:.3f} "
-                     f"| {floor_s[batch] / seconds:.3f} | {baseline / seconds:.2f}x |")
+                     f"| {floor_s[batch] / seconds:.3f} | {baseline / seconds:.2f}x |" + (f" {clock} |" if clocks else ""))
     return "\n".join(lines)
 
 
@@ -218,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="also profile batch-1 steps of transformers and the in-process mesh (CPU side, "
                              "torch.profiler) and time a kernel launch; writes gpu_profile.md (default on)")
+    parser.add_argument("--mps", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, also the processes with CUDA IPC under an NVIDIA MPS daemon (default on)")
     parser.add_argument("--processes-after-s", type=float, default=120.0,
                         help="skip the mesh as processes when this many seconds have passed (default %(default)s)")
     args = parser.parse_args(argv)
@@ -255,9 +265,10 @@ def main(argv=None) -> int:
     model = load_transformers(model_dir, device, dtype)
     hf_load_s = time.perf_counter() - began
     for batch in batches:
-        seconds = time_transformers(model, device, random_prompts(batch, args.prompt_length, shape.vocab_size, batch),
-                                    args.steps, args.warmup)
-        rows.append(("transformers", batch, seconds))
+        with gpu_profile.ClockSampler() as clocks:
+            seconds = time_transformers(model, device, random_prompts(batch, args.prompt_length, shape.vocab_size,
+                                                                      batch), args.steps, args.warmup)
+        rows.append(("transformers", batch, seconds, clocks.summary()))
         log(f"transformers batch {batch}: {seconds * 1e3:.2f} ms per step")
     if profiles is not None:
         prompts = random_prompts(1, args.prompt_length, shape.vocab_size, 1)
@@ -274,8 +285,7 @@ def main(argv=None) -> int:
         args.stages, args.expert_servers, profiles))
     if profiles:
         write_text(OUT_DIR / "gpu_profile.md", "\n".join(profiles))
-    rows += [(f"mesh ({mesh_shape}, one process: host shm plane)", b, s)
-             for b, s in mesh_seconds.items()]
+    rows += [(f"mesh ({mesh_shape}, one process: host shm plane)", b, *s) for b, s in mesh_seconds.items()]
     starts = [f"transformers load {hf_load_s:.1f} s", f"mesh start {mesh_load_s:.1f} s"]
     header = [
         f"# Decode throughput on {device_name} ({device}), {dtype_name}",
@@ -295,12 +305,24 @@ def main(argv=None) -> int:
     elif args.processes:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        for cuda_ipc in ([True, False] if device.startswith("cuda") else [True]):
-            process_seconds, process_load_s, process_shape = run_mesh_processes(
-                model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup, shape.vocab_size,
-                args.stages, args.expert_servers, cuda_ipc)
-            rows += [(f"mesh ({mesh_shape}, {process_shape})", b, s) for b, s in process_seconds.items()]
-            starts.append(f"mesh as processes start {process_load_s:.1f} s")
+        cuda = device.startswith("cuda")
+        for cuda_ipc, mps in [(True, False), (False, False), (True, True)][:(3 if cuda and args.mps else 2 if cuda else 1)]:
+            with (gpu_profile.MpsDaemon() if mps else contextlib.nullcontext()) as daemon:
+                if mps and daemon.error:
+                    starts.append(f"MPS not tried: {daemon.error}")
+                    continue
+                try:
+                    process_seconds, process_load_s, process_shape = run_mesh_processes(
+                        model_dir, device, dtype_name, batches, args.prompt_length, args.steps, args.warmup,
+                        shape.vocab_size, args.stages, args.expert_servers, cuda_ipc)
+                except Exception as error:  # noqa: BLE001  (MPS on a machine that refuses it: say so, go on)
+                    if not mps:
+                        raise
+                    starts.append(f"mesh as processes under MPS failed: {type(error).__name__}: {error}")
+                    continue
+            label = f"mesh ({mesh_shape}, {process_shape}{', MPS' if mps else ''})"
+            rows += [(label, b, *s) for b, s in process_seconds.items()]
+            starts.append(f"mesh as processes{' under MPS' if mps else ''} start {process_load_s:.1f} s")
             write_report(header, starts, rows, floor_s, device_name)
     print(write_report(header, starts, rows, floor_s, device_name), flush=True)
     return 0
