@@ -58,15 +58,23 @@ class Recorder:
 
 
 class ClockSampler:
-    """`with ClockSampler() as clocks: <timed work>` then `clocks.summary()`: the GPU's SM clock and
-    utilisation, sampled by `nvidia-smi -lms 100` while the work ran ("" without nvidia-smi). A GPU
-    left mostly idle between small kernels (batch 1) may never leave its low clocks, which then set
-    the step time rather than bandwidth."""
+    """`with ClockSampler(pids) as clocks: <timed work>` then `clocks.summary()`: the GPU's SM clock
+    and utilisation, sampled by `nvidia-smi -lms 100` while the work ran ("" without nvidia-smi), and
+    `clocks.cpu_seconds`: host CPU (user + system) used meanwhile by this process and `pids`. A GPU
+    busy a few percent of a step at full clock is waiting on the host: then the host's CPU time per
+    step, not the weights' bandwidth, sets the step time."""
+
+    def __init__(self, pids=()):
+        self.pids = list(pids)
+        self.cpu_seconds = 0.0
 
     def __enter__(self) -> "ClockSampler":
         import shutil
         import subprocess
 
+        import harness
+
+        self._cpu_start = harness.cpu_seconds([]) + (harness.cpu_seconds(self.pids) if self.pids else 0)
         self._process = None
         if shutil.which("nvidia-smi"):
             self._process = subprocess.Popen(
@@ -75,6 +83,9 @@ class ClockSampler:
         return self
 
     def __exit__(self, *exc) -> None:
+        import harness
+
+        self.cpu_seconds = harness.cpu_seconds([]) + (harness.cpu_seconds(self.pids) if self.pids else 0) - self._cpu_start
         if self._process is not None:
             self._process.terminate()
             output, _ = self._process.communicate(timeout=10)

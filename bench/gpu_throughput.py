@@ -135,7 +135,7 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
                 seconds[batch] = await time_mesh(mesh.address, random_prompts(batch, prompt_length, vocab_size, batch),
                                                  steps, warmup)
             log(f"mesh batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
-            seconds[batch] = (seconds[batch], clocks.summary())
+            seconds[batch] = (seconds[batch], clocks.summary(), clocks.cpu_seconds / (steps + warmup + 1))
         if profiles is not None:
             prompts = random_prompts(1, prompt_length, vocab_size, 1)
             with gpu_profile.Recorder() as recorder:
@@ -167,11 +167,11 @@ def run_mesh_processes(model_dir, device: str, dtype: str, batches, prompt_lengt
         load_s = time.perf_counter() - began
         seconds = {}
         for batch in batches:
-            with gpu_profile.ClockSampler() as clocks:
+            with gpu_profile.ClockSampler(process.pid for process in launcher.processes.values()) as clocks:
                 seconds[batch] = asyncio.run(time_mesh(launcher.router_address, random_prompts(
                     batch, prompt_length, vocab_size, batch), steps, warmup))
             log(f"mesh (processes) batch {batch}: {seconds[batch] * 1e3:.2f} ms per step")
-            seconds[batch] = (seconds[batch], clocks.summary())
+            seconds[batch] = (seconds[batch], clocks.summary(), clocks.cpu_seconds / (steps + warmup + 1))
         logs = [launcher.workdir / f"stage-{i}.log" for i in range(stages)]
         cuda = sum(path.read_text(errors="replace").count("and a CUDA IPC segment") for path in logs if path.exists())
         host = sum(path.read_text(errors="replace").count("shared-memory plane with a") for path in logs
@@ -188,15 +188,16 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 
 def table(rows, floor_s, device_name: str) -> str:
-    """rows: (system, batch, seconds per step, SM clock summary or '')."""
-    clocks = any(clock for *_, clock in rows)
-    lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers |"
-             + (" SM MHz (GPU busy) |" if clocks else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if clocks else "")]
-    for system, batch, seconds, clock in rows:
-        baseline = next(s for name, b, s, _ in rows if name == "transformers" and b == batch)
+    """rows: (system, batch, seconds per step, SM clock summary or '', host CPU seconds per step)."""
+    clocks = any(clock for _, _, _, clock, _ in rows)
+    lines = ["| system | batch | decode tokens/s | ms per output token | floor ms | floor / measured | vs transformers "
+             "| host CPU ms per step |" + (" SM MHz (GPU busy) |" if clocks else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if clocks else "")]
+    for system, batch, seconds, clock, cpu in rows:
+        baseline = next(s for name, b, s, *_ in rows if name == "transformers" and b == batch)
         lines.append(f"| {system} | {batch} | {batch / seconds:,.1f} | {seconds * 1e3:.2f} | {floor_s[batch] * 1e3:.3f} "
-                     f"| {floor_s[batch] / seconds:.3f} | {baseline / seconds:.2f}x |" + (f" {clock} |" if clocks else ""))
+                     f"| {floor_s[batch] / seconds:.3f} | {baseline / seconds:.2f}x | {cpu * 1e3:.1f} |"
+                     + (f" {clock} |" if clocks else ""))
     return "\n".join(lines)
 
 
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
         with gpu_profile.ClockSampler() as clocks:
             seconds = time_transformers(model, device, random_prompts(batch, args.prompt_length, shape.vocab_size,
                                                                       batch), args.steps, args.warmup)
-        rows.append(("transformers", batch, seconds, clocks.summary()))
+        rows.append(("transformers", batch, seconds, clocks.summary(), clocks.cpu_seconds / (args.steps + args.warmup + 1)))
         log(f"transformers batch {batch}: {seconds * 1e3:.2f} ms per step")
     if profiles is not None:
         prompts = random_prompts(1, args.prompt_length, shape.vocab_size, 1)
@@ -296,6 +297,9 @@ def main(argv=None) -> int:
         f"- device-to-device copy bandwidth (read + written): {bandwidth / 1e12:.3f} TB/s; floor = weight bytes "
         f"a step reads / that bandwidth ({', '.join(f'batch {b}: {seeded_mixtral.weight_bytes_per_step(shape, b, element_size) / 1e9:.2f} GB' for b in batches)})",
         f"- prompt {args.prompt_length} tokens, {args.warmup} untimed then {args.steps} timed decode steps; torch {torch.__version__}",
+        "- host CPU ms per step: user + system CPU of this process (and, for the processes rows, of every service "
+        "process) over the whole request (prefill, warm-up and timed steps) / its decode steps; SM MHz (GPU busy): "
+        "medians of nvidia-smi samples every 100 ms while the rows ran",
         f"- command: `python bench/gpu_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
     ]
     write_report(header, starts, rows, floor_s, device_name)  # now, in case the processes run out of time
