@@ -63,7 +63,8 @@ def render(status: router_pb2.ClusterStatus, with_load: bool = True) -> str:
         holds = (f"layers [{server.layers.start}, {server.layers.end})" if role == "stage"
                  else f"{len(server.experts)} experts")
         holds += f", {len(server.expert_slices)} split-expert slices" if server.expert_slices else ""
-        holds += "".join(f", rank {s.rank}: {s.shard_id}" for s in server.tp_shards)  # ranks the router gave
+        holds += "".join(f", rank {s.rank}: {s.shard_id}" + (f" (generation {s.generation})" if s.generation else "")
+                         for s in server.tp_shards)  # ranks the router gave, and the group each shard last said it is in
         address = server.address if server.registered else "(not registered)"
         lines.append(f"  {server.name:<16} {role:<7} {address:<22} {holds}")
     if not with_load or not status.expert_servers:

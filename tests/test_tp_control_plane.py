@@ -20,6 +20,7 @@ import pytest
 
 from oracle import reference_greedy
 from grpc_health.v1 import health_pb2
+from shardmesh.cli_status import render
 from shardmesh.client import Client, UnavailableError
 from shardmesh.topology import StageSpec, Topology
 from shardmesh.v1 import router_pb2, router_pb2_grpc
@@ -61,6 +62,7 @@ def test_shards_started_without_ranks_get_them_from_the_router_and_serve_the_ref
         [stage] = status.servers
         assert sorted((s.rank, s.shard_id) for s in stage.tp_shards) in ([(0, "a"), (1, "b")], [(0, "b"), (1, "a")])
         rank0 = next(s.shard_id for s in stage.tp_shards if s.rank == 0)
+        assert f"rank 0: {rank0} (generation 1)" in render(status)  # `shardmesh status` shows the group's generation
         assert "tensor-parallel group formed at 127.0.0.1:" in (tmp_path / f"{rank0}.log").read_text(errors="replace")
         with Client(router, timeout=120) as client:
             tokens = [t.token_id for t in client.generate_all(PROMPT, max_new_tokens=4, ignore_eos=True).tokens]
