@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="compute threads of each stage and expert server (default 0 = 2 on a host of 2+ cores)")
     up.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     up.add_argument("--no-auth", action="store_true", help="no tokens (default: fresh random ones, printed)")
+    up.add_argument("--auth-tokens-file", type=pathlib.Path, metavar="FILE",
+                    help="named client tokens the router also accepts, one `NAME TOKEN` a line (the router's "
+                         "--auth-tokens-file; callers then show in its logs and limits by name)")
     from shardmesh.security import add_tls_arguments
     add_tls_arguments(up)
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from shardmesh.launcher import run_up
         return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
                       device=args.device, no_auth=args.no_auth, tls=_tls_files(args, args.no_auth),
-                      compute_threads=args.compute_threads)
+                      compute_threads=args.compute_threads, tokens_file=args.auth_tokens_file)
     if args.command == "certs":
         from shardmesh.certs import run
         return run(args)

@@ -56,3 +56,39 @@ def test_router_without_a_token_refuses_to_start(mixtral_dir):
                             timeout=120, env=env)
     assert result.returncode == 2, result.stderr
     assert "--auth-token-file" in result.stderr and "--no-auth" in result.stderr, result.stderr
+
+
+def test_up_with_named_client_tokens(mixtral_dir, tmp_path):
+    tokens = tmp_path / "client-tokens"
+    tokens.write_text("# name token\nalice alice-secret-0123456789\nbob bob-secret-9876543210\n")
+    (tmp_path / "alice").write_text("alice-secret-0123456789\n")
+    (tmp_path / "mallory").write_text("mallory-guess-0000000000\n")
+    with shardmesh_up(mixtral_dir, tmp_path, "--auth-tokens-file", str(tokens)) as (up, lines, model):
+        address = wait_for_line(lines, "router listening on", timeout=120).split()[3]
+        assert "alice, bob" in wait_for_line(lines, "named client tokens from", timeout=5)
+        generate = [*SHARDMESH, "generate", "--router", address, "--prompt-ids", "1,9,27,81", "--max-new-tokens", "3",
+                    "--ignore-eos", "--output", "ids", "--timeout", "60"]
+        env = {k: v for k, v in os.environ.items() if k != "SHARDMESH_AUTH_TOKEN"}
+        good = subprocess.run([*generate, "--token-file", str(tmp_path / "alice")], capture_output=True, text=True,
+                              timeout=90, env=env)
+        assert good.returncode == 0, good.stderr
+        assert [int(t) for t in good.stdout.split()] == transformers_greedy(mixtral_dir, [1, 9, 27, 81], 3,
+                                                                           ignore_eos=True)
+        bad = subprocess.run([*generate, "--token-file", str(tmp_path / "mallory")], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert bad.returncode == 1 and "UNAUTHENTICATED" in bad.stderr, bad.stderr
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("contents, extra, message", [
+    ("alice one two\n", [], "expected `NAME TOKEN`, got 3 fields"),
+    ("alice secret-1234567890\n", ["--no-auth"], "leave out --no-auth"),
+])
+def test_up_refuses_a_bad_tokens_file_before_starting_anything(mixtral_dir, tmp_path, contents, extra, message):
+    tokens = tmp_path / "client-tokens"
+    tokens.write_text(contents)
+    result = subprocess.run([*SHARDMESH, "up", "--model", str(mixtral_dir), "--auth-tokens-file", str(tokens), *extra],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "starting" not in result.stdout
