@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from shardmesh.serve import run_service
         return run_service(args.command, args)
     if args.command == "up":
-        from shardmesh.launcher import run_up
+        from shardmesh.cli_up import run_up
         return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
                       device=args.device, no_auth=args.no_auth, tls=_tls_files(args, args.no_auth),
                       compute_threads=args.compute_threads, tokens_file=args.auth_tokens_file)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from shardmesh import cli, launcher
+from shardmesh import cli, cli_up, launcher
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.service_config import ServiceConfig
 
@@ -62,7 +62,7 @@ def test_a_service_asked_for_a_missing_gpu_exits_2_naming_it(mixtral_dir, fake_c
 
 def test_shardmesh_up_passes_device_and_dtype_to_every_service(mixtral_dir, monkeypatch):
     seen = {}
-    monkeypatch.setattr(launcher, "run_up", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs) or 0)
+    monkeypatch.setattr(cli_up, "run_up", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs) or 0)
     assert cli.main(["up", "--model", str(mixtral_dir), "--device", "cuda:1"]) == 0
     assert seen["kwargs"]["device"] == "cuda:1" and seen["args"][3] == ""  # dtype: the device's default
 
