@@ -19,7 +19,10 @@ still ends RESOURCE_EXHAUSTED, its details saying to back off, with trailing met
 `retry-after` (seconds, as HTTP's header) and `grpc-retry-pushback-ms` (gRPC's retry pushback).
 Counted and held: Generate's refusals for a full admission queue (router/admission.py) and for a
 caller past `--max-sequences-per-caller` (router/servicer.py), through `held_refusal`.
-Off by default (`--tarpit-refusals-per-second 0`). With `--caller-identity host` every client of
+On by default at 50 refusals/s (`--tarpit-refusals-per-second 0` turns it off). Metrics (read at
+scrape time, shardmesh/telemetry/metrics.py): `shardmesh_tarpit_refusals_total` (refusals counted),
+`shardmesh_tarpit_held_refusals_total`, `shardmesh_tarpit_held_calls` (held now) and
+`shardmesh_tarpit_flooding_callers` (callers above the threshold now). With `--caller-identity host` every client of
 one host (or behind one proxy) is one caller: prefer `connection` or `token` there.
 """
 
@@ -60,10 +63,12 @@ class Tarpit:
         self.scores: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self.held = 0      # calls being held now
         self.held_total = 0  # calls ever held (metrics, tests)
+        self.refusals_total = 0  # refusals counted (metrics)
 
     def delay(self, caller: str) -> float:
         """Count one refusal of `caller`; the seconds to hold it (0.0: refuse at once)."""
         now = self.clock()
+        self.refusals_total += 1
         score, at = self.scores.pop(caller, (0.0, now))
         score = score * math.exp((at - now) / TIME_CONSTANT_S) + 1.0
         self.scores[caller] = (score, now)
@@ -72,6 +77,12 @@ class Tarpit:
         if score <= self.threshold or self.held >= self.config.max_held:
             return 0.0
         return min(self.config.max_delay_s, self.config.base_delay_s * score / self.threshold)
+
+    def flooding_callers(self) -> int:
+        """Callers whose score, decayed to now, is above the threshold (their next refusal is held)."""
+        now = self.clock()
+        return sum(score * math.exp((at - now) / TIME_CONSTANT_S) > self.threshold
+                   for score, at in self.scores.values())
 
     async def hold(self, caller: str) -> float:
         """Count one refusal of `caller` and sleep as long as it deserves; returns the seconds held."""

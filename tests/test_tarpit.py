@@ -139,7 +139,12 @@ def test_a_flood_is_slowed_and_others_are_refused_at_once(mesh):
             return untrapped, trapped, other, held_before_other, pit, tokens
 
     untrapped, trapped, other, held_before_other, pit, tokens = mesh.run(body())
+    scraped = metric_values()  # what Prometheus would read now, the flood's tarpit still in place
     router.tarpit = Tarpit(PIT)  # as started
+    assert scraped["shardmesh_tarpit_held_refusals_total"] == pit.held_total >= len(trapped) - 2 * FLOOD_LOOPS
+    assert scraped["shardmesh_tarpit_refusals_total"] == pit.refusals_total >= len(trapped) + 1
+    assert scraped["shardmesh_tarpit_held_calls"] == 0  # the loops ended
+    assert scraped["shardmesh_tarpit_flooding_callers"] == 1  # mallory, seconds ago; alice was refused once
     rate_off = len(untrapped) / 1.0
     # Once flooding (after the first second), every refusal was held, and said so.
     settled = [r for r in trapped if r[0] >= trapped[0][0] + 1.0]
@@ -157,6 +162,17 @@ def test_a_flood_is_slowed_and_others_are_refused_at_once(mesh):
     assert pit.held_total == held_before_other and set(pit.scores) == {"token:mallory", "token:alice"}
     # The admitted request went on through the flood with transformers' tokens.
     assert tokens == transformers_greedy(mesh.model_dir, PROMPT, CHECKED_TOKENS, ignore_eos=True)
+
+
+def metric_values() -> dict[str, float]:
+    """The router's tarpit series in this process's metrics, as scraped: name -> value."""
+    from prometheus_client import generate_latest
+
+    from shardmesh.telemetry import metrics
+
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in generate_latest(metrics.REGISTRY).decode().splitlines()
+            if line.startswith("shardmesh_tarpit_") and 'server="router"' in line}
 
 
 def test_the_router_command_line_takes_the_tarpit():

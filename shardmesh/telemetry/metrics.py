@@ -88,6 +88,14 @@ def _router_state(state):
     scheduler = state.scheduler
     yield "gauge", "shardmesh_queue_depth", "Requests waiting for a batch slot", {}, len(scheduler.waiting)
     yield "gauge", "shardmesh_running_sequences", "Sequences in the running batch", {}, len(scheduler.running)
+    pit = getattr(state, "tarpit", None)  # router/tarpit.py, unless --tarpit-refusals-per-second 0
+    if pit is not None:
+        yield "counter", "shardmesh_tarpit_refusals", "Refusals the tarpit counted (admission, per-caller limit)", \
+            {}, pit.refusals_total
+        yield "counter", "shardmesh_tarpit_held_refusals", "Refusals held before they were answered", {}, pit.held_total
+        yield "gauge", "shardmesh_tarpit_held_calls", "Refusals being held now", {}, pit.held
+        yield "gauge", "shardmesh_tarpit_flooding_callers", "Callers refused faster than the threshold now", {}, \
+            pit.flooding_callers()
 
 
 def _stage_state(model):
