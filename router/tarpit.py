@@ -13,7 +13,9 @@ constant TIME_CONSTANT_S: at a steady R refusals/s it is about R * TIME_CONSTANT
 score is above `refusals_per_second` * TIME_CONSTANT_S the caller is flooding: each refusal is
 held for `base_delay_s` * score / threshold (so the delay grows while the flood persists), at most
 `max_delay_s`. A caller refused now and then never comes near the threshold and is refused at
-once, as is any caller while `max_held` calls are held already (the bound on held calls). The
+once, as is any caller while `max_held` calls are held already (the bound on held calls), and a
+caller with `max_held_per_caller` of its own held (so that one flood cannot take every hold and
+leave the others unslowed). The
 map of callers is bounded (`max_callers`, least recently refused forgotten first). A held call
 still ends RESOURCE_EXHAUSTED, its details saying to back off, with trailing metadata
 `retry-after` (seconds, as HTTP's header) and `grpc-retry-pushback-ms` (gRPC's retry pushback).
@@ -41,6 +43,7 @@ class TarpitConfig:
     base_delay_s: float = 0.1   # the hold at the threshold; it grows with the caller's score
     max_delay_s: float = 0.5
     max_held: int = 256         # calls held at once, all callers together; past it: refused at once
+    max_held_per_caller: int = 64  # calls of one caller held at once; past it: refused at once
     max_callers: int = 4096     # callers remembered
 
     def __post_init__(self):
@@ -49,8 +52,9 @@ class TarpitConfig:
         if not 0 < self.base_delay_s <= self.max_delay_s:
             raise ValueError(f"tarpit delays need 0 < base_delay_s ({self.base_delay_s}) <= max_delay_s "
                              f"({self.max_delay_s})")
-        if self.max_held < 0 or self.max_callers < 1:
-            raise ValueError(f"tarpit max_held {self.max_held} must be >= 0 and max_callers {self.max_callers} >= 1")
+        if self.max_held < 0 or self.max_held_per_caller < 0 or self.max_callers < 1:
+            raise ValueError(f"tarpit max_held {self.max_held} and max_held_per_caller {self.max_held_per_caller} "
+                             f"must be >= 0 and max_callers {self.max_callers} >= 1")
 
 
 class Tarpit:
@@ -62,6 +66,7 @@ class Tarpit:
         # caller -> (score, when it was last updated); most recently refused last
         self.scores: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self.held = 0      # calls being held now
+        self.held_by: dict[str, int] = {}  # caller -> its calls being held now (callers with none absent)
         self.held_total = 0  # calls ever held (metrics, tests)
         self.refusals_total = 0  # refusals counted (metrics)
 
@@ -74,7 +79,8 @@ class Tarpit:
         self.scores[caller] = (score, now)
         if len(self.scores) > self.config.max_callers:
             self.scores.popitem(last=False)  # the least recently refused caller
-        if score <= self.threshold or self.held >= self.config.max_held:
+        if (score <= self.threshold or self.held >= self.config.max_held
+                or self.held_by.get(caller, 0) >= self.config.max_held_per_caller):
             return 0.0
         return min(self.config.max_delay_s, self.config.base_delay_s * score / self.threshold)
 
@@ -90,10 +96,14 @@ class Tarpit:
         if seconds:
             self.held += 1
             self.held_total += 1
+            self.held_by[caller] = self.held_by.get(caller, 0) + 1
             try:
                 await asyncio.sleep(seconds)
             finally:
                 self.held -= 1
+                self.held_by[caller] -= 1
+                if not self.held_by[caller]:
+                    del self.held_by[caller]
         return seconds
 
 

@@ -72,9 +72,29 @@ def test_held_calls_are_bounded():
     assert held_now == 3 and sorted(seconds) == [0.0, 0.0, 0.2, 0.2, 0.2] and held_after == 0
 
 
+def test_one_caller_cannot_take_every_hold():
+    async def body():
+        pit = Tarpit(TarpitConfig(refusals_per_second=1, base_delay_s=0.2, max_delay_s=0.2, max_held=4,
+                                  max_held_per_caller=2))
+        for _ in range(10):
+            pit.delay("flooder")
+            pit.delay("other")  # both well over the threshold
+        floods = [asyncio.create_task(pit.hold("flooder")) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        others = [asyncio.create_task(pit.hold("other")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        held_now = dict(pit.held_by)
+        return held_now, await asyncio.gather(*floods), await asyncio.gather(*others), pit.held_by
+
+    held_now, floods, others, held_after = asyncio.run(body())
+    assert held_now == {"flooder": 2, "other": 2}  # without the per-caller cap the flooder takes all 4
+    assert sorted(floods) == [0.0, 0.0, 0.2, 0.2] and sorted(others) == [0.0, 0.2, 0.2] and held_after == {}
+
+
 def test_config_is_validated():
     for bad in (dict(refusals_per_second=0), dict(refusals_per_second=1, base_delay_s=0),
-                dict(refusals_per_second=1, base_delay_s=1, max_delay_s=0.5), dict(refusals_per_second=1, max_held=-1)):
+                dict(refusals_per_second=1, base_delay_s=1, max_delay_s=0.5), dict(refusals_per_second=1, max_held=-1),
+                dict(refusals_per_second=1, max_held_per_caller=-1)):
         with pytest.raises(ValueError):
             TarpitConfig(**bad)
 
