@@ -3,9 +3,10 @@ their own (StepResponse.refused, RESOURCE_EXHAUSTED naming `sequences[i].sequenc
 step runs for the others, so sequences batched with a refused one are not failed with it
 (shardmesh/step_refusals.py is the router's side).
 
-Not for tensor-parallel stages: their shards must run the very request rank 0 got; there the
-whole step is still refused (StageModel.validate). Racing steps of disjoint sequences are caught
-by that same check in StageModel.forward."""
+On a tensor-parallel stage rank 0 decides and forwards the step without the refused sequences;
+the other shards run what it sent (their caches hold what rank 0's holds) and never split, so
+every rank runs the same step. Racing steps of disjoint sequences are caught by StageModel.validate
+in StageModel.forward."""
 
 import torch
 

@@ -96,17 +96,19 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             raise FailedPrecondition("placement", f"stage {self.name} has no expert placement yet")
         # A tensor-parallel stage's ranks must run the same steps in the same order: one at a time.
         serial = self.tp_fanout is not None or self.model.tp.world_size > 1
+        # Rank 0 refuses sequences on their own and forwards the rest; a shard runs what rank 0 sent.
+        splits = self.tp_fanout is not None or self.model.tp.world_size == 1
         async with self.gate.exclusive() if serial else self.gate.sequences(batch.sequence_ids):
-            batch, refused = (batch, []) if serial else split_over_capacity(self.model, batch)
+            batch, refused = split_over_capacity(self.model, batch) if splits else (batch, [])
             if batch is None:
                 return None, refused
-            with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
-                output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
             if refused:
                 out = {r.index for r in refused}
-                self.history.stepped([s for i, s in enumerate(request.sequences) if i not in out])
-            else:
-                self.history.stepped(request.sequences)
+                request = stage_pb2.StepRequest(step_id=request.step_id, traceparent=request.traceparent, sequences=[
+                    s for i, s in enumerate(request.sequences) if i not in out])  # what the shards get
+            with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
+                output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
+            self.history.stepped(request.sequences)
         return output, refused
 
     @translate_errors

@@ -14,7 +14,7 @@ import torch
 from shardmesh.reference import transformers_greedy
 from shardmesh.v1 import router_pb2, router_pb2_grpc
 
-from mesh_helpers import local_mesh, topology
+from mesh_helpers import local_mesh
 from stage_server.capacity import split_over_capacity
 
 from shardmesh.checkpoint import CheckpointReader
@@ -22,6 +22,7 @@ from shardmesh.config import ModelConfig
 from shardmesh.errors import ResourceExhausted
 from shardmesh.serve import add_service_arguments
 from shardmesh.stage_model import StageBatch, StageModel
+from shardmesh.topology import StageSpec, Topology
 
 
 def step(stage: StageModel, sequence_ids, start_positions, num_tokens):
@@ -72,17 +73,23 @@ def test_a_step_is_split_around_the_sequences_that_do_not_fit(llama_dir):
     assert split_over_capacity(stage, malformed) == (malformed, [])
 
 
-def test_only_the_sequence_past_a_stage_capacity_fails(llama_dir):
+@pytest.mark.parametrize("second_stage_tp", [1, 2])
+def test_only_the_sequence_past_a_stage_capacity_fails(llama_dir, second_stage_tp):
     """A and B run on two stages; C joins their batch while the second stage's cache holds only 2
     sequences: C gets RESOURCE_EXHAUSTED naming that stage's field (the first stage had cached it,
-    and frees it), A and B finish with transformers' tokens, and D fits once they are done."""
+    and frees it), A and B finish with transformers' tokens, and D fits once they are done. With
+    the second stage tensor-parallel (2 shards, gloo in process) its rank 0 refuses C and forwards
+    the rest: both shards run the same step."""
     prompts = {"A": [1, 5, 9], "B": [1, 7, 11, 13], "C": [1, 3], "D": [1, 17, 19]}
     new_tokens = {"A": 24, "B": 24, "C": 4, "D": 6}
 
     async def body():
-        async with local_mesh(llama_dir, topology([(0, 2), (2, 4)]),
-                              router_options=dict(max_batch_sequences=4, micro_batches=1)) as mesh:
-            mesh.stages[1].servicer.model.max_cached_sequences = 2
+        stages = Topology((StageSpec("stage-0", 0, 2), StageSpec("stage-1", 2, 4, second_stage_tp)))
+        async with local_mesh(llama_dir, stages, router_options=dict(max_batch_sequences=4, micro_batches=1)) as mesh:
+            second = [s.servicer.model for s in mesh.stages if s.servicer.name.startswith("stage-1")]
+            assert len(second) == second_stage_tp
+            for model in second:
+                model.max_cached_sequences = 2
             first_stage = mesh.stages[0].servicer.model
             async with grpc.aio.insecure_channel(f"127.0.0.1:{mesh.router.port}") as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
@@ -102,10 +109,11 @@ def test_only_the_sequence_past_a_stage_capacity_fails(llama_dir):
                     while (response := await call.read()) is not grpc.aio.EOF:
                         tokens[name].append(response.token_id)
                 for _ in range(500):  # the router frees C, then A and B, on every stage (bounded wait)
-                    if not first_stage.cached_sequence_ids():
+                    if not first_stage.cached_sequence_ids() and not any(m.cached_sequence_ids() for m in second):
                         break
                     await asyncio.sleep(0.01)
                 cached_after = first_stage.cached_sequence_ids()
+                assert all(model.cached_sequence_ids() == [] for model in second)  # every shard freed them
                 tokens["D"] = [r.token_id async for r in generate("D")]
         return c_outcome, tokens, cached_after
 
