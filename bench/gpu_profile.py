@@ -143,3 +143,59 @@ class MpsDaemon:
                        capture_output=True, timeout=30)
         for name in self._env:
             os.environ.pop(name, None)
+
+
+class StackSampler:
+    """`with StackSampler() as stacks: <steps>` then `stacks.table(rows)`: where the thread that
+    entered spends its wall time, by sampling its Python stack every `interval_s` from another
+    thread (sys._current_frames): the innermost frame of each sample, counted. Time inside a C call
+    (a kernel launch, a device copy waiting for the GPU) counts at the Python line that made it, so
+    this shows waits that torch.profiler's operator table does not. `all_threads`: every thread's
+    innermost frame in each sample (threads asleep show where they wait), keyed by thread name."""
+
+    def __init__(self, interval_s: float = 0.001, all_threads: bool = False):
+        self.interval_s, self.all_threads = interval_s, all_threads
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+
+    def __enter__(self) -> "StackSampler":
+        import threading
+
+        self._target = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import sys
+
+        import threading
+
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval_s):
+            frames = sys._current_frames()
+            names = {t.ident: t.name for t in threading.enumerate()} if self.all_threads else {}
+            chosen = ([(ident, f) for ident, f in frames.items() if ident != me] if self.all_threads
+                      else [(self._target, frames.get(self._target))])
+            for ident, frame in chosen:
+                if frame is None:
+                    continue
+                code = frame.f_code
+                where = f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}"
+                if self.all_threads:
+                    where = f"[{names.get(ident, ident)}] {where}"
+                self.counts[where] = self.counts.get(where, 0) + 1
+            self.samples += 1
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def table(self, label: str, rows: int = 15) -> str:
+        top = sorted(self.counts.items(), key=lambda item: -item[1])[:rows]
+        whose = "every thread" if self.all_threads else "the thread"
+        lines = [f"## {label}: innermost Python frame of {whose}, {self.samples} samples every "
+                 f"{self.interval_s * 1e3:g} ms", "", "| share | frame |", "| ---: | --- |"]
+        lines += [f"| {100 * count / max(1, self.samples):.1f}% | `{where}` |" for where, count in top]
+        return "\n".join([*lines, ""])

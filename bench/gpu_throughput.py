@@ -140,6 +140,9 @@ async def run_mesh(model_dir, device: str, dtype: str, batches, prompt_length: i
             prompts = random_prompts(1, prompt_length, vocab_size, 1)
             with gpu_profile.Recorder() as recorder:
                 await time_mesh(mesh.address, prompts, PROFILE_STEPS, 2)
+            with gpu_profile.StackSampler(all_threads=True) as stacks:
+                await time_mesh(mesh.address, prompts, PROFILE_STEPS, 2)
+            profiles.append(stacks.table(f"mesh in one process, batch 1, prefill + 2 + {PROFILE_STEPS} steps", 30))
             profiles.append(recorder.table(f"mesh in one process, batch 1, prefill + 2 + {PROFILE_STEPS} steps", PROFILE_STEPS + 3))
     finally:
         await mesh.stop()
@@ -277,6 +280,9 @@ def main(argv=None) -> int:
             time_transformers(model, device, prompts, PROFILE_STEPS, 0)
         profiles.append(recorder.table(f"transformers, batch 1, prefill + {PROFILE_STEPS} steps",
                                        PROFILE_STEPS + 1))
+        with gpu_profile.StackSampler() as stacks:
+            time_transformers(model, device, prompts, PROFILE_STEPS, 0)
+        profiles.append(stacks.table(f"transformers, batch 1, prefill + {PROFILE_STEPS} steps"))
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
