@@ -60,20 +60,22 @@ async def _mesh_generate(address: str, token: str | None, prompts: list[list[int
 
 
 def run_mesh(address: str, token: str | None, prompts: list[list[int]], new_tokens: int, repeats: int = 1,
-             pids: list[int] = ()) -> dict:
+             pids: dict[str, int] | None = None) -> dict:
     """Time per output token: the mean gap between a sequence's tokens, skipping the first three
     (prefill, joining), pooled over the batch; the best of `repeats` runs. Also the CPU time the
-    mesh's processes (`pids`) spent per decode step in that run: unlike wall time, other work on
-    the machine hardly changes it."""
+    mesh's processes (`pids`: name -> pid) spent per decode step in that run, in all and by
+    process: unlike wall time, other work on the machine hardly changes it."""
+    pids = pids or {}
     asyncio.run(_mesh_generate(address, token, prompts, 4))  # warm-up at the same batch size
-    best, cpu = float("inf"), float("nan")
+    best, cpu, by_process = float("inf"), float("nan"), {}
     for _ in range(repeats):
-        cpu_before = harness.cpu_seconds(pids)
+        before = {name: harness.cpu_seconds([pid]) for name, pid in pids.items()}
         stamps, tokens = asyncio.run(_mesh_generate(address, token, prompts, new_tokens))
         gaps = [b - a for s in stamps for a, b in zip(s[3:], s[4:])]
         if sum(gaps) / len(gaps) < best:
-            best, cpu = sum(gaps) / len(gaps), (harness.cpu_seconds(pids) - cpu_before) / new_tokens
-    return dict(tpot_s=best, tokens=tokens, cpu_s=cpu)
+            by_process = {name: (harness.cpu_seconds([pid]) - before[name]) / new_tokens for name, pid in pids.items()}
+            best, cpu = sum(gaps) / len(gaps), sum(by_process.values())
+    return dict(tpot_s=best, tokens=tokens, cpu_s=cpu, cpu_by_process=by_process)
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
@@ -152,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{time.perf_counter() - started:.1f} s", flush=True)
                 for batch in batches:
                     result = run_mesh(launcher.router_address, launcher.client_token, prompts[:batch], new_tokens,
-                                      args.repeats, [process.pid for process in launcher.processes.values()])
+                                      args.repeats, {n: process.pid for n, process in launcher.processes.items()})
                     rows.append(dict(config=name, batch=batch, **_figures(result, batch, reference[batch], floors[batch]),
                                      agree=agreement(result["tokens"], reference[batch]["tokens"])))
                     print(harness.format_table(rows[-1:], COLUMNS), flush=True)
+                    print("  CPU ms/step by process: " + ", ".join(
+                        f"{n} {seconds * 1e3:.1f}" for n, seconds in result["cpu_by_process"].items()), flush=True)
 
     header = [f"decode throughput, {shape} shape ({config.num_layers} layers, hidden {config.hidden_size}, "
               f"{config.num_experts} experts top-{config.experts_per_token}, vocab {config.vocab_size}, fp32), "
