@@ -90,6 +90,7 @@ class RemoteExperts:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._in_flight: dict[str, int] = {}  # address -> tokens sent and not yet answered
         self._down: dict[str, float] = {}     # address -> monotonic time until which it is avoided
+        self._sole: dict[tuple[int, int], str] = {}  # (layer, expert) -> its one replica (most experts)
         self._turn = 0
         self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into pieces this big
         self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
@@ -102,6 +103,7 @@ class RemoteExperts:
         before = set(self._stubs)
         after = {a for addresses in placement.replicas.values() for a in addresses}
         self.placement = placement
+        self._sole = {key: addresses[0] for key, addresses in placement.replicas.items() if len(addresses) == 1}
         for address in after - before:
             self._channels[address] = open_channel(address, self.security, FAST_FAILURE_OPTIONS)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
@@ -124,6 +126,11 @@ class RemoteExperts:
         def assign(todo: list[Piece], avoid) -> dict[str, list[Piece]]:  # failed servers are down: _spread skips them
             by_server: dict[str, list[Piece]] = {}
             for piece in todo:  # a hot expert's rows may be cut into pieces over its replicas
+                sole = self._sole.get((layer, piece.expert))
+                if sole is not None:  # what _spread gives for one replica (down or not): the piece whole
+                    self._turn += 1
+                    by_server.setdefault(sole, []).append(piece)
+                    continue
                 start = piece.start
                 for address, count in self._spread(layer, piece.expert, piece.stop - piece.start):
                     by_server.setdefault(address, []).append(Piece(piece.expert, start, start + count))
