@@ -33,6 +33,9 @@ class EchoExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     @serves_nccl_calls
     async def ComputeExperts(self, request, context):
+        if request.HasField("packed"):  # what stages send: every group in one tensor
+            return expert_pb2.ComputeExpertsResponse(packed_outputs=codec.encode(
+                codec.decode(request.packed.hidden_states, "packed.hidden_states")))
         return expert_pb2.ComputeExpertsResponse(outputs=[
             codec.encode(codec.decode(group.hidden_states, f"groups[{i}]")) for i, group in enumerate(request.groups)])
 

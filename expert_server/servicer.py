@@ -56,16 +56,36 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
             if not self.shard.holds_slice(group.layer, group.expert, group.slice_rank, group.slice_count):
                 raise NotFound(f"{field}.slice_rank", f"slice {group.slice_rank} of {group.slice_count} of (layer "
                                f"{group.layer}, expert {group.expert}) is not held by {self.name}")
-        elif not self.shard.holds(group.layer, group.expert):  # (the set of layers is built on this error path only)
-            if group.layer not in self.layers:
-                raise NotFound(f"{field}.layer", f"{self.name} holds no expert of layer {group.layer}")
-            raise NotFound(f"{field}.expert", f"(layer {group.layer}, expert {group.expert}) is not held by {self.name}")
-        hidden_states = codec.decode(group.hidden_states, f"{field}.hidden_states")
+        else:
+            self._check_held(group.layer, group.expert, f"{field}.layer", f"{field}.expert")
+        return self._checked(codec.decode(group.hidden_states, f"{field}.hidden_states"), f"{field}.hidden_states")
+
+    def _decode_packed(self, packed: expert_pb2.PackedGroups) -> tuple[torch.Tensor, ...]:
+        """A layer's packed groups -> each group's rows [n_e, H] (views of the one decoded tensor)."""
+        if len(packed.num_tokens) != len(packed.experts):
+            raise InvalidArgument("packed.num_tokens", f"{len(packed.num_tokens)} counts for "
+                                                       f"{len(packed.experts)} experts")
+        for i, expert in enumerate(packed.experts):
+            self._check_held(packed.layer, expert, "packed.layer", f"packed.experts[{i}]")
+        hidden_states = self._checked(codec.decode(packed.hidden_states, "packed.hidden_states"),
+                                      "packed.hidden_states")  # [N, H]
+        total = sum(packed.num_tokens)
+        if total != hidden_states.shape[0]:
+            raise InvalidArgument("packed.num_tokens", f"they sum to {total}, not to the {hidden_states.shape[0]} "
+                                                       f"rows of packed.hidden_states")
+        return hidden_states.split_with_sizes(list(packed.num_tokens)) if len(packed.experts) > 1 else (hidden_states,)
+
+    def _check_held(self, layer: int, expert: int, layer_field: str, expert_field: str) -> None:
+        if not self.shard.holds(layer, expert):  # (the set of layers is built on this error path only)
+            if layer not in self.layers:
+                raise NotFound(layer_field, f"{self.name} holds no expert of layer {layer}")
+            raise NotFound(expert_field, f"(layer {layer}, expert {expert}) is not held by {self.name}")
+
+    def _checked(self, hidden_states: torch.Tensor, field: str) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
-            raise InvalidArgument(f"{field}.hidden_states",
-                                  f"shape {list(hidden_states.shape)} is not [num_tokens, {self.hidden_size}]")
+            raise InvalidArgument(field, f"shape {list(hidden_states.shape)} is not [num_tokens, {self.hidden_size}]")
         if hidden_states.dtype != self.dtype:
-            raise InvalidArgument(f"{field}.hidden_states", f"dtype {hidden_states.dtype} is not {self.dtype}")
+            raise InvalidArgument(field, f"dtype {hidden_states.dtype} is not {self.dtype}")
         return hidden_states
 
     @translate_errors
@@ -74,25 +94,37 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         if self.unplaced_reason:
             raise Unavailable("groups", f"{self.name}: {self.unplaced_reason}")
         # Decode and check every group before computing any, so a bad group costs nothing.
+        if request.HasField("packed"):  # one tensor in, one out (what stages send)
+            if request.groups:
+                raise InvalidArgument("packed", "give groups or packed, not both")
+            packed = request.packed
+            inputs = self._decode_packed(packed)
+            work = [(packed.layer, expert, 0, x) for expert, x in zip(packed.experts, inputs)]
+            outputs = self._compute_all(work, request.traceparent)
+            output = outputs[0] if len(outputs) == 1 else (
+                torch.cat(outputs) if outputs else torch.empty(0, self.hidden_size, dtype=self.dtype))  # [N, H]
+            return expert_pb2.ComputeExpertsResponse(packed_outputs=codec.encode(output))
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
-        outputs = []
-        # Slices of split experts are placed by the topology, not by load: they are not metered.
-        metered = [(g.layer, g.expert, x.shape[0]) for g, x in zip(request.groups, inputs) if not g.slice_count]
-        with self.meter.computing(metered), \
-                tracing.server_span("expert.compute", request.traceparent, self.name):  # no-op when off
-            pairs = list(zip(request.groups, inputs))
-            # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
-            computed = parallel_map(self._compute, pairs)
-            for (group, hidden_states), output in zip(pairs, computed):
-                outputs.append(codec.encode(output))
-                self.tokens_computed += hidden_states.shape[0]
-        return expert_pb2.ComputeExpertsResponse(outputs=outputs)
+        work = [(g.layer, g.expert, g.slice_count, x) for g, x in zip(request.groups, inputs)]
+        outputs = self._compute_all(work, request.traceparent)
+        return expert_pb2.ComputeExpertsResponse(outputs=[codec.encode(output) for output in outputs])
 
-    def _compute(self, pair: tuple[expert_pb2.ExpertGroup, torch.Tensor]) -> torch.Tensor:
-        group, hidden_states = pair
-        if group.slice_count:
-            return self.shard.compute_slice(group.layer, group.expert, hidden_states)
-        return self.shard.compute(group.layer, group.expert, hidden_states)
+    def _compute_all(self, work: list[tuple[int, int, int, torch.Tensor]], traceparent: str) -> list[torch.Tensor]:
+        """(layer, expert, slice_count, hidden_states [n, H]) each -> its output [n, H], checked already."""
+        # Slices of split experts are placed by the topology, not by load: they are not metered.
+        metered = [(layer, expert, x.shape[0]) for layer, expert, slices, x in work if not slices]
+        with self.meter.computing(metered), \
+                tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
+            # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
+            outputs = parallel_map(self._compute, work)
+        self.tokens_computed += sum(x.shape[0] for *_, x in work)
+        return outputs
+
+    def _compute(self, work: tuple[int, int, int, torch.Tensor]) -> torch.Tensor:
+        layer, expert, slice_count, hidden_states = work
+        if slice_count:
+            return self.shard.compute_slice(layer, expert, hidden_states)
+        return self.shard.compute(layer, expert, hidden_states)
 
     async def GetExpertInfo(self, request, context):
         keys = [router_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in self.shard.experts]

@@ -29,6 +29,7 @@ from shardmesh.shm_plane import DataPlaneError
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
+from stage_server.packed_groups import PackedCall
 from stage_server.replica_spread import spread
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,8 @@ class RemoteExperts:
         # each [rows, H]: a whole group as it is (a slice costs a tensor op per piece, every layer)
         inputs = [groups[p.expert] if p.start == 0 and p.stop == groups[p.expert].shape[0]
                   else groups[p.expert][p.start:p.stop] for p in pieces]
-
-        def request(encode) -> expert_pb2.ComputeExpertsRequest:
-            return expert_pb2.ComputeExpertsRequest(groups=[
-                expert_pb2.ExpertGroup(layer=layer, expert=p.expert, hidden_states=encode(x))
-                for p, x in zip(pieces, inputs)], traceparent=tracing.current_traceparent())
-
-        rows = sum(x.shape[0] for x in inputs)
+        packed = PackedCall(address, layer, [p.expert for p in pieces], inputs)  # one tensor each way
+        rows = packed.hidden_states.shape[0]
         self._in_flight[address] += rows
         timeout = self.deadline(rows)
         started = time.perf_counter()
@@ -184,16 +180,16 @@ class RemoteExperts:
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0):
                 if self.nccl_links is not None:
-                    return await self._call_over_nccl(address, pieces, inputs, request, timeout)
+                    return await self._call_over_nccl(address, packed, timeout)
                 shm = await self.data_planes.get(address, self._channels[address])
                 if shm is not None:
                     async with shm.session() as call:  # tensors through shared memory
-                        reply = await call.invoke(EXPERT_METHOD, request(call.encode),
+                        reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
                                                   expert_pb2.ComputeExpertsResponse, timeout)
-                        return checked_outputs(address, inputs, reply, call.decode)
+                        return packed.outputs(reply, call.decode)
                 reply = await self._stubs[address].ComputeExperts(
-                    request(functools.partial(codec.encode, arena=None)), timeout=timeout)
-                return checked_outputs(address, inputs, reply, functools.partial(codec.decode, segment=None))
+                    packed.request(functools.partial(codec.encode, arena=None)), timeout=timeout)
+                return packed.outputs(reply, functools.partial(codec.decode, segment=None))
         except (grpc.aio.AioRpcError, DataPlaneError, TimeoutError) as error:
             code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(
                 error, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -208,15 +204,14 @@ class RemoteExperts:
             raise Unavailable("experts", message) from error
         finally:
             self._in_flight[address] -= rows
-            nbytes = sum(metrics.tensor_bytes(x) for x in inputs)  # answers are the same size
+            nbytes = metrics.tensor_bytes(packed.hidden_states)  # answers are the same size
             metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
 
-    async def _call_over_nccl(self, address: str, pieces: list[Piece], inputs: list[torch.Tensor], request,
-                              timeout: float) -> list[torch.Tensor]:
+    async def _call_over_nccl(self, address: str, packed: PackedCall, timeout: float) -> list[torch.Tensor]:
         link = await self.nccl_links.get(address, self._channels[address], self.server_name)
         async with link.call() as call:  # tensors beside the call, over the link
-            reply = await call.invoke(self._stubs[address].ComputeExperts, request(call.encode), timeout)
-            return checked_outputs(address, inputs, reply, call.decode)
+            reply = await call.invoke(self._stubs[address].ComputeExperts, packed.request(call.encode), timeout)
+            return packed.outputs(reply, call.decode)
 
     async def close(self) -> None:
         await self.data_planes.close()

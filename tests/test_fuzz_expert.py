@@ -39,13 +39,14 @@ GOOD = hidden_states(4, seed=1)
 def compute_requests(span: bool = False) -> st.SearchStrategy:
     """Groups of held experts with a tensor each (mostly right), a field or two made hostile; with
     `span`, tensors may lie in the shared-memory segment (valid spans and hostile ones)."""
-    def tensor():
-        plain = tensors(width=HIDDEN)
+    def tensor(rows: st.SearchStrategy | None = None):  # rows: of the valid ones (default: any few)
+        plain = tensors(st.integers(0, 6) if rows is None else rows, width=HIDDEN)
         if not span:
             return plain
         valid = st.builds(lambda rows, at: tensor_pb2.Tensor(
             dtype=tensor_pb2.DTYPE_FLOAT32, shape=[rows, HIDDEN],
-            shm=tensor_pb2.SharedMemorySpan(offset=64 * at, length=rows * HIDDEN * 4)), st.integers(0, 8),
+            shm=tensor_pb2.SharedMemorySpan(offset=64 * at, length=rows * HIDDEN * 4)),
+            st.integers(0, 8) if rows is None else rows,
             st.integers(SPAN_ROWS_AT // 64, SEGMENT_BYTES // 64 + 6))  # some past the segment's end
         return st.one_of(plain, valid, valid)
 
@@ -53,9 +54,28 @@ def compute_requests(span: bool = False) -> st.SearchStrategy:
                            st.sampled_from(HELD_A), tensor())
     any_group = st.builds(expert_pb2.ExpertGroup, layer=st.one_of(st.integers(0, 2), U32),
                           expert=st.one_of(st.integers(0, 4), U32), hidden_states=tensor())
-    return st.lists(held_group, min_size=1, max_size=4).flatmap(lambda groups: perturbed(
+    group_requests = st.lists(held_group, min_size=1, max_size=4).flatmap(lambda groups: perturbed(
         expert_pb2.ComputeExpertsRequest, dict(groups=groups),
         dict(groups=st.lists(st.one_of(held_group, any_group), max_size=5), traceparent=TEXT)))
+    return st.one_of(group_requests, packed_requests(tensor))
+
+
+def packed_requests(tensor) -> st.SearchStrategy:
+    """The packed form (PackedGroups): held experts of one layer with counts summing to the rows of
+    `tensor()` (mostly: its rows are drawn to match), a field or two made hostile."""
+    @st.composite
+    def genuine(draw) -> expert_pb2.ComputeExpertsRequest:
+        layer = draw(st.sampled_from(sorted({l for l, _ in HELD_A})))
+        experts = draw(st.lists(st.sampled_from([e for l, e in HELD_A if l == layer]), min_size=1, max_size=4))
+        counts = draw(st.lists(st.integers(0, 2), min_size=len(experts), max_size=len(experts)))
+        packed = draw(perturbed(expert_pb2.PackedGroups, dict(
+            layer=layer, experts=experts, num_tokens=counts, hidden_states=draw(tensor(st.just(sum(counts))))),
+            dict(layer=st.one_of(st.integers(0, 2), U32), experts=st.lists(st.one_of(st.integers(0, 4), U32), max_size=5),
+                 num_tokens=st.lists(st.one_of(st.integers(0, 3), U32), max_size=5), hidden_states=tensor())))
+        return draw(perturbed(expert_pb2.ComputeExpertsRequest, dict(packed=packed), dict(
+            groups=st.lists(st.builds(expert_pb2.ExpertGroup, layer=st.integers(0, 1), expert=st.integers(0, 3),
+                                      hidden_states=tensor()), max_size=2), traceparent=TEXT)))
+    return genuine()
 
 
 def strategy_for(rpc: str) -> st.SearchStrategy:

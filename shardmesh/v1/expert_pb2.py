@@ -26,7 +26,7 @@ from shardmesh.v1 import router_pb2 as shardmesh_dot_v1_dot_router__pb2
 from shardmesh.v1 import tensor_pb2 as shardmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/expert.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\x1a\x19shardmesh/v1/tensor.proto\"\x82\x01\n\x0b\x45xpertGroup\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12+\n\rhidden_states\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x13\n\x0bslice_count\x18\x04 \x01(\r\x12\x12\n\nslice_rank\x18\x05 \x01(\r\"W\n\x15\x43omputeExpertsRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.shardmesh.v1.ExpertGroup\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\"?\n\x16\x43omputeExpertsResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.shardmesh.v1.Tensor\"\x16\n\x14GetExpertInfoRequest\"D\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\".\n\x14GetExpertLoadRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x02\"=\n\x0c\x45xpertTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"l\n\x10\x45xpertLoadReport\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.shardmesh.v1.ExpertTokens\x12\x14\n\x0c\x62usy_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\x01\">\n\x12LoadExpertsRequest\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\"]\n\x12\x44ropExpertsRequest\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x02 \x01(\x02\x32\x9f\x03\n\x06\x45xpert\x12[\n\x0e\x43omputeExperts\x12#.shardmesh.v1.ComputeExpertsRequest\x1a$.shardmesh.v1.ComputeExpertsResponse\x12M\n\rGetExpertInfo\x12\".shardmesh.v1.GetExpertInfoRequest\x1a\x18.shardmesh.v1.ExpertInfo\x12S\n\rGetExpertLoad\x12\".shardmesh.v1.GetExpertLoadRequest\x1a\x1e.shardmesh.v1.ExpertLoadReport\x12I\n\x0bLoadExperts\x12 .shardmesh.v1.LoadExpertsRequest\x1a\x18.shardmesh.v1.ExpertInfo\x12I\n\x0b\x44ropExperts\x12 .shardmesh.v1.DropExpertsRequest\x1a\x18.shardmesh.v1.ExpertInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardmesh/v1/expert.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\x1a\x19shardmesh/v1/tensor.proto\"\x82\x01\n\x0b\x45xpertGroup\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12+\n\rhidden_states\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x13\n\x0bslice_count\x18\x04 \x01(\r\x12\x12\n\nslice_rank\x18\x05 \x01(\r\"o\n\x0cPackedGroups\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x03(\r\x12+\n\rhidden_states\x18\x04 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\"\x83\x01\n\x15\x43omputeExpertsRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.shardmesh.v1.ExpertGroup\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12*\n\x06packed\x18\x03 \x01(\x0b\x32\x1a.shardmesh.v1.PackedGroups\"m\n\x16\x43omputeExpertsResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.shardmesh.v1.Tensor\x12,\n\x0epacked_outputs\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\"\x16\n\x14GetExpertInfoRequest\"D\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\".\n\x14GetExpertLoadRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x02\"=\n\x0c\x45xpertTokens\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"l\n\x10\x45xpertLoadReport\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.shardmesh.v1.ExpertTokens\x12\x14\n\x0c\x62usy_seconds\x18\x02 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\x01\">\n\x12LoadExpertsRequest\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\"]\n\x12\x44ropExpertsRequest\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.shardmesh.v1.ExpertKey\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x02 \x01(\x02\x32\x9f\x03\n\x06\x45xpert\x12[\n\x0e\x43omputeExperts\x12#.shardmesh.v1.ComputeExpertsRequest\x1a$.shardmesh.v1.ComputeExpertsResponse\x12M\n\rGetExpertInfo\x12\".shardmesh.v1.GetExpertInfoRequest\x1a\x18.shardmesh.v1.ExpertInfo\x12S\n\rGetExpertLoad\x12\".shardmesh.v1.GetExpertLoadRequest\x1a\x1e.shardmesh.v1.ExpertLoadReport\x12I\n\x0bLoadExperts\x12 .shardmesh.v1.LoadExpertsRequest\x1a\x18.shardmesh.v1.ExpertInfo\x12I\n\x0b\x44ropExperts\x12 .shardmesh.v1.DropExpertsRequest\x1a\x18.shardmesh.v1.ExpertInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERTGROUP']._serialized_start=98
   _globals['_EXPERTGROUP']._serialized_end=228
-  _globals['_COMPUTEEXPERTSREQUEST']._serialized_start=230
-  _globals['_COMPUTEEXPERTSREQUEST']._serialized_end=317
-  _globals['_COMPUTEEXPERTSRESPONSE']._serialized_start=319
-  _globals['_COMPUTEEXPERTSRESPONSE']._serialized_end=382
-  _globals['_GETEXPERTINFOREQUEST']._serialized_start=384
-  _globals['_GETEXPERTINFOREQUEST']._serialized_end=406
-  _globals['_EXPERTINFO']._serialized_start=408
-  _globals['_EXPERTINFO']._serialized_end=476
-  _globals['_GETEXPERTLOADREQUEST']._serialized_start=478
-  _globals['_GETEXPERTLOADREQUEST']._serialized_end=524
-  _globals['_EXPERTTOKENS']._serialized_start=526
-  _globals['_EXPERTTOKENS']._serialized_end=587
-  _globals['_EXPERTLOADREPORT']._serialized_start=589
-  _globals['_EXPERTLOADREPORT']._serialized_end=697
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=699
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=761
-  _globals['_DROPEXPERTSREQUEST']._serialized_start=763
-  _globals['_DROPEXPERTSREQUEST']._serialized_end=856
-  _globals['_EXPERT']._serialized_start=859
-  _globals['_EXPERT']._serialized_end=1274
+  _globals['_PACKEDGROUPS']._serialized_start=230
+  _globals['_PACKEDGROUPS']._serialized_end=341
+  _globals['_COMPUTEEXPERTSREQUEST']._serialized_start=344
+  _globals['_COMPUTEEXPERTSREQUEST']._serialized_end=475
+  _globals['_COMPUTEEXPERTSRESPONSE']._serialized_start=477
+  _globals['_COMPUTEEXPERTSRESPONSE']._serialized_end=586
+  _globals['_GETEXPERTINFOREQUEST']._serialized_start=588
+  _globals['_GETEXPERTINFOREQUEST']._serialized_end=610
+  _globals['_EXPERTINFO']._serialized_start=612
+  _globals['_EXPERTINFO']._serialized_end=680
+  _globals['_GETEXPERTLOADREQUEST']._serialized_start=682
+  _globals['_GETEXPERTLOADREQUEST']._serialized_end=728
+  _globals['_EXPERTTOKENS']._serialized_start=730
+  _globals['_EXPERTTOKENS']._serialized_end=791
+  _globals['_EXPERTLOADREPORT']._serialized_start=793
+  _globals['_EXPERTLOADREPORT']._serialized_end=901
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=903
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=965
+  _globals['_DROPEXPERTSREQUEST']._serialized_start=967
+  _globals['_DROPEXPERTSREQUEST']._serialized_end=1060
+  _globals['_EXPERT']._serialized_start=1063
+  _globals['_EXPERT']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)

@@ -22,19 +22,35 @@ class ExpertGroup(_message.Message):
     slice_rank: int
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., slice_count: _Optional[int] = ..., slice_rank: _Optional[int] = ...) -> None: ...
 
+class PackedGroups(_message.Message):
+    __slots__ = ("layer", "experts", "num_tokens", "hidden_states")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    experts: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: _containers.RepeatedScalarFieldContainer[int]
+    hidden_states: _tensor_pb2.Tensor
+    def __init__(self, layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class ComputeExpertsRequest(_message.Message):
-    __slots__ = ("groups", "traceparent")
+    __slots__ = ("groups", "traceparent", "packed")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
     traceparent: str
-    def __init__(self, groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    packed: PackedGroups
+    def __init__(self, groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., traceparent: _Optional[str] = ..., packed: _Optional[_Union[PackedGroups, _Mapping]] = ...) -> None: ...
 
 class ComputeExpertsResponse(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "packed_outputs")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    packed_outputs: _tensor_pb2.Tensor
+    def __init__(self, outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., packed_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GetExpertInfoRequest(_message.Message):
     __slots__ = ()

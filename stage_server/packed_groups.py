@@ -1,0 +1,43 @@
+"""One expert server's pieces of a layer as one packed tensor (expert.proto PackedGroups), and its
+answer back into one output per piece: per call one tensor to encode, move and decode each way,
+instead of one per group.
+
+Shape legend: n_i rows of piece i, N = sum of n_i, H hidden_size.
+"""
+
+import torch
+
+from shardmesh.errors import RequestError, Unavailable
+from shardmesh.telemetry import tracing
+from shardmesh.v1 import expert_pb2
+
+
+class PackedCall:
+    """The request and answer check of one ComputeExperts call carrying `inputs` of `experts` of `layer`."""
+
+    def __init__(self, address: str, layer: int, experts: list[int], inputs: list[torch.Tensor]):
+        self.address, self.layer, self.experts = address, layer, experts
+        self.counts = [x.shape[0] for x in inputs]                           # n_i
+        self.hidden_states = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # [N, H]
+
+    def request(self, encode) -> expert_pb2.ComputeExpertsRequest:
+        """`encode`: the data plane's (tensor -> wire Tensor)."""
+        return expert_pb2.ComputeExpertsRequest(packed=expert_pb2.PackedGroups(
+            layer=self.layer, experts=self.experts, num_tokens=self.counts, hidden_states=encode(self.hidden_states)),
+            traceparent=tracing.current_traceparent())
+
+    def outputs(self, reply: expert_pb2.ComputeExpertsResponse, decode) -> list[torch.Tensor]:
+        """The reply -> one output [n_i, H] per input (views of one tensor), each of its input's shape
+        and dtype; Unavailable naming the server otherwise (a bad answer is the server's failure).
+        `decode`: the data plane's (wire Tensor, field -> tensor that outlives the call)."""
+        if not reply.HasField("packed_outputs"):
+            raise Unavailable("experts", f"expert server {self.address} answered no packed_outputs to packed groups")
+        try:
+            output = decode(reply.packed_outputs, "packed_outputs")  # [N, H]
+        except RequestError as error:
+            raise Unavailable("experts", f"expert server {self.address} sent a bad tensor: {error}") from error
+        x = self.hidden_states
+        if output.shape != x.shape or output.dtype != x.dtype:
+            raise Unavailable("experts", f"expert server {self.address} answered {list(output.shape)} "
+                                         f"{output.dtype} for {list(x.shape)} {x.dtype}")
+        return list(output.split(self.counts)) if len(self.counts) > 1 else [output]
