@@ -42,21 +42,27 @@ class ExpertLoadMeter:
         """Around one call's compute: groups are (layer, expert, tokens). The experts count as in
         use until the block ends; tokens and busy time are recorded if it completes."""
         groups = list(groups)
-        keys = [(layer, expert) for layer, expert, _ in groups]
-        self._in_use.update(keys)
+        in_use = self._in_use  # (plain dict operations: this runs around every call, every layer)
+        for layer, expert, _ in groups:
+            in_use[layer, expert] = in_use.get((layer, expert), 0) + 1
         start = self._clock()
         try:
             yield
             end = self._clock()
             tokens, busy = self._bucket(end)
+            total = self.total_tokens
             for layer, expert, count in groups:
-                tokens[(layer, expert)] += count
-                self.total_tokens[(layer, expert)] += count
+                tokens[layer, expert] += count
+                total[layer, expert] += count
             busy[0] += end - start
             self.total_busy_s += end - start
         finally:
-            self._in_use.subtract(keys)
-            self._in_use += collections.Counter()  # drop zero counts
+            for layer, expert, _ in groups:
+                left = in_use[layer, expert] - 1
+                if left:
+                    in_use[layer, expert] = left
+                else:  # no zero counts kept
+                    del in_use[layer, expert]
             self._released.set()
 
     def in_use(self, keys: Iterable[ExpertKey]) -> list[ExpertKey]:
