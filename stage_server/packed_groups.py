@@ -40,4 +40,4 @@ class PackedCall:
         if output.shape != x.shape or output.dtype != x.dtype:
             raise Unavailable("experts", f"expert server {self.address} answered {list(output.shape)} "
                                          f"{output.dtype} for {list(x.shape)} {x.dtype}")
-        return list(output.split(self.counts)) if len(self.counts) > 1 else [output]
+        return list(output.split_with_sizes(self.counts)) if len(self.counts) > 1 else [output]
