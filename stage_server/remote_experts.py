@@ -2,7 +2,8 @@
 
 For each MoE layer it spreads each expert's tokens over its replicas by least outstanding work
 (tokens in flight; a big group is cut into pieces, see replica_spread.py), sends every piece bound
-for one server in one message, and awaits all servers concurrently.
+for one server in one message (packed in one tensor: packed_groups.py), and awaits all servers
+concurrently. An expert with one replica skips the spread: its group goes whole to it.
 
 Failover: expert calls are stateless, so the pieces of a server that fails a call (UNAVAILABLE or
 DEADLINE_EXCEEDED: dead, frozen, stopping, or a broken shared-memory plane) are sent again to the
