@@ -115,8 +115,10 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         metered = [(layer, expert, x.shape[0]) for layer, expert, slices, x in work if not slices]
         with self.meter.computing(metered), \
                 tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
-            # The experts run in parallel over the process's compute threads (shardmesh.compute_pool).
-            outputs = parallel_map(self._compute, work)
+            if any(slices for _, _, slices, _ in work):  # split-expert slices: over the compute threads
+                outputs = parallel_map(self._compute, work)
+            else:  # whole experts, each cut into pieces over the threads (ExpertShard.compute_many)
+                outputs = self.shard.compute_many([(layer, expert, x) for layer, expert, _, x in work])
         self.tokens_computed += sum(x.shape[0] for *_, x in work)
         return outputs
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
+from shardmesh import compute_pool
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.errors import InvalidArgument, NotFound, Unavailable
@@ -86,14 +87,29 @@ class ExpertShard:
             del self._mlps[key]
         self.experts = sorted(self._mlps)
 
-    def compute(self, layer: int, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """All tokens routed to one expert in one pass: [n, H] -> w2(silu(w1 x) * w3 x) [n, H] (unweighted)."""
+    def _checked(self, layer: int, expert: int, hidden_states: torch.Tensor) -> SwiGLUMLP:
         if (layer, expert) not in self._mlps:
             raise NotFound("expert", f"(layer {layer}, expert {expert}) is not held here")
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.config.hidden_size:
             raise InvalidArgument("hidden_states", f"shape {list(hidden_states.shape)} is not "
                                                    f"[num_tokens, {self.config.hidden_size}]")
-        return self._mlps[(layer, expert)](hidden_states.to(self.device, self.dtype))
+        return self._mlps[(layer, expert)]
+
+    def compute(self, layer: int, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """All tokens routed to one expert in one pass: [n, H] -> w2(silu(w1 x) * w3 x) [n, H] (unweighted)."""
+        return self._checked(layer, expert, hidden_states)(hidden_states.to(self.device, self.dtype))
+
+    def compute_many(self, groups: list[tuple[int, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """[compute(*group) for group in groups] (group: layer, expert, hidden_states [n_e, H]) over
+        the process's compute threads (shardmesh.compute_pool): on the C kernel one call cuts every
+        expert into pieces over them (SwiGLUMLP.many), the same bits as one by one; otherwise whole
+        experts are dealt to the threads."""
+        mlps = [self._checked(*group) for group in groups]
+        inputs = [hidden_states.to(self.device, self.dtype) for _, _, hidden_states in groups]
+        outputs = SwiGLUMLP.many(mlps, inputs, compute_pool.threads())
+        if outputs is None:
+            outputs = compute_pool.parallel_map(lambda pair: pair[0](pair[1]), list(zip(mlps, inputs)))
+        return outputs
 
 
 class LocalExperts:

@@ -8,7 +8,8 @@ hashes the source, the compiler's identity, the flags and this CPU's model and f
 cache shared between machines never serves code built for another CPU; the library is written to a
 temporary name and renamed into place, so processes compiling at once each see a whole file. It is
 loaded with ctypes, which releases the GIL for the call: the compute pool's threads run kernels in
-parallel (shardmesh.compute_pool). Nothing here is threaded itself (no OpenMP: torch ships its own).
+parallel (shardmesh.compute_pool). `expert_ffn_many` runs a layer's experts on helper threads of
+its own (expert_team.c: pthreads, asleep between calls; no OpenMP: torch ships its own).
 
 Off (`SHARDMESH_CPU_KERNELS=0`), without a compiler, or when compiling fails, `kernel()` is None
 and callers keep their torch path; one log line says why. `calls` counts kernel calls (tests read it).
@@ -30,9 +31,16 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("expert_ffn.c")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-pthread")
 WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
-calls = {"expert_ffn": 0, "linear": 0, "linear_wide": 0}  # kernel calls in this process, by kernel
+calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0}  # kernel calls in this process, by kernel
+units = {"by_helpers": 0}  # expert_ffn_many's units computed by its helper threads in this process (tests, benches)
+
+
+class ExpertTask(ctypes.Structure):
+    """struct shardmesh_expert_task (expert_team.c): one expert's rows and weights."""
+    _fields_ = [("n", ctypes.c_long)] + [(name, ctypes.c_void_p) for name in
+                                         ("x", "w1", "w3", "w2", "scratch", "out")]
 
 
 class Kernel:
@@ -43,6 +51,9 @@ class Kernel:
         self._expert_ffn = library.shardmesh_expert_ffn
         self._expert_ffn.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 6
         self._expert_ffn.restype = None
+        self._expert_ffn_many = library.shardmesh_expert_ffn_many
+        self._expert_ffn_many.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+        self._expert_ffn_many.restype = ctypes.c_long
         self._linear = library.shardmesh_linear
         self._linear.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
         self._linear.restype = None
@@ -64,6 +75,32 @@ class Kernel:
         self._expert_ffn(n, hidden, intermediate, hidden_states.data_ptr(), gate_proj.data_ptr(),
                          up_proj.data_ptr(), down_proj.data_ptr(), scratch.data_ptr(), out.data_ptr())
         return out
+
+    def expert_ffn_many(self, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                        threads: int, unit_bytes: int = 256 * 1024) -> list[torch.Tensor]:
+        """[expert_ffn(*e) for e in experts], each expert (hidden_states [n, H], gate_proj, up_proj,
+        down_proj, with one H and I for all) cut into pieces of ~unit_bytes of weights taken by this
+        thread and threads - 1 helper threads of the library (expert_team.c); bit-identical to
+        expert_ffn for any threads and unit_bytes."""
+        outputs = [torch.empty(e[0].shape[0], e[0].shape[1], dtype=torch.float32) for e in experts]
+        work = [(e, out) for e, out in zip(experts, outputs) if e[0].shape[0]]
+        if not work:
+            return outputs
+        hidden, intermediate = work[0][0][0].shape[1], work[0][0][1].shape[0]
+        scratch = torch.empty(2 * intermediate * sum(e[0].shape[0] for e, _ in work), dtype=torch.float32)
+        tasks, offset = (ExpertTask * len(work))(), 0
+        for task, ((x, gate_proj, up_proj, down_proj), out) in zip(tasks, work):
+            assert x.shape[1] == hidden and gate_proj.shape[0] == intermediate, "one H and I for all experts"
+            task.n, task.x, task.w1, task.w3, task.w2 = x.shape[0], x.data_ptr(), gate_proj.data_ptr(), \
+                up_proj.data_ptr(), down_proj.data_ptr()
+            task.scratch, task.out = scratch.data_ptr() + 4 * offset, out.data_ptr()  # scratch [2, n, I] each
+            offset += 2 * x.shape[0] * intermediate
+        calls["expert_ffn_many"] += 1
+        by_helpers = self._expert_ffn_many(len(work), hidden, intermediate, tasks, threads, unit_bytes)
+        if by_helpers < 0:
+            raise MemoryError("shardmesh_expert_ffn_many: out of memory")
+        units["by_helpers"] += by_helpers
+        return outputs
 
     def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """inputs [n, K] @ weight [M, K]^T -> [n, M], both contiguous fp32 on the CPU."""

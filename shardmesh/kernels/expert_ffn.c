@@ -102,22 +102,29 @@ static void pair_dots_any(const float *wa, const float *wb, const float *x, long
     }
 }
 
-/* out [n, M] = x [n, K] W^T, W [M, K]: each pair of weight rows streamed once for all n rows. */
-void shardmesh_linear(long n, long K, long M, const float *x, const float *weight, float *out) {
+/* out[r, m] = x[r] . W[m] for m in [m0, m1) (m0 even), r < n: out [n, M] = x [n, K] W^T, W [M, K],
+ * its columns m0..m1-1 only; each pair of weight rows streamed once for all n rows. Every output is
+ * one dot product summed in one order, so any cut of [0, M) into ranges gives the same bits. */
+static void linear_columns(long n, long K, long M, const float *x, const float *weight, float *out, long m0, long m1) {
     float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
-    for (long m = 0; m < M; m += 2) {
+    for (long m = m0; m < m1; m += 2) {
         const float *wa = weight + m * K;
-        const float *wb = m + 1 < M ? wa + K : wa; /* an odd last row pairs with itself; stored once */
+        const float *wb = m + 1 < m1 ? wa + K : wa; /* an odd last row pairs with itself; stored once */
         for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
             const float *next = r0 == 0 ? weight + (m + 2) * K : NULL; /* the next pair, during the first block */
             pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next, next ? next + K : NULL);
             for (int r = 0; r < rows; r++) {
                 out[(r0 + r) * M + m] = dots_a[r];
-                if (m + 1 < M) out[(r0 + r) * M + m + 1] = dots_b[r];
+                if (m + 1 < m1) out[(r0 + r) * M + m + 1] = dots_b[r];
             }
         }
     }
+}
+
+/* out [n, M] = x [n, K] W^T, W [M, K]. */
+void shardmesh_linear(long n, long K, long M, const float *x, const float *weight, float *out) {
+    linear_columns(n, K, M, x, weight, out, 0, M);
 }
 
 /* exp(v) for |v| < ~87 (silu's argument is clamped below), about 2 ulp: 2^j * p(f) with
@@ -167,17 +174,16 @@ static void silu_mul(float *gate, const float *up, long count) {
     for (; i < count; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* One SwiGLU expert on its n rows: out [n, H] = w2 (silu(w1 x) * (w3 x)).
- * x [n, H]; w1, w3 [I, H]; w2 [H, I]; scratch [2, n, I] (gate then up); out [n, H].
- * Each row's output is the same bits whatever the other rows and n: every dot product sums in the
- * same order for any block of rows, and silu takes the vector or scalar path by column, not by
- * position in the batch. So a group of tokens cut into pieces over replicas (stage_server/
- * remote_experts.py) gets the answer it would get whole. */
-void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w1, const float *w3,
-                          const float *w2, float *scratch, float *out) {
-    float *gate = scratch, *up = scratch + n * I; /* [n, I] each */
+/* The activations of one SwiGLU expert in columns [i0, i1) of I (i0 a multiple of LANES; i1 one too,
+ * or I): gate[r, i] = silu(w1[i] . x[r]) * (w3[i] . x[r]), up[r, i] = w3[i] . x[r], for r < n.
+ * x [n, H]; w1, w3 [I, H]; gate, up [n, I]. The gate and up rows i are read together, once from
+ * memory. silu takes its vector path on whole groups of LANES columns counted from column 0 and
+ * the scalar path on the tail past the last whole group, so any cut of [0, I) at multiples of
+ * LANES gives every column the same path, and the same bits, as the whole range. */
+static void expert_activations(long n, long H, long I, const float *x, const float *w1, const float *w3,
+                               float *gate, float *up, long i0, long i1) {
     float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
-    for (long i = 0; i < I; i++) { /* the gate and up rows i together, once from memory */
+    for (long i = i0; i < i1; i++) {
         for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
             int first = r0 == 0; /* the next gate and up rows, during the first block */
@@ -189,8 +195,21 @@ void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w
             }
         }
     }
-    for (long r = 0; r < n; r++) silu_mul(gate + r * I, up + r * I, I); /* row by row: see below */
-    shardmesh_linear(n, I, H, gate, w2, out);
+    for (long r = 0; r < n; r++) silu_mul(gate + r * I + i0, up + r * I + i0, i1 - i0); /* row by row */
+}
+
+/* One SwiGLU expert on its n rows: out [n, H] = w2 (silu(w1 x) * (w3 x)).
+ * x [n, H]; w1, w3 [I, H]; w2 [H, I]; scratch [2, n, I] (gate then up); out [n, H].
+ * Each row's output is the same bits whatever the other rows and n: every dot product sums in the
+ * same order for any block of rows, and silu takes the vector or scalar path by column, not by
+ * position in the batch. So a group of tokens cut into pieces over replicas (stage_server/
+ * remote_experts.py) gets the answer it would get whole. */
+void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w1, const float *w3,
+                          const float *w2, float *scratch, float *out) {
+    float *gate = scratch, *up = scratch + n * I; /* [n, I] each */
+    expert_activations(n, H, I, x, w1, w3, gate, up, 0, I);
+    linear_columns(n, I, H, gate, w2, out, 0, H);
 }
 
 #include "linear_wide.c" /* the outer-product form for 17-64 rows (vec, LANES, load from above) */
+#include "expert_team.c" /* a layer's experts over several threads */

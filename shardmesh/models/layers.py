@@ -172,3 +172,14 @@ class SwiGLUMLP:
             return self.kernel.expert_ffn(hidden_states, self.gate_proj, self.up_proj, self.down_proj)
         gate = F.silu(F.linear(hidden_states, self.gate_proj))  # [n, I]
         return F.linear(gate.mul_(F.linear(hidden_states, self.up_proj)), self.down_proj)
+
+    @staticmethod
+    def many(experts: list["SwiGLUMLP"], hidden_states: list[torch.Tensor], threads: int) -> list[torch.Tensor] | None:
+        """[expert(x) for expert, x in zip(experts, hidden_states)] (x [n_e, H] each) in one kernel
+        call that cuts every expert into pieces over `threads` threads (kernels.Kernel.expert_ffn_many:
+        bit-identical to one by one), or None when some expert or input cannot take the kernel."""
+        kernel = experts[0].kernel if experts else None
+        if kernel is None or any(e.kernel is not kernel for e in experts) or not kernels.usable(*hidden_states):
+            return None
+        return kernel.expert_ffn_many([(x, e.gate_proj, e.up_proj, e.down_proj)
+                                       for e, x in zip(experts, hidden_states)], threads)
