@@ -59,7 +59,9 @@ class ExpertShard:
             if not (0 <= layer < self.config.num_layers and 0 <= expert < self.config.num_experts):
                 raise ValueError(f"(layer {layer}, expert {expert}) is outside {self.config.num_layers} layers "
                                  f"x {self.config.num_experts} experts")
-        mlps = {key: self._family.load_expert(reader, *key, self.dtype) for key in keys if key not in self._mlps}
+        # on 2 MiB pages where the C kernel streams them (SwiGLUMLP.on_huge_pages)
+        mlps = {key: self._family.load_expert(reader, *key, self.dtype).on_huge_pages()
+                for key in keys if key not in self._mlps}
         if warm:
             probe = torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [1, H]
             for mlp in mlps.values():

@@ -17,7 +17,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from shardmesh import kernels
+from shardmesh import huge_pages, kernels
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.models.parallel import QKVParallelLinear, RowParallelLinear
@@ -172,6 +172,13 @@ class SwiGLUMLP:
             return self.kernel.expert_ffn(hidden_states, self.gate_proj, self.up_proj, self.down_proj)
         gate = F.silu(F.linear(hidden_states, self.gate_proj))  # [n, I]
         return F.linear(gate.mul_(F.linear(hidden_states, self.up_proj)), self.down_proj)
+
+    def on_huge_pages(self) -> "SwiGLUMLP":
+        """This expert with its three weights copied onto 2 MiB pages (shardmesh.huge_pages: the kernel
+        streams them ~1.13x faster), or itself when it runs on torch."""
+        if self.kernel is None:
+            return self
+        return SwiGLUMLP(*huge_pages.copy_to_huge_pages([self.gate_proj, self.up_proj, self.down_proj]))
 
     @staticmethod
     def many(experts: list["SwiGLUMLP"], hidden_states: list[torch.Tensor], threads: int) -> list[torch.Tensor] | None:
