@@ -1,10 +1,12 @@
 """A layer's experts over the expert server's compute threads: how they are handed out.
 
     .venv/bin/python bench/expert_threads.py [--threads 2] [--layer-experts 2,8] [--rows 1,4] [--rounds 15]
+        [--small-pages]
 
 At batch 1 a layer sends its expert server 2 experts of 1 row; at batch 16 about 8 experts of
 2-6 rows. Each pass runs every one of `--experts` experts (400 MB at the default 64: weights come
-from memory, as in serving) once, `layer-experts` at a time, as the server would, in these ways:
+from memory, as in serving; on 2 MiB pages as the expert server holds them, on 4 KiB pages with
+`--small-pages`) once, `layer-experts` at a time, as the server would, in these ways:
 - `one`: one after another on the calling thread (expert_ffn, 1 thread: the baseline);
 - `pool`: compute_pool.parallel_map over the layer's experts, whole experts dealt round-robin to
   `--threads` Python threads (what the expert server did before expert_ffn_many);
@@ -43,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-experts", default="2,8")
     parser.add_argument("--rows", default="1,4")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--small-pages", action="store_true", help="weights on 4 KiB pages (default: 2 MiB)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from shardmesh import compute_pool, kernels
+    from shardmesh import compute_pool, huge_pages, kernels
 
     kernel = kernels.kernel()
     if kernel is None:
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     weights = [tuple(torch.randn(shape, generator=generator) * 0.05 for shape in ((I, H), (I, H), (H, I)))
                for _ in range(args.experts)]
+    if not args.small_pages:
+        weights = [tuple(huge_pages.copy_to_huge_pages(list(expert))) for expert in weights]
     weight_bytes = args.experts * 3 * H * I * 4
 
     rows_out = []
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool_team=f"{median['pool'] / median['team']:.2f}", identical=identical))
     compute_pool.set_threads(1)
     header = (f"a layer's experts over {args.threads} threads: {args.experts} experts of hidden {H}, intermediate {I}, "
-              f"fp32 ({weight_bytes / 1e6:.0f} MB) per pass, {args.rounds} alternating rounds; "
+              f"fp32 ({weight_bytes / 1e6:.0f} MB, {'4 KiB' if args.small_pages else '2 MiB'} pages) per pass, {args.rounds} alternating rounds; "
               f"1-min load average {os.getloadavg()[0]:.1f}")
     harness.report("expert_threads", header, rows_out, COLUMNS)
     return 0
