@@ -8,6 +8,8 @@ turns on the same cores (a stage waits while its experts compute) each get all o
 
 One pool per process, sized once at start (`set_threads`, from the service's --compute-threads);
 with 1 thread (the default, and in-process test meshes) everything runs inline, in order.
+A layer's whole experts on the C kernel do not come here: `threads()` sizes the kernel's own
+helpers, which cut each expert into pieces (shardmesh.kernels expert_ffn_many, ExpertShard.compute_many).
 """
 
 import concurrent.futures
