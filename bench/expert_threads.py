@@ -1,7 +1,7 @@
 """A layer's experts over the expert server's compute threads: how they are handed out.
 
     .venv/bin/python bench/expert_threads.py [--threads 2] [--layer-experts 2,8] [--rows 1,4] [--rounds 15]
-        [--small-pages]
+        [--small-pages] [--gap-ms 1.3]
 
 At batch 1 a layer sends its expert server 2 experts of 1 row; at batch 16 about 8 experts of
 2-6 rows. Each pass runs every one of `--experts` experts (400 MB at the default 64: weights come
@@ -12,7 +12,9 @@ from memory, as in serving; on 2 MiB pages as the expert server holds them, on 4
   `--threads` Python threads (what the expert server did before expert_ffn_many);
 - `team`: kernels' expert_ffn_many: each expert cut into ~256 KB units taken from one counter by
   the calling thread and threads - 1 helper threads of the C library.
-Wall time per pass (the threads' work overlaps), rounds alternated in order A B C / C B A in one
+With `--gap-ms G`, each layer's call follows G ms asleep, as on an expert server while its stage
+computes between layers (the helper threads, and their cores, have gone idle by then); only the
+calls are timed. Wall time per pass (the threads' work overlaps), rounds alternated in order A B C / C B A in one
 process; prints the best and the median round of each, the effective read bandwidth, and one /
 pool, one / team, pool / team time ratios of the medians (> 1: the latter is faster). On a
 shared 2-core host other work takes cores from the helpers: state the load with every figure.
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,4")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--small-pages", action="store_true", help="weights on 4 KiB pages (default: 2 MiB)")
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="asleep before each layer's call (not timed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from shardmesh import compute_pool, huge_pages, kernels
@@ -69,26 +72,29 @@ def main(argv: list[str] | None = None) -> int:
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, H, generator=generator)
 
-            def one():
-                return [kernel.expert_ffn(x, *weights[e]) for layer in layers for e in layer]
+            def one(layer):
+                return [kernel.expert_ffn(x, *weights[e]) for e in layer]
 
-            def pool():
-                return [out for layer in layers
-                        for out in compute_pool.parallel_map(lambda e: kernel.expert_ffn(x, *weights[e]), layer)]
+            def pool(layer):
+                return compute_pool.parallel_map(lambda e: kernel.expert_ffn(x, *weights[e]), layer)
 
-            def team():
-                return [out for layer in layers
-                        for out in kernel.expert_ffn_many([(x, *weights[e]) for e in layer], args.threads)]
+            def team(layer):
+                return kernel.expert_ffn_many([(x, *weights[e]) for e in layer], args.threads)
 
             functions = dict(one=one, pool=pool, team=team)
             times = {name: [] for name in NAMES}
             for round_index in range(args.rounds):
                 for name in NAMES if round_index % 2 == 0 else NAMES[::-1]:
-                    start = time.perf_counter()
-                    functions[name]()
-                    times[name].append(time.perf_counter() - start)
+                    elapsed = 0.0
+                    for layer in layers:
+                        if args.gap_ms:
+                            time.sleep(args.gap_ms / 1e3)
+                        start = time.perf_counter()
+                        functions[name](layer)
+                        elapsed += time.perf_counter() - start
+                    times[name].append(elapsed)
             median = {name: statistics.median(times[name]) for name in NAMES}
-            identical = all(torch.equal(a, b) for a, b in zip(one(), team()))
+            identical = all(torch.equal(a, b) for layer in layers for a, b in zip(one(layer), team(layer)))
             rows_out.append(dict(
                 layer_experts=layer_experts, rows=rows,
                 **{f"{name}_ms": f"{min(times[name]) * 1e3:.1f}/{median[name] * 1e3:.1f}" for name in NAMES},
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 pool_team=f"{median['pool'] / median['team']:.2f}", identical=identical))
     compute_pool.set_threads(1)
     header = (f"a layer's experts over {args.threads} threads: {args.experts} experts of hidden {H}, intermediate {I}, "
-              f"fp32 ({weight_bytes / 1e6:.0f} MB, {'4 KiB' if args.small_pages else '2 MiB'} pages) per pass, {args.rounds} alternating rounds; "
+              f"fp32 ({weight_bytes / 1e6:.0f} MB, {'4 KiB' if args.small_pages else '2 MiB'} pages) per pass, "
+              f"{args.gap_ms} ms asleep before each layer, {args.rounds} alternating rounds; "
               f"1-min load average {os.getloadavg()[0]:.1f}")
     harness.report("expert_threads", header, rows_out, COLUMNS)
     return 0
