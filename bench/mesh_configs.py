@@ -21,11 +21,13 @@ class MeshConfig:
     stage_threads: int = 0     # the stages' torch threads and compute threads when they differ from
     stage_compute_threads: int = 0  # the expert servers' (0 = threads / compute_threads)
     cpu_kernels: bool = True   # False: SHARDMESH_CPU_KERNELS=0, torch instead of shardmesh.kernels' C kernels
+    decode_attention: bool = True  # False: SHARDMESH_DECODE_ATTENTION=0, SDPA per sequence (models/decode_attention.py)
 
     @property
     def env(self) -> dict:
         """Environment variables of the mesh's processes (on top of this process's)."""
         env = {"OMP_WAIT_POLICY": "PASSIVE"} if self.omp_passive else {}
+        env = env if self.decode_attention else {**env, "SHARDMESH_DECODE_ATTENTION": "0"}
         return env if self.cpu_kernels else {**env, "SHARDMESH_CPU_KERNELS": "0"}
 
     @property
@@ -65,6 +67,8 @@ CONFIGS = {
     "1s1e-shm-c2": MeshConfig(1, 1, compute_threads=2, data_plane="shm"),
     # The same on torch alone (no C kernels): the A/B baseline of shardmesh/kernels.
     "1s1e-shm-c2-torch": MeshConfig(1, 1, compute_threads=2, data_plane="shm", cpu_kernels=False),
+    # The same with SDPA per sequence instead of the decode attention kernel: its A/B baseline.
+    "1s1e-shm-c2-sdpa": MeshConfig(1, 1, compute_threads=2, data_plane="shm", decode_attention=False),
     # One stage with two micro-batches in flight: one step's attention while the other's experts compute.
     "1s1e-shm-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2, data_plane="shm"),
     "1s1e-grpc-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2),

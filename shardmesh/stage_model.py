@@ -23,6 +23,7 @@ from shardmesh.config import ModelConfig
 from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
+from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
@@ -187,7 +188,10 @@ class StageModel:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
         else:
             hidden_states = inputs                                          # [N, H]
-        caches = [layer_caches(buffer, segment) for buffer, segment in zip(buffers, segments)]  # [S][layers]
+        decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
+        skip = decode.indices if decode is not None else ()
+        caches = [[None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
+                  for i, (buffer, segment) in enumerate(zip(buffers, segments))]  # [S][layers]
         for index, layer in enumerate(self.layers):
             # inference_mode saves per-op work (no version counters or view tracking) on these many
             # small ops. Only around code with no await: the mode is per thread, and other coroutines
@@ -195,7 +199,8 @@ class StageModel:
             with torch.inference_mode():
                 residual = hidden_states
                 hidden_states = layer.input_layernorm(hidden_states)
-                hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches])
+                hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches],
+                                                decode, index)
                 residual = residual + hidden_states
                 hidden_states = layer.post_attention_layernorm(residual)
             if isinstance(layer.ffn, MoEGate):

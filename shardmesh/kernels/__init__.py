@@ -1,7 +1,8 @@
 """CPU kernels in C for the few-row fp32 products of a decode step, compiled at first use.
 
 `expert_ffn.c` holds the kernels (why they beat MKL at 1-16 rows is said there) and includes
-`linear_wide.c` (the outer-product form for 17-64 rows); the cache key hashes every .c file here. `kernel()` compiles
+`linear_wide.c` (the outer-product form for 17-64 rows); `decode_attention.c` (models/decode_attention.py) is
+compiled with it into the same library; the cache key hashes every .c file here. `kernel()` compiles
 it with the system C compiler (`$SHARDMESH_KERNEL_CC`, else `$CC`, else `cc`) with `-O3 -march=native`
 into a cache directory (`$SHARDMESH_KERNEL_DIR`, else ~/.cache/shardmesh/kernels) under a name that
 hashes the source, the compiler's identity, the flags and this CPU's model and feature flags, so a
@@ -31,9 +32,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("expert_ffn.c")
+ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")  # compiled alongside (models/decode_attention.py wraps it)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-pthread")
 WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
-calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0}  # kernel calls in this process, by kernel
+calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0,
+         "decode_attention": 0}  # kernel calls in this process, by kernel
 units = {"by_helpers": 0}  # expert_ffn_many's units computed by its helper threads in this process (tests, benches)
 
 
@@ -47,7 +50,7 @@ class Kernel:
     """The loaded library: ctypes functions over contiguous fp32 CPU tensors (callers check that)."""
 
     def __init__(self, library: ctypes.CDLL, path: pathlib.Path):
-        self.path = path
+        self.path, self.library = path, library
         self._expert_ffn = library.shardmesh_expert_ffn
         self._expert_ffn.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 6
         self._expert_ffn.restype = None
@@ -166,7 +169,7 @@ def build(cc: str) -> pathlib.Path:
     handle, temporary = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        result = subprocess.run([cc, *FLAGS, "-o", temporary, str(SOURCE), "-lm"],
+        result = subprocess.run([cc, *FLAGS, "-o", temporary, str(SOURCE), str(ATTENTION_SOURCE), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{cc} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")

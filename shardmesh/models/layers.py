@@ -116,16 +116,38 @@ class Attention:
         return cls(config, qkv_proj, RowParallelLinear.load(reader, f"{prefix}o_proj.weight", group, dtype, columns))
 
     def __call__(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 segments: list[Segment], caches: list[LayerCache]) -> torch.Tensor:
+                 segments: list[Segment], caches: list[LayerCache | None], decode=None, layer: int = 0) -> torch.Tensor:
         """hidden_states [N, H] -> [N, H].
 
         caches[i] is segment i's cache of this layer (`layer_caches`); the new keys/values are written
         at [start_position, start_position + num_tokens) of it. The caller decides whether those
-        slots count (commit) or are ignored (a failed step)."""
+        slots count (commit) or are ignored (a failed step). decode: the step's
+        `decode_attention.DecodeTable` (or None): its segments (caches[i] may then be None) go to the
+        C kernel in one call, `layer` being this layer's index in their cache buffers; the others to SDPA."""
         num_tokens, A, G, D = hidden_states.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden_states).view(num_tokens, A + 2 * G, D)  # [N, A + 2G, D]
         rotated = apply_rotary(qkv[:, :A + G], cos, sin)                   # [N, A + G, D]: queries and keys at once
-        queries = rotated[:, :A].transpose(0, 1)[None]                     # [1, A, N, D]
+        if decode is None:
+            attended = self._sdpa(qkv, rotated, segments, caches).transpose(0, 1)  # [N, A, D]
+        else:
+            attended = torch.empty(num_tokens, A, D, dtype=rotated.dtype)          # [N, A, D]
+            decode.attend(layer, qkv, rotated, self.scaling, attended)
+            if len(decode.indices) < len(segments):  # prompts in the step: SDPA for them
+                others = [i for i in range(len(segments)) if i not in decode.indices]
+                outputs = self._sdpa(qkv, rotated, [segments[i] for i in others], [caches[i] for i in others])
+                row = 0
+                for i in others:
+                    first, count = segments[i].offset, segments[i].num_tokens
+                    attended[first:first + count] = outputs[:, row:row + count].transpose(0, 1)
+                    row += count
+        return self.o_proj(attended.reshape(num_tokens, A * D))  # [N, H], summed over the TP group
+
+    def _sdpa(self, qkv: torch.Tensor, rotated: torch.Tensor, segments: list[Segment],
+              caches: list[LayerCache]) -> torch.Tensor:
+        """Each segment's new keys/values into its cache and its attention by SDPA -> [A, n, D] for
+        the segments' tokens, concatenated in their order (n = their tokens)."""
+        A, G = self.num_heads, self.num_kv_heads
+        queries = rotated[:, :A].transpose(0, 1)[None]                          # [1, A, N, D]
         new_kv = torch.stack((rotated[:, A:], qkv[:, A + G:])).transpose(1, 2)  # [2, G, N, D]: keys, values
         gqa = A != G  # SDPA repeats each key/value head for its query heads
         outputs = []
@@ -134,14 +156,13 @@ class Attention:
             cache.new_slots.copy_(new_kv[:, :, first:first + count])
             mask = None  # one new token sees every cached one; a whole prompt is plainly causal
             if count > 1 and start > 0:  # a prompt chunk after cached tokens
-                query_positions = torch.arange(start, start + count, device=hidden_states.device)
-                mask = torch.arange(start + count, device=hidden_states.device)[None, :] <= query_positions[:, None]  # [n, L]
+                query_positions = torch.arange(start, start + count, device=qkv.device)
+                mask = torch.arange(start + count, device=qkv.device)[None, :] <= query_positions[:, None]  # [n, L]
             # 4-d inputs (a batch of one): 3-d ones take SDPA's slow math path on CPU, not its fused kernel
             outputs.append(F.scaled_dot_product_attention(
                 queries[:, :, first:first + count], cache.keys, cache.values, attn_mask=mask,
                 scale=self.scaling, is_causal=mask is None and count > 1, enable_gqa=gqa))  # [1, A, n, D]
-        attended = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]  # [1, A, N, D]
-        return self.o_proj(attended[0].transpose(0, 1).reshape(num_tokens, A * D))  # [N, H], summed over the TP group
+        return (torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0])[0]  # [A, n, D]
 
 
 class SwiGLUMLP:

@@ -1,0 +1,73 @@
+"""Attention of a step's one-token (decode) sequences in one C call per layer (kernels/decode_attention.c).
+
+torch's path (layers.Attention) spends ~45 us per sequence and layer on per-op overhead (cache copy,
+views, one SDPA call) for microseconds of arithmetic; the kernel writes the new keys/values into each
+sequence's cache and attends, for every decode sequence of the step at once. `DecodeTable.of` is
+built once per step (None: torch for everything); `Attention` gives it each layer's q/k/v. Sequences
+with more than one new token (prompts, prompt chunks) keep SDPA. Each sequence's result is computed
+alone: it does not depend on what else is in the step.
+
+Shape legend: N new tokens in the step, A query heads, G key/value heads, D head_dim, S sequences.
+"""
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from shardmesh import kernels
+from shardmesh.models.layers import Segment
+
+TABLE_COLUMNS = 4  # per decode sequence: packed row, cache buffer address, capacity, length after this step
+
+
+@functools.lru_cache(maxsize=None)
+def _function():
+    """The kernel's ctypes function, or None (no kernels, or SHARDMESH_DECODE_ATTENTION=0 for A/B runs)."""
+    kernel = kernels.kernel()
+    if kernel is None or os.environ.get("SHARDMESH_DECODE_ATTENTION", "1") == "0":
+        return None
+    function = kernel.library.shardmesh_decode_attention
+    function.argtypes = ([ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_void_p]
+                         + [ctypes.c_void_p, ctypes.c_long] * 3 + [ctypes.c_void_p] * 2)
+    function.restype = None
+    return function
+
+
+class DecodeTable:
+    """The step's decode sequences and where their caches are: indices (into the step's segments),
+    table int64 [S, TABLE_COLUMNS], and the longest length (the kernel's scratch)."""
+
+    def __init__(self, indices: frozenset[int], table: torch.Tensor, max_length: int, buffers: list[torch.Tensor]):
+        self.indices, self.table, self.max_length = indices, table, max_length
+        self.buffers = buffers  # the table holds their addresses: keep them alive as long as it
+
+    @classmethod
+    def of(cls, segments: list[Segment], buffers: list[torch.Tensor]) -> "DecodeTable | None":
+        """buffers[i]: segment i's cache [layers, 2, G, capacity, D] (kv_cache.KVCache.reserve).
+        None when the kernel is off or unavailable, no segment decodes, or a buffer is not fp32 on the CPU."""
+        picks = [i for i, segment in enumerate(segments) if segment.num_tokens == 1]
+        if not picks or _function() is None or not kernels.usable(*(buffers[i] for i in picks)):
+            return None
+        rows = [(segments[i].offset, buffers[i].data_ptr(), buffers[i].shape[3], segments[i].start_position + 1)
+                for i in picks]
+        return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), max(row[3] for row in rows),
+                   [buffers[i] for i in picks])
+
+    def attend(self, layer: int, qkv: torch.Tensor, rotated: torch.Tensor, scale: float,
+               attended: torch.Tensor) -> None:
+        """Write this layer's new keys/values of the decode sequences into their caches and their
+        attention outputs into attended [N, A, D] (the other rows untouched).
+
+        qkv [N, A + 2G, D] (values at heads A + G...), rotated [N, A + G, D] (queries, then keys,
+        after RoPE), both contiguous fp32; layer: the index within the stage's cache buffers."""
+        num_tokens, A, D = attended.shape
+        G = rotated.shape[1] - A
+        assert qkv.is_contiguous() and rotated.is_contiguous() and attended.is_contiguous()
+        assert qkv.dtype == rotated.dtype == attended.dtype == torch.float32
+        scores = torch.empty(self.max_length, dtype=torch.float32)
+        kernels.calls["decode_attention"] += 1
+        _function()(self.table.shape[0], A, G, D, layer, scale, self.table.data_ptr(),
+                    rotated.data_ptr(), rotated.stride(0), rotated.data_ptr() + A * D * 4, rotated.stride(0),
+                    qkv.data_ptr() + (A + G) * D * 4, qkv.stride(0), scores.data_ptr(), attended.data_ptr())
