@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardmesh import compute_pool
+from shardmesh import compute_pool, kernels
 from shardmesh.errors import NotFound
+from shardmesh.models.matmul import linear
 
 
 @pytest.fixture
@@ -48,6 +49,22 @@ def test_errors_reach_the_caller(pool):
 def test_parallel_linear_matches_linear(pool):
     inputs, weight = torch.randn(5, 64), torch.randn(3000, 64)
     assert torch.allclose(pool.parallel_linear(inputs, weight), F.linear(inputs, weight), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_linear_is_bit_identical_in_the_kernels_rows(rows, threads):
+    """The LM head split over the pool (odd slice boundaries at 3 threads): each output is the unsplit
+    product's bits, in the C kernels' row range (1-64)."""
+    if kernels.kernel() is None:
+        pytest.skip("needs the C kernels (a C compiler)")
+    compute_pool.set_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(rows)
+        inputs, weight = torch.randn(rows, 96, generator=generator), torch.randn(3001, 96, generator=generator)
+        assert torch.equal(compute_pool.parallel_linear(inputs, weight), linear(inputs, weight))
+    finally:
+        compute_pool.set_threads(1)
 
 
 def test_bad_size_is_refused():
