@@ -12,7 +12,11 @@ from shardmesh.models.layers import Attention, RotaryEmbedding, Segment, layer_c
 from shardmesh.models.parallel import HeadShard, QKVParallelLinear, RowParallelLinear
 from shardmesh.tp_group import SINGLE
 
-pytestmark = pytest.mark.skipif(kernels.kernel() is None, reason="needs the C kernels (a C compiler)")
+
+@pytest.fixture(autouse=True)
+def kernel():
+    assert kernels.kernel() is not None, "the CPU kernels did not build here (see the log): CI has gcc"
+
 
 LAYERS, CAPACITY, HIDDEN = 2, 64, 64
 
