@@ -74,15 +74,17 @@ def test_each_sequence_is_independent_of_the_rest_of_the_call():
     starts = [3, 17, 0, 40, 9]
     buffers = [torch.randn(LAYERS, 2, G, CAPACITY, D, generator=generator) for _ in starts]
     segments = [Segment(i, start, 1) for i, start in enumerate(starts)]
-    qkv = torch.randn(len(starts), A + 2 * G, D, generator=generator)       # [N, A + 2G, D]
-    rotated = torch.randn(len(starts), A + G, D, generator=generator)       # [N, A + G, D]
+    qkv = torch.randn(len(starts), A + 2 * G, D, generator=generator)                # [N, A + 2G, D]
+    cos, sin = RotaryEmbedding(D, 10000.0)(torch.tensor(starts), torch.float32)      # [N, D] each
     whole = torch.empty(len(starts), A, D)
-    DecodeTable.of(segments, [b.clone() for b in buffers]).attend(0, qkv, rotated, 0.2, whole)
+    whole_buffers = [b.clone() for b in buffers]
+    DecodeTable.of(segments, whole_buffers).attend(1, qkv, cos, sin, 0.2, whole)
     for i, start in enumerate(starts):
-        alone = torch.zeros(1, A, D)
-        DecodeTable.of([Segment(0, start, 1)], [buffers[i].clone()]).attend(
-            0, qkv[i:i + 1].contiguous(), rotated[i:i + 1].contiguous(), 0.2, alone)
+        alone, alone_buffer = torch.zeros(1, A, D), buffers[i].clone()
+        DecodeTable.of([Segment(0, start, 1)], [alone_buffer]).attend(
+            1, qkv[i:i + 1].contiguous(), cos[i:i + 1].contiguous(), sin[i:i + 1].contiguous(), 0.2, alone)
         assert torch.equal(alone[0], whole[i])
+        assert torch.equal(alone_buffer, whole_buffers[i])
 
 
 def test_off_switch_and_torch_fallbacks(monkeypatch):

@@ -4,6 +4,8 @@
  * Per sequence and layer, torch's path costs ~45 us of per-op overhead (a cache copy, views, one SDPA
  * call) for a few microseconds of arithmetic: at batch 16 that is most of a stage's attention time.
  * Here, for each sequence s (its new token at row rows[s] of the step's packed tensors):
+ *   - its new query and key heads are rotated (RoPE, as layers.apply_rotary: x * cos + roll(x, D/2) *
+ *     signed_sin, the two products and the sum each rounded, never fused: the same bits as torch);
  *   - its new key and value (G heads of D) are written into its cache at slot lengths[s] - 1;
  *   - each query head a (of A; GQA: head a reads KV head a / (A / G)) attends to slots [0, lengths[s]):
  *     scores_j = scale * q . k_j, p = softmax(scores) (max subtracted, fp32), out = sum_j p_j v_j.
@@ -80,24 +82,42 @@ static void attn_mix(const float *restrict weights, const float *restrict v, lon
     }
 }
 
+/* out = x * cos + roll(x, D/2) * signed_sin (D even), without fused multiply-adds (torch rounds each
+ * product and the sum: so do we, and the cached keys are torch's bits). */
+#if defined(__clang__)
+static void attn_rotate(const float *restrict x, const float *restrict cos, const float *restrict signed_sin, long D,
+                        float *restrict out) {
+#pragma clang fp contract(off)
+#else
+__attribute__((optimize("fp-contract=off")))
+static void attn_rotate(const float *restrict x, const float *restrict cos, const float *restrict signed_sin, long D,
+                        float *restrict out) {
+#endif
+    long half = D / 2;
+    for (long d = 0; d < half; d++) out[d] = x[d] * cos[d] + x[d + half] * signed_sin[d];
+    for (long d = half; d < D; d++) out[d] = x[d] * cos[d] + x[d - half] * signed_sin[d];
+}
+
 /* table: S rows of 4 longs (row in the packed batch, cache buffer address, capacity, length after this
- * token). queries/keys/values: the step's new q (A heads), k, v (G heads) of each packed row, D floats
- * per head, heads contiguous, rows `*_stride` floats apart. out: [N, A, D], rows of the S sequences
- * written. scores: scratch of at least max(length) floats. */
+ * token). qkv: the step's new q (A heads), k, v (G heads each) of each packed row before RoPE, [N, A + 2G, D];
+ * cos, signed_sin: [N, D] (layers.RotaryEmbedding). out: [N, A, D], rows of the S sequences written.
+ * scratch: at least max(length) + D floats. */
 void shardmesh_decode_attention(long S, long A, long G, long D, long layer, float scale, const long *table,
-                                const float *queries, long query_stride, const float *keys, long key_stride,
-                                const float *values, long value_stride, float *scores, float *out) {
-    long group = A / G;
+                                const float *qkv, const float *cos, const float *signed_sin, float *scratch,
+                                float *out) {
+    long group = A / G, row_stride = (A + 2 * G) * D;
+    float *q = scratch, *scores = scratch + D;
     for (long s = 0; s < S; s++) {
         long row = table[4 * s], capacity = table[4 * s + 2], length = table[4 * s + 3];
         float *cache_keys = (float *)table[4 * s + 1] + layer * 2 * G * capacity * D; /* [G, capacity, D] */
         float *cache_values = cache_keys + G * capacity * D;
+        const float *new = qkv + row * row_stride, *row_cos = cos + row * D, *row_sin = signed_sin + row * D;
         for (long g = 0; g < G; g++) {
-            memcpy(cache_keys + (g * capacity + length - 1) * D, keys + row * key_stride + g * D, D * sizeof(float));
-            memcpy(cache_values + (g * capacity + length - 1) * D, values + row * value_stride + g * D, D * sizeof(float));
+            attn_rotate(new + (A + g) * D, row_cos, row_sin, D, cache_keys + (g * capacity + length - 1) * D);
+            memcpy(cache_values + (g * capacity + length - 1) * D, new + (A + G + g) * D, D * sizeof(float));
         }
         for (long a = 0; a < A; a++) {
-            const float *q = queries + row * query_stride + a * D;
+            attn_rotate(new + a * D, row_cos, row_sin, D, q);
             const float *k = cache_keys + (a / group) * capacity * D;
             const float *v = cache_values + (a / group) * capacity * D;
             attn_scores(q, k, length, D, scale, scores);

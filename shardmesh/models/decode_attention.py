@@ -1,8 +1,8 @@
 """Attention of a step's one-token (decode) sequences in one C call per layer (kernels/decode_attention.c).
 
 torch's path (layers.Attention) spends ~45 us per sequence and layer on per-op overhead (cache copy,
-views, one SDPA call) for microseconds of arithmetic; the kernel writes the new keys/values into each
-sequence's cache and attends, for every decode sequence of the step at once. `DecodeTable.of` is
+views, one SDPA call) for microseconds of arithmetic; the kernel rotates (RoPE) and writes the new keys/values into
+each sequence's cache and attends, for every decode sequence of the step at once. `DecodeTable.of` is
 built once per step (None: torch for everything); `Attention` gives it each layer's q/k/v. Sequences
 with more than one new token (prompts, prompt chunks) keep SDPA. Each sequence's result is computed
 alone: it does not depend on what else is in the step.
@@ -29,8 +29,7 @@ def _function():
     if kernel is None or os.environ.get("SHARDMESH_DECODE_ATTENTION", "1") == "0":
         return None
     function = kernel.library.shardmesh_decode_attention
-    function.argtypes = ([ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_void_p]
-                         + [ctypes.c_void_p, ctypes.c_long] * 3 + [ctypes.c_void_p] * 2)
+    function.argtypes = [ctypes.c_long] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6
     function.restype = None
     return function
 
@@ -55,19 +54,19 @@ class DecodeTable:
         return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), max(row[3] for row in rows),
                    [buffers[i] for i in picks])
 
-    def attend(self, layer: int, qkv: torch.Tensor, rotated: torch.Tensor, scale: float,
+    def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
                attended: torch.Tensor) -> None:
-        """Write this layer's new keys/values of the decode sequences into their caches and their
-        attention outputs into attended [N, A, D] (the other rows untouched).
+        """Rotate this layer's new queries and keys of the decode sequences (RoPE), write their keys and
+        values into their caches and their attention outputs into attended [N, A, D] (other rows untouched).
 
-        qkv [N, A + 2G, D] (values at heads A + G...), rotated [N, A + G, D] (queries, then keys,
-        after RoPE), both contiguous fp32; layer: the index within the stage's cache buffers."""
+        qkv [N, A + 2G, D] before RoPE, cos/signed_sin [N, D] (layers.RotaryEmbedding), all contiguous
+        fp32; layer: the index within the stage's cache buffers."""
         num_tokens, A, D = attended.shape
-        G = rotated.shape[1] - A
-        assert qkv.is_contiguous() and rotated.is_contiguous() and attended.is_contiguous()
-        assert qkv.dtype == rotated.dtype == attended.dtype == torch.float32
-        scores = torch.empty(self.max_length, dtype=torch.float32)
+        G = (qkv.shape[1] - A) // 2
+        assert qkv.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous() and attended.is_contiguous()
+        assert qkv.dtype == cos.dtype == signed_sin.dtype == attended.dtype == torch.float32
+        assert cos.shape == signed_sin.shape == (num_tokens, D) and qkv.shape[0] == num_tokens
+        scratch = torch.empty(self.max_length + D, dtype=torch.float32)  # the rotated query, the scores
         kernels.calls["decode_attention"] += 1
-        _function()(self.table.shape[0], A, G, D, layer, scale, self.table.data_ptr(),
-                    rotated.data_ptr(), rotated.stride(0), rotated.data_ptr() + A * D * 4, rotated.stride(0),
-                    qkv.data_ptr() + (A + G) * D * 4, qkv.stride(0), scores.data_ptr(), attended.data_ptr())
+        _function()(self.table.shape[0], A, G, D, layer, scale, self.table.data_ptr(), qkv.data_ptr(),
+                    cos.data_ptr(), signed_sin.data_ptr(), scratch.data_ptr(), attended.data_ptr())

@@ -126,14 +126,15 @@ class Attention:
         C kernel in one call, `layer` being this layer's index in their cache buffers; the others to SDPA."""
         num_tokens, A, G, D = hidden_states.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden_states).view(num_tokens, A + 2 * G, D)  # [N, A + 2G, D]
-        rotated = apply_rotary(qkv[:, :A + G], cos, sin)                   # [N, A + G, D]: queries and keys at once
         if decode is None:
+            rotated = apply_rotary(qkv[:, :A + G], cos, sin)  # [N, A + G, D]: queries and keys at once
             attended = self._sdpa(qkv, rotated, segments, caches).transpose(0, 1)  # [N, A, D]
         else:
-            attended = torch.empty(num_tokens, A, D, dtype=rotated.dtype)          # [N, A, D]
-            decode.attend(layer, qkv, rotated, self.scaling, attended)
+            attended = torch.empty(num_tokens, A, D, dtype=qkv.dtype)  # [N, A, D]
+            decode.attend(layer, qkv, cos, sin, self.scaling, attended)  # RoPE inside
             if len(decode.indices) < len(segments):  # prompts in the step: SDPA for them
                 others = [i for i in range(len(segments)) if i not in decode.indices]
+                rotated = apply_rotary(qkv[:, :A + G], cos, sin)
                 outputs = self._sdpa(qkv, rotated, [segments[i] for i in others], [caches[i] for i in others])
                 row = 0
                 for i in others:
