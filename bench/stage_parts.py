@@ -1,7 +1,7 @@
 """Where a stage's own decode step goes, part by part, in process (the stage of a 1-stage mesh).
 
     .venv/bin/python bench/stage_parts.py [--small] [--batch 1 16] [--compute-threads 1 2]
-        [--decode-attention on off] [--steps 30]
+        [--decode-attention on off] [--huge-pages on off] [--steps 30]
 
 A StageModel of every layer decodes `--batch` sequences behind an in-process expert backend (an
 ExpertShard, its time excluded); the parts of each step are timed with perf_counter marks around
@@ -25,7 +25,7 @@ import torch
 import harness
 from decode_throughput import make_prompts
 
-COLUMNS = [("batch", "batch"), ("threads", "compute threads"), ("kernel", "decode attention kernel"), ("part", "part"), ("per_step_ms", "ms per step"),
+COLUMNS = [("batch", "batch"), ("threads", "compute threads"), ("kernel", "decode attention kernel"), ("huge", "huge pages"), ("part", "part"), ("per_step_ms", "ms per step"),
            ("share", "share of the stage's step")]
 
 
@@ -77,9 +77,12 @@ def instrument(stage, timer: Timer) -> None:
         attention.o_proj = timer.wrap("attention: o_proj", attention.o_proj)
         call = type(attention).__call__
         layer.self_attn = timer.wrap("attention: all", lambda *a, _self=attention, _call=call: _call(_self, *a))
-    stage_model.moe_block = timer.wrap_async("gate + dispatch + combine", stage_model.moe_block, "experts (excluded)")
     stage.norm = timer.wrap("final norm", stage.norm)
-    stage_model.parallel_linear = timer.wrap("LM head", stage_model.parallel_linear)
+    if not hasattr(stage_model, "timed"):  # module functions: wrapped once for every stage
+        stage_model.timed = True
+        stage_model.moe_block = timer.wrap_async("gate + dispatch + combine", stage_model.moe_block,
+                                                 "experts (excluded)")
+        stage_model.parallel_linear = timer.wrap("LM head", stage_model.parallel_linear)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--decode-attention", nargs="+", default=["on", "off"], choices=["on", "off"],
                         help="attention of one-token sequences in the C kernel (models/decode_attention.py) or SDPA")
+    parser.add_argument("--huge-pages", nargs="+", default=["on"], choices=["on", "off"],
+                        help="the stage's weights in huge pages (shardmesh.huge_pages) or where they were loaded")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache-dir", type=pathlib.Path, default=harness.DEFAULT_CACHE)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = harness.checkpoint(shape, args.cache_dir)
     torch.set_num_threads(1)
 
-    from shardmesh import compute_pool
+    from shardmesh import compute_pool, huge_pages
     from shardmesh.models import decode_attention
     from shardmesh.checkpoint import CheckpointReader
     from shardmesh.config import ModelConfig
@@ -107,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.from_dir(model_dir)
     reader = CheckpointReader(model_dir)
     timer = Timer()
-    stage = StageModel(config, 0, config.num_layers, reader)
-    instrument(stage, timer)
+    stages = {}
+    for huge in args.huge_pages:
+        os.environ["SHARDMESH_HUGE_PAGES"] = "1" if huge == "on" else "0"
+        huge_pages._madvise.cache_clear()
+        stages[huge] = StageModel(config, 0, config.num_layers, reader)
+        instrument(stages[huge], timer)
     experts = TimedExperts(LocalExperts([ExpertShard(
         config, [(l, e) for l in range(config.num_layers) for e in range(config.num_experts)], reader)]), timer)
 
-    async def decode(batch_size: int, first_id: int) -> dict:
+    async def decode(stage, batch_size: int, first_id: int) -> dict:
         prompts = make_prompts(config.vocab_size, batch_size, 16)
         ids = list(range(first_id, first_id + batch_size))
         batch = StageBatch(ids, [0] * batch_size, [16] * batch_size, torch.tensor(sum(prompts, [])))
@@ -137,20 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         for batch_size in args.batch:
             for threads in args.compute_threads:
                 for kernel in args.decode_attention:
-                    os.environ["SHARDMESH_DECODE_ATTENTION"] = "1" if kernel == "on" else "0"
-                    decode_attention._function.cache_clear()
-                    compute_pool.set_threads(threads)
-                    for name, seconds in asyncio.run(decode(batch_size, first_id)).items():
-                        samples[(batch_size, threads, kernel, name)].append(seconds)
-                    first_id += batch_size
+                    for huge, stage in stages.items():
+                        os.environ["SHARDMESH_DECODE_ATTENTION"] = "1" if kernel == "on" else "0"
+                        decode_attention._function.cache_clear()
+                        compute_pool.set_threads(threads)
+                        for name, seconds in asyncio.run(decode(stage, batch_size, first_id)).items():
+                            samples[(batch_size, threads, kernel, huge, name)].append(seconds)
+                        first_id += batch_size
     compute_pool.set_threads(1)
     rows = []
-    for (batch_size, threads, kernel, name), values in samples.items():
-        total = statistics.median(samples[(batch_size, threads, kernel, "stage step (total - experts)")])
+    for (batch_size, threads, kernel, huge, name), values in samples.items():
+        total = statistics.median(samples[(batch_size, threads, kernel, huge, "stage step (total - experts)")])
         value = statistics.median(values)
-        rows.append(dict(batch=batch_size, threads=threads, kernel=kernel, part=name, per_step_ms=value * 1e3,
-                         share="" if "excluded" in name else f"{value / total:.0%}"))
-    rows.sort(key=lambda row: (row["batch"], row["threads"], row["kernel"], -row["per_step_ms"]))
+        rows.append(dict(batch=batch_size, threads=threads, kernel=kernel, huge=huge, part=name,
+                         per_step_ms=value * 1e3, share="" if "excluded" in name else f"{value / total:.0%}"))
+    rows.sort(key=lambda row: (row["batch"], row["threads"], row["kernel"], row["huge"], -row["per_step_ms"]))
     header = (f"a stage's decode step by part, {shape} shape, {args.rounds} alternating rounds of {args.steps} "
               f"steps; 1-min load average {os.getloadavg()[0]:.1f}")
     harness.report(f"stage_parts-{shape}", header, rows, COLUMNS)

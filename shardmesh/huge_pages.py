@@ -1,46 +1,66 @@
-"""Weights on transparent huge pages (2 MiB) for the kernels that stream them from memory.
+"""Weights in transparent huge pages (2 MiB), so that streaming them misses the TLB 512x less often.
 
-A decode step reads each weight it uses once, at the speed memory delivers it. On 4 KiB pages
-the expert kernel (shardmesh.kernels) read 12.3 GB/s on one thread at 1 row; the same weights on
-2 MiB pages 14.0 GB/s (1.13x; 1.13x at 4 rows too): fewer TLB misses and page walks along the
-stream. Linux backs an anonymous mapping advised MADV_HUGEPAGE with huge pages when
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`; elsewhere the advice is
-refused or ignored and the copies sit on ordinary pages, with the same values.
+A decode step reads each weight once, row after row; with 4 KiB pages the kernels' software
+prefetches cross a page every 1-2 rows of a 512-wide fp32 matrix, and the bench machine's CPU drops a
+prefetch that misses the TLB. Copied into memory advised MADV_HUGEPAGE (Linux, THP "madvise" or
+"always"), the same products ran 1.3-1.5x faster for the LM head at 16 rows and 1.05-1.2x at 1 row,
+1.05-1.1x for q/k/v (bench/stage_parts.py --huge-pages on off). The bytes are copied unchanged: every
+result is bit-identical.
+
+`to_huge_pages` lays the tensors out one after another in one anonymous region (at most one
+partly used 2 MiB page in all). Off (SHARDMESH_HUGE_PAGES=0), off Linux, for tensors not on the
+CPU, or when madvise fails, it returns the tensors as they were (one log line says why).
 """
 
-import mmap
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+import sys
 
 import torch
 
+log = logging.getLogger(__name__)
+
 HUGE_PAGE = 2 << 20
-ALIGNMENT = 64  # each tensor starts on a cache line
+MADV_HUGEPAGE = 14  # linux/mman.h
+ALIGNMENT = 64      # bytes between consecutive tensors of the region: a cache line
 
 
-def copy_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous copies of these CPU tensors (same shapes, dtypes, values) in one anonymous mapping
-    that starts on a 2 MiB boundary and is advised MADV_HUGEPAGE. Each copy keeps the mapping alive
-    (torch.frombuffer holds it); nothing needs freeing by hand."""
-    offsets, size = [], 0
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise, or None (not Linux, or switched off)."""
+    if os.environ.get("SHARDMESH_HUGE_PAGES", "1") == "0":
+        log.info("huge pages off (SHARDMESH_HUGE_PAGES=0): weights stay where they were loaded")
+        return None
+    if not sys.platform.startswith("linux"):
+        return None
+    function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of these CPU tensors, each 64-byte aligned, in one region advised MADV_HUGEPAGE;
+    or the tensors themselves when that is not possible. The copies keep the region alive."""
+    madvise = _madvise()
+    if madvise is None or not tensors or any(t.device.type != "cpu" for t in tensors):
+        return tensors
+    offsets, total = [], 0
     for tensor in tensors:
-        assert tensor.device.type == "cpu", "huge pages hold CPU tensors"
-        offsets.append(size)
-        size += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
-    if size == 0:
-        return [tensor.clone() for tensor in tensors]
-    length = -(-size // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # one spare huge page to align the start
-    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    address = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
-    start = -address % HUGE_PAGE  # a multiple of the 4 KiB page: mmap returns page-aligned memory
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE, start, length - start)
-        except OSError:  # huge pages off in this kernel: ordinary pages
-            pass
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
+    region = torch.empty(total + 2 * HUGE_PAGE, dtype=torch.uint8)  # [bytes], not touched yet: no pages
+    start = -region.data_ptr() % HUGE_PAGE
+    length = -(-total // HUGE_PAGE) * HUGE_PAGE
+    if madvise(region.data_ptr() + start, length, MADV_HUGEPAGE) != 0:
+        log.info("madvise(MADV_HUGEPAGE) failed (errno %d): weights stay in small pages", ctypes.get_errno())
+        return tensors
     copies = []
     for tensor, offset in zip(tensors, offsets):
-        if tensor.numel() == 0:
-            copies.append(tensor.clone())
-            continue
-        copy = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start + offset)
-        copies.append(copy.view(tensor.shape).copy_(tensor))
+        size = tensor.numel() * tensor.element_size()
+        copy = region[start + offset:start + offset + size].view(tensor.dtype).view(tensor.shape)
+        copies.append(copy.copy_(tensor))  # the first touch: the kernel backs the region with huge pages
     return copies

@@ -21,6 +21,7 @@ from shardmesh.checkpoint import CheckpointReader
 from shardmesh.compute_pool import parallel_linear
 from shardmesh.config import ModelConfig
 from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shardmesh.huge_pages import to_huge_pages
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
 from shardmesh.models.decode_attention import DecodeTable
@@ -89,6 +90,7 @@ class StageModel:
                 self.lm_head = reader.get(family.LM_HEAD, dtype)  # [V, H]
             else:
                 self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
+        self._weights_to_huge_pages()
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -97,6 +99,22 @@ class StageModel:
         # Sequences the KV cache may hold (0 = no limit; a stage's --max-cached-sequences): a step
         # that would start one more gets RESOURCE_EXHAUSTED naming it, and changes nothing.
         self.max_cached_sequences = 0
+
+    def _weights_to_huge_pages(self) -> None:
+        """The weights each step streams (attention, dense MLPs, LM head) into huge pages (shardmesh.huge_pages)."""
+        if self.device.type != "cpu":
+            return
+        linears = [layer.self_attn.qkv_proj for layer in self.layers] + [layer.self_attn.o_proj for layer in self.layers]
+        linears += [linear for layer in self.layers if isinstance(layer.ffn, ParallelSwiGLUMLP)
+                    for linear in (layer.ffn.gate_up_proj, layer.ffn.down_proj)]
+        tensors = [linear.weight for linear in linears] + ([self.lm_head] if self.lm_head is not None else [])
+        moved = to_huge_pages(tensors)
+        for linear, weight in zip(linears, moved):
+            linear.weight = weight
+        if self.lm_head is not None:
+            if self.embed_tokens is self.lm_head:  # tied: one copy for both
+                self.embed_tokens = moved[-1]
+            self.lm_head = moved[-1]
 
     def validate(self, batch: StageBatch) -> None:
         """Raise InvalidArgument / NotFound / FailedPrecondition naming the offending request field."""
