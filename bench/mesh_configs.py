@@ -22,12 +22,14 @@ class MeshConfig:
     stage_compute_threads: int = 0  # the expert servers' (0 = threads / compute_threads)
     cpu_kernels: bool = True   # False: SHARDMESH_CPU_KERNELS=0, torch instead of shardmesh.kernels' C kernels
     decode_attention: bool = True  # False: SHARDMESH_DECODE_ATTENTION=0, SDPA per sequence (models/decode_attention.py)
+    huge_pages: bool = True    # False: SHARDMESH_HUGE_PAGES=0, the stages' weights in small pages (shardmesh/huge_pages.py)
 
     @property
     def env(self) -> dict:
         """Environment variables of the mesh's processes (on top of this process's)."""
         env = {"OMP_WAIT_POLICY": "PASSIVE"} if self.omp_passive else {}
         env = env if self.decode_attention else {**env, "SHARDMESH_DECODE_ATTENTION": "0"}
+        env = env if self.huge_pages else {**env, "SHARDMESH_HUGE_PAGES": "0"}
         return env if self.cpu_kernels else {**env, "SHARDMESH_CPU_KERNELS": "0"}
 
     @property
@@ -69,6 +71,9 @@ CONFIGS = {
     "1s1e-shm-c2-torch": MeshConfig(1, 1, compute_threads=2, data_plane="shm", cpu_kernels=False),
     # The same with SDPA per sequence instead of the decode attention kernel: its A/B baseline.
     "1s1e-shm-c2-sdpa": MeshConfig(1, 1, compute_threads=2, data_plane="shm", decode_attention=False),
+    # ... and with the stage's weights in small pages too: the stage as before issue 5's session 5.
+    "1s1e-shm-c2-sdpa-small-pages": MeshConfig(1, 1, compute_threads=2, data_plane="shm", decode_attention=False,
+                                               huge_pages=False),
     # One stage with two micro-batches in flight: one step's attention while the other's experts compute.
     "1s1e-shm-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2, data_plane="shm"),
     "1s1e-grpc-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2),

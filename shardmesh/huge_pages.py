@@ -7,8 +7,9 @@ prefetch that misses the TLB. Copied into memory advised MADV_HUGEPAGE (Linux, T
 1.05-1.1x for q/k/v (bench/stage_parts.py --huge-pages on off). The bytes are copied unchanged: every
 result is bit-identical.
 
-`to_huge_pages` lays the tensors out one after another in one anonymous region (at most one
-partly used 2 MiB page in all). Off (SHARDMESH_HUGE_PAGES=0), off Linux, for tensors not on the
+`to_huge_pages` lays the tensors out one after another in one anonymous region, 2 MiB-aligned, and
+advises its whole 2 MiB pages only: the tail (< 2 MiB) stays in small pages, so no memory is wasted
+(under 2 MiB in all there is nothing to gain: the tensors are returned as they were). Off (SHARDMESH_HUGE_PAGES=0), off Linux, for tensors not on the
 CPU, or when madvise fails, it returns the tensors as they were (one log line says why).
 """
 
@@ -52,9 +53,11 @@ def to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for tensor in tensors:
         offsets.append(total)
         total += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
-    region = torch.empty(total + 2 * HUGE_PAGE, dtype=torch.uint8)  # [bytes], not touched yet: no pages
+    length = total // HUGE_PAGE * HUGE_PAGE  # the whole huge pages
+    if length == 0:
+        return tensors
+    region = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # [bytes], not touched yet: no pages
     start = -region.data_ptr() % HUGE_PAGE
-    length = -(-total // HUGE_PAGE) * HUGE_PAGE
     if madvise(region.data_ptr() + start, length, MADV_HUGEPAGE) != 0:
         log.info("madvise(MADV_HUGEPAGE) failed (errno %d): weights stay in small pages", ctypes.get_errno())
         return tensors
