@@ -5,7 +5,10 @@ views, one SDPA call) for microseconds of arithmetic; the kernel rotates (RoPE) 
 each sequence's cache and attends, for every decode sequence of the step at once. `DecodeTable.of` is
 built once per step (None: torch for everything); `Attention` gives it each layer's q/k/v. Sequences
 with more than one new token (prompts, prompt chunks) keep SDPA. Each sequence's result is computed
-alone: it does not depend on what else is in the step.
+alone: it does not depend on what else is in the step. Measured (bench machine, load 2-3): a stage's
+attention per step, in process (bench/stage_parts.py), 11.1 -> 7.8 ms at batch 16, 4.5 -> 3.6 at batch 1;
+end to end (decode_throughput 1s1e-shm-c2 vs 1s1e-shm-c2-sdpa, load 1.7) 57.5 vs 58.5 ms/token at
+batch 16 (1.7%), no difference seen at batch 1.
 
 Shape legend: N new tokens in the step, A query heads, G key/value heads, D head_dim, S sequences.
 """
