@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = [tuple(torch.randn(shape, generator=generator) * 0.05 for shape in ((I, H), (I, H), (H, I)))
                for _ in range(args.experts)]
     if not args.small_pages:
-        weights = [tuple(huge_pages.copy_to_huge_pages(list(expert))) for expert in weights]
+        weights = [tuple(huge_pages.to_huge_pages(list(expert))) for expert in weights]
     weight_bytes = args.experts * 3 * H * I * 4
 
     rows_out = []

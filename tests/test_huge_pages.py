@@ -1,5 +1,6 @@
-"""A stage's weights copied into huge pages (shardmesh.huge_pages): the same bytes, aligned, and the
-same logits bit for bit; off by switch or for tensors not on the CPU."""
+"""Weights copied into huge pages (shardmesh.huge_pages): the same bytes, aligned, on 2 MiB pages
+where the kernel grants them, and the same logits and expert outputs bit for bit, for a stage's
+weights and an expert server's experts; off by switch, for tensors not on the CPU, or under 2 MiB."""
 
 import asyncio
 import pathlib
@@ -11,6 +12,7 @@ from shardmesh import huge_pages
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.expert_model import ExpertShard, LocalExperts
+from shardmesh.models.layers import SwiGLUMLP
 from shardmesh.stage_model import StageBatch, StageModel
 
 
@@ -25,9 +27,17 @@ def switch(monkeypatch):
     huge_pages._madvise.cache_clear()
 
 
-def anon_huge_kb() -> int:
-    """This process's memory in transparent huge pages, kB (Linux)."""
-    return sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages"))
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            low, high = (int(part, 16) for part in first.split("-"))
+            inside = low <= address < high
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
 
 
 def test_copies_hold_the_same_bytes_aligned(switch):
@@ -42,7 +52,7 @@ def test_copies_hold_the_same_bytes_aligned(switch):
         assert copy.data_ptr() % huge_pages.ALIGNMENT == 0
     assert copies[0].data_ptr() % huge_pages.HUGE_PAGE == 0  # the region starts on a huge page
     if pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().find("[never]") < 0:
-        assert anon_huge_kb() >= 2048  # the kernel backed at least one 2 MiB page (THP "madvise" or "always")
+        assert anon_huge_kb(copies[3].data_ptr()) >= 2048  # the region holds >= 1 huge page (THP "madvise"/"always")
 
 
 def test_off_switch_other_devices_and_small_sets_keep_the_tensors(switch):
@@ -80,3 +90,38 @@ def test_stage_logits_are_bit_identical_with_and_without(make_model_dir, switch)
     assert huge.layers[0].self_attn.qkv_proj.weight.data_ptr() % huge_pages.HUGE_PAGE == 0  # moved: the region's first
     for ours, theirs in zip(asyncio.run(decode(huge)), asyncio.run(decode(plain))):
         assert torch.equal(ours, theirs)
+
+
+def test_expert_outputs_are_bit_identical_with_and_without(make_model_dir, switch):
+    # experts of 256 x 768 x 3 fp32 = 2.25 MiB: one whole huge page each
+    model_dir = make_model_dir("mixtral", vocab_size=64, hidden_size=256, intermediate_size=768, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=2)
+    config = ModelConfig.from_dir(model_dir)
+    switch(False)
+    plain = ExpertShard(config, [(0, 0), (0, 1)], CheckpointReader(model_dir))
+    switch(True)
+    huge = ExpertShard(config, [(0, 0), (0, 1)], CheckpointReader(model_dir))
+    hidden_states = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(3))  # [n, H]
+    for expert in (0, 1):
+        assert plain._mlps[(0, expert)].gate_proj.data_ptr() % huge_pages.HUGE_PAGE != 0  # off: where it was loaded
+        assert huge._mlps[(0, expert)].gate_proj.data_ptr() % huge_pages.HUGE_PAGE == 0  # moved
+        assert torch.equal(huge.compute(0, expert, hidden_states), plain.compute(0, expert, hidden_states))
+        assert torch.equal(huge.compute_many([(0, expert, hidden_states)])[0], plain.compute(0, expert, hidden_states))
+
+
+def test_an_expert_moves_only_when_its_kernel_streams_it_and_a_page_is_gained(switch):
+    switch(True)
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(1024, 512, generator=generator), torch.randn(1024, 512, generator=generator),
+               torch.randn(512, 1024, generator=generator)]  # 6 MiB
+    expert = SwiGLUMLP(*weights)
+    moved = expert.on_huge_pages()
+    assert expert.kernel is not None and moved.kernel is expert.kernel
+    assert moved.gate_proj.data_ptr() % huge_pages.HUGE_PAGE == 0
+    assert all(torch.equal(a, b) for a, b in zip((moved.gate_proj, moved.up_proj, moved.down_proj), weights))
+    x = torch.randn(5, 512, generator=generator)
+    assert torch.equal(moved(x), expert(x))
+    on_torch = SwiGLUMLP(*(w.double() for w in weights))
+    assert on_torch.on_huge_pages() is on_torch  # no kernel: left where it is
+    small = SwiGLUMLP(*(w[:64].contiguous() if i < 2 else w[:, :64].contiguous() for i, w in enumerate(weights)))
+    assert small.on_huge_pages() is small  # 384 KiB: no whole huge page to gain

@@ -196,11 +196,14 @@ class SwiGLUMLP:
         return F.linear(gate.mul_(F.linear(hidden_states, self.up_proj)), self.down_proj)
 
     def on_huge_pages(self) -> "SwiGLUMLP":
-        """This expert with its three weights copied onto 2 MiB pages (shardmesh.huge_pages: the kernel
-        streams them ~1.13x faster), or itself when it runs on torch."""
+        """This expert with its three weights copied into 2 MiB pages (shardmesh.huge_pages: the kernel
+        streams them ~1.13x faster), or itself when it runs on torch or nothing would move (under
+        2 MiB of weights, huge pages off)."""
         if self.kernel is None:
             return self
-        return SwiGLUMLP(*huge_pages.copy_to_huge_pages([self.gate_proj, self.up_proj, self.down_proj]))
+        weights = [self.gate_proj, self.up_proj, self.down_proj]
+        moved = huge_pages.to_huge_pages(weights)
+        return self if moved is weights else SwiGLUMLP(*moved)
 
     @staticmethod
     def many(experts: list["SwiGLUMLP"], hidden_states: list[torch.Tensor], threads: int) -> list[torch.Tensor] | None:
