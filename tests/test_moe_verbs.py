@@ -77,3 +77,24 @@ def test_reference_matches_transformers_mixtral_block():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     reference = reference_moe(hidden_states, router_logits, 2, lambda e, x: mlps[e](x))
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_dispatch_combine_is_bitwise_a_row_of_a_batch(top_k, dtype):
+    """A token decoded alone (dispatch's one-token path: no index op, combine by sum) gets the same
+    bits as the same token inside a batch (the index path): a row's result must not depend on the batch."""
+    generator = torch.Generator().manual_seed(top_k)
+    hidden_states = torch.randn(6, 16, generator=generator).to(dtype)          # [T, H]
+    router_logits = 3 * torch.randn(6, 8, generator=generator).to(dtype)       # [T, E]
+    scales = torch.randn(8, 16, generator=generator)
+    expert = lambda e, x: x * scales[e] + e  # row by row (a matmul's bits may depend on its row count)
+    run = lambda x, logits: combine({e: expert(e, g.float()).to(dtype) for e, g in dispatch(x, logits, top_k)[0].items()},
+                                    dispatch(x, logits, top_k)[1])
+    batch = run(hidden_states, router_logits)                                  # [T, H]
+    for t in range(6):
+        groups, handle = dispatch(hidden_states[t:t + 1], router_logits[t:t + 1], top_k)
+        assert list(groups) == sorted(groups) == list(handle.experts) and len(groups) == top_k
+        alone = run(hidden_states[t:t + 1], router_logits[t:t + 1])            # [1, H]
+        assert alone.dtype == dtype
+        assert torch.equal(alone, batch[t:t + 1]), (t, (alone - batch[t:t + 1]).abs().max())

@@ -52,7 +52,7 @@ class DispatchHandle:
     dtype: torch.dtype              # of the dispatched hidden_states, and of combine's result
     experts: tuple[int, ...]        # expert ids with at least one token, ascending = order of rows
     counts: tuple[int, ...]         # n_e for each of `experts`
-    token_idx: torch.Tensor         # int64 [T*K]: the token each row came from
+    token_idx: torch.Tensor | None  # int64 [T*K]: the token each row came from (None: T is 1)
     weights: torch.Tensor           # float32 [T*K]: that row's routing weight
     topk_idx: torch.Tensor          # int64 [T, K]: the experts each token chose (for load statistics)
 
@@ -63,25 +63,26 @@ def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
 
     hidden_states [T, H], router_logits [T, E] -> (groups, handle): groups maps each expert that got
     at least one token to its tokens' hidden_states [n_e, H] (in token order); experts with no
-    tokens are absent. A token appears in K groups."""
+    tokens are absent. A token appears in K groups. The groups are read-only (one token's groups
+    may all be `hidden_states` itself)."""
     num_tokens = router_logits.shape[0]
     assert hidden_states.shape[0] == num_tokens, (hidden_states.shape, router_logits.shape)
     topk_weights, topk_idx = route(router_logits, top_k)
+    if num_tokens == 1 and top_k <= 2:  # decode at batch 1: each group is the token itself, no index op
+        # (combine then sums the K <= 2 weighted rows: the same bits as index_add_ in any order)
+        sorted_experts, order = topk_idx[0].sort()                      # [K] each (distinct experts)
+        experts = tuple(sorted_experts.tolist())
+        return dict.fromkeys(experts, hidden_states), DispatchHandle(
+            1, hidden_states.shape[1], hidden_states.dtype, experts, (1,) * top_k, None,
+            topk_weights[0].index_select(0, order), topk_idx)
     sorted_experts, order = topk_idx.reshape(-1).sort(stable=True)      # [T*K] each
     token_idx = order // top_k                                          # [T*K]
     counts = collections.Counter(sorted_experts.tolist())               # ascending expert ids, as sorted
-    rows = hidden_states[token_idx].split(list(counts.values()))        # a tensor [n_e, H] per expert
+    rows = hidden_states.index_select(0, token_idx).split(list(counts.values()))  # a tensor [n_e, H] per expert
     groups = dict(zip(counts, rows))
-    handle = DispatchHandle(
-        num_tokens=num_tokens,
-        hidden_size=hidden_states.shape[1],
-        dtype=hidden_states.dtype,
-        experts=tuple(counts),
-        counts=tuple(counts.values()),
-        token_idx=token_idx,
-        weights=topk_weights.reshape(-1)[order],
-        topk_idx=topk_idx,
-    )
+    handle = DispatchHandle(num_tokens, hidden_states.shape[1], hidden_states.dtype, tuple(counts),
+                            tuple(counts.values()), token_idx, topk_weights.reshape(-1).index_select(0, order),
+                            topk_idx)
     return groups, handle
 
 
@@ -89,21 +90,29 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
     """Each token's expert outputs weighted by its routing weights and summed: -> [T, H].
 
     outputs maps every expert of the dispatch to its unweighted output [n_e, H] (same row order as
-    its group). Accumulates in float32; returns the dispatched dtype. Raises ValueError when an
-    expert is missing or has the wrong number of rows (outputs may come from the network)."""
-    missing = [e for e in handle.experts if e not in outputs]
-    if missing:
-        raise ValueError(f"combine: no output for experts {missing}")
-    for expert, count in zip(handle.experts, handle.counts):
-        if outputs[expert].shape != (count, handle.hidden_size):
-            raise ValueError(f"combine: expert {expert} returned shape {list(outputs[expert].shape)}, "
+    its group). Accumulates in float32, in ascending expert order per token; returns the dispatched
+    dtype. Raises ValueError when an expert is missing or has the wrong number of rows (outputs may
+    come from the network)."""
+    try:
+        pieces = [outputs[e] for e in handle.experts]
+    except KeyError:
+        missing = [e for e in handle.experts if e not in outputs]
+        raise ValueError(f"combine: no output for experts {missing}") from None
+    for expert, count, piece in zip(handle.experts, handle.counts, pieces):
+        if piece.shape != (count, handle.hidden_size):
+            raise ValueError(f"combine: expert {expert} returned shape {list(piece.shape)}, "
                              f"expected [{count}, {handle.hidden_size}]")
     device = handle.weights.device
+    if not pieces:
+        return torch.zeros(handle.num_tokens, handle.hidden_size, dtype=handle.dtype, device=device)
+    if any(p.dtype != torch.float32 or p.device != device for p in pieces):
+        pieces = [p.to(device, torch.float32) for p in pieces]
+    rows = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()  # [T*K, H] float32, our own copy
+    rows.mul_(handle.weights[:, None])
+    if handle.token_idx is None:  # one token: its K weighted rows summed (the same sums as index_add_ from 0)
+        return rows.sum(0, keepdim=True).to(handle.dtype)
     combined = torch.zeros(handle.num_tokens, handle.hidden_size, dtype=torch.float32, device=device)  # [T, H]
-    if handle.experts:
-        rows = torch.cat([outputs[e].to(device, torch.float32) for e in handle.experts])  # [T*K, H]
-        combined.index_add_(0, handle.token_idx, rows.mul_(handle.weights[:, None]))  # rows is cat's own copy
-    return combined.to(handle.dtype)
+    return combined.index_add_(0, handle.token_idx, rows).to(handle.dtype)
 
 
 def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, top_k: int,
