@@ -53,7 +53,7 @@ class DispatchHandle:
     experts: tuple[int, ...]        # expert ids with at least one token, ascending = order of rows
     counts: tuple[int, ...]         # n_e for each of `experts`
     token_idx: torch.Tensor | None  # int64 [T*K]: the token each row came from (None: T is 1)
-    weights: torch.Tensor           # float32 [T*K]: that row's routing weight
+    weights: torch.Tensor           # float32 [T*K, 1]: that row's routing weight (a column, to scale rows)
     topk_idx: torch.Tensor          # int64 [T, K]: the experts each token chose (for load statistics)
 
 
@@ -70,18 +70,20 @@ def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     topk_weights, topk_idx = route(router_logits, top_k)
     if num_tokens == 1 and top_k <= 2:  # decode at batch 1: each group is the token itself, no index op
         # (combine then sums the K <= 2 weighted rows: the same bits as index_add_ in any order)
-        sorted_experts, order = topk_idx[0].sort()                      # [K] each (distinct experts)
-        experts = tuple(sorted_experts.tolist())
+        experts = topk_idx.tolist()[0]                                  # K distinct expert ids
+        weights = topk_weights.view(top_k, 1)                           # [K, 1]
+        if experts != sorted(experts):  # two experts, descending: ascending is the reverse
+            experts.reverse()
+            weights = weights.flip(0)
         return dict.fromkeys(experts, hidden_states), DispatchHandle(
-            1, hidden_states.shape[1], hidden_states.dtype, experts, (1,) * top_k, None,
-            topk_weights[0].index_select(0, order), topk_idx)
+            1, hidden_states.shape[1], hidden_states.dtype, tuple(experts), (1,) * top_k, None, weights, topk_idx)
     sorted_experts, order = topk_idx.reshape(-1).sort(stable=True)      # [T*K] each
     token_idx = order // top_k                                          # [T*K]
     counts = collections.Counter(sorted_experts.tolist())               # ascending expert ids, as sorted
     rows = hidden_states.index_select(0, token_idx).split(list(counts.values()))  # a tensor [n_e, H] per expert
     groups = dict(zip(counts, rows))
     handle = DispatchHandle(num_tokens, hidden_states.shape[1], hidden_states.dtype, tuple(counts),
-                            tuple(counts.values()), token_idx, topk_weights.reshape(-1).index_select(0, order),
+                            tuple(counts.values()), token_idx, topk_weights.view(-1, 1).index_select(0, order),
                             topk_idx)
     return groups, handle
 
@@ -108,7 +110,7 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
     if any(p.dtype != torch.float32 or p.device != device for p in pieces):
         pieces = [p.to(device, torch.float32) for p in pieces]
     rows = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()  # [T*K, H] float32, our own copy
-    rows.mul_(handle.weights[:, None])
+    rows.mul_(handle.weights)
     if handle.token_idx is None:  # one token: its K weighted rows summed (the same sums as index_add_ from 0)
         return rows.sum(0, keepdim=True).to(handle.dtype)
     combined = torch.zeros(handle.num_tokens, handle.hidden_size, dtype=torch.float32, device=device)  # [T, H]

@@ -166,7 +166,7 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
     rows) are summed, so each token's experts run once rather than T times."""
     if group.world_size == 1:
         groups, handle = dispatch(hidden_states, gate(hidden_states), gate.top_k)
-        return combine(await experts.run(layer, groups), handle).to(hidden_states.dtype)
+        return combine(await experts.run(layer, groups), handle)  # in hidden_states' dtype
     num_tokens, hidden, rank, world_size = *hidden_states.shape, group.rank, group.world_size
     start, end = rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
     # [N * H + T]: the output and one failure flag per rank, summed by the one collective, so that an
