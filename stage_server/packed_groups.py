@@ -31,7 +31,8 @@ class PackedCall:
         and dtype; Unavailable naming the server otherwise (a bad answer is the server's failure).
         `decode`: the data plane's (wire Tensor, field -> tensor that outlives the call)."""
         if not reply.HasField("packed_outputs"):
-            raise Unavailable("experts", f"expert server {self.address} answered no packed_outputs to packed groups")
+            raise Unavailable("experts", f"expert server {self.address} answered no packed_outputs to packed groups "
+                                         "(a server older than this stage? upgrade expert servers before stages)")
         try:
             output = decode(reply.packed_outputs, "packed_outputs")  # [N, H]
         except RequestError as error:
