@@ -3,7 +3,7 @@
 For each MoE layer it spreads each expert's tokens over its replicas by least outstanding work
 (tokens in flight; a big group is cut into pieces, see replica_spread.py), sends every piece bound
 for one server in one message (packed in one tensor: packed_groups.py), and awaits all servers
-concurrently. An expert with one replica skips the spread: its group goes whole to it.
+concurrently. An expert with one replica skips the water-filling: its group goes whole to it.
 
 Failover: expert calls are stateless, so the pieces of a server that fails a call (UNAVAILABLE or
 DEADLINE_EXCEEDED: dead, frozen, stopping, or a broken shared-memory plane) are sent again to the
@@ -92,7 +92,6 @@ class RemoteExperts:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._in_flight: dict[str, int] = {}  # address -> tokens sent and not yet answered
         self._down: dict[str, float] = {}     # address -> monotonic time until which it is avoided
-        self._sole: dict[tuple[int, int], str] = {}  # (layer, expert) -> its one replica (most experts)
         self._turn = 0
         self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into pieces this big
         self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
@@ -105,7 +104,6 @@ class RemoteExperts:
         before = set(self._stubs)
         after = {a for addresses in placement.replicas.values() for a in addresses}
         self.placement = placement
-        self._sole = {key: addresses[0] for key, addresses in placement.replicas.items() if len(addresses) == 1}
         for address in after - before:
             self._channels[address] = open_channel(address, self.security, FAST_FAILURE_OPTIONS)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
@@ -128,11 +126,6 @@ class RemoteExperts:
         def assign(todo: list[Piece], avoid) -> dict[str, list[Piece]]:  # failed servers are down: _spread skips them
             by_server: dict[str, list[Piece]] = {}
             for piece in todo:  # a hot expert's rows may be cut into pieces over its replicas
-                sole = self._sole.get((layer, piece.expert))
-                if sole is not None:  # what _spread gives for one replica (down or not): the piece whole
-                    self._turn += 1
-                    by_server.setdefault(sole, []).append(piece)
-                    continue
                 start = piece.start
                 for address, count in self._spread(layer, piece.expert, piece.stop - piece.start):
                     by_server.setdefault(address, []).append(Piece(piece.expert, start, start + count))
@@ -156,9 +149,11 @@ class RemoteExperts:
         addresses = self.placement.replicas.get((layer, expert))
         if not addresses:
             raise FailedPrecondition("placement", f"no expert server holds (layer {layer}, expert {expert})")
+        self._turn += 1
+        if len(addresses) == 1:  # one replica (most experts): the group goes to it whole, down or not
+            return [(addresses[0], num_tokens)]
         now = time.monotonic()
         live = tuple(a for a in addresses if self._down.get(a, 0.0) <= now)
-        self._turn += 1
         # Every replica failed lately: try them all again (one may be back) rather than give up.
         return spread(num_tokens, live or addresses, self._in_flight, self.min_split_tokens, self._turn)
 
