@@ -39,10 +39,13 @@ def _function():
 
 class DecodeTable:
     """The step's decode sequences and where their caches are: indices (into the step's segments),
-    table int64 [S, TABLE_COLUMNS], and the longest length (the kernel's scratch)."""
+    table int64 [S, TABLE_COLUMNS], and the kernel's scratch for the step (the rotated query and the
+    scores of the longest sequence, reused by every layer)."""
 
-    def __init__(self, indices: frozenset[int], table: torch.Tensor, max_length: int, buffers: list[torch.Tensor]):
-        self.indices, self.table, self.max_length = indices, table, max_length
+    def __init__(self, indices: frozenset[int], table: torch.Tensor, max_length: int, buffers: list[torch.Tensor],
+                 head_dim: int):
+        self.indices, self.table = indices, table
+        self.scratch = torch.empty(max_length + head_dim, dtype=torch.float32)  # [L_max + D]
         self.buffers = buffers  # the table holds their addresses: keep them alive as long as it
 
     @classmethod
@@ -55,7 +58,7 @@ class DecodeTable:
         rows = [(segments[i].offset, buffers[i].data_ptr(), buffers[i].shape[3], segments[i].start_position + 1)
                 for i in picks]
         return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), max(row[3] for row in rows),
-                   [buffers[i] for i in picks])
+                   [buffers[i] for i in picks], buffers[picks[0]].shape[4])
 
     def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
                attended: torch.Tensor) -> None:
@@ -69,7 +72,6 @@ class DecodeTable:
         assert qkv.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous() and attended.is_contiguous()
         assert qkv.dtype == cos.dtype == signed_sin.dtype == attended.dtype == torch.float32
         assert cos.shape == signed_sin.shape == (num_tokens, D) and qkv.shape[0] == num_tokens
-        scratch = torch.empty(self.max_length + D, dtype=torch.float32)  # the rotated query, the scores
         kernels.calls["decode_attention"] += 1
         _function()(self.table.shape[0], A, G, D, layer, scale, self.table.data_ptr(), qkv.data_ptr(),
-                    cos.data_ptr(), signed_sin.data_ptr(), scratch.data_ptr(), attended.data_ptr())
+                    cos.data_ptr(), signed_sin.data_ptr(), self.scratch.data_ptr(), attended.data_ptr())
