@@ -13,11 +13,13 @@ helpers, which cut each expert into pieces (shardmesh.kernels expert_ffn_many, E
 """
 
 import concurrent.futures
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 
-from shardmesh.models.matmul import linear
+from shardmesh import kernels
+from shardmesh.models.matmul import KERNEL_ROWS, linear
 
 _threads = 1
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -60,7 +62,14 @@ def parallel_map(function: Callable, items: Sequence) -> list:
 
 
 def parallel_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """linear(inputs [n, in], weight [out, in]) -> [n, out] (models.matmul), the output features split over the pool."""
+    """linear(inputs [n, in], weight [out, in]) -> [n, out] (models.matmul), the output features split over
+    the pool's threads; at KERNEL_ROWS rows with the C kernel, over the library's team instead (one call,
+    no Python threads: kernels.Kernel.linear_team, the same bits as linear; SHARDMESH_TEAM_LINEAR=0: off)."""
+    if inputs.dim() == 2 and KERNEL_ROWS[0] <= inputs.shape[0] <= KERNEL_ROWS[1] \
+            and os.environ.get("SHARDMESH_TEAM_LINEAR", "1") != "0":
+        kernel = kernels.for_weights("dense linears", weight)
+        if kernel is not None and kernels.usable(inputs):
+            return kernel.linear_team(inputs, weight, _threads)
     if _executor is None or weight.shape[0] < 1024:
         return linear(inputs, weight)
     chunks = weight.chunk(_threads)  # views, no copy

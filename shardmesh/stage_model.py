@@ -25,6 +25,7 @@ from shardmesh.huge_pages import to_huge_pages
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
 from shardmesh.models.decode_attention import DecodeTable
+from shardmesh.models.decode_layer import DecodeLayerStep, DecodeLayerWeights
 from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
@@ -91,6 +92,10 @@ class StageModel:
             else:
                 self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
         self._weights_to_huge_pages()
+        # each layer's attention half as the decode-layer kernel reads it (None: torch only; models/decode_layer.py)
+        self._decode_layers = [DecodeLayerWeights.of(layer.input_layernorm, layer.self_attn,
+                                                     layer.post_attention_layernorm, self.tp.world_size)
+                               for layer in self.layers]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -207,6 +212,8 @@ class StageModel:
         else:
             hidden_states = inputs                                          # [N, H]
         decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
+        # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
+        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers)
         skip = decode.indices if decode is not None else ()
         caches = [[None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
                   for i, (buffer, segment) in enumerate(zip(buffers, segments))]  # [S][layers]
@@ -215,12 +222,15 @@ class StageModel:
             # small ops. Only around code with no await: the mode is per thread, and other coroutines
             # run at an await. The KV buffers and what leaves this method stay normal tensors.
             with torch.inference_mode():
-                residual = hidden_states
-                hidden_states = layer.input_layernorm(hidden_states)
-                hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches],
-                                                decode, index)
-                residual = residual + hidden_states
-                hidden_states = layer.post_attention_layernorm(residual)
+                if fused is not None:  # norms, attention, residual add: one threaded C call
+                    residual, hidden_states = fused.attention_half(index, hidden_states)
+                else:
+                    residual = hidden_states
+                    hidden_states = layer.input_layernorm(hidden_states)
+                    hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches],
+                                                    decode, index)
+                    residual = residual + hidden_states
+                    hidden_states = layer.post_attention_layernorm(residual)
             if isinstance(layer.ffn, MoEGate):
                 hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp)
             else:

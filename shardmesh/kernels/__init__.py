@@ -10,7 +10,9 @@ cache shared between machines never serves code built for another CPU; the libra
 temporary name and renamed into place, so processes compiling at once each see a whole file. It is
 loaded with ctypes, which releases the GIL for the call: the compute pool's threads run kernels in
 parallel (shardmesh.compute_pool). `expert_ffn_many` runs a layer's experts on helper threads of
-its own (expert_team.c: pthreads, asleep between calls; no OpenMP: torch ships its own).
+its own (expert_team.c: pthreads, asleep between calls; no OpenMP: torch ships its own);
+`linear_team` and decode_layer.c (models/decode_layer.py: a decode layer's attention half in one call)
+run on another such team (team.c).
 
 Off (`SHARDMESH_CPU_KERNELS=0`), without a compiler, or when compiling fails, `kernel()` is None
 and callers keep their torch path; one log line says why. `calls` counts kernel calls (tests read it).
@@ -36,8 +38,9 @@ ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")  # compiled alongside 
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-pthread")
 WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
 calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0,
-         "decode_attention": 0}  # kernel calls in this process, by kernel
-units = {"by_helpers": 0}  # expert_ffn_many's units computed by its helper threads in this process (tests, benches)
+         "decode_attention": 0, "decode_layer": 0, "linear_team": 0}  # kernel calls in this process, by kernel
+units = {"by_helpers": 0, "team_by_helpers": 0}  # units computed by helper threads in this process (tests, benches):
+# expert_ffn_many's (expert_team.c), decode_layer's and linear_team's (team.c)
 
 
 class ExpertTask(ctypes.Structure):
@@ -63,6 +66,9 @@ class Kernel:
         self._linear_wide = library.shardmesh_linear_wide
         self._linear_wide.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4
         self._linear_wide.restype = None
+        self._linear_team = library.shardmesh_linear_team
+        self._linear_team.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_long]
+        self._linear_team.restype = ctypes.c_long
 
     def expert_ffn(self, hidden_states: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                    down_proj: torch.Tensor) -> torch.Tensor:
@@ -113,6 +119,20 @@ class Kernel:
             return out
         calls["linear"] += 1
         self._linear(n, features_in, weight.shape[0], inputs.data_ptr(), weight.data_ptr(), out.data_ptr())
+        return out
+
+    def linear_team(self, inputs: torch.Tensor, weight: torch.Tensor, threads: int,
+                    unit_bytes: int = 256 * 1024) -> torch.Tensor:
+        """`linear` (the same bits) with the output features cut into ranges of ~unit_bytes of weights,
+        taken by this thread and threads - 1 helper threads of the library (team.c): inputs [n, K] @
+        weight [M, K]^T -> [n, M], both contiguous fp32 on the CPU."""
+        n, features_in = inputs.shape
+        out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+        if n == 0:
+            return out
+        calls["linear_team"] += 1
+        units["team_by_helpers"] += self._linear_team(n, features_in, weight.shape[0], inputs.data_ptr(),
+                                                      weight.data_ptr(), out.data_ptr(), threads, unit_bytes)
         return out
 
     def linear_wide(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@
  *   - each query head a (of A; GQA: head a reads KV head a / (A / G)) attends to slots [0, lengths[s]):
  *     scores_j = scale * q . k_j, p = softmax(scores) (max subtracted, fp32), out = sum_j p_j v_j.
  * Each sequence is computed alone, in a fixed order: its result does not depend on which other
- * sequences share the call. Nothing here is threaded.
+ * sequences share the call. Nothing here is threaded: decode_layer.c runs shardmesh_decode_attention_head,
+ * one (sequence, key/value head) at a time, on its team.
  *
  * A sequence's cache is one buffer [layers, 2, G, capacity, D] (shardmesh/kv_cache.py): the layer's
  * keys start at base + layer * 2 * G * capacity * D, its values G * capacity * D after them. */
@@ -98,6 +99,35 @@ static void attn_rotate(const float *restrict x, const float *restrict cos, cons
     for (long d = half; d < D; d++) out[d] = x[d] * cos[d] + x[d - half] * signed_sin[d];
 }
 
+/* One sequence's key/value head g of a decode step, and the query heads that read it: its new key rotated and
+ * written with its new value into the cache, then attention of query heads [g * A / G, (g + 1) * A / G).
+ * entry: the sequence's table row (4 longs: row in the packed batch, cache buffer address, capacity, length
+ * after this token); the other arguments as shardmesh_decode_attention's. A head's result does not depend on
+ * which other heads or sequences run, or in which order (decode_layer.c runs these on several threads). */
+void shardmesh_decode_attention_head(long A, long G, long D, long layer, float scale, const long *entry,
+                                     const float *qkv, const float *cos, const float *signed_sin, float *scratch,
+                                     float *out, long g) {
+    long group = A / G, row_stride = (A + 2 * G) * D;
+    long row = entry[0], capacity = entry[2], length = entry[3];
+    float *cache_keys = (float *)entry[1] + layer * 2 * G * capacity * D; /* [G, capacity, D] */
+    float *cache_values = cache_keys + G * capacity * D;
+    const float *new = qkv + row * row_stride, *row_cos = cos + row * D, *row_sin = signed_sin + row * D;
+    float *q = scratch, *scores = scratch + D;
+    attn_rotate(new + (A + g) * D, row_cos, row_sin, D, cache_keys + (g * capacity + length - 1) * D);
+    memcpy(cache_values + (g * capacity + length - 1) * D, new + (A + G + g) * D, D * sizeof(float));
+    const float *k = cache_keys + g * capacity * D, *v = cache_values + g * capacity * D;
+    for (long a = g * group; a < (g + 1) * group; a++) {
+        attn_rotate(new + a * D, row_cos, row_sin, D, q);
+        attn_scores(q, k, length, D, scale, scores);
+        float top = -INFINITY, total = 0.0f;
+        for (long j = 0; j < length; j++) top = scores[j] > top ? scores[j] : top;
+        for (long j = 0; j < length; j++) total += scores[j] = expf(scores[j] - top);
+        float inverse = 1.0f / total;
+        for (long j = 0; j < length; j++) scores[j] *= inverse;
+        attn_mix(scores, v, length, D, out + (row * A + a) * D);
+    }
+}
+
 /* table: S rows of 4 longs (row in the packed batch, cache buffer address, capacity, length after this
  * token). qkv: the step's new q (A heads), k, v (G heads each) of each packed row before RoPE, [N, A + 2G, D];
  * cos, signed_sin: [N, D] (layers.RotaryEmbedding). out: [N, A, D], rows of the S sequences written.
@@ -105,28 +135,7 @@ static void attn_rotate(const float *restrict x, const float *restrict cos, cons
 void shardmesh_decode_attention(long S, long A, long G, long D, long layer, float scale, const long *table,
                                 const float *qkv, const float *cos, const float *signed_sin, float *scratch,
                                 float *out) {
-    long group = A / G, row_stride = (A + 2 * G) * D;
-    float *q = scratch, *scores = scratch + D;
-    for (long s = 0; s < S; s++) {
-        long row = table[4 * s], capacity = table[4 * s + 2], length = table[4 * s + 3];
-        float *cache_keys = (float *)table[4 * s + 1] + layer * 2 * G * capacity * D; /* [G, capacity, D] */
-        float *cache_values = cache_keys + G * capacity * D;
-        const float *new = qkv + row * row_stride, *row_cos = cos + row * D, *row_sin = signed_sin + row * D;
-        for (long g = 0; g < G; g++) {
-            attn_rotate(new + (A + g) * D, row_cos, row_sin, D, cache_keys + (g * capacity + length - 1) * D);
-            memcpy(cache_values + (g * capacity + length - 1) * D, new + (A + G + g) * D, D * sizeof(float));
-        }
-        for (long a = 0; a < A; a++) {
-            attn_rotate(new + a * D, row_cos, row_sin, D, q);
-            const float *k = cache_keys + (a / group) * capacity * D;
-            const float *v = cache_values + (a / group) * capacity * D;
-            attn_scores(q, k, length, D, scale, scores);
-            float top = -INFINITY, total = 0.0f;
-            for (long j = 0; j < length; j++) top = scores[j] > top ? scores[j] : top;
-            for (long j = 0; j < length; j++) total += scores[j] = expf(scores[j] - top);
-            float inverse = 1.0f / total;
-            for (long j = 0; j < length; j++) scores[j] *= inverse;
-            attn_mix(scores, v, length, D, out + (row * A + a) * D);
-        }
-    }
+    for (long s = 0; s < S; s++)
+        for (long g = 0; g < G; g++)
+            shardmesh_decode_attention_head(A, G, D, layer, scale, table + 4 * s, qkv, cos, signed_sin, scratch, out, g);
 }

@@ -1,0 +1,146 @@
+/* A team of helper pthreads that runs one job's units in phases: team_run. Included by
+ * decode_layer.c (one library with expert_ffn.c), not compiled alone.
+ *
+ * The model is expert_team.c (a layer's experts), generalised: a job is a sequence of phases, each
+ * a number of units; the calling thread and up to threads - 1 helpers (started once, asleep on a
+ * condition variable between jobs) take units in order from one atomic counter, and a unit of
+ * phase p first waits until every unit of phase p - 1 has finished (the barrier between phases).
+ * Every unit of phase p - 1 was taken before any unit of p, so that wait lasts one unit's time at
+ * most, unless the host deschedules the thread computing it (then the waiter yields). A helper
+ * that wakes late, or not at all on a busy host, only takes fewer units: the caller alone can
+ * run every unit. Each unit gets the index of the thread running it (0: the caller, 1..: helpers
+ * in the order they joined, always < threads), for per-thread scratch.
+ *
+ * Units must not depend on which thread runs them or in which order the units of one phase run:
+ * then the job's result is the same bits for any thread count. */
+
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <unistd.h>
+
+#define TEAM_PHASES_MAX 8
+#define TEAM_HELPERS_MAX 15
+
+struct phased_job {
+    int phases;                          /* <= TEAM_PHASES_MAX */
+    long ends[TEAM_PHASES_MAX];          /* phase p is units [ends[p - 1], ends[p]) (ends[-1] = 0) */
+    void (*run)(void *context, int phase, long index, int worker); /* index within the phase */
+    void *context;
+    int helpers_wanted, helpers_in;      /* helpers_in under team_state.lock */
+    atomic_long next;                    /* the next unit to take */
+    atomic_long done[TEAM_PHASES_MAX];   /* units finished, per phase */
+    atomic_int inside;                   /* helpers working on this job (changed under team_state.lock) */
+    atomic_long helper_units;            /* units the helpers computed */
+};
+
+static void team_wait_for_phase(struct phased_job *job, int phase) {
+    long units = job->ends[phase] - (phase ? job->ends[phase - 1] : 0);
+    for (long spins = 0; atomic_load_explicit(&job->done[phase], memory_order_acquire) < units; spins++) {
+        if (spins < 2000) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* Take units until none is left; returns how many this thread computed. */
+static long team_run_units(struct phased_job *job, int worker) {
+    long done = 0, total = job->ends[job->phases - 1];
+    int phase = 0;
+    for (long unit; (unit = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed)) < total; done++) {
+        while (unit >= job->ends[phase]) phase++;
+        if (phase > 0) team_wait_for_phase(job, phase - 1);
+        job->run(job->context, phase, unit - (phase ? job->ends[phase - 1] : 0), worker);
+        atomic_fetch_add_explicit(&job->done[phase], 1, memory_order_release);
+    }
+    return done;
+}
+
+/* The helpers: asleep on `wake` until a caller posts a job (a new generation). One caller at a
+ * time (`busy`); a second, concurrent caller computes alone. Reset in a forked child (`pid`). */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, left;
+    unsigned long generation;
+    struct phased_job *job;
+    int helpers;
+    pid_t pid;
+    atomic_int busy;
+} team_state = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void *team_helper_main(void *start_generation) {
+    unsigned long seen = (unsigned long)start_generation;
+    pthread_mutex_lock(&team_state.lock);
+    for (;;) {
+        while (team_state.generation == seen) pthread_cond_wait(&team_state.wake, &team_state.lock);
+        seen = team_state.generation;
+        struct phased_job *job = team_state.job;
+        if (job == NULL || job->helpers_in >= job->helpers_wanted) continue; /* finished already, or enough */
+        int worker = ++job->helpers_in;
+        atomic_fetch_add(&job->inside, 1);
+        pthread_mutex_unlock(&team_state.lock);
+        atomic_fetch_add(&job->helper_units, team_run_units(job, worker));
+        pthread_mutex_lock(&team_state.lock);
+        if (atomic_fetch_sub(&job->inside, 1) == 1) pthread_cond_broadcast(&team_state.left);
+    }
+    return NULL;
+}
+
+/* Start helpers up to `wanted` (under team_state.lock), every signal blocked in them. */
+static void team_start_helpers(int wanted) {
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    while (team_state.helpers < wanted && team_state.helpers < TEAM_HELPERS_MAX) {
+        pthread_t thread;
+        if (pthread_create(&thread, &attributes, team_helper_main, (void *)team_state.generation) != 0) break;
+        team_state.helpers++;
+    }
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+}
+
+/* Run every unit of `job` (phases, ends, run and context set; the rest zeroed) on this thread and up
+ * to threads - 1 helpers; returns how many units the helpers computed. */
+static long team_run(struct phased_job *job, int threads) {
+    long total = job->ends[job->phases - 1];
+    int expected = 0;
+    job->helpers_wanted = threads - 1 < total - 1 ? threads - 1 : (int)(total - 1);
+    if (job->helpers_wanted > TEAM_HELPERS_MAX) job->helpers_wanted = TEAM_HELPERS_MAX;
+    if (job->helpers_wanted < 1 || !atomic_compare_exchange_strong(&team_state.busy, &expected, 1)) {
+        team_run_units(job, 0); /* alone: one thread wanted, or another caller has the helpers */
+        return 0;
+    }
+    pthread_mutex_lock(&team_state.lock);
+    if (team_state.pid != getpid()) { /* first use, or a forked child: no helpers here yet */
+        team_state.pid = getpid();
+        team_state.helpers = 0;
+    }
+    team_start_helpers(job->helpers_wanted);
+    team_state.job = job;
+    team_state.generation++;
+    pthread_cond_broadcast(&team_state.wake);
+    pthread_mutex_unlock(&team_state.lock);
+
+    team_run_units(job, 0);
+    /* Every unit is taken; helpers finish theirs (a unit's time at most) and leave. */
+    for (int spins = 0; spins < 2000 && atomic_load(&job->inside) > 0; spins++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    pthread_mutex_lock(&team_state.lock);
+    team_state.job = NULL; /* a helper waking from now on finds nothing to do */
+    while (atomic_load(&job->inside) > 0) pthread_cond_wait(&team_state.left, &team_state.lock);
+    pthread_mutex_unlock(&team_state.lock);
+    atomic_store(&team_state.busy, 0);
+    return atomic_load(&job->helper_units);
+}

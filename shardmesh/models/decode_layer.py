@@ -1,0 +1,128 @@
+"""A decode step's attention half of each layer in one threaded C call (kernels/decode_layer.c).
+
+For a step in which every sequence adds one token, on one rank (no TP), fp32 on the CPU, with up to
+MAX_ROWS sequences, one call per layer computes
+
+    normed = rmsnorm(hidden, input_layernorm); qkv = normed W_qkv^T; RoPE, cache write, attention
+    (decode_attention.c); residual = hidden + attended W_o^T; normed2 = rmsnorm(residual, post_attention_layernorm)
+
+on the stage's compute threads (shardmesh.compute_pool.threads(): the caller and helper pthreads of
+the library that sleep between calls), each phase cut by what it writes (rows, output features,
+(sequence, KV head)), so a row's result is the same bits alone or in any batch, on any thread count.
+The products are the bits of kernels.Kernel.linear (what the torch path uses at 1-16 rows); the norms
+differ from torch's by rounding only. Everything else (prompts, prompt chunks mixed in, TP, other
+dtypes or devices, no kernels, SHARDMESH_DECODE_LAYER=0 or SHARDMESH_DECODE_ATTENTION=0 for A/B runs)
+keeps the torch path (layers.Attention, with decode_attention's kernel where it applies).
+
+Shape legend: S sequences (= N rows, one token each), H hidden, A/G query/KV heads, D head_dim.
+"""
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from shardmesh import compute_pool, kernels
+from shardmesh.models.decode_attention import DecodeTable
+from shardmesh.models.layers import Attention, RMSNorm, Segment
+
+MAX_ROWS = 16  # the dot-product products' range (models/matmul.KERNEL_ROWS); above it the torch path's wide form is faster
+UNIT_BYTES = 128 * 1024  # weight bytes per unit of the products (~10 us at one thread's ~13 GB/s)
+
+
+class LayerWeights(ctypes.Structure):
+    """struct shardmesh_decode_weights (decode_layer.c)."""
+    _fields_ = [(name, ctypes.c_long) for name in ("H", "A", "G", "D")] + \
+               [(name, ctypes.c_void_p) for name in ("input_norm", "qkv", "o", "post_norm")] + \
+               [(name, ctypes.c_float) for name in ("input_eps", "post_eps", "scale")]
+
+
+class StepState(ctypes.Structure):
+    """struct shardmesh_decode_step (decode_layer.c)."""
+    _fields_ = [("S", ctypes.c_long)] + [(name, ctypes.c_void_p) for name in (
+        "table", "cos", "signed_sin", "normed", "qkv", "attended", "scratch")] + \
+        [("scratch_stride", ctypes.c_long), ("unit_bytes", ctypes.c_long), ("threads", ctypes.c_int)]
+
+
+@functools.lru_cache(maxsize=None)
+def _function():
+    """The kernel's ctypes function, or None (no kernels, or SHARDMESH_DECODE_LAYER=0 for A/B runs)."""
+    kernel = kernels.kernel()
+    if kernel is None or os.environ.get("SHARDMESH_DECODE_LAYER", "1") == "0":
+        return None
+    function = kernel.library.shardmesh_decode_layer
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
+    function.restype = ctypes.c_long
+    return function
+
+
+class DecodeLayerWeights:
+    """One layer's attention half as the kernel reads it (pointers into the layer's tensors, kept alive)."""
+
+    def __init__(self, input_layernorm: RMSNorm, attention: Attention, post_attention_layernorm: RMSNorm):
+        self.tensors = (input_layernorm.weight, attention.qkv_proj.weight, attention.o_proj.weight,
+                        post_attention_layernorm.weight)
+        self.heads = (attention.num_heads, attention.num_kv_heads, attention.head_dim)
+        self.struct = LayerWeights(input_layernorm.weight.shape[0], *self.heads, *(t.data_ptr() for t in self.tensors),
+                                   input_layernorm.eps, post_attention_layernorm.eps, attention.scaling)
+
+    @classmethod
+    def of(cls, input_layernorm: RMSNorm, attention: Attention, post_attention_layernorm: RMSNorm,
+           world_size: int) -> "DecodeLayerWeights | None":
+        """None unless one rank holds the whole layer in contiguous fp32 on the CPU (the kernel's case)."""
+        weights = (input_layernorm.weight, attention.qkv_proj.weight, attention.o_proj.weight,
+                   post_attention_layernorm.weight)
+        if world_size != 1 or not kernels.usable(*weights):
+            return None
+        return cls(input_layernorm, attention, post_attention_layernorm)
+
+
+class DecodeLayerStep:
+    """One step's sequences for the kernel: the decode table, RoPE tables and scratch, shared by every layer."""
+
+    def __init__(self, decode: DecodeTable, cos: torch.Tensor, signed_sin: torch.Tensor,
+                 layers: list[DecodeLayerWeights], threads: int, unit_bytes: int = UNIT_BYTES):
+        S = decode.table.shape[0]
+        H, (A, G, D) = layers[0].struct.H, layers[0].heads
+        stride = decode.scratch.shape[0]  # max(length) + D
+        self.layers, self.decode, self.cos, self.signed_sin = layers, decode, cos, signed_sin
+        self.normed = torch.empty(S, H, dtype=torch.float32)                  # [S, H]
+        self.qkv = torch.empty(S, (A + 2 * G) * D, dtype=torch.float32)       # [S, (A + 2G) D]
+        self.attended = torch.empty(S, A * D, dtype=torch.float32)            # [S, A D]
+        self.scratch = torch.empty(threads, stride, dtype=torch.float32)      # [threads, L_max + D]
+        self.struct = StepState(S, decode.table.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
+                                self.normed.data_ptr(), self.qkv.data_ptr(), self.attended.data_ptr(),
+                                self.scratch.data_ptr(), stride, unit_bytes, threads)
+        self.shape = (S, H)
+
+    @classmethod
+    def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
+           layers: list[DecodeLayerWeights | None], threads: int | None = None) -> "DecodeLayerStep | None":
+        """None (the torch path) unless every segment adds one token (decode covers them all, rows
+        in order), there are at most MAX_ROWS, every layer takes the kernel (DecodeLayerWeights.of),
+        all have one shape, cos/signed_sin [S, D] are contiguous fp32, and the kernel is on.
+        threads: the team's size (default: the process's compute threads, shardmesh.compute_pool)."""
+        if decode is None or len(decode.indices) != len(segments) or len(segments) > MAX_ROWS:
+            return None
+        if not layers or any(layer is None for layer in layers) or _function() is None:
+            return None
+        if len({(layer.struct.H, layer.heads) for layer in layers}) != 1 or not kernels.usable(cos, signed_sin):
+            return None
+        if any(segment.offset != i for i, segment in enumerate(segments)):  # one token each: rows 0..S-1
+            return None
+        return cls(decode, cos, signed_sin, layers, threads or compute_pool.threads())
+
+    def attention_half(self, index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index` (of the stage's layers and cache buffers): hidden_states [S, H] -> (residual
+        [S, H] = hidden_states + attention output, normed [S, H] = post_attention_layernorm(residual));
+        writes each sequence's new key and value into its cache."""
+        hidden_states = hidden_states.contiguous()
+        assert hidden_states.dtype == torch.float32 and tuple(hidden_states.shape) == self.shape
+        residual = torch.empty(self.shape, dtype=torch.float32)  # [S, H]
+        normed = torch.empty(self.shape, dtype=torch.float32)    # [S, H]
+        kernels.calls["decode_layer"] += 1
+        kernels.units["team_by_helpers"] += _function()(
+            ctypes.addressof(self.layers[index].struct), ctypes.addressof(self.struct), index,
+            hidden_states.data_ptr(), residual.data_ptr(), normed.data_ptr())
+        return residual, normed
