@@ -1,18 +1,20 @@
 """Where a stage's own decode step goes, part by part, in process (the stage of a 1-stage mesh).
 
     .venv/bin/python bench/stage_parts.py [--small] [--batch 1 16] [--compute-threads 1 2]
-        [--decode-attention on off] [--huge-pages on off] [--steps 30]
+        [--decode-attention on off] [--decode-layer on off] [--team-lm-head on off] [--huge-pages on off] [--steps 30]
 
 A StageModel of every layer decodes `--batch` sequences behind an in-process expert backend (an
 ExpertShard, its time excluded); the parts of each step are timed with perf_counter marks around
 the stage's own callables (norms, the fused q/k/v product, RoPE + cache + SDPA, o_proj, the MoE gate
-with dispatch/combine, final norm + LM head), one torch thread, with `--compute-threads` in the
+with dispatch/combine, final norm + LM head; with --decode-layer on, a layer's whole attention half
+is one part: models/decode_layer.py), one torch thread, with `--compute-threads` in the
 stage's pool (shardmesh.compute_pool) as a stage server would have. Each configuration is run in
 alternating rounds; the table shows the median of the rounds' per-step means.
 """
 
 import argparse
 import asyncio
+import itertools
 import os
 import pathlib
 import statistics
@@ -25,7 +27,9 @@ import torch
 import harness
 from decode_throughput import make_prompts
 
-COLUMNS = [("batch", "batch"), ("threads", "compute threads"), ("kernel", "decode attention kernel"), ("huge", "huge pages"), ("part", "part"), ("per_step_ms", "ms per step"),
+COLUMNS = [("batch", "batch"), ("threads", "compute threads"), ("kernel", "decode attention kernel"),
+           ("layer", "decode layer kernel"), ("team", "LM head on the team"), ("huge", "huge pages"), ("part", "part"),
+           ("per_step_ms", "ms per step"),
            ("share", "share of the stage's step")]
 
 
@@ -83,6 +87,8 @@ def instrument(stage, timer: Timer) -> None:
         stage_model.moe_block = timer.wrap_async("gate + dispatch + combine", stage_model.moe_block,
                                                  "experts (excluded)")
         stage_model.parallel_linear = timer.wrap("LM head", stage_model.parallel_linear)
+        step_class = stage_model.DecodeLayerStep
+        step_class.attention_half = timer.wrap("attention half (decode layer kernel)", step_class.attention_half)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--decode-attention", nargs="+", default=["on", "off"], choices=["on", "off"],
                         help="attention of one-token sequences in the C kernel (models/decode_attention.py) or SDPA")
+    parser.add_argument("--decode-layer", nargs="+", default=["on", "off"], choices=["on", "off"],
+                        help="a decode step's attention half of each layer in one threaded C call "
+                             "(models/decode_layer.py: SHARDMESH_DECODE_LAYER) or the torch path")
+    parser.add_argument("--team-lm-head", nargs="+", default=["on"], choices=["on", "off"],
+                        help="the LM head at 1-16 rows on the kernels' team (SHARDMESH_TEAM_LINEAR) or on the "
+                             "compute pool's Python threads")
     parser.add_argument("--huge-pages", nargs="+", default=["on"], choices=["on", "off"],
                         help="the stage's weights in huge pages (shardmesh.huge_pages) or where they were loaded")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per round")
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from shardmesh import compute_pool, huge_pages
-    from shardmesh.models import decode_attention
+    from shardmesh.models import decode_attention, decode_layer
     from shardmesh.checkpoint import CheckpointReader
     from shardmesh.config import ModelConfig
     from shardmesh.expert_model import ExpertShard, LocalExperts
@@ -145,22 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for batch_size in args.batch:
             for threads in args.compute_threads:
-                for kernel in args.decode_attention:
-                    for huge, stage in stages.items():
-                        os.environ["SHARDMESH_DECODE_ATTENTION"] = "1" if kernel == "on" else "0"
-                        decode_attention._function.cache_clear()
-                        compute_pool.set_threads(threads)
-                        for name, seconds in asyncio.run(decode(stage, batch_size, first_id)).items():
-                            samples[(batch_size, threads, kernel, huge, name)].append(seconds)
-                        first_id += batch_size
+                for kernel, layer, team, (huge, stage) in itertools.product(
+                        args.decode_attention, args.decode_layer, args.team_lm_head, stages.items()):
+                    os.environ["SHARDMESH_DECODE_ATTENTION"] = "1" if kernel == "on" else "0"
+                    os.environ["SHARDMESH_DECODE_LAYER"] = "1" if layer == "on" else "0"
+                    os.environ["SHARDMESH_TEAM_LINEAR"] = "1" if team == "on" else "0"
+                    decode_attention._function.cache_clear()
+                    decode_layer._function.cache_clear()
+                    compute_pool.set_threads(threads)
+                    for name, seconds in asyncio.run(decode(stage, batch_size, first_id)).items():
+                        samples[(batch_size, threads, kernel, layer, team, huge, name)].append(seconds)
+                    first_id += batch_size
     compute_pool.set_threads(1)
     rows = []
-    for (batch_size, threads, kernel, huge, name), values in samples.items():
-        total = statistics.median(samples[(batch_size, threads, kernel, huge, "stage step (total - experts)")])
+    for (batch_size, threads, kernel, layer, team, huge, name), values in samples.items():
+        total = statistics.median(samples[(batch_size, threads, kernel, layer, team, huge,
+                                           "stage step (total - experts)")])
         value = statistics.median(values)
-        rows.append(dict(batch=batch_size, threads=threads, kernel=kernel, huge=huge, part=name,
-                         per_step_ms=value * 1e3, share="" if "excluded" in name else f"{value / total:.0%}"))
-    rows.sort(key=lambda row: (row["batch"], row["threads"], row["kernel"], row["huge"], -row["per_step_ms"]))
+        rows.append(dict(batch=batch_size, threads=threads, kernel=kernel, layer=layer, team=team, huge=huge,
+                         part=name, per_step_ms=value * 1e3, share="" if "excluded" in name else f"{value / total:.0%}"))
+    rows.sort(key=lambda row: (row["batch"], row["threads"], row["kernel"], row["layer"], row["team"], row["huge"],
+                               -row["per_step_ms"]))
     header = (f"a stage's decode step by part, {shape} shape, {args.rounds} alternating rounds of {args.steps} "
               f"steps; 1-min load average {os.getloadavg()[0]:.1f}")
     harness.report(f"stage_parts-{shape}", header, rows, COLUMNS)

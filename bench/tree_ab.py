@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in ("a", "b") if round_index % 2 == 0 else ("b", "a"):
                     launcher = launchers[side]
                     result = run_mesh(launcher.router_address, launcher.client_token, prompts[:batch],
-                                      args.new_tokens, 1, [p.pid for p in launcher.processes.values()])
+                                      args.new_tokens, 1, {name: p.pid for name, p in launcher.processes.items()})
                     times[(side, batch)].append(result["tpot_s"] * 1e3)
                     cpu[(side, batch)].append(result["cpu_s"] * 1e3)
                     tokens[(side, batch)] = result["tokens"]
