@@ -81,10 +81,15 @@ class Layer:
 SHAPES = [(64, 8, 2, 16), (72, 4, 4, 32), (40, 4, 1, 20)]
 
 
+# the first token after 0 cached, up to a full cache; 6 rows: dot products, 24: the outer-product form
+STARTS = {6: [3, 17, 0, 40, 9, 62], 24: [(7 * i) % 63 for i in range(24)]}
+
+
+@pytest.mark.parametrize("rows", [6, 24])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_equals_the_torch_path(kernel, shape):
+def test_kernel_equals_the_torch_path(kernel, shape, rows):
     layer = Layer(*shape, seed=sum(shape))
-    inputs = layer.step_inputs([3, 17, 0, 40, 9, 62], seed=1)  # the first token after 0 cached, up to a full cache
+    inputs = layer.step_inputs(STARTS[rows], seed=1)
     residual, normed, buffers = layer.torch_path(*inputs)
     before = kernels.calls["decode_layer"]
     fast_residual, fast_normed, fast_buffers, step = layer.fused(*inputs, threads=2, unit_bytes=1)
@@ -96,21 +101,25 @@ def test_kernel_equals_the_torch_path(kernel, shape):
         torch.testing.assert_close(fast_buffer[1, :, :, slot], slow_buffer[1, :, :, slot], rtol=1e-5, atol=1e-5)
         fast_buffer[1, :, :, slot] = original[1, :, :, slot]
         assert torch.equal(fast_buffer, original)  # nothing but layer 1's new slot written
-    # the products are shardmesh_linear's bits on the step's normed / attended rows
-    hidden_states = inputs[2]
-    assert torch.equal(step.qkv, kernel.linear(step.normed, layer.attention.qkv_proj.weight))
-    assert torch.equal(fast_residual, hidden_states + kernel.linear(step.attended, layer.attention.o_proj.weight))
+    # the products are the torch path's linear's bits on the step's normed / attended rows
+    hidden_states, linear = inputs[2], kernel.linear if rows <= 16 else kernel.linear_wide
+    assert torch.equal(step.qkv, linear(step.normed, layer.attention.qkv_proj.weight))
+    assert torch.equal(fast_residual, hidden_states + linear(step.attended, layer.attention.o_proj.weight))
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:2])
-def test_a_row_is_the_same_bits_alone_in_any_batch_on_any_threads(kernel, shape):
+def test_a_row_is_the_same_bits_alone_in_any_batch_on_any_threads(kernel, shape, wide):
+    """Alone or in any batch of 1-16 rows (dot products); in any batch of 17-64 (the outer-product form)."""
     layer = Layer(*shape, seed=7)
-    starts = [5, 30, 0, 12, 50, 7, 21, 1, 33]
+    starts = [(11 * i + 5) % 63 for i in range(64)] if wide else [5, 30, 0, 12, 50, 7, 21, 1, 33]
     segments, buffers, hidden_states, cos, sin = layer.step_inputs(starts, seed=2)
     whole = layer.fused(segments, buffers, hidden_states, cos, sin, threads=1)
+    cuts = ([list(range(3, 20)), list(range(40, 0, -2)), list(range(64))[::-1][:33]] if wide
+            else [[4], [0, 8], [2, 3, 4, 5, 6], list(range(len(starts)))])
     for threads in (1, 2, 3):
         for unit_bytes in (1, 3000, 1 << 20):
-            for rows in ([4], [0, 8], [2, 3, 4, 5, 6], list(range(len(starts)))):
+            for rows in cuts:
                 part = layer.fused([Segment(i, starts[r], 1) for i, r in enumerate(rows)], [buffers[r] for r in rows],
                                    hidden_states[rows].contiguous(), cos[rows].contiguous(), sin[rows].contiguous(),
                                    threads, unit_bytes)
@@ -167,8 +176,10 @@ def test_only_one_token_steps_of_whole_fp32_layers_take_the_kernel(kernel):
     mixed = [segments[0], Segment(1, 8, 3)]  # a prompt chunk in the step
     assert DecodeLayerStep.of(mixed, DecodeTable.of(mixed, buffers), cos, sin, [layer.weights] * LAYERS, 2) is None
     assert DecodeLayerStep.of(segments, decode, cos, sin, [layer.weights, None], 2) is None
-    many = [Segment(i, 0, 1) for i in range(decode_layer.MAX_ROWS + 1)]
-    assert DecodeLayerStep.of(many, DecodeTable.of(many, buffers * 9), cos, sin, [layer.weights] * LAYERS, 2) is None
+    many = [Segment(i, 0, 1) for i in range(kernels.WIDE_PASS_ROWS + 1)]  # more than the kernel's products take
+    assert DecodeLayerStep.of(many, DecodeTable.of(many, buffers * 33), cos, sin, [layer.weights] * LAYERS, 2) is None
+    assert DecodeLayerStep.of(many[:-1], DecodeTable.of(many[:-1], buffers * 32), cos, sin, [layer.weights] * LAYERS,
+                              2) is not None
     parts = (layer.input_layernorm, layer.attention, layer.post_attention_layernorm)
     assert DecodeLayerWeights.of(*parts, 2) is None  # a TP rank
     bf16 = RMSNorm(layer.input_layernorm.weight.bfloat16(), 1e-5)

@@ -1,21 +1,26 @@
 /* The attention half of one decoder layer for a step of one-token sequences, in one call on a team of
  * threads: shardmesh_decode_layer; and a linear on the team (the LM head): shardmesh_linear_team.
  * Included by expert_ffn.c (one library: LANES, vec, load, lane_sum and linear_columns come from
- * there; the attention of one head from decode_attention.c), not compiled alone.
+ * there, wide_pack and wide_columns from linear_wide.c; the attention of one head from
+ * decode_attention.c), not compiled alone.
  *
  * torch's path runs a decode layer's attention half as ~10 ops (two RMSNorms, the q/k/v product, the
  * attention kernel, o_proj, the residual add) on one thread, each with tens of microseconds of
- * overhead; here they are five phases of one team job (team.c), each cut into units by what it
+ * overhead; here they are the phases of one team job (team.c), each cut into units by what it
  * writes, never inside a dot product:
  *   0. normed = rmsnorm(hidden, input_norm)            units: blocks of NORM_ROWS rows
- *   1. qkv = normed W_qkv^T                            units: ranges of output features (weight rows)
- *   2. RoPE, cache write, attention                    units: (sequence, key/value head)
- *   3. residual = hidden + attended W_o^T              units: ranges of output features
- *   4. normed2 = rmsnorm(residual, post_norm)          units: blocks of NORM_ROWS rows
+ *   1. (wide form only) normed packed for it           one unit
+ *   2. qkv = normed W_qkv^T                            units: ranges of output features (weight rows)
+ *   3. RoPE, cache write, attention                    units: (sequence, key/value head)
+ *   4. (wide form only) attended packed                one unit
+ *   5. residual = hidden + attended W_o^T              units: ranges of output features
+ *   6. normed2 = rmsnorm(residual, post_norm)          units: blocks of NORM_ROWS rows
  * Every output element is computed by one unit, in one order that depends neither on the other rows
- * nor on the cut: a row's result is the same bits alone or inside any batch, on any number of
- * threads. The products are linear_columns' dot products (the bits of shardmesh_linear, which the
- * torch path uses at 1-16 rows), the attention decode_attention.c's.
+ * nor on the cut. The products take the form the torch path's models/matmul.linear takes for this
+ * many rows, with its bits: the dot-product form (linear_columns, shardmesh_linear's) at 1-16 rows,
+ * the outer-product form (wide_columns, shardmesh_linear_wide's) at 17-64 (step->wide); so a row's
+ * result is the same bits alone or inside any batch of the same form, on any number of threads.
+ * The attention is decode_attention.c's.
  *
  * Shape legend: S sequences = rows (one new token each), H hidden, A query heads, G key/value
  * heads, D head_dim, M output features. */
@@ -38,9 +43,11 @@ struct shardmesh_decode_step {
     const float *cos, *signed_sin;        /* [S, D] each */
     float *normed, *qkv, *attended;       /* [S, H], [S, (A + 2G) D], [S, A D] */
     float *scratch;                       /* [threads, scratch_stride]: the attention's query and scores */
+    float *packed;                        /* wide: [max(H, A D), 64], 64-byte aligned (wide_pack's x^T); else unused */
     long scratch_stride;                  /* >= max(length) + D */
     long unit_bytes;                      /* weight bytes per unit of the products */
     int threads;
+    int wide;                             /* 1: the outer-product form (17-64 rows), 0: dot products (any rows) */
 };
 
 struct decode_layer_call {
@@ -81,29 +88,43 @@ static long even_rows(long unit_bytes, long row_bytes) {
     return rows > 2 ? rows : 2;
 }
 
+/* out[:, m0:m1) = x W^T in the step's form (x: [S, K], packed into step->packed first when wide). */
+static void step_columns(const struct shardmesh_decode_step *step, long K, long M, const float *x,
+                         const float *weight, float *out, long m0, long m1) {
+    if (step->wide) wide_columns(step->S, K, M, step->packed, weight, out, m0, m1);
+    else linear_columns(step->S, K, M, x, weight, out, m0, m1);
+}
+
 static void decode_layer_unit(void *context, int phase, long index, int worker) {
     const struct decode_layer_call *call = context;
     const struct shardmesh_decode_weights *w = call->w;
     const struct shardmesh_decode_step *step = call->step;
     long S = step->S, H = w->H, qkv_features = (w->A + 2 * w->G) * w->D, attended_features = w->A * w->D;
     long r0 = index * NORM_ROWS, r1 = r0 + NORM_ROWS < S ? r0 + NORM_ROWS : S;
+    int V = (int)((S + LANES - 1) / LANES);
     switch (phase) {
     case 0:
         rms_norm_rows(r0, r1, H, call->hidden, w->input_norm, w->input_eps, step->normed);
         break;
-    case 1: {
+    case 1:
+        wide_pack(step->normed, H, S, V, step->packed);
+        break;
+    case 2: {
         long m0 = index * call->qkv_rows, m1 = m0 + call->qkv_rows < qkv_features ? m0 + call->qkv_rows : qkv_features;
-        linear_columns(S, H, qkv_features, step->normed, w->qkv, step->qkv, m0, m1);
+        step_columns(step, H, qkv_features, step->normed, w->qkv, step->qkv, m0, m1);
         break;
     }
-    case 2:
+    case 3:
         shardmesh_decode_attention_head(w->A, w->G, w->D, call->layer, w->scale, step->table + 4 * (index / w->G),
                                         step->qkv, step->cos, step->signed_sin,
                                         step->scratch + worker * step->scratch_stride, step->attended, index % w->G);
         break;
-    case 3: {
+    case 4:
+        wide_pack(step->attended, attended_features, S, V, step->packed);
+        break;
+    case 5: {
         long m0 = index * call->o_rows, m1 = m0 + call->o_rows < H ? m0 + call->o_rows : H;
-        linear_columns(S, attended_features, H, step->attended, w->o, call->residual, m0, m1);
+        step_columns(step, attended_features, H, step->attended, w->o, call->residual, m0, m1);
         for (long r = 0; r < S; r++)
             for (long m = m0; m < m1; m++) call->residual[r * H + m] += call->hidden[r * H + m];
         break;
@@ -114,20 +135,20 @@ static void decode_layer_unit(void *context, int phase, long index, int worker) 
 }
 
 /* residual = hidden + attention(rmsnorm(hidden, input_norm)) W_o^T and normed2 = rmsnorm(residual,
- * post_norm) for the step's S one-token sequences (rows 0..S-1 of hidden, in table order), writing
- * each sequence's new key and value into its cache at layer `layer`. hidden, residual, normed2:
- * [S, H]. Returns how many units the helper threads computed. */
+ * post_norm) for the step's S one-token sequences (rows 0..S-1 of hidden, in table order; S <= 64
+ * when wide), writing each sequence's new key and value into its cache at layer `layer`. hidden,
+ * residual, normed2: [S, H]. Returns how many units the helper threads computed. */
 long shardmesh_decode_layer(const struct shardmesh_decode_weights *w, const struct shardmesh_decode_step *step,
                             long layer, const float *hidden, float *residual, float *normed2) {
     struct decode_layer_call call = {.w = w, .step = step, .layer = layer, .hidden = hidden,
                                      .residual = residual, .normed2 = normed2};
     call.qkv_rows = even_rows(step->unit_bytes, w->H * 4);
     call.o_rows = even_rows(step->unit_bytes, w->A * w->D * 4);
-    long norm_units = units_of(step->S, NORM_ROWS);
-    long counts[5] = {norm_units, units_of((w->A + 2 * w->G) * w->D, call.qkv_rows), step->S * w->G,
-                      units_of(w->H, call.o_rows), norm_units};
-    struct phased_job job = {.phases = 5, .run = decode_layer_unit, .context = &call};
-    for (int p = 0; p < 5; p++) job.ends[p] = (p ? job.ends[p - 1] : 0) + counts[p];
+    long norm_units = units_of(step->S, NORM_ROWS), pack_units = step->wide ? 1 : 0;
+    long counts[7] = {norm_units, pack_units, units_of((w->A + 2 * w->G) * w->D, call.qkv_rows), step->S * w->G,
+                      pack_units, units_of(w->H, call.o_rows), norm_units};
+    struct phased_job job = {.phases = 7, .run = decode_layer_unit, .context = &call};
+    for (int p = 0; p < 7; p++) job.ends[p] = (p ? job.ends[p - 1] : 0) + counts[p];
     return team_run(&job, step->threads);
 }
 

@@ -65,13 +65,14 @@ static inline __attribute__((always_inline)) void wide_block(const float *w, lon
             }
 }
 
-/* All M outputs for one pass of rows: blocks of MB weight rows (accumulators MB x V <= 24 of the 32
- * AVX-512 registers), the last M % MB one at a time. */
+/* M outputs (weight rows) for one pass of rows, into out (rows `stride` apart): blocks of MB weight rows
+ * (accumulators MB x V <= 24 of the 32 AVX-512 registers), the last M % MB one at a time. */
 static inline __attribute__((always_inline)) void wide_pass(const float *weight, long K, long M, const float *xt,
-                                                           long ldt, int MB, int V, long rows, float *out) {
+                                                           long ldt, int MB, int V, long rows, float *out,
+                                                           long stride) {
     long m = 0;
-    for (; m + MB <= M; m += MB) wide_block(weight + m * K, K, xt, ldt, MB, V, rows, out + m, M);
-    for (; m < M; m++) wide_block(weight + m * K, K, xt, ldt, 1, V, rows, out + m, M);
+    for (; m + MB <= M; m += MB) wide_block(weight + m * K, K, xt, ldt, MB, V, rows, out + m, stride);
+    for (; m < M; m++) wide_block(weight + m * K, K, xt, ldt, 1, V, rows, out + m, stride);
 }
 
 /* xt [K, V * LANES] <- x rows [rows, K] (stride K) transposed, zero beyond rows. */
@@ -110,10 +111,27 @@ void shardmesh_linear_wide(long n, long K, long M, const float *x, const float *
         wide_pack(x + r0 * K, K, rows, V, scratch);
         float *o = out + r0 * M;
         switch (V) {
-        case 1: wide_pass(weight, K, M, scratch, ldt, WIDE_MB1, 1, rows, o); break;
-        case 2: wide_pass(weight, K, M, scratch, ldt, WIDE_MB2, 2, rows, o); break;
-        case 3: wide_pass(weight, K, M, scratch, ldt, WIDE_MB3, 3, rows, o); break;
-        default: wide_pass(weight, K, M, scratch, ldt, WIDE_MB4, 4, rows, o); break;
+        case 1: wide_pass(weight, K, M, scratch, ldt, WIDE_MB1, 1, rows, o, M); break;
+        case 2: wide_pass(weight, K, M, scratch, ldt, WIDE_MB2, 2, rows, o, M); break;
+        case 3: wide_pass(weight, K, M, scratch, ldt, WIDE_MB3, 3, rows, o, M); break;
+        default: wide_pass(weight, K, M, scratch, ldt, WIDE_MB4, 4, rows, o, M); break;
         }
+    }
+}
+
+/* out[r, m] = x[r] . W[m] for r < rows (<= WIDE_MAX_VECTORS * LANES) and m in [m0, m1): x's rows packed
+ * by wide_pack into xt (ceil(rows / LANES) vectors), W [M, K], out [rows, M]. Every output is the
+ * sum shardmesh_linear_wide computes (its weight row's accumulators do not depend on the rows
+ * beside it in a block): any cut of [0, M) gives linear_wide's bits. */
+static void wide_columns(long rows, long K, long M, const float *xt, const float *weight, float *out, long m0,
+                         long m1) {
+    int V = (int)((rows + LANES - 1) / LANES);
+    long ldt = (long)V * LANES;
+    const float *w = weight + m0 * K;
+    switch (V) {
+    case 1: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB1, 1, rows, out + m0, M); break;
+    case 2: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB2, 2, rows, out + m0, M); break;
+    case 3: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB3, 3, rows, out + m0, M); break;
+    default: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB4, 4, rows, out + m0, M); break;
     }
 }

@@ -4,8 +4,8 @@
  * The model is expert_team.c (a layer's experts), generalised: a job is a sequence of phases, each
  * a number of units; the calling thread and up to threads - 1 helpers (started once, asleep on a
  * condition variable between jobs) take units in order from one atomic counter, and a unit of
- * phase p first waits until every unit of phase p - 1 has finished (the barrier between phases).
- * Every unit of phase p - 1 was taken before any unit of p, so that wait lasts one unit's time at
+ * phase p first waits until every unit of the phases before p has finished (the barrier between
+ * phases; a phase may have no units). Every unit before p was taken before any unit of p, so that wait lasts one unit's time at
  * most, unless the host deschedules the thread computing it (then the waiter yields). A helper
  * that wakes late, or not at all on a busy host, only takes fewer units: the caller alone can
  * run every unit. Each unit gets the index of the thread running it (0: the caller, 1..: helpers
@@ -54,7 +54,7 @@ static long team_run_units(struct phased_job *job, int worker) {
     int phase = 0;
     for (long unit; (unit = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed)) < total; done++) {
         while (unit >= job->ends[phase]) phase++;
-        if (phase > 0) team_wait_for_phase(job, phase - 1);
+        for (int earlier = 0; earlier < phase; earlier++) team_wait_for_phase(job, earlier); /* phases may be empty */
         job->run(job->context, phase, unit - (phase ? job->ends[phase - 1] : 0), worker);
         atomic_fetch_add_explicit(&job->done[phase], 1, memory_order_release);
     }

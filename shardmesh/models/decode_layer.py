@@ -1,16 +1,17 @@
 """A decode step's attention half of each layer in one threaded C call (kernels/decode_layer.c).
 
 For a step in which every sequence adds one token, on one rank (no TP), fp32 on the CPU, with up to
-MAX_ROWS sequences, one call per layer computes
+64 sequences (kernels.WIDE_PASS_ROWS), one call per layer computes
 
     normed = rmsnorm(hidden, input_layernorm); qkv = normed W_qkv^T; RoPE, cache write, attention
     (decode_attention.c); residual = hidden + attended W_o^T; normed2 = rmsnorm(residual, post_attention_layernorm)
 
 on the stage's compute threads (shardmesh.compute_pool.threads(): the caller and helper pthreads of
 the library that sleep between calls), each phase cut by what it writes (rows, output features,
-(sequence, KV head)), so a row's result is the same bits alone or in any batch, on any thread count.
-The products are the bits of kernels.Kernel.linear (what the torch path uses at 1-16 rows); the norms
-differ from torch's by rounding only. Everything else (prompts, prompt chunks mixed in, TP, other
+(sequence, KV head)), so a row's result is the same bits on any thread count, alone or in any batch
+that takes the same form of the products: they are the bits of what the torch path's models/matmul.linear
+computes for that many rows (kernels.Kernel.linear at 1-16 rows, Kernel.linear_wide at 17-64); the
+norms differ from torch's by rounding only. Everything else (prompts, prompt chunks mixed in, TP, other
 dtypes or devices, no kernels, SHARDMESH_DECODE_LAYER=0 or SHARDMESH_DECODE_ATTENTION=0 for A/B runs)
 keeps the torch path (layers.Attention, with decode_attention's kernel where it applies).
 
@@ -26,8 +27,8 @@ import torch
 from shardmesh import compute_pool, kernels
 from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.layers import Attention, RMSNorm, Segment
+from shardmesh.models.matmul import KERNEL_ROWS, WIDE_KERNEL_ROWS
 
-MAX_ROWS = 16  # the dot-product products' range (models/matmul.KERNEL_ROWS); above it the torch path's wide form is faster
 UNIT_BYTES = 128 * 1024  # weight bytes per unit of the products (~10 us at one thread's ~13 GB/s)
 
 
@@ -41,8 +42,9 @@ class LayerWeights(ctypes.Structure):
 class StepState(ctypes.Structure):
     """struct shardmesh_decode_step (decode_layer.c)."""
     _fields_ = [("S", ctypes.c_long)] + [(name, ctypes.c_void_p) for name in (
-        "table", "cos", "signed_sin", "normed", "qkv", "attended", "scratch")] + \
-        [("scratch_stride", ctypes.c_long), ("unit_bytes", ctypes.c_long), ("threads", ctypes.c_int)]
+        "table", "cos", "signed_sin", "normed", "qkv", "attended", "scratch", "packed")] + \
+        [("scratch_stride", ctypes.c_long), ("unit_bytes", ctypes.c_long), ("threads", ctypes.c_int),
+         ("wide", ctypes.c_int)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,19 +93,25 @@ class DecodeLayerStep:
         self.qkv = torch.empty(S, (A + 2 * G) * D, dtype=torch.float32)       # [S, (A + 2G) D]
         self.attended = torch.empty(S, A * D, dtype=torch.float32)            # [S, A D]
         self.scratch = torch.empty(threads, stride, dtype=torch.float32)      # [threads, L_max + D]
+        wide = S > KERNEL_ROWS[1]
+        # the outer-product form's packed rows [max(H, A D), 64], 64-byte aligned: 16 spare floats to shift into alignment
+        self.spare = torch.empty(max(H, A * D) * kernels.WIDE_PASS_ROWS + 16 if wide else 0, dtype=torch.float32)
+        packed = self.spare.data_ptr() + 4 * ((-self.spare.data_ptr() // 4) % 16) if wide else None
         self.struct = StepState(S, decode.table.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
                                 self.normed.data_ptr(), self.qkv.data_ptr(), self.attended.data_ptr(),
-                                self.scratch.data_ptr(), stride, unit_bytes, threads)
+                                self.scratch.data_ptr(), packed, stride, unit_bytes, threads, wide)
         self.shape = (S, H)
 
     @classmethod
     def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
            layers: list[DecodeLayerWeights | None], threads: int | None = None) -> "DecodeLayerStep | None":
         """None (the torch path) unless every segment adds one token (decode covers them all, rows
-        in order), there are at most MAX_ROWS, every layer takes the kernel (DecodeLayerWeights.of),
+        in order), in a number the kernel's products take (KERNEL_ROWS or WIDE_KERNEL_ROWS), every layer takes the kernel (DecodeLayerWeights.of),
         all have one shape, cos/signed_sin [S, D] are contiguous fp32, and the kernel is on.
         threads: the team's size (default: the process's compute threads, shardmesh.compute_pool)."""
-        if decode is None or len(decode.indices) != len(segments) or len(segments) > MAX_ROWS:
+        rows = len(segments)
+        if decode is None or len(decode.indices) != rows \
+                or not any(low <= rows <= high for low, high in (KERNEL_ROWS, WIDE_KERNEL_ROWS)):
             return None
         if not layers or any(layer is None for layer in layers) or _function() is None:
             return None
