@@ -12,16 +12,43 @@
  * in the order they joined, always < threads), for per-thread scratch.
  *
  * Units must not depend on which thread runs them or in which order the units of one phase run:
- * then the job's result is the same bits for any thread count. */
+ * then the job's result is the same bits for any thread count.
+ *
+ * On a busy host (more runnable threads than cores) a helper is sometimes descheduled while it
+ * holds a unit, and the caller then waits at the next barrier, or at the end, for the scheduler
+ * to run it again: milliseconds, where the whole job takes a fraction of one (bench/stage_parts.py
+ * at load 5 on 2 cores: a stage's decode step at batch 16 took 63 ms with a team of 2 against 40
+ * alone). So when the caller has waited longer than TEAM_SLOW_WAIT_NS in a job, it runs the next
+ * TEAM_ALONE_JOBS jobs alone, then tries the helpers again. */
 
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TEAM_PHASES_MAX 8
 #define TEAM_HELPERS_MAX 15
+#define TEAM_SLOW_WAIT_NS 300000L /* a unit takes ~10-20 us: a wait this long is a descheduled helper */
+#define TEAM_ALONE_JOBS 64        /* ~8 decode steps of an 8-layer stage */
+
+static atomic_long team_alone_jobs; /* jobs the next callers run alone (a caller waited too long) */
+atomic_long shardmesh_team_slow_waits; /* how often that happened in this process (tests, benches) */
+
+static long team_now_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000000000L + now.tv_nsec;
+}
+
+/* After a wait of the caller (worker 0) that began at `start` (ns): too long, and the next jobs run alone. */
+static void team_note_wait(long start) {
+    if (team_now_ns() - start > TEAM_SLOW_WAIT_NS) {
+        atomic_store(&team_alone_jobs, TEAM_ALONE_JOBS);
+        atomic_fetch_add(&shardmesh_team_slow_waits, 1);
+    }
+}
 
 struct phased_job {
     int phases;                          /* <= TEAM_PHASES_MAX */
@@ -35,17 +62,19 @@ struct phased_job {
     atomic_long helper_units;            /* units the helpers computed */
 };
 
-static void team_wait_for_phase(struct phased_job *job, int phase) {
-    long units = job->ends[phase] - (phase ? job->ends[phase - 1] : 0);
+static void team_wait_for_phase(struct phased_job *job, int phase, int worker) {
+    long units = job->ends[phase] - (phase ? job->ends[phase - 1] : 0), start = 0;
     for (long spins = 0; atomic_load_explicit(&job->done[phase], memory_order_acquire) < units; spins++) {
         if (spins < 2000) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
         } else {
+            if (worker == 0 && start == 0) start = team_now_ns();
             sched_yield();
         }
     }
+    if (start) team_note_wait(start);
 }
 
 /* Take units until none is left; returns how many this thread computed. */
@@ -54,7 +83,7 @@ static long team_run_units(struct phased_job *job, int worker) {
     int phase = 0;
     for (long unit; (unit = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed)) < total; done++) {
         while (unit >= job->ends[phase]) phase++;
-        for (int earlier = 0; earlier < phase; earlier++) team_wait_for_phase(job, earlier); /* phases may be empty */
+        for (int earlier = 0; earlier < phase; earlier++) team_wait_for_phase(job, earlier, worker); /* phases may be empty */
         job->run(job->context, phase, unit - (phase ? job->ends[phase - 1] : 0), worker);
         atomic_fetch_add_explicit(&job->done[phase], 1, memory_order_release);
     }
@@ -115,6 +144,10 @@ static long team_run(struct phased_job *job, int threads) {
     int expected = 0;
     job->helpers_wanted = threads - 1 < total - 1 ? threads - 1 : (int)(total - 1);
     if (job->helpers_wanted > TEAM_HELPERS_MAX) job->helpers_wanted = TEAM_HELPERS_MAX;
+    if (job->helpers_wanted >= 1 && atomic_load(&team_alone_jobs) > 0) {
+        atomic_fetch_sub(&team_alone_jobs, 1); /* a recent wait was too long: alone for a while */
+        job->helpers_wanted = 0;
+    }
     if (job->helpers_wanted < 1 || !atomic_compare_exchange_strong(&team_state.busy, &expected, 1)) {
         team_run_units(job, 0); /* alone: one thread wanted, or another caller has the helpers */
         return 0;
@@ -137,10 +170,12 @@ static long team_run(struct phased_job *job, int threads) {
         __builtin_ia32_pause();
 #endif
     }
+    long start = atomic_load(&job->inside) > 0 ? team_now_ns() : 0;
     pthread_mutex_lock(&team_state.lock);
     team_state.job = NULL; /* a helper waking from now on finds nothing to do */
     while (atomic_load(&job->inside) > 0) pthread_cond_wait(&team_state.left, &team_state.lock);
     pthread_mutex_unlock(&team_state.lock);
+    if (start) team_note_wait(start);
     atomic_store(&team_state.busy, 0);
     return atomic_load(&job->helper_units);
 }
