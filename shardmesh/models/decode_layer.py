@@ -15,13 +15,14 @@ norms differ from torch's by rounding only. Everything else (prompts, prompt chu
 dtypes or devices, no kernels, SHARDMESH_DECODE_LAYER=0 or SHARDMESH_DECODE_ATTENTION=0 for A/B runs)
 keeps the torch path (layers.Attention, with decode_attention's kernel where it applies).
 
-Measured (2-core bench machine shared with other work, load 5-8: wall figures move by 30% between
-runs; alternated A/B only): a stage's attention half per decode step in process (bench/stage_parts.py,
-default shape, 2 compute threads) 3.2-3.4 vs 5.1-5.2 ms (attention + norms) at batch 1, 10.8 vs 16.2
-at batch 16; one thread's CPU per layer 253-275 vs 492-530 us at 1 row, 799-1075 vs 1193-1251 at 16,
-2465-2674 vs 3091-3146 at 32. End to end (bench/tree_ab.py 1s1e-shm-c2, main vs this, 4-5 runs of
-6-10 alternated rounds) batch 16 1.03-1.21x faster in every run; batch 1 0.84-1.42x, not resolved
-at that load. On a busy host the team may wait for a descheduled helper: team.c then runs alone a while.
+Measured (2-core bench machine shared with other work; alternated A/B only): a stage's decode step in
+process (bench/stage_parts.py, default shape, 2 compute threads, load 1.2) 11.6 -> 8.9 ms at batch 1
+(attention half 2.4 vs 4.8-5.2 for attention + norms; LM head on the team 2.9 vs 3.3-3.4 on Python
+threads), 24.2 -> 21.1-21.4 at batch 16 (attention half 5.8-6.4 vs 9.7-9.9); one thread's CPU per
+layer (load 8) 253-275 vs 492-530 us at 1 row, 799-1075 vs 1193-1251 at 16, 2465-2674 vs 3091-3146
+at 32. End to end (bench/tree_ab.py 1s1e-shm-c2, main vs this) at load 1.0-1.3: batch 1 32.6 -> 28.1
+ms/token (1.16x), batch 16 61.6 -> 61.1 (1.01x); at load 3-10 batch 16 1.03-1.21x in 4 runs, batch 1
+0.84-1.42x. On a busy host the team may wait for a descheduled helper: team.c then runs alone a while.
 
 Shape legend: S sequences (= N rows, one token each), H hidden, A/G query/KV heads, D head_dim.
 """
