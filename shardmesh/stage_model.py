@@ -231,11 +231,11 @@ class StageModel:
                                                     decode, index)
                     residual = residual + hidden_states
                     hidden_states = layer.post_attention_layernorm(residual)
-            if isinstance(layer.ffn, MoEGate):
-                hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp)
+            if isinstance(layer.ffn, MoEGate):  # the residual added in combine's pass
+                hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp,
+                                                residual)
             else:
-                hidden_states = layer.ffn(hidden_states)
-            hidden_states = residual + hidden_states
+                hidden_states = residual + layer.ffn(hidden_states)
         if not self.is_last:
             return hidden_states
         last_rows = torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)

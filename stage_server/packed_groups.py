@@ -12,13 +12,28 @@ from shardmesh.telemetry import tracing
 from shardmesh.v1 import expert_pb2
 
 
+def joined(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """inputs [n_i, H] as one tensor [N, H]: a view when they lie back to back in one storage, in
+    order (the groups of MoEGate.dispatch's kernel path, views of its packed tensor), else a copy."""
+    first = inputs[0]
+    if len(inputs) == 1:
+        return first
+    storage, address, width = first.untyped_storage().data_ptr(), first.data_ptr(), first.shape[-1]
+    for x in inputs:
+        if (x.dim() != 2 or x.data_ptr() != address or not x.is_contiguous() or x.shape[1] != width
+                or x.dtype != first.dtype or x.untyped_storage().data_ptr() != storage):
+            return torch.cat(inputs)
+        address += x.numel() * x.element_size()
+    return first.as_strided((sum(x.shape[0] for x in inputs), width), (width, 1))
+
+
 class PackedCall:
     """The request and answer check of one ComputeExperts call carrying `inputs` of `experts` of `layer`."""
 
     def __init__(self, address: str, layer: int, experts: list[int], inputs: list[torch.Tensor]):
         self.address, self.layer, self.experts = address, layer, experts
         self.counts = [x.shape[0] for x in inputs]                           # n_i
-        self.hidden_states = inputs[0] if len(inputs) == 1 else torch.cat(inputs)  # [N, H]
+        self.hidden_states = joined(inputs)                                  # [N, H]
 
     def request(self, encode) -> expert_pb2.ComputeExpertsRequest:
         """`encode`: the data plane's (tensor -> wire Tensor)."""

@@ -8,15 +8,20 @@
 Routing is Mixtral's (transformers `MixtralTopKRouter`): softmax over all experts in float32, top-k
 of the probabilities, the k weights renormalized to sum to 1.
 
+A stage calls `MoEGate.dispatch(hidden_states)` (gate + route + dispatch) and `combine(..., residual)`:
+for fp32 on the CPU both are one C call (models/moe_kernel.py; SHARDMESH_MOE_KERNEL=0 for torch),
+the groups then views of one packed tensor.
+
 Shape legend: T tokens, H hidden_size, E experts, K experts per token (top_k), n_e tokens of expert e.
 """
 
 import collections
-import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from shardmesh.models import moe_kernel
 
 
 class MoEGate:
@@ -33,6 +38,20 @@ class MoEGate:
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)
 
+    def dispatch(self, hidden_states: torch.Tensor) -> tuple[dict[int, torch.Tensor], "DispatchHandle"]:
+        """`dispatch(hidden_states, self(hidden_states), top_k)`, in one C call for fp32 on the CPU
+        (moe_kernel.gate_dispatch: the groups are then views of one packed tensor [T*K, H], experts
+        ascending, which packed_groups sends as it is)."""
+        if not moe_kernel.usable(hidden_states, self.weight):
+            return dispatch(hidden_states, self(hidden_states), self.top_k)
+        packed, routing = moe_kernel.gate_dispatch(hidden_states, self.weight, self.top_k)  # packed [T*K, H]
+        counts = routing.counts()
+        experts = tuple(e for e, count in enumerate(counts) if count)
+        sizes = tuple(counts[e] for e in experts)
+        groups = dict(zip(experts, packed.split_with_sizes(sizes) if len(sizes) > 1 else [packed]))
+        return groups, DispatchHandle(hidden_states.shape[0], hidden_states.shape[1], hidden_states.dtype, experts,
+                                      sizes, routing=routing)
+
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights float32 [T, K], topk_idx int64 [T, K]), Mixtral's rule."""
@@ -42,19 +61,44 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return topk_weights, topk_idx
 
 
-@dataclasses.dataclass(frozen=True)
 class DispatchHandle:
     """What `combine` needs to undo a `dispatch`. Rows are the T*K (token, expert) pairs sorted by
-    expert (stable, so tokens stay in order within an expert)."""
+    expert (stable, so tokens stay in order within an expert).
 
-    num_tokens: int                 # T
-    hidden_size: int                # H
-    dtype: torch.dtype              # of the dispatched hidden_states, and of combine's result
-    experts: tuple[int, ...]        # expert ids with at least one token, ascending = order of rows
-    counts: tuple[int, ...]         # n_e for each of `experts`
-    token_idx: torch.Tensor | None  # int64 [T*K]: the token each row came from (None: T is 1)
-    weights: torch.Tensor           # float32 [T*K, 1]: that row's routing weight (a column, to scale rows)
-    topk_idx: torch.Tensor          # int64 [T, K]: the experts each token chose (for load statistics)
+    num_tokens T, hidden_size H; dtype: of the dispatched hidden_states, and of combine's result;
+    experts: expert ids with at least one token, ascending = order of rows; counts: n_e for each of
+    `experts`; token_idx int64 [T*K]: the token each row came from (None: T is 1, torch's one-token
+    path); weights float32 [T*K, 1]: that row's routing weight (a column, to scale rows); topk_idx
+    int64 [T, K]: the experts each token chose (for load statistics). With `routing` (the C kernel's,
+    MoEGate.dispatch) the last three are views of its table, made when first read."""
+
+    __slots__ = ("num_tokens", "hidden_size", "dtype", "experts", "counts", "_token_idx", "_weights", "_topk_idx",
+                 "routing")
+
+    def __init__(self, num_tokens: int, hidden_size: int, dtype: torch.dtype, experts: tuple[int, ...],
+                 counts: tuple[int, ...], token_idx: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                 topk_idx: torch.Tensor | None = None, routing: "moe_kernel.KernelRouting | None" = None):
+        self.num_tokens, self.hidden_size, self.dtype, self.experts, self.counts = \
+            num_tokens, hidden_size, dtype, experts, counts
+        self._token_idx, self._weights, self._topk_idx, self.routing = token_idx, weights, topk_idx, routing
+
+    @property
+    def token_idx(self) -> torch.Tensor | None:
+        if self.routing is not None and self._token_idx is None:
+            self._token_idx = self.routing.row_tokens()
+        return self._token_idx
+
+    @property
+    def weights(self) -> torch.Tensor:
+        if self.routing is not None and self._weights is None:
+            self._weights = self.routing.weights()
+        return self._weights
+
+    @property
+    def topk_idx(self) -> torch.Tensor:
+        if self.routing is not None and self._topk_idx is None:
+            self._topk_idx = self.routing.topk_idx()
+        return self._topk_idx
 
 
 def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
@@ -88,13 +132,16 @@ def dispatch(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     return groups, handle
 
 
-def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.Tensor:
-    """Each token's expert outputs weighted by its routing weights and summed: -> [T, H].
+def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's expert outputs weighted by its routing weights and summed: -> [T, H], plus
+    `residual` [T, H] (same dtype) when given.
 
     outputs maps every expert of the dispatch to its unweighted output [n_e, H] (same row order as
     its group). Accumulates in float32, in ascending expert order per token; returns the dispatched
     dtype. Raises ValueError when an expert is missing or has the wrong number of rows (outputs may
-    come from the network)."""
+    come from the network). A handle of the C kernel (MoEGate.dispatch) with fp32 CPU outputs is
+    combined by the kernel, residual included, in one pass: the same bits as torch's path."""
     try:
         pieces = [outputs[e] for e in handle.experts]
     except KeyError:
@@ -104,6 +151,22 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle) -> torch.T
         if piece.shape != (count, handle.hidden_size):
             raise ValueError(f"combine: expert {expert} returned shape {list(piece.shape)}, "
                              f"expected [{count}, {handle.hidden_size}]")
+    if handle.routing is not None and pieces and kernels_take(pieces, residual):
+        pieces = [p if p.is_contiguous() else p.contiguous() for p in pieces]
+        return moe_kernel.combine_rows(pieces, handle.experts, handle.routing, residual)
+    combined = _combine_torch(pieces, handle)
+    return combined if residual is None else residual + combined
+
+
+def kernels_take(pieces: list[torch.Tensor], residual: torch.Tensor | None) -> bool:
+    """Whether the C combine takes these expert outputs and residual: fp32 on the CPU."""
+    tensors = pieces if residual is None else [*pieces, residual]
+    return all(t.dtype is torch.float32 and t.is_cpu for t in tensors) and (
+        residual is None or residual.is_contiguous())
+
+
+def _combine_torch(pieces: list[torch.Tensor], handle: DispatchHandle) -> torch.Tensor:
+    """combine's torch path: pieces [n_e, H] in handle.experts' order (checked) -> [T, H] handle.dtype."""
     device = handle.weights.device
     if not pieces:
         return torch.zeros(handle.num_tokens, handle.hidden_size, dtype=handle.dtype, device=device)

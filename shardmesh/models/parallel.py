@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.models.matmul import linear
-from shardmesh.models.moe import MoEGate, combine, dispatch
+from shardmesh.models.moe import MoEGate, combine
 from shardmesh.tp_group import SINGLE, TPGroup, TPStepFailed, all_reduce_agreeing
 
 
@@ -158,15 +158,16 @@ class ParallelSwiGLUMLP:
 
 
 async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: int,
-                    group: TPGroup = SINGLE) -> torch.Tensor:
+                    group: TPGroup = SINGLE, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE block of a stage: gate (replicated), dispatch to `experts` (an ExpertBackend), combine.
 
-    hidden_states [N, H] -> [N, H]. At T ranks every rank holds the same hidden_states; rank r sends
-    only its contiguous 1/T of the tokens to the experts and the ranks' outputs (zeros outside their
-    rows) are summed, so each token's experts run once rather than T times."""
+    hidden_states [N, H] -> [N, H] (+ residual [N, H] when given: combined in the same pass). At T
+    ranks every rank holds the same hidden_states; rank r sends only its contiguous 1/T of the tokens
+    to the experts and the ranks' outputs (zeros outside their rows) are summed, so each token's
+    experts run once rather than T times."""
     if group.world_size == 1:
-        groups, handle = dispatch(hidden_states, gate(hidden_states), gate.top_k)
-        return combine(await experts.run(layer, groups), handle)  # in hidden_states' dtype
+        groups, handle = gate.dispatch(hidden_states)
+        return combine(await experts.run(layer, groups), handle, residual)  # in hidden_states' dtype
     num_tokens, hidden, rank, world_size = *hidden_states.shape, group.rank, group.world_size
     start, end = rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
     # [N * H + T]: the output and one failure flag per rank, summed by the one collective, so that an
@@ -177,7 +178,7 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
     if end > start:
         mine = hidden_states[start:end]       # [n_r, H]
         try:
-            groups, handle = dispatch(mine, gate(mine), gate.top_k)
+            groups, handle = gate.dispatch(mine)
             output[start:end] = combine(await experts.run(layer, groups), handle)
         except Exception as error:  # the other ranks wait in the collective below: join them, flagged
             failure = error
@@ -187,4 +188,5 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
         cause = f": {failure}" if failure is not None else ""
         raise TPStepFailed("experts", f"layer {layer}: the expert calls of rank(s) {failed_ranks} failed, so the step "
                                       f"{TPStepFailed.MARKER} (no KV kept; the group stays){cause}")
-    return reduced[:num_tokens * hidden].view(num_tokens, hidden)
+    combined = reduced[:num_tokens * hidden].view(num_tokens, hidden)
+    return combined if residual is None else residual + combined

@@ -1,0 +1,136 @@
+"""The MoE block's gate + routing + dispatch and its combine in one C call each (kernels/moe_routing.c),
+for fp32 on the CPU: `gate_dispatch` and `combine_rows`, used by models/moe.py's verbs.
+
+Torch's path spends ~60-160 us of per-op overhead per layer (warm caches; 200-400 cold, as in a
+stage) on a few kilobytes: gate linear, softmax, topk, sort, index_select, split; then cat, mul,
+index_add and the residual add. The kernels do the same work in a few microseconds, and the Python
+around them stays small: the routing table lives in ctypes arrays, torch views of it are made only
+when asked for (the torch combine, load statistics).
+
+Routing is Mixtral's (models/moe.route): softmax in fp32, top-k, renormalised. Where the top-k set is
+ambiguous (an exact tie at the K-th probability, or a NaN) the experts are picked by torch.topk on the
+kernel's probabilities, as transformers would pick. The groups are views of one packed tensor [T*K, H]
+(experts ascending, tokens in order within an expert): the form a packed ComputeExperts call sends
+(stage_server/packed_groups.py), with no copy. Each token is computed alone: its routing and its
+combined row do not depend on the batch. Off with SHARDMESH_MOE_KERNEL=0 (A/B runs): moe.py's torch path.
+
+Shape legend: T tokens, H hidden_size, E experts, K experts per token.
+"""
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from shardmesh import kernels
+
+calls = {"dispatch": 0, "combine": 0}  # kernel calls in this process (tests read it)
+
+
+@functools.lru_cache(maxsize=None)
+def _functions():
+    """(dispatch, combine) ctypes functions, or None (no kernels, or SHARDMESH_MOE_KERNEL=0)."""
+    kernel = kernels.kernel()
+    if kernel is None or os.environ.get("SHARDMESH_MOE_KERNEL", "1") == "0":
+        return None
+    dispatch = kernel.library.shardmesh_moe_dispatch
+    dispatch.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    dispatch.restype = ctypes.c_long
+    combine = kernel.library.shardmesh_moe_combine
+    combine.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7
+    combine.restype = None
+    return dispatch, combine
+
+
+def usable(hidden_states: torch.Tensor, gate_weight: torch.Tensor) -> bool:
+    """Whether `gate_dispatch` takes these: [T, H] and [E, H], contiguous fp32 on the CPU, kernels on."""
+    return (hidden_states.dim() == 2 and kernels.usable(hidden_states, gate_weight)
+            and _functions() is not None)
+
+
+class KernelRouting:
+    """One dispatch's routing as the kernel wrote it: `table`, ctypes int64 (moe_routing.c: counts [E] |
+    offsets [E] | topk_idx [T, K] | token_experts [T, K] | token_rows [T, K] | row_tokens [T*K]) and
+    `floats`, ctypes float32 (weights [T*K], each packed row's routing weight | probs [T, E])."""
+
+    __slots__ = ("table", "floats", "num_tokens", "num_experts", "top_k")
+
+    def __init__(self, num_tokens: int, num_experts: int, top_k: int):
+        self.num_tokens, self.num_experts, self.top_k = num_tokens, num_experts, top_k
+        self.table = (ctypes.c_int64 * (2 * num_experts + 4 * num_tokens * top_k))()
+        self.floats = (ctypes.c_float * (num_tokens * (top_k + num_experts)))()
+
+    def _ints(self, start: int, count: int) -> torch.Tensor:
+        if not count:  # (frombuffer refuses a count of 0)
+            return torch.empty(0, dtype=torch.int64)
+        return torch.frombuffer(self.table, dtype=torch.int64, offset=8 * start, count=count)
+
+    def _floats(self, start: int, count: int) -> torch.Tensor:
+        if not count:
+            return torch.empty(0, dtype=torch.float32)
+        return torch.frombuffer(self.floats, dtype=torch.float32, offset=4 * start, count=count)
+
+    def counts(self) -> list[int]:
+        return self.table[:self.num_experts]
+
+    def topk_idx(self) -> torch.Tensor:
+        """int64 [T, K]: the experts each token chose, by descending probability."""
+        return self._ints(2 * self.num_experts, self.num_tokens * self.top_k).view(self.num_tokens, self.top_k)
+
+    def row_tokens(self) -> torch.Tensor:
+        """int64 [T*K]: the token of each packed row."""
+        return self._ints(2 * self.num_experts + 3 * self.num_tokens * self.top_k, self.num_tokens * self.top_k)
+
+    def weights(self) -> torch.Tensor:
+        """float32 [T*K, 1]: each packed row's routing weight."""
+        count = self.num_tokens * self.top_k
+        return self._floats(0, count).view(count, 1)
+
+    def probs(self) -> torch.Tensor:
+        """float32 [T, E]: the softmax of the gate's logits."""
+        return self._floats(self.num_tokens * self.top_k, self.num_tokens * self.num_experts).view(
+            self.num_tokens, self.num_experts)
+
+
+def gate_dispatch(hidden_states: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, KernelRouting]:
+    """hidden_states [T, H], gate_weight [E, H] (both `usable`) -> (packed float32 [T*K, H]: each
+    expert's tokens in token order, experts ascending; routing)."""
+    dispatch = _functions()[0]
+    num_tokens, hidden = hidden_states.shape
+    num_experts = gate_weight.shape[0]
+    assert 0 < top_k <= num_experts, (top_k, num_experts)
+    routing = KernelRouting(num_tokens, num_experts, top_k)
+    packed = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32)  # [T*K, H]
+    table, floats = routing.table, routing.floats
+    probs = ctypes.addressof(floats) + 4 * num_tokens * top_k
+    calls["dispatch"] += 1
+    if num_tokens and dispatch(num_tokens, hidden, num_experts, top_k, hidden_states.data_ptr(), gate_weight.data_ptr(),
+                               0, probs, table, floats, packed.data_ptr()):
+        # an ambiguous set: torch.topk picks (as transformers does), the kernel gathers
+        routing.topk_idx().copy_(torch.topk(routing.probs(), top_k, dim=-1).indices)
+        dispatch(num_tokens, hidden, num_experts, top_k, hidden_states.data_ptr(), gate_weight.data_ptr(),
+                 1, probs, table, floats, packed.data_ptr())
+    return packed, routing
+
+
+def combine_rows(outputs: list[torch.Tensor], experts: tuple[int, ...], routing: KernelRouting,
+                 residual: torch.Tensor | None) -> torch.Tensor:
+    """[T, H] float32: residual (if given: [T, H] contiguous fp32 on the CPU) + each token's expert
+    outputs weighted and summed in ascending expert order (torch's combine: the same bits). outputs[i]:
+    expert experts[i]'s rows [n_e, H], contiguous fp32 on the CPU (the caller checked)."""
+    combine = _functions()[1]
+    addresses = (ctypes.c_void_p * routing.num_experts)()
+    for expert, output in zip(experts, outputs):
+        addresses[expert] = output.data_ptr()
+    num_tokens, top_k, table = routing.num_tokens, routing.top_k, routing.table
+    hidden = outputs[0].shape[1]
+    assert residual is None or residual.shape == (num_tokens, hidden), (residual.shape, num_tokens, hidden)
+    out = torch.empty(num_tokens, hidden, dtype=torch.float32)  # [T, H]
+    base = ctypes.addressof(table)
+    calls["combine"] += 1
+    combine(num_tokens, hidden, top_k, addresses, base + 8 * routing.num_experts,  # offsets
+            base + 8 * (2 * routing.num_experts + num_tokens * top_k),               # token_experts
+            base + 8 * (2 * routing.num_experts + 2 * num_tokens * top_k),           # token_rows
+            routing.floats, residual.data_ptr() if residual is not None else None, out.data_ptr())
+    return out
