@@ -1,7 +1,8 @@
 """Where a stage's own decode step goes, part by part, in process (the stage of a 1-stage mesh).
 
     .venv/bin/python bench/stage_parts.py [--small] [--batch 1 16] [--compute-threads 1 2]
-        [--decode-attention on off] [--decode-layer on off] [--team-lm-head on off] [--huge-pages on off] [--steps 30]
+        [--decode-attention on off] [--decode-layer on off] [--team-lm-head on off] [--moe-kernel on off]
+        [--huge-pages on off] [--steps 30]
 
 A StageModel of every layer decodes `--batch` sequences behind an in-process expert backend (an
 ExpertShard, its time excluded); the parts of each step are timed with perf_counter marks around
@@ -14,6 +15,7 @@ alternating rounds; the table shows the median of the rounds' per-step means.
 
 import argparse
 import asyncio
+import importlib
 import itertools
 import os
 import pathlib
@@ -27,10 +29,17 @@ import torch
 import harness
 from decode_throughput import make_prompts
 
-COLUMNS = [("batch", "batch"), ("threads", "compute threads"), ("kernel", "decode attention kernel"),
-           ("layer", "decode layer kernel"), ("team", "LM head on the team"), ("huge", "huge pages"), ("part", "part"),
-           ("per_step_ms", "ms per step"),
-           ("share", "share of the stage's step")]
+# The A/B switches: option -> (column, environment variable read by the tree, module whose cached
+# `_function(s)` rereads it; None: read at stage build). Each takes on/off; every combination runs.
+SWITCHES = {
+    "decode_attention": ("decode attention kernel", "SHARDMESH_DECODE_ATTENTION", "decode_attention"),
+    "decode_layer": ("decode layer kernel", "SHARDMESH_DECODE_LAYER", "decode_layer"),
+    "team_lm_head": ("LM head on the team", "SHARDMESH_TEAM_LINEAR", None),
+    "moe_kernel": ("MoE glue kernel", "SHARDMESH_MOE_KERNEL", "moe_kernel"),
+}
+COLUMNS = [("batch", "batch"), ("threads", "compute threads"),
+           *((name, column) for name, (column, _, _) in SWITCHES.items()), ("huge", "huge pages"),
+           ("part", "part"), ("per_step_ms", "ms per step"), ("share", "share of the stage's step")]
 
 
 class Timer:
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--team-lm-head", nargs="+", default=["on"], choices=["on", "off"],
                         help="the LM head at 1-16 rows on the kernels' team (SHARDMESH_TEAM_LINEAR) or on the "
                              "compute pool's Python threads")
+    parser.add_argument("--moe-kernel", nargs="+", default=["on"], choices=["on", "off"],
+                        help="the MoE gate/dispatch/combine in the C kernel (models/moe_kernel.py) or torch")
     parser.add_argument("--huge-pages", nargs="+", default=["on"], choices=["on", "off"],
                         help="the stage's weights in huge pages (shardmesh.huge_pages) or where they were loaded")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per round")
@@ -115,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from shardmesh import compute_pool, huge_pages
-    from shardmesh.models import decode_attention, decode_layer
     from shardmesh.checkpoint import CheckpointReader
     from shardmesh.config import ModelConfig
     from shardmesh.expert_model import ExpertShard, LocalExperts
@@ -154,29 +164,30 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = defaultdict(list)
     first_id = 1
+    names = list(SWITCHES)
     for _ in range(args.rounds):
         for batch_size in args.batch:
             for threads in args.compute_threads:
-                for kernel, layer, team, (huge, stage) in itertools.product(
-                        args.decode_attention, args.decode_layer, args.team_lm_head, stages.items()):
-                    os.environ["SHARDMESH_DECODE_ATTENTION"] = "1" if kernel == "on" else "0"
-                    os.environ["SHARDMESH_DECODE_LAYER"] = "1" if layer == "on" else "0"
-                    os.environ["SHARDMESH_TEAM_LINEAR"] = "1" if team == "on" else "0"
-                    decode_attention._function.cache_clear()
-                    decode_layer._function.cache_clear()
+                for *settings, (huge, stage) in itertools.product(
+                        *(getattr(args, name) for name in names), stages.items()):
+                    for name, setting in zip(names, settings):
+                        _, variable, module = SWITCHES[name]
+                        os.environ[variable] = "1" if setting == "on" else "0"
+                        if module is not None:
+                            loaded = importlib.import_module(f"shardmesh.models.{module}")
+                            (getattr(loaded, "_functions", None) or loaded._function).cache_clear()
                     compute_pool.set_threads(threads)
-                    for name, seconds in asyncio.run(decode(stage, batch_size, first_id)).items():
-                        samples[(batch_size, threads, kernel, layer, team, huge, name)].append(seconds)
+                    for part, seconds in asyncio.run(decode(stage, batch_size, first_id)).items():
+                        samples[(batch_size, threads, *settings, huge, part)].append(seconds)
                     first_id += batch_size
     compute_pool.set_threads(1)
     rows = []
-    for (batch_size, threads, kernel, layer, team, huge, name), values in samples.items():
-        total = statistics.median(samples[(batch_size, threads, kernel, layer, team, huge,
-                                           "stage step (total - experts)")])
+    for (batch_size, threads, *settings, huge, part), values in samples.items():
+        total = statistics.median(samples[(batch_size, threads, *settings, huge, "stage step (total - experts)")])
         value = statistics.median(values)
-        rows.append(dict(batch=batch_size, threads=threads, kernel=kernel, layer=layer, team=team, huge=huge,
-                         part=name, per_step_ms=value * 1e3, share="" if "excluded" in name else f"{value / total:.0%}"))
-    rows.sort(key=lambda row: (row["batch"], row["threads"], row["kernel"], row["layer"], row["team"], row["huge"],
+        rows.append(dict(batch=batch_size, threads=threads, **dict(zip(names, settings)), huge=huge,
+                         part=part, per_step_ms=value * 1e3, share="" if "excluded" in part else f"{value / total:.0%}"))
+    rows.sort(key=lambda row: (row["batch"], row["threads"], *(row[name] for name in names), row["huge"],
                                -row["per_step_ms"]))
     header = (f"a stage's decode step by part, {shape} shape, {args.rounds} alternating rounds of {args.steps} "
               f"steps; 1-min load average {os.getloadavg()[0]:.1f}")

@@ -45,8 +45,9 @@ def _functions():
 
 def usable(hidden_states: torch.Tensor, gate_weight: torch.Tensor) -> bool:
     """Whether `gate_dispatch` takes these: [T, H] and [E, H], contiguous fp32 on the CPU, kernels on."""
-    return (hidden_states.dim() == 2 and kernels.usable(hidden_states, gate_weight)
-            and _functions() is not None)
+    return (hidden_states.dtype is gate_weight.dtype is torch.float32 and hidden_states.is_cpu and gate_weight.is_cpu
+            and hidden_states.dim() == 2 and hidden_states.is_contiguous() and gate_weight.is_contiguous()
+            and _functions() is not None)  # (kernels.usable's checks, in fewer steps: this runs every layer)
 
 
 class KernelRouting:
