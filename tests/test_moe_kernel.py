@@ -137,6 +137,12 @@ def test_groups_are_views_of_one_packed_tensor_sent_without_a_copy():
     packed = joined(inputs)
     assert packed.data_ptr() == inputs[0].data_ptr() and packed.shape == (32, 64)
     assert torch.equal(packed, torch.cat(inputs))
+    with torch.inference_mode():  # (views made there do not know their base)
+        inference_inputs = list(MoEGate(weight, 2).dispatch(hidden_states)[0].values())
+    assert inference_inputs[0]._base is None
+    for pieces in (inputs[1:], inputs[:-1], inference_inputs):  # part of the packed tensor; no base known
+        view = joined(pieces)
+        assert view.data_ptr() == pieces[0].data_ptr() and torch.equal(view, torch.cat(pieces))
     # out of order, or not back to back: a copy, the same rows
     for pieces in (inputs[::-1], inputs[::2], [inputs[0], inputs[1].clone()]):
         glued = joined(pieces)
