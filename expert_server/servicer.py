@@ -60,8 +60,8 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
             self._check_held(group.layer, group.expert, f"{field}.layer", f"{field}.expert")
         return self._checked(codec.decode(group.hidden_states, f"{field}.hidden_states"), f"{field}.hidden_states")
 
-    def _decode_packed(self, packed: expert_pb2.PackedGroups) -> tuple[torch.Tensor, ...]:
-        """A layer's packed groups -> each group's rows [n_e, H] (views of the one decoded tensor)."""
+    def _decode_packed(self, packed: expert_pb2.PackedGroups) -> torch.Tensor:
+        """A layer's packed groups -> their rows [N, H], checked (counts, experts held, shape, dtype)."""
         if len(packed.num_tokens) != len(packed.experts):
             raise InvalidArgument("packed.num_tokens", f"{len(packed.num_tokens)} counts for "
                                                        f"{len(packed.experts)} experts")
@@ -73,7 +73,7 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         if total != hidden_states.shape[0]:
             raise InvalidArgument("packed.num_tokens", f"they sum to {total}, not to the {hidden_states.shape[0]} "
                                                        f"rows of packed.hidden_states")
-        return hidden_states.split_with_sizes(list(packed.num_tokens)) if len(packed.experts) > 1 else (hidden_states,)
+        return hidden_states
 
     def _check_held(self, layer: int, expert: int, layer_field: str, expert_field: str) -> None:
         if not self.shard.holds(layer, expert):  # (the set of layers is built on this error path only)
@@ -97,17 +97,28 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         if request.HasField("packed"):  # one tensor in, one out (what stages send)
             if request.groups:
                 raise InvalidArgument("packed", "give groups or packed, not both")
-            packed = request.packed
-            inputs = self._decode_packed(packed)
-            work = [(packed.layer, expert, 0, x) for expert, x in zip(packed.experts, inputs)]
-            outputs = self._compute_all(work, request.traceparent)
-            output = outputs[0] if len(outputs) == 1 else (
-                torch.cat(outputs) if outputs else torch.empty(0, self.hidden_size, dtype=self.dtype))  # [N, H]
+            output = self._compute_packed(request.packed, request.traceparent)
             return expert_pb2.ComputeExpertsResponse(packed_outputs=codec.encode(output))
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         work = [(g.layer, g.expert, g.slice_count, x) for g, x in zip(request.groups, inputs)]
         outputs = self._compute_all(work, request.traceparent)
         return expert_pb2.ComputeExpertsResponse(outputs=[codec.encode(output) for output in outputs])
+
+    def _compute_packed(self, packed: expert_pb2.PackedGroups, traceparent: str) -> torch.Tensor:
+        """Packed groups -> their outputs [N, H], row for row. On the CPU computed in place into the
+        reply (codec.reply_tensor: on the shared-memory plane the reply arena, so nothing is copied)."""
+        hidden_states = self._decode_packed(packed)  # [N, H]
+        experts, counts = list(packed.experts), list(packed.num_tokens)
+        if self.shard.device.type != "cpu":  # device tensors: as one group each (the reply from the device)
+            outputs = self._compute_all([(packed.layer, expert, 0, x) for expert, x in
+                                         zip(experts, hidden_states.split_with_sizes(counts))], traceparent)
+            return torch.cat(outputs) if outputs else hidden_states.new_empty(0, self.hidden_size)
+        output = codec.reply_tensor(list(hidden_states.shape), self.dtype)  # [N, H]
+        with self.meter.computing([(packed.layer, expert, count) for expert, count in zip(experts, counts)]), \
+                tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
+            self.shard.compute_packed(packed.layer, experts, counts, hidden_states, output)
+        self.tokens_computed += hidden_states.shape[0]
+        return output
 
     def _compute_all(self, work: list[tuple[int, int, int, torch.Tensor]], traceparent: str) -> list[torch.Tensor]:
         """(layer, expert, slice_count, hidden_states [n, H]) each -> its output [n, H], checked already."""

@@ -67,6 +67,16 @@ def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
+def reply_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor for a servicer to compute a reply into: on the shared-memory plane
+    a view of the served call's reply arena, which `encode` then sends without a copy (the caller
+    writes every element before encoding it); elsewhere, or when it does not fit, a new tensor."""
+    call = inbound_call.get()
+    claim = getattr(call[1], "claim", None) if call is not None else None  # (a device arena has none)
+    tensor = claim(shape, dtype) if claim is not None else None
+    return tensor if tensor is not None else torch.empty(shape, dtype=dtype)
+
+
 def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,
            nccl_payload=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from shardmesh import compute_pool
+from shardmesh import compute_pool, kernels
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.errors import InvalidArgument, NotFound, Unavailable
@@ -112,6 +112,24 @@ class ExpertShard:
         if outputs is None:
             outputs = compute_pool.parallel_map(lambda pair: pair[0](pair[1]), list(zip(mlps, inputs)))
         return outputs
+
+    def compute_packed(self, layer: int, experts: list[int], counts: list[int], hidden_states: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+        """compute_many over one packed tensor: hidden_states [N, H], its first counts[0] rows for
+        experts[0], the next counts[1] for experts[1], ...; each row's output into the same row of
+        `out` [N, H] (the dtype of `hidden_states`; rows of no expert are left as they are). Returns
+        `out`. On the C kernel no tensor per expert is made (kernels.Kernel.expert_ffn_packed)."""
+        mlps = [self._checked(layer, expert, hidden_states) for expert in experts]
+        kernel = mlps[0].kernel if mlps else None
+        if kernel is not None and all(m.kernel is kernel for m in mlps) and kernels.usable(hidden_states, out) \
+                and sum(counts) == hidden_states.shape[0] == out.shape[0]:
+            kernel.expert_ffn_packed(hidden_states, [(m.gate_proj, m.up_proj, m.down_proj) for m in mlps], counts,
+                                     compute_pool.threads(), out)
+            return out
+        if experts:  # torch (or another device): group by group, then into `out`
+            groups = hidden_states.split_with_sizes(counts)
+            out.copy_(torch.cat(self.compute_many([(layer, expert, x) for expert, x in zip(experts, groups)])))
+        return out
 
 
 class LocalExperts:

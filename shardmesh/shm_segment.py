@@ -10,6 +10,7 @@ Tensors are viewed in place (`Segment.view`: torch.frombuffer on the mapping, no
 written with one copy (`Segment.write`). Offsets are multiples of ALIGN.
 """
 
+import math
 import mmap
 import os
 import pathlib
@@ -149,10 +150,28 @@ class ReplyArena:
         self.segment = segment
         self.next = align(max(start, PROBE_BYTES))
         self.end = segment.usable if end is None else end
+        self.claimed: tuple[int, int, int] | None = None  # (data pointer, offset, length) of `claim`'s tensor
+
+    def claim(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """Room for a reply tensor, as a writable view of the segment to compute it into (`put` of
+        that very tensor then writes nothing), or None when it does not fit."""
+        length = math.prod(shape) * dtype.itemsize
+        if not length or self.next + length > self.end:
+            return None
+        offset = self.next
+        self.next = align(offset + length)
+        tensor = self.segment._as(dtype)[offset // dtype.itemsize:(offset + length) // dtype.itemsize].view(shape)
+        self.claimed = (tensor.data_ptr(), offset, length)
+        return tensor
 
     def put(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """Write `tensor` into the arena: (offset, length), or None when it does not fit."""
         length = tensor.numel() * tensor.element_size()
+        claimed = self.claimed
+        if claimed is not None and claimed[0] == tensor.data_ptr() and claimed[2] == length \
+                and tensor.device.type == "cpu" and tensor.is_contiguous():  # computed in place: nothing to copy
+            self.claimed = None
+            return claimed[1], length
         if self.next + length > self.end:
             return None
         offset = self.next

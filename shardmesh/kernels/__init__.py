@@ -92,24 +92,44 @@ class Kernel:
         thread and threads - 1 helper threads of the library (expert_team.c); bit-identical to
         expert_ffn for any threads and unit_bytes."""
         outputs = [torch.empty(e[0].shape[0], e[0].shape[1], dtype=torch.float32) for e in experts]
-        work = [(e, out) for e, out in zip(experts, outputs) if e[0].shape[0]]
-        if not work:
-            return outputs
-        hidden, intermediate = work[0][0][0].shape[1], work[0][0][1].shape[0]
-        scratch = torch.empty(2 * intermediate * sum(e[0].shape[0] for e, _ in work), dtype=torch.float32)
-        tasks, offset = (ExpertTask * len(work))(), 0
-        for task, ((x, gate_proj, up_proj, down_proj), out) in zip(tasks, work):
-            assert x.shape[1] == hidden and gate_proj.shape[0] == intermediate, "one H and I for all experts"
-            task.n, task.x, task.w1, task.w3, task.w2 = x.shape[0], x.data_ptr(), gate_proj.data_ptr(), \
-                up_proj.data_ptr(), down_proj.data_ptr()
-            task.scratch, task.out = scratch.data_ptr() + 4 * offset, out.data_ptr()  # scratch [2, n, I] each
-            offset += 2 * x.shape[0] * intermediate
+        work = [(x.shape[0], x.data_ptr(), weights, out.data_ptr())
+                for (x, *weights), out in zip(experts, outputs) if x.shape[0]]
+        if work:
+            assert all(x.shape[1] == experts[0][0].shape[1] for x, *_ in experts), "one H for all experts"
+            self._run_team(work, experts[0][0].shape[1], threads, unit_bytes)
+        return outputs
+
+    def expert_ffn_packed(self, hidden_states: torch.Tensor, weights: list[tuple[torch.Tensor, ...]],
+                          counts: list[int], threads: int, out: torch.Tensor, unit_bytes: int = 256 * 1024) -> None:
+        """expert_ffn_many on one packed tensor: rows [N, H] of hidden_states, the first counts[0] for
+        weights[0] (gate_proj, up_proj, down_proj), the next counts[1] for weights[1], ..., computed
+        into the same rows of `out` [N, H] (no tensor per expert made either way); the same bits."""
+        hidden = hidden_states.shape[1]
+        row_bytes, x, y, work = 4 * hidden, hidden_states.data_ptr(), out.data_ptr(), []
+        for count, expert_weights in zip(counts, weights):
+            if count:
+                work.append((count, x, expert_weights, y))
+                x, y = x + count * row_bytes, y + count * row_bytes
+        if work:
+            self._run_team(work, hidden, threads, unit_bytes)
+
+    def _run_team(self, work: list[tuple[int, int, tuple[torch.Tensor, ...], int]], hidden: int, threads: int,
+                  unit_bytes: int) -> None:
+        """work: (rows n, input address [n, H], (gate_proj, up_proj, down_proj), output address [n, H]) each."""
+        intermediate = work[0][2][0].shape[0]
+        scratch = torch.empty(2 * intermediate * sum(n for n, *_ in work), dtype=torch.float32)
+        tasks, offset = (ExpertTask * len(work))(), scratch.data_ptr()
+        for task, (n, x, (gate_proj, up_proj, down_proj), out) in zip(tasks, work):
+            assert gate_proj.shape[0] == intermediate, "one I for all experts"
+            task.n, task.x, task.w1, task.w3, task.w2 = n, x, gate_proj.data_ptr(), up_proj.data_ptr(), \
+                down_proj.data_ptr()
+            task.scratch, task.out = offset, out  # scratch [2, n, I] each
+            offset += 4 * 2 * n * intermediate
         calls["expert_ffn_many"] += 1
         by_helpers = self._expert_ffn_many(len(work), hidden, intermediate, tasks, threads, unit_bytes)
         if by_helpers < 0:
             raise MemoryError("shardmesh_expert_ffn_many: out of memory")
         units["by_helpers"] += by_helpers
-        return outputs
 
     def linear(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """inputs [n, K] @ weight [M, K]^T -> [n, M], both contiguous fp32 on the CPU."""

@@ -1,0 +1,96 @@
+"""Packed expert compute in place: a layer's groups as one tensor [N, H] computed into one output
+[N, H] (kernels expert_ffn_packed, ExpertShard.compute_packed) with the bits of one expert at a
+time, and that output lying in the shared-memory reply arena (ReplyArena.claim, codec.reply_tensor)
+so that encoding it copies nothing."""
+
+import pytest
+import torch
+
+from shardmesh import codec, compute_pool, kernels
+from shardmesh.shm_segment import ReplyArena, Segment
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    loaded = kernels.kernel()
+    assert loaded is not None, "the CPU kernels did not build here (see the log): CI has gcc"
+    return loaded
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 14000, 1 << 20])
+def test_packed_rows_get_each_experts_bits(kernel, unit_bytes):
+    hidden, intermediate = 72, 136
+    generator = torch.Generator().manual_seed(3)
+    weights = [tuple(torch.randn(*shape, generator=generator) for shape in
+                     ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))) for _ in range(4)]
+    for counts in ([1, 1], [3, 0, 5, 2], [0, 7], [9]):
+        hidden_states = torch.randn(sum(counts), hidden, generator=generator) * 2  # [N, H]
+        expected = torch.cat([kernel.expert_ffn(x, *w) for x, w in
+                              zip(hidden_states.split(counts), weights)])  # [N, H]
+        for threads in (1, 2, 3):
+            out = torch.full((sum(counts), hidden), float("nan"))
+            kernel.expert_ffn_packed(hidden_states, weights[:len(counts)], counts, threads, out, unit_bytes)
+            assert torch.equal(out, expected), (counts, threads)
+
+
+@pytest.fixture
+def two_compute_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    compute_pool.set_threads(2)
+    yield
+    compute_pool.set_threads(1)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("on_kernel", [True, False])
+def test_shard_compute_packed_matches_compute(mixtral_dir, kernel, two_compute_threads, on_kernel):
+    from shardmesh.checkpoint import CheckpointReader
+    from shardmesh.config import ModelConfig
+    from shardmesh.errors import NotFound
+    from shardmesh.expert_model import ExpertShard
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    shard = ExpertShard(config, [(1, e) for e in range(config.num_experts)], CheckpointReader(mixtral_dir))
+    if not on_kernel:  # the torch path: group by group, then copied into `out`
+        for mlp in shard._mlps.values():
+            mlp.kernel = None
+    experts, counts = [0, 2, 3, 6], [2, 0, 3, 1]
+    hidden_states = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(4))  # [N, H]
+    before = kernels.calls["expert_ffn_many"]
+    out = torch.full_like(hidden_states, float("nan"))
+    assert shard.compute_packed(1, experts, counts, hidden_states, out) is out
+    assert kernels.calls["expert_ffn_many"] == before + on_kernel
+    expected = torch.cat([shard.compute(1, e, x) for e, x in zip(experts, hidden_states.split(counts))])
+    assert torch.equal(out, expected)
+    with pytest.raises(NotFound, match="layer 0, expert 2"):
+        shard.compute_packed(0, [2], [6], hidden_states, out)
+
+
+def test_a_claimed_reply_is_encoded_where_it_was_computed():
+    segment = Segment.create(1 << 16)
+    try:
+        arena = ReplyArena(segment, 128)
+        claimed = arena.claim([3, 4], torch.float32)
+        claimed.copy_(torch.arange(12.0).view(3, 4))  # "computed" in place
+        other = torch.ones(2, 2)
+        assert arena.put(other) == (192, 16)  # any other tensor is copied after the claim
+        assert arena.put(claimed) == (128, 48)  # the claimed one: its own span, nothing written
+        assert torch.equal(segment.view(128, 48, torch.float32, [3, 4], "t"), torch.arange(12.0).view(3, 4))
+        assert arena.put(claimed) == (256, 48)  # a second encode of it copies, like any tensor
+        assert arena.claim([1 << 20], torch.float32) is None  # no room: the caller makes its own
+        assert arena.claim([0, 4], torch.float32) is None
+
+        assert codec.reply_tensor([2, 3], torch.float32).data_ptr() != 0  # no call served here: a new tensor
+        reply_arena = ReplyArena(segment, 1024)
+        token = codec.inbound_call.set((segment, reply_arena, None))
+        try:
+            output = codec.reply_tensor([2, 3], torch.float32)
+            output.copy_(torch.full((2, 3), 7.0))
+            message = codec.encode(output)
+        finally:
+            codec.inbound_call.reset(token)
+        assert (message.shm.offset, message.shm.length, list(message.shape)) == (1024, 24, [2, 3])
+        assert torch.equal(codec.decode(message, "t", segment=segment), torch.full((2, 3), 7.0))
+    finally:
+        segment.close()
