@@ -110,7 +110,9 @@ class ShmCall:
         self.inline_bytes += len(message.data) + getattr(self.arena, "spilled", 0) - spilled
         return message
 
-    async def invoke(self, method: str, request, response_type, timeout: float):
+    async def invoke(self, method: str, request, response_type, timeout: float | None):
+        """The call's reply (response_type); DataPlaneError with the status otherwise. timeout: seconds,
+        or None when the caller bounds the call itself (a cancelled call leaves the session broken)."""
         channel = self.channel
         channel.call_ids += 1
         frame = dataplane_pb2.ShmFrame()
@@ -122,8 +124,11 @@ class ShmCall:
             self.arena.publish()  # the device has written the request tensors before the server reads them
         try:
             write_frame(channel.writer, frame)
-            async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
+            if timeout is None:
                 frame = await read_frame(channel.reader)
+            else:
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
+                    frame = await read_frame(channel.reader)
         except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
             channel.broken = True
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {channel.peer}: {error!r}") from error

@@ -15,7 +15,6 @@ whose segment proved too small is replaced by a larger one.
 """
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -45,16 +44,9 @@ class ShmPool:
         """Open with a session that has not broken, or one being opened (else: negotiate a new pool)."""
         return not self.closed and (self._opening > 0 or any(not s.broken for s in self.sessions))
 
-    @contextlib.asynccontextmanager
-    async def session(self):
-        """An ShmCall on a session of this pool for the duration of one call."""
-        channel = await self._acquire()
-        try:  # the channel is this call's alone until released: no lock of its own needed
-            call = channel.begin()
-            yield call
-            channel.end(call)
-        finally:
-            await self._release(channel)
+    def session(self) -> "_Session":
+        """An ShmCall on a session of this pool for the duration of one call (`async with`)."""
+        return _Session(self)
 
     async def _acquire(self):
         from shardmesh.shm_plane import DataPlaneError  # shm_plane imports this module
@@ -120,3 +112,29 @@ class ShmPool:
             await channel.close()
         async with self._freed:
             self._freed.notify_all()
+
+
+class _Session:
+    """ShmPool.session(): a class, not an asynccontextmanager (no generator to step: every layer, every step)."""
+
+    __slots__ = ("pool", "channel", "call")
+
+    def __init__(self, pool: ShmPool):
+        self.pool, self.channel, self.call = pool, None, None
+
+    async def __aenter__(self):
+        self.channel = await self.pool._acquire()
+        try:  # the channel is this call's alone until released: no lock of its own needed
+            self.call = self.channel.begin()
+        except BaseException:
+            await self.pool._release(self.channel)
+            raise
+        return self.call
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        try:
+            if kind is None:
+                self.channel.end(self.call)
+        finally:
+            await self.pool._release(self.channel)
+        return False

@@ -174,14 +174,16 @@ class RemoteExperts:
         started = time.perf_counter()
         try:
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
-            async with asyncio.timeout(timeout + 1.0):
+            async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:
                     return await self._call_over_nccl(address, packed, timeout)
                 shm = await self.data_planes.get(address, self._channels[address])
                 if shm is not None:
                     async with shm.session() as call:  # tensors through shared memory
+                        # the call itself gets `timeout` from now: this bound, not one more of its own
+                        bound.reschedule(min(bound.when(), asyncio.get_running_loop().time() + timeout))
                         reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
-                                                  expert_pb2.ComputeExpertsResponse, timeout)
+                                                  expert_pb2.ComputeExpertsResponse, None)
                         return packed.outputs(reply, call.decode)
                 reply = await self._stubs[address].ComputeExperts(
                     packed.request(functools.partial(codec.encode, arena=None)), timeout=timeout)
