@@ -27,6 +27,7 @@ NAME_PATTERN = re.compile(r"shardmesh-[0-9a-f]{32}")
 ALIGN = 64
 PROBE_BYTES = 16
 MAX_SEGMENT_BYTES = 1 << 30
+MAX_CACHED_VIEWS = 64  # per segment (Segment.view)
 # Dtypes viewed and written through numpy (bfloat16 has no numpy dtype: torch's own slicing).
 NUMPY_DTYPES = {torch.float32: numpy.float32, torch.float16: numpy.float16, torch.int64: numpy.int64,
                 torch.int32: numpy.int32, torch.uint8: numpy.uint8}
@@ -46,6 +47,9 @@ class Segment:
         # The same bytes for numpy: a numpy slice + view costs ~1 us where torch's costs ~3-5 us, paid
         # for every tensor of every hop of a decode step (view + write: tests/test_shm_segment_paths.py).
         self._numpy = numpy.frombuffer(buffer, dtype=numpy.uint8)[:self.usable]  # [usable]
+        # (offset, length, dtype, shape) -> its view: a session's calls put the same tensors at the
+        # same offsets call after call (a layer's groups, their reply), so most views are made once.
+        self._views: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def available(cls) -> bool:
@@ -102,7 +106,7 @@ class Segment:
     def close(self) -> None:
         """Unlink (if ours) and unmap; a view still alive keeps the mapping until it dies."""
         self.unlink()
-        self._bytes, self._typed, self._numpy = None, {}, None
+        self._bytes, self._typed, self._numpy, self._views = None, {}, None, {}
         try:
             self.buffer.close()
         except BufferError:
@@ -111,6 +115,10 @@ class Segment:
     def view(self, offset: int, length: int, dtype: torch.dtype, shape: list[int], field: str) -> torch.Tensor:
         """The tensor at [offset, offset + length) of the segment, without copying; InvalidArgument
         naming `field` when the span is misaligned or outside the segment."""
+        key = (offset, length, dtype, tuple(shape))
+        tensor = self._views.get(key)  # (made before: its span was checked then)
+        if tensor is not None:
+            return tensor
         if offset % ALIGN or offset + length > self.usable:
             raise InvalidArgument(f"{field}.shm", f"span [{offset}, {offset + length}) is misaligned or outside "
                                                   f"the {self.usable}-byte segment")
@@ -118,8 +126,13 @@ class Segment:
             return torch.empty(shape, dtype=dtype)
         numpy_dtype = NUMPY_DTYPES.get(dtype)
         if numpy_dtype is not None:
-            return torch.from_numpy(self._numpy[offset:offset + length].view(numpy_dtype).reshape(shape))
-        return self._as(dtype)[offset // dtype.itemsize:(offset + length) // dtype.itemsize].view(shape)
+            tensor = torch.from_numpy(self._numpy[offset:offset + length].view(numpy_dtype).reshape(shape))
+        else:
+            tensor = self._as(dtype)[offset // dtype.itemsize:(offset + length) // dtype.itemsize].view(shape)
+        if len(self._views) >= MAX_CACHED_VIEWS:
+            self._views.clear()
+        self._views[key] = tensor
+        return tensor
 
     def write(self, offset: int, tensor: torch.Tensor) -> None:
         """Copy `tensor` (any device) to [offset, offset + nbytes); the caller checked the room."""
@@ -160,7 +173,7 @@ class ReplyArena:
             return None
         offset = self.next
         self.next = align(offset + length)
-        tensor = self.segment._as(dtype)[offset // dtype.itemsize:(offset + length) // dtype.itemsize].view(shape)
+        tensor = self.segment.view(offset, length, dtype, shape, "reply")
         self.claimed = (tensor.data_ptr(), offset, length)
         return tensor
 

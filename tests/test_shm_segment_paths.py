@@ -66,3 +66,20 @@ def test_codec_through_an_arena_round_trips_and_bad_spans_are_still_refused(segm
         segment.view(segment.usable - 64, 128, torch.float32, [32], "t")  # past the end
     with pytest.raises(InvalidArgument, match=r"t\.shm"):
         segment.view(65, 4, torch.float32, [1], "t")  # misaligned
+
+
+def test_a_span_viewed_again_is_the_same_view_and_other_spans_and_shapes_are_not(segment):
+    from shardmesh.shm_segment import MAX_CACHED_VIEWS
+
+    first = segment.view(128, 24, torch.float32, [2, 3], "t")
+    assert segment.view(128, 24, torch.float32, [2, 3], "t") is first  # made once: every call, every layer
+    assert list(segment.view(128, 24, torch.float32, [3, 2], "t").shape) == [3, 2]
+    assert segment.view(128, 24, torch.int32, [6], "t").dtype == torch.int32
+    assert segment.view(192, 24, torch.float32, [2, 3], "t").data_ptr() == first.data_ptr() + 64
+    segment.write(128, torch.ones(2, 3))
+    assert torch.equal(segment.view(128, 24, torch.float32, [2, 3], "t"), torch.ones(2, 3))  # still the segment
+    for offset in range(0, 64 * (MAX_CACHED_VIEWS + 4), 64):  # the cache stays bounded
+        segment.view(offset, 4, torch.float32, [1], "t")
+    assert len(segment._views) <= MAX_CACHED_VIEWS
+    with pytest.raises(InvalidArgument, match=r"t\.shm"):
+        segment.view(129, 24, torch.float32, [2, 3], "t")  # misaligned, even beside a cached span
