@@ -1,0 +1,91 @@
+"""The stage -> expert hop at batch 1 with a real expert server (bench/expert_hop_server.py) over
+shared memory, two source trees alternated: A B then B A, round after round (whichever runs first
+in a pair is favoured on a busy machine, so each tree goes first half the time).
+
+    .venv/bin/python bench/expert_hop_ab.py --a /work/main --b /path/to/clone [--shape small] [--rounds 4]
+
+Each run starts the expert server and a caller from one tree (PYTHONPATH = the tree), makes
+`--calls` RemoteExperts.run calls cycling over the layers (2 experts x 1 row each, as a batch-1
+decode step), and reports the mean wall time per call and CPU per call: the caller's process, the
+expert server's main thread (its per-call Python, and its share of the expert compute: what a
+decode step waits for), and the server's process. CPU hardly moves with other work on the machine;
+wall time does. The small shape's compute is tiny, so its CPU figures are mostly per-call overhead.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+CALLER = r'''
+import asyncio, os, sys, time, torch, uvloop
+from stage_server.remote_experts import Placement, RemoteExperts
+port, layers, hidden, calls, pid = map(int, sys.argv[1:6])
+tick = os.sysconf("SC_CLK_TCK")
+def cpu(path):
+    fields = open(path).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+async def main():
+    experts = RemoteExperts(data_plane="shm", flops_per_row=1.0)
+    await experts.update(Placement(1, {(l, e): (f"127.0.0.1:{port}",) for l in range(layers) for e in range(8)}))
+    groups = [{1 + l % 3: torch.randn(1, hidden), 5 + l % 3: torch.randn(1, hidden)} for l in range(layers)]
+    for i in range(100):
+        await experts.run(i % layers, groups[i % layers])
+    paths = (f"/proc/{pid}/task/{pid}/stat", f"/proc/{pid}/stat")
+    start, caller, server = time.perf_counter(), time.process_time(), [cpu(p) for p in paths]
+    for i in range(calls):
+        await experts.run(i % layers, groups[i % layers])
+    wall, caller = time.perf_counter() - start, time.process_time() - caller
+    server = [cpu(p) - s for p, s in zip(paths, server)]
+    print(" ".join(f"{x / calls * 1e6:.1f}" for x in (wall, caller, *server)))
+    await experts.close()
+uvloop.run(main())
+'''
+FIGURES = ("wall_us", "caller_cpu_us", "server_main_thread_cpu_us", "server_cpu_us")
+
+
+def run(tree: pathlib.Path, shape: str, calls: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    server = subprocess.Popen([sys.executable, str(HERE / "expert_hop_server.py"), "--shape", shape],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        info = json.loads(server.stdout.readline())
+        out = subprocess.run([sys.executable, "-c", CALLER, str(info["port"]), str(info["layers"]), str(info["hidden"]),
+                              str(calls), str(server.pid)], env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        return dict(zip(FIGURES, map(float, out.stdout.split())))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", type=pathlib.Path, required=True)
+    parser.add_argument("--b", type=pathlib.Path, required=True)
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=3000)
+    args = parser.parse_args()
+    results = {"A": [], "B": []}
+    for round_index in range(args.rounds):
+        order = ("A", "B") if round_index % 2 == 0 else ("B", "A")
+        for side in order:
+            figures = run(args.a if side == "A" else args.b, args.shape, args.calls)
+            results[side].append(figures)
+            print(f"round {round_index + 1} {side}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"\nmedians over {args.rounds} rounds, {args.calls} calls each, shape {args.shape}; A = {args.a}, B = {args.b}")
+    for figure in FIGURES:
+        a, b = (statistics.median(r[figure] for r in results[side]) for side in "AB")
+        print(f"  {figure:28s} A {a:7.0f}  B {b:7.0f}  B / A {b / a:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
