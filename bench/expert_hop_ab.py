@@ -1,14 +1,15 @@
-"""The stage -> expert hop at batch 1 with a real expert server (bench/expert_hop_server.py) over
+"""The stage -> expert hop of a decode step with a real expert server (bench/expert_hop_server.py) over
 shared memory, two source trees alternated: A B then B A, round after round (whichever runs first
 in a pair is favoured on a busy machine, so each tree goes first half the time).
 
-    .venv/bin/python bench/expert_hop_ab.py --a /work/main --b /path/to/clone [--shape small] [--rounds 4]
+    .venv/bin/python bench/expert_hop_ab.py --a /work/main --b /path/to/clone [--shape small] [--rounds 4] [--batch 1]
 
 Each run starts the expert server and a caller from one tree (PYTHONPATH = the tree), makes
-`--calls` RemoteExperts.run calls cycling over the layers (2 experts x 1 row each, as a batch-1
-decode step), and reports the mean wall time per call and CPU per call: the caller's process, the
-expert server's main thread (its per-call Python, and its share of the expert compute: what a
-decode step waits for), and the server's process. CPU hardly moves with other work on the machine;
+`--calls` RemoteExperts.run calls cycling over the layers, each with one layer's groups of a decode
+step of `--batch` tokens (2 experts x 1 row at batch 1; 8 groups of batch/4 rows above), and
+reports the mean wall time per call and CPU per call: the caller's process, the expert server's
+main thread (its per-call Python, and its share of the expert compute: what a decode step waits
+for), and the server's process. CPU hardly moves with other work on the machine;
 wall time does. The small shape's compute is tiny, so its CPU figures are mostly per-call overhead.
 """
 
@@ -24,7 +25,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 CALLER = r'''
 import asyncio, os, sys, time, torch, uvloop
 from stage_server.remote_experts import Placement, RemoteExperts
-port, layers, hidden, calls, pid = map(int, sys.argv[1:6])
+port, layers, hidden, calls, pid, batch = map(int, sys.argv[1:7])
 tick = os.sysconf("SC_CLK_TCK")
 def cpu(path):
     fields = open(path).read().rsplit(")", 1)[1].split()
@@ -32,7 +33,10 @@ def cpu(path):
 async def main():
     experts = RemoteExperts(data_plane="shm", flops_per_row=1.0)
     await experts.update(Placement(1, {(l, e): (f"127.0.0.1:{port}",) for l in range(layers) for e in range(8)}))
-    groups = [{1 + l % 3: torch.randn(1, hidden), 5 + l % 3: torch.randn(1, hidden)} for l in range(layers)]
+    if batch == 1:  # a decode step's groups per layer: top-2 of 8 experts, 1 row each at batch 1, 8 groups of b/4 above
+        groups = [{1 + l % 3: torch.randn(1, hidden), 5 + l % 3: torch.randn(1, hidden)} for l in range(layers)]
+    else:
+        groups = [{e: torch.randn(max(1, batch // 4), hidden) for e in range(8)} for l in range(layers)]
     for i in range(100):
         await experts.run(i % layers, groups[i % layers])
     paths = (f"/proc/{pid}/task/{pid}/stat", f"/proc/{pid}/stat")
@@ -48,14 +52,14 @@ uvloop.run(main())
 FIGURES = ("wall_us", "caller_cpu_us", "server_main_thread_cpu_us", "server_cpu_us")
 
 
-def run(tree: pathlib.Path, shape: str, calls: int) -> dict:
+def run(tree: pathlib.Path, shape: str, calls: int, batch: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     server = subprocess.Popen([sys.executable, str(HERE / "expert_hop_server.py"), "--shape", shape],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         info = json.loads(server.stdout.readline())
         out = subprocess.run([sys.executable, "-c", CALLER, str(info["port"]), str(info["layers"]), str(info["hidden"]),
-                              str(calls), str(server.pid)], env=env, capture_output=True, text=True, timeout=600)
+                              str(calls), str(server.pid), str(batch)], env=env, capture_output=True, text=True, timeout=600)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
         return dict(zip(FIGURES, map(float, out.stdout.split())))
@@ -71,16 +75,17 @@ def main() -> int:
     parser.add_argument("--shape", default="small")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=1, help="the decode batch whose per-layer groups each call carries")
     args = parser.parse_args()
     results = {"A": [], "B": []}
     for round_index in range(args.rounds):
         order = ("A", "B") if round_index % 2 == 0 else ("B", "A")
         for side in order:
-            figures = run(args.a if side == "A" else args.b, args.shape, args.calls)
+            figures = run(args.a if side == "A" else args.b, args.shape, args.calls, args.batch)
             results[side].append(figures)
             print(f"round {round_index + 1} {side}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
                   + f" (load {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"\nmedians over {args.rounds} rounds, {args.calls} calls each, shape {args.shape}; A = {args.a}, B = {args.b}")
+    print(f"\nmedians over {args.rounds} rounds, {args.calls} calls each, shape {args.shape}, batch {args.batch}; A = {args.a}, B = {args.b}")
     for figure in FIGURES:
         a, b = (statistics.median(r[figure] for r in results[side]) for side in "AB")
         print(f"  {figure:28s} A {a:7.0f}  B {b:7.0f}  B / A {b / a:.2f}")
