@@ -32,6 +32,7 @@ class Sampler:
         self.params = params
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self.greedy = params.temperature == 0.0  # the token is the row's argmax (callers may batch it)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [V] float32 -> the chosen token id."""

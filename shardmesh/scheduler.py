@@ -171,7 +171,10 @@ class Scheduler:
             return True
         self.steps += 1
         done = []
-        for sequence, piece, row in zip(stepping, slices, logits):
+        # Greedy rows' tokens in one argmax over the batch (per row: ~80 us each at V=32000); the
+        # same index a row's own argmax gives (the first maximum).
+        greedy = logits.argmax(dim=-1).tolist() if any(s.sampler.greedy for s in stepping) else None  # [B]
+        for index, (sequence, piece, row) in enumerate(zip(stepping, slices, logits)):
             sequence.lost_steps = 0
             sequence.fed_tokens += piece.num_tokens
             if sequence.fed_tokens < sequence.context_length:
@@ -179,7 +182,7 @@ class Scheduler:
             if sequence.cancelled:
                 done.append(sequence)
                 continue
-            token_id = sequence.sampler(row)
+            token_id = greedy[index] if sequence.sampler.greedy else sequence.sampler(row)
             sequence.generated.append(token_id)
             finish = None
             if token_id in sequence.stop_token_ids:
