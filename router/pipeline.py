@@ -21,6 +21,7 @@ import torch
 from shardmesh import codec
 from shardmesh.data_planes import DataPlanes
 from shardmesh.errors import Unavailable
+from shardmesh.sampling import GreedyTokens
 from shardmesh.sequence import KVLost, SequenceSlice
 from shardmesh.step_refusals import SequencesRefused, refusal_error
 from shardmesh.telemetry import metrics, tracing
@@ -75,7 +76,8 @@ class StagePipeline:
         self.links = links
         await self.data_planes.forget(before - {link.address for link in links})
 
-    async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor) -> torch.Tensor:
+    async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor,
+                   greedy: bool = False) -> torch.Tensor | GreedyTokens:
         step_id = next(self._step_ids)
         sequences = [stage_pb2.SequenceSlice(sequence_id=s.sequence_id, start_position=s.start_position,
                                              num_tokens=s.num_tokens) for s in slices]
@@ -90,7 +92,7 @@ class StagePipeline:
                 self._check(epoch)
                 started, sent = time.perf_counter(), metrics.tensor_bytes(payload)
                 try:
-                    payload, refusals = await link.forward(step_id, sequences, field, payload, deadline)
+                    payload, refusals = await link.forward(step_id, sequences, field, payload, deadline, greedy)
                 except StageLost as error:
                     await self._lost(link, error, epoch)
                     self._check(epoch)  # replaced: KVLost; no server left: why
@@ -99,13 +101,17 @@ class StagePipeline:
                     live, sequences = self._refused(link, refusals, live, sequences, refused)
                     if not live:
                         raise SequencesRefused(refused, None)
-                metrics.data_plane_call("router", "router_stage", link.name, started, sent, metrics.tensor_bytes(payload))
+                received = 8 * len(payload.token_ids) if isinstance(payload, GreedyTokens) else metrics.tensor_bytes(payload)
+                metrics.data_plane_call("router", "router_stage", link.name, started, sent, received)
                 field = "hidden_states"
+        if isinstance(payload, GreedyTokens) and len(payload.token_ids) != len(sequences):
+            raise Unavailable("stage", f"stage {links[-1].name} answered {len(payload.token_ids)} greedy token ids "
+                                       f"for a step of {len(sequences)} sequences")
         if refused:
-            raise SequencesRefused(refused, payload if isinstance(payload, torch.Tensor)
+            raise SequencesRefused(refused, payload if isinstance(payload, (torch.Tensor, GreedyTokens))
                                    else codec.decode(payload, "logits", segment=None))  # [B', V]
-        if isinstance(payload, torch.Tensor):
-            return payload  # [B, V]
+        if isinstance(payload, (torch.Tensor, GreedyTokens)):
+            return payload  # [B, V] or [B] token ids
         return codec.decode(payload, "logits", segment=None)  # [B, V]
 
     @staticmethod

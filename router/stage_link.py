@@ -14,6 +14,7 @@ from shardmesh import codec
 from shardmesh.data_planes import DataPlanes
 from shardmesh.errors import RequestError, Unavailable
 from shardmesh.grpc_util import CONTROL_DEADLINE_S, open_channel
+from shardmesh.sampling import GreedyTokens
 from shardmesh.shm_plane import DataPlaneError
 from shardmesh.telemetry import tracing
 from shardmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
@@ -132,26 +133,32 @@ class StageLink:
         self._fail(self._call, self._pending, EOFError("the link was closed"))
 
     async def forward(self, step_id: int, sequences: list, field: str, inputs,
-                      deadline: float = DEFAULT_STEP_TIMEOUT_S):
+                      deadline: float = DEFAULT_STEP_TIMEOUT_S, greedy: bool = False):
         """One step through this stage. inputs: the step's token_ids or hidden_states, as a tensor or
         as the wire Tensor a previous stage sent (gRPC: passed on undecoded). Returns the stage's
         hidden_states or logits: the wire Tensor as it came (gRPC) or a tensor (shared memory, copied out),
-        None when the stage refused every sequence; and the stage's StepResponse.refused."""
+        None when the stage refused every sequence; and the stage's StepResponse.refused. With `greedy`
+        a last stage answers GreedyTokens (StepResponse.greedy_token_ids) instead of logits."""
         shm = await self.data_planes.get(self.address, self.channel) if self.data_planes else None
         if shm is None:
             message = inputs if isinstance(inputs, tensor_pb2.Tensor) else codec.encode(inputs, arena=None)
             response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message},
-                                                             traceparent=tracing.current_traceparent()), deadline)
+                                                             traceparent=tracing.current_traceparent(),
+                                                             greedy_token_ids=greedy), deadline)
+            if greedy and response.greedy_token_ids:
+                return GreedyTokens(list(response.greedy_token_ids)), list(response.refused)
             name = "logits" if response.HasField("logits") else "hidden_states" if response.HasField("hidden_states") else ""
             return (getattr(response, name) if name else None), list(response.refused)
         try:
             async with shm.session() as call:
                 tensor = inputs if isinstance(inputs, torch.Tensor) else codec.decode(inputs, field, segment=None)
                 request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: call.encode(tensor)},
-                                                traceparent=tracing.current_traceparent())
+                                                traceparent=tracing.current_traceparent(), greedy_token_ids=greedy)
                 response = await call.invoke(STEP_METHOD, request, stage_pb2.StepResponse, deadline)
                 if response.step_id != step_id:
                     raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
+                if greedy and response.greedy_token_ids:
+                    return GreedyTokens(list(response.greedy_token_ids)), list(response.refused)
                 name = "logits" if response.HasField("logits") else "hidden_states" if response.HasField("hidden_states") else ""
                 return (call.decode(getattr(response, name), name) if name else None), list(response.refused)
         except (DataPlaneError, RequestError, EOFError) as error:

@@ -25,6 +25,13 @@ class SamplingParams:
             raise InvalidArgument("sampling.top_p", f"{self.top_p} must be in (0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class GreedyTokens:
+    """A step's tokens chosen by the last stage (StepResponse.greedy_token_ids), in place of
+    [B, V] logits: each row's argmax, for steps whose sequences all sample greedily."""
+    token_ids: list[int]  # [B]
+
+
 class Sampler:
     """One per sequence: its own generator, so its tokens do not depend on its batch mates."""
 

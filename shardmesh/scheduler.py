@@ -21,6 +21,7 @@ import typing
 import torch
 
 from shardmesh.errors import Unavailable
+from shardmesh.sampling import GreedyTokens
 # The sequence types live in shardmesh.sequence; importable from here as before.
 from shardmesh.sequence import MAX_REPLAYS, KVLost, Sequence, SequenceSlice, TokenEvent  # noqa: F401
 from shardmesh.step_refusals import SequencesRefused
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class Pipeline(typing.Protocol):
-    async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids: [N] int64 packed in slice order -> logits [num_slices, V] fp32 at each slice's last token.
+    async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor,
+                   greedy: bool = False) -> torch.Tensor | GreedyTokens:
+        """token_ids: [N] int64 packed in slice order -> logits [num_slices, V] fp32 at each slice's last token,
+        or (only when `greedy`: every slice samples greedily and wants no logits) GreedyTokens, each row's argmax.
 
         With micro-batches, up to M calls run concurrently, on disjoint sequences; each call's
         slices go through every stage in order, and calls reach each stage in the order made."""
@@ -139,7 +142,9 @@ class Scheduler:
         if not stepping:
             return False
         try:
-            logits = await self.pipeline.step(slices, torch.tensor(token_ids, dtype=torch.int64))  # [B, V]
+            greedy_step = all(s.sampler.greedy and not s.return_logits for s in stepping)
+            logits = await self.pipeline.step(slices, torch.tensor(token_ids, dtype=torch.int64),
+                                              greedy=greedy_step)  # [B, V] or GreedyTokens
         except SequencesRefused as refusal:  # a stage refused some on their own: they fail, the others go on
             for index, error in refusal.errors.items():
                 stepping[index].finished = True
@@ -173,7 +178,10 @@ class Scheduler:
         done = []
         # Greedy rows' tokens in one argmax over the batch (per row: ~80 us each at V=32000); the
         # same index a row's own argmax gives (the first maximum).
-        greedy = logits.argmax(dim=-1).tolist() if any(s.sampler.greedy for s in stepping) else None  # [B]
+        if isinstance(logits, GreedyTokens):  # the last stage chose them: no rows here
+            greedy, logits = logits.token_ids, [None] * len(stepping)
+        else:
+            greedy = logits.argmax(dim=-1).tolist() if any(s.sampler.greedy for s in stepping) else None  # [B]
         for index, (sequence, piece, row) in enumerate(zip(stepping, slices, logits)):
             sequence.lost_steps = 0
             sequence.fed_tokens += piece.num_tokens

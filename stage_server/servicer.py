@@ -84,7 +84,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     await abort_for(context, error)
                     return
                 response = stage_pb2.StepResponse(step_id=request.step_id, refused=refused)
-                if output is not None:  # None: every sequence was refused
+                if output is not None and self.model.is_last and request.greedy_token_ids:
+                    response.greedy_token_ids.extend(output.argmax(dim=-1).tolist())  # [S, V] -> [S]
+                elif output is not None:  # None: every sequence was refused
                     (response.logits if self.model.is_last else response.hidden_states).CopyFrom(codec.encode(output))
                 yield response
 

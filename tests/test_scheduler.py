@@ -19,7 +19,7 @@ class FakePipeline:
         self.freed: list[int] = []
         self.fail_next = False
 
-    async def step(self, slices, token_ids):
+    async def step(self, slices, token_ids, greedy=False):
         await asyncio.sleep(0)
         if self.fail_next:
             self.fail_next = False

@@ -23,7 +23,7 @@ def row_logits(sequence_id: int, position: int) -> torch.Tensor:
 class RowPipeline:
     """Each slice's row: row_logits(its sequence, its last position)."""
 
-    async def step(self, slices, token_ids):
+    async def step(self, slices, token_ids, greedy=False):
         await asyncio.sleep(0)
         return torch.stack([row_logits(s.sequence_id, s.start_position + s.num_tokens - 1) for s in slices])  # [B, V]
 

@@ -17,7 +17,7 @@ class SlowPipeline:
         self.in_flight = self.most_in_flight = 0
         self.freed: list[int] = []
 
-    async def step(self, slices, token_ids):
+    async def step(self, slices, token_ids, greedy=False):
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.steps.append([(s.sequence_id, s.start_position, s.num_tokens) for s in slices])

@@ -25,7 +25,7 @@ class KVPipeline:
         self.lose_at = set(lose_at)
         self.received: list[tuple[int, int, int, int]] = []  # (epoch, sequence_id, start, num_tokens)
 
-    async def step(self, slices, token_ids):
+    async def step(self, slices, token_ids, greedy=False):
         epoch = self.epoch
         await asyncio.sleep(0)  # another lane's step may replace the stage meanwhile
         if self.epoch != epoch:

@@ -26,7 +26,7 @@ from shardmesh.v1 import router_pb2 as shardmesh_dot_v1_dot_router__pb2
 from shardmesh.v1 import tensor_pb2 as shardmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardmesh/v1/stage.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\x1a\x19shardmesh/v1/tensor.proto\"P\n\rSequenceSlice\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xb9\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.shardmesh.v1.SequenceSlice\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12+\n\rhidden_states\x18\x04 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"\xa2\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12$\n\x06logits\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12.\n\x07refused\x18\x04 \x03(\x0b\x32\x1d.shardmesh.v1.SequenceRefusal\"N\n\x0fSequenceRefusal\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\",\n\x14\x46reeSequencesRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\"&\n\x15\x46reeSequencesResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\r\"\x90\x01\n\x0e\x45xpertLocation\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x17\n\x0fslice_addresses\x18\x04 \x03(\t\x12\x33\n\x0eslice_replicas\x18\x05 \x03(\x0b\x32\x1b.shardmesh.v1.SliceReplicas\"\"\n\rSliceReplicas\x12\x11\n\taddresses\x18\x01 \x03(\t\"S\n\x0f\x45xpertPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\tlocations\x18\x02 \x03(\x0b\x32\x1c.shardmesh.v1.ExpertLocation\"*\n\x17UpdatePlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x15\n\x13GetStageInfoRequest\"\x9b\x02\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06layers\x18\x02 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x10\n\x08is_first\x18\x03 \x01(\x08\x12\x0f\n\x07is_last\x18\x04 \x01(\x08\x12\x1b\n\x13\x63\x61\x63hed_sequence_ids\x18\x05 \x03(\x04\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12\x15\n\rtp_all_reduce\x18\x08 \x01(\t\x12\x1a\n\x12not_serving_reason\x18\t \x01(\t\x12\x37\n\x10sequence_history\x18\n \x03(\x0b\x32\x1d.shardmesh.v1.SequenceHistory\"\x95\x01\n\x0fSequenceHistory\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x17\n\x0ftokens_received\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x1c\n\x14\x66irst_start_position\x18\x04 \x01(\x04\x12\x18\n\x10\x66irst_num_tokens\x18\x05 \x01(\x04\x12\r\n\x05\x66rees\x18\x06 \x01(\r2\xc9\x02\n\x05Stage\x12\x41\n\x04Step\x12\x19.shardmesh.v1.StepRequest\x1a\x1a.shardmesh.v1.StepResponse(\x01\x30\x01\x12X\n\rFreeSequences\x12\".shardmesh.v1.FreeSequencesRequest\x1a#.shardmesh.v1.FreeSequencesResponse\x12W\n\x0fUpdatePlacement\x12\x1d.shardmesh.v1.ExpertPlacement\x1a%.shardmesh.v1.UpdatePlacementResponse\x12J\n\x0cGetStageInfo\x12!.shardmesh.v1.GetStageInfoRequest\x1a\x17.shardmesh.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardmesh/v1/stage.proto\x12\x0cshardmesh.v1\x1a\x19shardmesh/v1/router.proto\x1a\x19shardmesh/v1/tensor.proto\"P\n\rSequenceSlice\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xd3\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.shardmesh.v1.SequenceSlice\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12+\n\rhidden_states\x18\x04 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x18\n\x10greedy_token_ids\x18\x06 \x01(\x08\"\xbc\x01\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12$\n\x06logits\x18\x03 \x01(\x0b\x32\x14.shardmesh.v1.Tensor\x12.\n\x07refused\x18\x04 \x03(\x0b\x32\x1d.shardmesh.v1.SequenceRefusal\x12\x18\n\x10greedy_token_ids\x18\x05 \x03(\x03\"N\n\x0fSequenceRefusal\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\",\n\x14\x46reeSequencesRequest\x12\x14\n\x0csequence_ids\x18\x01 \x03(\x04\"&\n\x15\x46reeSequencesResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\r\"\x90\x01\n\x0e\x45xpertLocation\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x17\n\x0fslice_addresses\x18\x04 \x03(\t\x12\x33\n\x0eslice_replicas\x18\x05 \x03(\x0b\x32\x1b.shardmesh.v1.SliceReplicas\"\"\n\rSliceReplicas\x12\x11\n\taddresses\x18\x01 \x03(\t\"S\n\x0f\x45xpertPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12/\n\tlocations\x18\x02 \x03(\x0b\x32\x1c.shardmesh.v1.ExpertLocation\"*\n\x17UpdatePlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x15\n\x13GetStageInfoRequest\"\x9b\x02\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06layers\x18\x02 \x01(\x0b\x32\x18.shardmesh.v1.LayerRange\x12\x10\n\x08is_first\x18\x03 \x01(\x08\x12\x0f\n\x07is_last\x18\x04 \x01(\x08\x12\x1b\n\x13\x63\x61\x63hed_sequence_ids\x18\x05 \x03(\x04\x12\x19\n\x11placement_version\x18\x06 \x01(\x04\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12\x15\n\rtp_all_reduce\x18\x08 \x01(\t\x12\x1a\n\x12not_serving_reason\x18\t \x01(\t\x12\x37\n\x10sequence_history\x18\n \x03(\x0b\x32\x1d.shardmesh.v1.SequenceHistory\"\x95\x01\n\x0fSequenceHistory\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x17\n\x0ftokens_received\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x1c\n\x14\x66irst_start_position\x18\x04 \x01(\x04\x12\x18\n\x10\x66irst_num_tokens\x18\x05 \x01(\x04\x12\r\n\x05\x66rees\x18\x06 \x01(\r2\xc9\x02\n\x05Stage\x12\x41\n\x04Step\x12\x19.shardmesh.v1.StepRequest\x1a\x1a.shardmesh.v1.StepResponse(\x01\x30\x01\x12X\n\rFreeSequences\x12\".shardmesh.v1.FreeSequencesRequest\x1a#.shardmesh.v1.FreeSequencesResponse\x12W\n\x0fUpdatePlacement\x12\x1d.shardmesh.v1.ExpertPlacement\x1a%.shardmesh.v1.UpdatePlacementResponse\x12J\n\x0cGetStageInfo\x12!.shardmesh.v1.GetStageInfoRequest\x1a\x17.shardmesh.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEQUENCESLICE']._serialized_start=96
   _globals['_SEQUENCESLICE']._serialized_end=176
   _globals['_STEPREQUEST']._serialized_start=179
-  _globals['_STEPREQUEST']._serialized_end=364
-  _globals['_STEPRESPONSE']._serialized_start=367
-  _globals['_STEPRESPONSE']._serialized_end=529
-  _globals['_SEQUENCEREFUSAL']._serialized_start=531
-  _globals['_SEQUENCEREFUSAL']._serialized_end=609
-  _globals['_FREESEQUENCESREQUEST']._serialized_start=611
-  _globals['_FREESEQUENCESREQUEST']._serialized_end=655
-  _globals['_FREESEQUENCESRESPONSE']._serialized_start=657
-  _globals['_FREESEQUENCESRESPONSE']._serialized_end=695
-  _globals['_EXPERTLOCATION']._serialized_start=698
-  _globals['_EXPERTLOCATION']._serialized_end=842
-  _globals['_SLICEREPLICAS']._serialized_start=844
-  _globals['_SLICEREPLICAS']._serialized_end=878
-  _globals['_EXPERTPLACEMENT']._serialized_start=880
-  _globals['_EXPERTPLACEMENT']._serialized_end=963
-  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_start=965
-  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_end=1007
-  _globals['_GETSTAGEINFOREQUEST']._serialized_start=1009
-  _globals['_GETSTAGEINFOREQUEST']._serialized_end=1030
-  _globals['_STAGEINFO']._serialized_start=1033
-  _globals['_STAGEINFO']._serialized_end=1316
-  _globals['_SEQUENCEHISTORY']._serialized_start=1319
-  _globals['_SEQUENCEHISTORY']._serialized_end=1468
-  _globals['_STAGE']._serialized_start=1471
-  _globals['_STAGE']._serialized_end=1800
+  _globals['_STEPREQUEST']._serialized_end=390
+  _globals['_STEPRESPONSE']._serialized_start=393
+  _globals['_STEPRESPONSE']._serialized_end=581
+  _globals['_SEQUENCEREFUSAL']._serialized_start=583
+  _globals['_SEQUENCEREFUSAL']._serialized_end=661
+  _globals['_FREESEQUENCESREQUEST']._serialized_start=663
+  _globals['_FREESEQUENCESREQUEST']._serialized_end=707
+  _globals['_FREESEQUENCESRESPONSE']._serialized_start=709
+  _globals['_FREESEQUENCESRESPONSE']._serialized_end=747
+  _globals['_EXPERTLOCATION']._serialized_start=750
+  _globals['_EXPERTLOCATION']._serialized_end=894
+  _globals['_SLICEREPLICAS']._serialized_start=896
+  _globals['_SLICEREPLICAS']._serialized_end=930
+  _globals['_EXPERTPLACEMENT']._serialized_start=932
+  _globals['_EXPERTPLACEMENT']._serialized_end=1015
+  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_start=1017
+  _globals['_UPDATEPLACEMENTRESPONSE']._serialized_end=1059
+  _globals['_GETSTAGEINFOREQUEST']._serialized_start=1061
+  _globals['_GETSTAGEINFOREQUEST']._serialized_end=1082
+  _globals['_STAGEINFO']._serialized_start=1085
+  _globals['_STAGEINFO']._serialized_end=1368
+  _globals['_SEQUENCEHISTORY']._serialized_start=1371
+  _globals['_SEQUENCEHISTORY']._serialized_end=1520
+  _globals['_STAGE']._serialized_start=1523
+  _globals['_STAGE']._serialized_end=1852
 # @@protoc_insertion_point(module_scope)

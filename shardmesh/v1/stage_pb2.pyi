@@ -19,30 +19,34 @@ class SequenceSlice(_message.Message):
     def __init__(self, sequence_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "sequences", "token_ids", "hidden_states", "traceparent")
+    __slots__ = ("step_id", "sequences", "token_ids", "hidden_states", "traceparent", "greedy_token_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     token_ids: _tensor_pb2.Tensor
     hidden_states: _tensor_pb2.Tensor
     traceparent: str
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    greedy_token_ids: bool
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., traceparent: _Optional[str] = ..., greedy_token_ids: _Optional[bool] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "logits", "refused")
+    __slots__ = ("step_id", "hidden_states", "logits", "refused", "greedy_token_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: _tensor_pb2.Tensor
     logits: _tensor_pb2.Tensor
     refused: _containers.RepeatedCompositeFieldContainer[SequenceRefusal]
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., refused: _Optional[_Iterable[_Union[SequenceRefusal, _Mapping]]] = ...) -> None: ...
+    greedy_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., refused: _Optional[_Iterable[_Union[SequenceRefusal, _Mapping]]] = ..., greedy_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceRefusal(_message.Message):
     __slots__ = ("index", "code", "field", "message")
