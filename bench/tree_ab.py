@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                     service_args=mesh.service_args, log_level="WARNING", no_auth=True))
         times = {(side, batch): [] for side in "ab" for batch in batches}
         cpu = {(side, batch): [] for side in "ab" for batch in batches}
+        by_process = {(side, batch): [] for side in "ab" for batch in batches}  # [{process: CPU s/step}]
         tokens = {}
         for round_index in range(args.rounds):
             for batch in batches:
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.new_tokens, 1, {name: p.pid for name, p in launcher.processes.items()})
                     times[(side, batch)].append(result["tpot_s"] * 1e3)
                     cpu[(side, batch)].append(result["cpu_s"] * 1e3)
+                    by_process[(side, batch)].append(result["cpu_by_process"])
                     tokens[(side, batch)] = result["tokens"]
     rows = []
     for batch in batches:
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.new_tokens} new tokens; {os.cpu_count()} cores, 1-min load average {load_before:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after")
     harness.report("tree_ab", header, rows, COLUMNS)
+    for (side, batch), runs in by_process.items():  # median CPU ms per step of each process
+        print(f"{side.upper()} b{batch} CPU ms/step by process: " + ", ".join(
+            f"{name} {statistics.median(run[name] for run in runs) * 1e3:.1f}" for name in runs[0]))
     return 0
 
 
