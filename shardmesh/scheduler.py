@@ -21,7 +21,7 @@ import typing
 import torch
 
 from shardmesh.errors import Unavailable
-from shardmesh.sampling import GreedyTokens
+from shardmesh.sampling import GreedyTokens, greedy_token_ids
 # The sequence types live in shardmesh.sequence; importable from here as before.
 from shardmesh.sequence import MAX_REPLAYS, KVLost, Sequence, SequenceSlice, TokenEvent  # noqa: F401
 from shardmesh.step_refusals import SequencesRefused
@@ -181,7 +181,7 @@ class Scheduler:
         if isinstance(logits, GreedyTokens):  # the last stage chose them: no rows here
             greedy, logits = logits.token_ids, [None] * len(stepping)
         else:
-            greedy = logits.argmax(dim=-1).tolist() if any(s.sampler.greedy for s in stepping) else None  # [B]
+            greedy = greedy_token_ids(logits) if any(s.sampler.greedy for s in stepping) else None  # [B]
         for index, (sequence, piece, row) in enumerate(zip(stepping, slices, logits)):
             sequence.lost_steps = 0
             sequence.fed_tokens += piece.num_tokens

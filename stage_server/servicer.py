@@ -8,6 +8,7 @@ import torch
 from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError
 from shardmesh.grpc_util import abort_for, translate_errors
+from shardmesh.sampling import greedy_token_ids
 from shardmesh.stage_model import StageBatch, StageModel
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
@@ -85,7 +86,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     return
                 response = stage_pb2.StepResponse(step_id=request.step_id, refused=refused)
                 if output is not None and self.model.is_last and request.greedy_token_ids:
-                    response.greedy_token_ids.extend(output.argmax(dim=-1).tolist())  # [S, V] -> [S]
+                    response.greedy_token_ids.extend(greedy_token_ids(output))  # [S, V] -> [S]
                 elif output is not None:  # None: every sequence was refused
                     (response.logits if self.model.is_last else response.hidden_states).CopyFrom(codec.encode(output))
                 yield response

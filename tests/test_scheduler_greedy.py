@@ -57,3 +57,20 @@ def test_greedy_rows_and_sampled_rows_in_one_batch():
             row = row_logits(i, len(prompts[i]) - 1 + k)
             expected.append(int(torch.nonzero(row == row.max())[0]) if p.temperature == 0 else own(row))
         assert [e.token_id for e in events[i]] == expected, i
+
+
+def test_greedy_token_ids_is_torch_argmax():
+    """The numpy fast path (fp32, CPU) picks what torch.argmax picks: ties to the first maximum,
+    NaN rows to their first NaN, non-contiguous rows; other dtypes go through torch."""
+    from shardmesh.sampling import greedy_token_ids
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 1000, generator=generator)                # [B, V]
+    logits[1, [7, 500]] = logits[1].max() + 2.0                        # a tie: 7 wins
+    logits[2, [40, 30]] = float("nan")                                 # NaN: the first one, 30
+    logits[3, :] = -float("inf")
+    logits[3, 999] = 0.0
+    logits[4, :] = 1.5                                                 # all tied: 0
+    for case in (logits, logits[:, ::2], logits.to(torch.bfloat16), logits.double()):
+        assert greedy_token_ids(case) == case.argmax(dim=-1).tolist()
+    assert greedy_token_ids(logits)[1:5] == [7, 30, 999, 0]
