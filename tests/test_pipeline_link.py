@@ -105,3 +105,51 @@ def test_answers_out_of_turn_end_the_stream(bad):
     else:  # the answers came, but the link no longer trusts the stream
         assert not any(isinstance(r, Unavailable) for r in results), results
     assert streams == 2
+
+
+class GreedyStage(stage_pb2_grpc.StageServicer):
+    """A last stage answering greedy_token_ids when asked (`extra` ids more than it should), logits otherwise."""
+
+    def __init__(self, extra: int):
+        self.extra = extra
+
+    async def Step(self, request_iterator, context):
+        async for request in request_iterator:
+            count = len(request.sequences)
+            if request.greedy_token_ids:
+                yield stage_pb2.StepResponse(step_id=request.step_id, greedy_token_ids=range(3, 3 + count + self.extra))
+            else:
+                yield stage_pb2.StepResponse(step_id=request.step_id, logits=codec.encode(torch.zeros(count, 8)))
+
+    async def GetStageInfo(self, request, context):
+        return stage_pb2.StageInfo(name="greedy")
+
+
+@pytest.mark.parametrize("extra", [0, 1, -1])
+def test_greedy_token_ids_come_back_one_per_sequence(extra):
+    from router.pipeline import StagePipeline
+    from shardmesh.sampling import GreedyTokens
+    from shardmesh.sequence import SequenceSlice
+
+    async def main():
+        running = await grpc_util.start_server(GreedyStage(extra), stage_pb2_grpc.add_StageServicer_to_server,
+                                               "shardmesh.v1.Stage", "127.0.0.1", 0)
+        pipeline = StagePipeline()
+        try:
+            await pipeline.connect([("greedy", running.address)])
+            slices = [SequenceSlice(1, 0, 2), SequenceSlice(2, 0, 1)]
+            logits = await pipeline.step(slices, torch.tensor([1, 2, 3]))
+            try:
+                return logits, await pipeline.step(slices, torch.tensor([1, 2, 3]), greedy=True)
+            except Unavailable as error:
+                return logits, error
+        finally:
+            await pipeline.close()
+            await running.stop(None)
+
+    logits, greedy = asyncio.run(asyncio.wait_for(main(), 30))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 8)  # not asked: logits as before
+    if extra == 0:
+        assert greedy == GreedyTokens([3, 4])
+    else:
+        assert isinstance(greedy, Unavailable) and "greedy token ids for a step of 2 sequences" in str(greedy)
