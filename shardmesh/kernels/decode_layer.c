@@ -1,7 +1,7 @@
 /* The attention half of one decoder layer for a step of one-token sequences, in one call on a team of
  * threads: shardmesh_decode_layer; and a linear on the team (the LM head): shardmesh_linear_team.
  * Included by expert_ffn.c (one library: LANES, vec, load, lane_sum and linear_columns come from
- * there, wide_pack and wide_columns from linear_wide.c; the attention of one head from
+ * there, team_run from team.c, wide_pack and wide_columns from linear_wide.c; the attention of one head from
  * decode_attention.c), not compiled alone.
  *
  * torch's path runs a decode layer's attention half as ~10 ops (two RMSNorms, the q/k/v product, the
@@ -24,8 +24,6 @@
  *
  * Shape legend: S sequences = rows (one new token each), H hidden, A query heads, G key/value
  * heads, D head_dim, M output features. */
-
-#include "team.c"
 
 #define NORM_ROWS 4
 

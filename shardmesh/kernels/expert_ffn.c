@@ -212,6 +212,7 @@ void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w
 }
 
 #include "linear_wide.c" /* the outer-product form for 17-64 rows (vec, LANES, load from above) */
-#include "expert_team.c" /* a layer's experts over several threads */
+#include "team.c" /* a team of helper threads that runs a job's units in phases */
+#include "expert_team.c" /* a layer's experts over several threads (on the team) */
 #include "decode_layer.c" /* a decode layer's attention half, and a linear, on a team of threads (team.c) */
 #include "moe_routing.c" /* the stage's MoE gate, routing, dispatch and combine */

@@ -1,7 +1,8 @@
 /* A team of helper pthreads that runs one job's units in phases: team_run. Included by
- * decode_layer.c (one library with expert_ffn.c), not compiled alone.
+ * expert_ffn.c (one library) ahead of its users, expert_team.c (a layer's experts) and
+ * decode_layer.c (a decode layer's attention half, the LM head); not compiled alone.
  *
- * The model is expert_team.c (a layer's experts), generalised: a job is a sequence of phases, each
+ * A job is a sequence of phases, each
  * a number of units; the calling thread and up to threads - 1 helpers (started once, asleep on a
  * condition variable between jobs) take units in order from one atomic counter, and a unit of
  * phase p first waits until every unit of the phases before p has finished (the barrier between
