@@ -74,6 +74,19 @@ def llama_mha_dir(model_dirs):
     return model_dirs["llama_mha"]
 
 
+@pytest.fixture
+def two_compute_threads():
+    """This process's compute pool at 2 threads (torch's own at 1, as a service runs), restored after."""
+    import torch
+    from shardmesh import compute_pool
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    compute_pool.set_threads(2)
+    yield
+    compute_pool.set_threads(1)
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, with the reason, on a machine without it (CI)."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

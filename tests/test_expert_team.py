@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from shardmesh import compute_pool, kernels
+from shardmesh import kernels
 from shardmesh.models.layers import SwiGLUMLP
 
 
@@ -94,16 +94,6 @@ def test_swiglu_many_uses_the_kernel_only_where_every_expert_can(kernel):
     assert SwiGLUMLP.many(mlps, [x.double() for x in inputs], 2) is None  # float64 inputs: not the kernel
     assert SwiGLUMLP.many(mlps[:2] + [SwiGLUMLP(*(w.double() for w in weights[2]))], inputs, 2) is None
     assert SwiGLUMLP.many([], [], 2) is None
-
-
-@pytest.fixture
-def two_compute_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    compute_pool.set_threads(2)
-    yield
-    compute_pool.set_threads(1)
-    torch.set_num_threads(threads)
 
 
 def test_expert_shard_computes_a_layer_in_one_call_with_the_same_bits(mixtral_dir, kernel, two_compute_threads):

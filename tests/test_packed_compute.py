@@ -6,7 +6,7 @@ so that encoding it copies nothing."""
 import pytest
 import torch
 
-from shardmesh import codec, compute_pool, kernels
+from shardmesh import codec, kernels
 from shardmesh.shm_segment import ReplyArena, Segment
 
 
@@ -31,16 +31,6 @@ def test_packed_rows_get_each_experts_bits(kernel, unit_bytes):
             out = torch.full((sum(counts), hidden), float("nan"))
             kernel.expert_ffn_packed(hidden_states, weights[:len(counts)], counts, threads, out, unit_bytes)
             assert torch.equal(out, expected), (counts, threads)
-
-
-@pytest.fixture
-def two_compute_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    compute_pool.set_threads(2)
-    yield
-    compute_pool.set_threads(1)
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("on_kernel", [True, False])
