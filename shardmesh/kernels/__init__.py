@@ -239,6 +239,18 @@ def kernel() -> Kernel | None:
         return None
 
 
+def switched_function(switch: str, name: str, argtypes: list, restype):
+    """The library's ctypes function `name` with this signature, or None when the kernels are off or
+    unavailable or the environment variable `switch` is "0" (a kernel's own off switch, for A/B runs).
+    Callers cache it (functools.lru_cache) and clear that cache when they change the switch."""
+    loaded = kernel()
+    if loaded is None or os.environ.get(switch, "1") == "0":
+        return None
+    function = getattr(loaded.library, name)
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
 _logged: set[tuple] = set()  # (purpose, device type, dtype) fallbacks logged in this process, each once
 
 

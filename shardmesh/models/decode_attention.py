@@ -15,7 +15,6 @@ Shape legend: N new tokens in the step, A query heads, G key/value heads, D head
 
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -28,13 +27,8 @@ TABLE_COLUMNS = 4  # per decode sequence: packed row, cache buffer address, capa
 @functools.lru_cache(maxsize=None)
 def _function():
     """The kernel's ctypes function, or None (no kernels, or SHARDMESH_DECODE_ATTENTION=0 for A/B runs)."""
-    kernel = kernels.kernel()
-    if kernel is None or os.environ.get("SHARDMESH_DECODE_ATTENTION", "1") == "0":
-        return None
-    function = kernel.library.shardmesh_decode_attention
-    function.argtypes = [ctypes.c_long] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6
-    function.restype = None
-    return function
+    return kernels.switched_function("SHARDMESH_DECODE_ATTENTION", "shardmesh_decode_attention",
+                                     [ctypes.c_long] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6, None)
 
 
 class DecodeTable:

@@ -29,7 +29,6 @@ Shape legend: S sequences (= N rows, one token each), H hidden, A/G query/KV hea
 
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -59,13 +58,9 @@ class StepState(ctypes.Structure):
 @functools.lru_cache(maxsize=None)
 def _function():
     """The kernel's ctypes function, or None (no kernels, or SHARDMESH_DECODE_LAYER=0 for A/B runs)."""
-    kernel = kernels.kernel()
-    if kernel is None or os.environ.get("SHARDMESH_DECODE_LAYER", "1") == "0":
-        return None
-    function = kernel.library.shardmesh_decode_layer
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
-    function.restype = ctypes.c_long
-    return function
+    return kernels.switched_function("SHARDMESH_DECODE_LAYER", "shardmesh_decode_layer",
+                                     [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3,
+                                     ctypes.c_long)
 
 
 class DecodeLayerWeights:

@@ -19,7 +19,6 @@ Shape legend: T tokens, H hidden_size, E experts, K experts per token.
 
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -31,15 +30,12 @@ calls = {"dispatch": 0, "combine": 0}  # kernel calls in this process (tests rea
 @functools.lru_cache(maxsize=None)
 def _functions():
     """(dispatch, combine) ctypes functions, or None (no kernels, or SHARDMESH_MOE_KERNEL=0)."""
-    kernel = kernels.kernel()
-    if kernel is None or os.environ.get("SHARDMESH_MOE_KERNEL", "1") == "0":
+    dispatch = kernels.switched_function("SHARDMESH_MOE_KERNEL", "shardmesh_moe_dispatch", [ctypes.c_long] * 4
+                                         + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 4, ctypes.c_long)
+    if dispatch is None:
         return None
-    dispatch = kernel.library.shardmesh_moe_dispatch
-    dispatch.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 4
-    dispatch.restype = ctypes.c_long
-    combine = kernel.library.shardmesh_moe_combine
-    combine.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7
-    combine.restype = None
+    combine = kernels.switched_function("SHARDMESH_MOE_KERNEL", "shardmesh_moe_combine",
+                                        [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7, None)
     return dispatch, combine
 
 
