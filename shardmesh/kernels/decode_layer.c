@@ -81,6 +81,11 @@ static void rms_norm_rows(long r0, long r1, long H, const float *x, const float 
 
 static long units_of(long count, long per_unit) { return (count + per_unit - 1) / per_unit; }
 
+/* The end of unit `index`'s range of `per_unit` items out of `count` (its start: index * per_unit). */
+static long unit_end(long index, long per_unit, long count) {
+    return (index + 1) * per_unit < count ? (index + 1) * per_unit : count;
+}
+
 static long even_rows(long unit_bytes, long row_bytes) {
     long rows = unit_bytes / row_bytes / 2 * 2;
     return rows > 2 ? rows : 2;
@@ -98,7 +103,7 @@ static void decode_layer_unit(void *context, int phase, long index, int worker) 
     const struct shardmesh_decode_weights *w = call->w;
     const struct shardmesh_decode_step *step = call->step;
     long S = step->S, H = w->H, qkv_features = (w->A + 2 * w->G) * w->D, attended_features = w->A * w->D;
-    long r0 = index * NORM_ROWS, r1 = r0 + NORM_ROWS < S ? r0 + NORM_ROWS : S;
+    long r0 = index * NORM_ROWS, r1 = unit_end(index, NORM_ROWS, S);
     int V = (int)((S + LANES - 1) / LANES);
     switch (phase) {
     case 0:
@@ -107,11 +112,10 @@ static void decode_layer_unit(void *context, int phase, long index, int worker) 
     case 1:
         wide_pack(step->normed, H, S, V, step->packed);
         break;
-    case 2: {
-        long m0 = index * call->qkv_rows, m1 = m0 + call->qkv_rows < qkv_features ? m0 + call->qkv_rows : qkv_features;
-        step_columns(step, H, qkv_features, step->normed, w->qkv, step->qkv, m0, m1);
+    case 2:
+        step_columns(step, H, qkv_features, step->normed, w->qkv, step->qkv, index * call->qkv_rows,
+                     unit_end(index, call->qkv_rows, qkv_features));
         break;
-    }
     case 3:
         shardmesh_decode_attention_head(w->A, w->G, w->D, call->layer, w->scale, step->table + 4 * (index / w->G),
                                         step->qkv, step->cos, step->signed_sin,
@@ -121,7 +125,7 @@ static void decode_layer_unit(void *context, int phase, long index, int worker) 
         wide_pack(step->attended, attended_features, S, V, step->packed);
         break;
     case 5: {
-        long m0 = index * call->o_rows, m1 = m0 + call->o_rows < H ? m0 + call->o_rows : H;
+        long m0 = index * call->o_rows, m1 = unit_end(index, call->o_rows, H);
         step_columns(step, attended_features, H, step->attended, w->o, call->residual, m0, m1);
         for (long r = 0; r < S; r++)
             for (long m = m0; m < m1; m++) call->residual[r * H + m] += call->hidden[r * H + m];
@@ -159,8 +163,8 @@ struct linear_team_call {
 static void linear_team_unit(void *context, int phase, long index, int worker) {
     const struct linear_team_call *call = context;
     (void)phase, (void)worker;
-    long m0 = index * call->rows, m1 = m0 + call->rows < call->M ? m0 + call->rows : call->M;
-    linear_columns(call->n, call->K, call->M, call->x, call->weight, call->out, m0, m1);
+    linear_columns(call->n, call->K, call->M, call->x, call->weight, call->out, index * call->rows,
+                   unit_end(index, call->rows, call->M));
 }
 
 /* out [n, M] = x [n, K] W^T (W [M, K]) on this thread and up to threads - 1 helpers, in ranges of
