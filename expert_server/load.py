@@ -7,9 +7,8 @@ without resetting anything; and tracks which experts calls are computing right n
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 BUCKET_S = 1.0
 MAX_WINDOW_S = 600.0
@@ -25,7 +24,9 @@ class ExpertLoadMeter:
         self._buckets: collections.OrderedDict[int, tuple[collections.Counter, list[float]]] = collections.OrderedDict()
         self.total_tokens: collections.Counter[ExpertKey] = collections.Counter()
         self.total_busy_s = 0.0
-        self._in_use: collections.Counter[ExpertKey] = collections.Counter()  # calls computing each expert now
+        # The calls computing now (in a dict as an ordered set): which experts are in use is asked
+        # rarely (drains), so it is worked out then rather than counted around every call.
+        self._calls: dict[_Computing, None] = {}
         self._released = asyncio.Event()
 
     def _bucket(self, now: float) -> tuple[collections.Counter, list[float]]:
@@ -37,37 +38,31 @@ class ExpertLoadMeter:
                 self._buckets.popitem(last=False)
         return self._buckets[index]
 
-    @contextlib.contextmanager
-    def computing(self, groups: Iterable[tuple[int, int, int]]):
-        """Around one call's compute: groups are (layer, expert, tokens). The experts count as in
-        use until the block ends; tokens and busy time are recorded if it completes."""
-        groups = list(groups)
-        in_use = self._in_use  # (plain dict operations: this runs around every call, every layer)
-        for layer, expert, _ in groups:
-            in_use[layer, expert] = in_use.get((layer, expert), 0) + 1
-        start = self._clock()
-        try:
-            yield
-            end = self._clock()
-            tokens, busy = self._bucket(end)
-            total = self.total_tokens
-            for layer, expert, count in groups:
-                tokens[layer, expert] += count
-                total[layer, expert] += count
-            busy[0] += end - start
-            self.total_busy_s += end - start
-        finally:
-            for layer, expert, _ in groups:
-                left = in_use[layer, expert] - 1
-                if left:
-                    in_use[layer, expert] = left
-                else:  # no zero counts kept
-                    del in_use[layer, expert]
-            self._released.set()
+    def computing(self, groups: Iterable[tuple[int, int, int]]) -> "_Computing":
+        """Around one call's compute (a `with` block): groups are (layer, expert, tokens). The experts
+        count as in use until the block ends; tokens and busy time are recorded if it completes."""
+        return _Computing(self, [(layer, (expert,), (tokens,)) for layer, expert, tokens in groups])
+
+    def computing_packed(self, layer: int, experts: Sequence[int], counts: Sequence[int]) -> "_Computing":
+        """computing() of one layer's packed call: counts[i] tokens of experts[i] (both left as they are
+        until the block ends)."""
+        return _Computing(self, [(layer, experts, counts)])
+
+    def _record(self, runs: list, start: float, end: float) -> None:
+        tokens, busy = self._bucket(end)
+        total = self.total_tokens
+        for layer, experts, counts in runs:
+            for expert, count in zip(experts, counts):
+                key = (layer, expert)
+                tokens[key] += count
+                total[key] += count
+        busy[0] += end - start
+        self.total_busy_s += end - start
 
     def in_use(self, keys: Iterable[ExpertKey]) -> list[ExpertKey]:
         """Those of `keys` that some call is computing now."""
-        return [key for key in keys if self._in_use[key] > 0]
+        busy = {(layer, expert) for call in self._calls for layer, experts, _ in call.runs for expert in experts}
+        return [key for key in keys if key in busy]
 
     async def drained(self, keys: Iterable[ExpertKey], timeout: float) -> list[ExpertKey]:
         """Wait (at most `timeout` s) until no call computes any of `keys`; return those still in use."""
@@ -101,3 +96,27 @@ class ExpertLoadMeter:
                 tokens.update(bucket_tokens)
                 busy += bucket_busy[0]
         return dict(tokens), busy, min(window_s, uptime)
+
+
+class _Computing:
+    """One call computing (ExpertLoadMeter.computing): runs are (layer, experts, counts) each."""
+
+    __slots__ = ("meter", "runs", "start")
+
+    def __init__(self, meter: ExpertLoadMeter, runs: list[tuple[int, Sequence[int], Sequence[int]]]):
+        self.meter, self.runs = meter, runs
+
+    def __enter__(self) -> "_Computing":
+        self.meter._calls[self] = None
+        self.start = self.meter._clock()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        meter = self.meter
+        try:
+            if kind is None:
+                meter._record(self.runs, self.start, meter._clock())
+        finally:
+            del meter._calls[self]
+            meter._released.set()
+        return False

@@ -65,8 +65,9 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         if len(packed.num_tokens) != len(packed.experts):
             raise InvalidArgument("packed.num_tokens", f"{len(packed.num_tokens)} counts for "
                                                        f"{len(packed.experts)} experts")
-        for i, expert in enumerate(packed.experts):
-            self._check_held(packed.layer, expert, "packed.layer", f"packed.experts[{i}]")
+        if self.shard.packed_plan(packed.layer, packed.experts) is None:  # (remembered: once per list)
+            for i, expert in enumerate(packed.experts):
+                self._check_held(packed.layer, expert, "packed.layer", f"packed.experts[{i}]")
         hidden_states = self._checked(codec.decode(packed.hidden_states, "packed.hidden_states"),
                                       "packed.hidden_states")  # [N, H]
         total = sum(packed.num_tokens)
@@ -108,13 +109,13 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         """Packed groups -> their outputs [N, H], row for row. On the CPU computed in place into the
         reply (codec.reply_tensor: on the shared-memory plane the reply arena, so nothing is copied)."""
         hidden_states = self._decode_packed(packed)  # [N, H]
-        experts, counts = list(packed.experts), list(packed.num_tokens)
+        experts, counts = tuple(packed.experts), list(packed.num_tokens)
         if self.shard.device.type != "cpu":  # device tensors: as one group each (the reply from the device)
             outputs = self._compute_all([(packed.layer, expert, 0, x) for expert, x in
                                          zip(experts, hidden_states.split_with_sizes(counts))], traceparent)
             return torch.cat(outputs) if outputs else hidden_states.new_empty(0, self.hidden_size)
         output = codec.reply_tensor(list(hidden_states.shape), self.dtype)  # [N, H]
-        with self.meter.computing([(packed.layer, expert, count) for expert, count in zip(experts, counts)]), \
+        with self.meter.computing_packed(packed.layer, experts, counts), \
                 tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
             self.shard.compute_packed(packed.layer, experts, counts, hidden_states, output)
         self.tokens_computed += hidden_states.shape[0]

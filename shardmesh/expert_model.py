@@ -5,7 +5,8 @@ Shape legend: n tokens routed to one expert, H hidden_size.
 """
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +19,16 @@ from shardmesh.models.layers import SwiGLUMLP
 from shardmesh.models.parallel import ParallelSwiGLUMLP
 from shardmesh.split_expert import load_expert_slice
 from shardmesh.topology import ExpertSlice
+
+
+MAX_PACKED_PLANS = 4096  # (layer, experts) lists remembered by ExpertShard.packed_plan; forgotten at once past it
+
+
+class PackedPlan(NamedTuple):
+    """What ExpertShard.compute_packed needs of one (layer, experts) list, made once."""
+    mlps: list[SwiGLUMLP]
+    kernel: "kernels.Kernel | None"  # the one C kernel every expert's weights go to; None: torch
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (gate_proj, up_proj, down_proj) each
 
 
 class ExpertShard:
@@ -34,6 +45,9 @@ class ExpertShard:
         self._family = family
         self.experts: list[tuple[int, int]] = []
         self._mlps: dict[tuple[int, int], SwiGLUMLP] = {}
+        # (layer, experts) -> its PackedPlan: the same few lists come every step; emptied whenever
+        # the experts held change (install, remove), so a plan never names an expert not held.
+        self._plans: dict[tuple[int, tuple[int, ...]], PackedPlan] = {}
         self.add(experts, reader)
         self.slices: dict[tuple[int, int], tuple[ExpertSlice, ParallelSwiGLUMLP]] = {
             (piece.layer, piece.expert): (piece, load_expert_slice(config, reader, piece, dtype)) for piece in slices}
@@ -71,6 +85,7 @@ class ExpertShard:
     def install(self, mlps: dict) -> None:
         """Serve what `read` returned (a dict assignment: safe between two computes)."""
         self._mlps.update(mlps)
+        self._plans = {}
         self.experts = sorted(self._mlps)
 
     def add(self, experts: Iterable[tuple[int, int]], reader: CheckpointReader) -> list[tuple[int, int]]:
@@ -87,6 +102,7 @@ class ExpertShard:
                 raise NotFound("experts", f"(layer {layer}, expert {expert}) is not held here")
         for key in keys:
             del self._mlps[key]
+        self._plans = {}
         self.experts = sorted(self._mlps)
 
     def _checked(self, layer: int, expert: int, hidden_states: torch.Tensor) -> SwiGLUMLP:
@@ -113,18 +129,41 @@ class ExpertShard:
             outputs = compute_pool.parallel_map(lambda pair: pair[0](pair[1]), list(zip(mlps, inputs)))
         return outputs
 
-    def compute_packed(self, layer: int, experts: list[int], counts: list[int], hidden_states: torch.Tensor,
+    def packed_plan(self, layer: int, experts: Sequence[int]) -> PackedPlan | None:
+        """The modules (and the kernel, when one takes them all) of `experts` of `layer`, in that
+        order; None when one of them is not held. Remembered per list until the experts held change."""
+        key = (layer, tuple(experts))
+        plan = self._plans.get(key)
+        if plan is None:
+            mlps = [self._mlps.get((layer, expert)) for expert in key[1]]
+            if any(mlp is None for mlp in mlps):
+                return None
+            kernel = mlps[0].kernel if mlps else None
+            if kernel is not None and any(mlp.kernel is not kernel for mlp in mlps):
+                kernel = None
+            plan = PackedPlan(mlps, kernel, [(mlp.gate_proj, mlp.up_proj, mlp.down_proj) for mlp in mlps])
+            if len(key[1]) <= self.config.num_experts:  # what stages send: each expert of a layer at most once
+                if len(self._plans) >= MAX_PACKED_PLANS:
+                    self._plans = {}
+                self._plans[key] = plan
+        return plan
+
+    def compute_packed(self, layer: int, experts: Sequence[int], counts: list[int], hidden_states: torch.Tensor,
                        out: torch.Tensor) -> torch.Tensor:
         """compute_many over one packed tensor: hidden_states [N, H], its first counts[0] rows for
         experts[0], the next counts[1] for experts[1], ...; each row's output into the same row of
         `out` [N, H] (the dtype of `hidden_states`; rows of no expert are left as they are). Returns
         `out`. On the C kernel no tensor per expert is made (kernels.Kernel.expert_ffn_packed)."""
-        mlps = [self._checked(layer, expert, hidden_states) for expert in experts]
-        kernel = mlps[0].kernel if mlps else None
-        if kernel is not None and all(m.kernel is kernel for m in mlps) and kernels.usable(hidden_states, out) \
+        plan = self.packed_plan(layer, experts)
+        if plan is None:  # NotFound naming the first expert not held (or the shape, as one by one)
+            for expert in experts:
+                self._checked(layer, expert, hidden_states)
+        elif experts:  # the shape, which is the same for every expert: [n, H]
+            self._checked(layer, experts[0], hidden_states)
+        kernel = plan.kernel
+        if kernel is not None and kernels.usable(hidden_states, out) \
                 and sum(counts) == hidden_states.shape[0] == out.shape[0]:
-            kernel.expert_ffn_packed(hidden_states, [(m.gate_proj, m.up_proj, m.down_proj) for m in mlps], counts,
-                                     compute_pool.threads(), out)
+            kernel.expert_ffn_packed(hidden_states, plan.weights, counts, compute_pool.threads(), out)
             return out
         if experts:  # torch (or another device): group by group, then into `out`
             groups = hidden_states.split_with_sizes(counts)

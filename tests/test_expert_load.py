@@ -53,6 +53,21 @@ def test_a_failed_compute_counts_no_tokens_and_releases_its_experts():
     assert meter.report(0)[0] == {} and meter.in_use([(0, 1)]) == []
 
 
+def test_a_packed_call_counts_each_expert_and_holds_them_while_it_computes():
+    clock = FakeClock()
+    meter = ExpertLoadMeter(clock)
+    with meter.computing_packed(2, (4, 7), [3, 1]):
+        with meter.computing([(2, 7, 2)]):
+            assert meter.in_use([(2, 4), (2, 5), (2, 7)]) == [(2, 4), (2, 7)]
+            clock.now += 0.5
+        assert meter.in_use([(2, 4), (2, 7), (1, 4)]) == [(2, 4), (2, 7)]
+        clock.now += 0.25
+    assert meter.in_use([(2, 4), (2, 7)]) == []
+    tokens, busy, _ = meter.report(10)
+    assert tokens == {(2, 4): 3, (2, 7): 3} and busy == pytest.approx(1.25)  # busy: the calls' times summed
+    assert meter.report(0)[0] == tokens and dict(meter.total_tokens) == tokens
+
+
 def test_drained_waits_for_calls_using_the_experts():
     async def main():
         meter = ExpertLoadMeter()

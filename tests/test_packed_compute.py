@@ -84,3 +84,34 @@ def test_a_claimed_reply_is_encoded_where_it_was_computed():
         assert torch.equal(codec.decode(message, "t", segment=segment), torch.full((2, 3), 7.0))
     finally:
         segment.close()
+
+
+def test_packed_plans_follow_the_experts_held(mixtral_dir, kernel, two_compute_threads):
+    """A (layer, experts) list's modules are remembered (ExpertShard.packed_plan) only while those
+    experts are held: after a remove the same list is refused, after an add it computes again."""
+    from shardmesh.checkpoint import CheckpointReader
+    from shardmesh.config import ModelConfig
+    from shardmesh.errors import NotFound
+    from shardmesh.expert_model import ExpertShard
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    reader = CheckpointReader(mixtral_dir)
+    shard = ExpertShard(config, [(1, e) for e in range(config.num_experts)], reader)
+    experts, counts = [5, 2], [1, 2]
+    hidden_states = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(5))  # [N, H]
+    expected = torch.cat([shard.compute(1, e, x) for e, x in zip(experts, hidden_states.split(counts))])
+    out = torch.empty_like(hidden_states)
+    assert torch.equal(shard.compute_packed(1, experts, counts, hidden_states, out), expected)
+    assert shard.packed_plan(1, experts) is shard.packed_plan(1, (5, 2))  # remembered
+    shard.remove([(1, 2)])
+    assert shard.packed_plan(1, experts) is None
+    with pytest.raises(NotFound, match="layer 1, expert 2"):
+        shard.compute_packed(1, experts, counts, hidden_states, out)
+    shard.add([(1, 2)], reader)
+    assert torch.equal(shard.compute_packed(1, experts, counts, hidden_states, torch.empty_like(out)), expected)
+    # more entries than the layer has experts (not what a stage sends): computed, not remembered
+    many = [2] * (config.num_experts + 1)
+    rows = torch.randn(len(many), config.hidden_size)  # [N, H]
+    assert torch.equal(shard.compute_packed(1, many, [1] * len(many), rows, torch.empty_like(rows)),
+                       torch.cat([shard.compute(1, 2, row[None]) for row in rows]))
+    assert (1, tuple(many)) not in shard._plans
