@@ -63,6 +63,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.steps = 0
+        self._outbox: list[tuple[Sequence, TokenEvent | Exception]] = []  # events not handed over yet (_emit)
 
     @property
     def running(self) -> list[Sequence]:
@@ -113,8 +114,23 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
 
+    def _emit(self, sequence: Sequence, event: TokenEvent | Exception) -> None:
+        """Put `event` on its sequence's queue at the event loop's next turn, in the order emitted:
+        after this lane's next step request is written (a step does not wait before that write),
+        so that handing tokens to the client streams is not on the path of every step."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._hand_over)
+        self._outbox.append((sequence, event))
+
+    def _hand_over(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for sequence, event in outbox:
+            sequence.events.put_nowait(event)
+
     def _join(self, lane: int) -> list[Sequence]:
         """Waiting sequences that join `lane` now: its fair share of everything active, within the batch limit."""
+        if not self.waiting:
+            return []
         room = self.max_batch_sequences - sum(len(other) for other in self.lanes)
         share = -(-self.active // self.micro_batches) - len(self.lanes[lane])  # ceil(active / M) - mine
         count = max(0, min(room, share, len(self.waiting)))
@@ -125,30 +141,32 @@ class Scheduler:
         """One step of one lane: its running sequences plus those joining, prompt tokens within budget.
         Returns whether anything went through the pipeline."""
         await self._drop_cancelled(lane)
-        batch = self.lanes[lane] + self._join(lane)
-        self.lanes[lane] = batch
+        batch = self.lanes[lane] = self.lanes[lane] + self._join(lane)
         await self._replay(lane, batch)
         budget = self.prefill_chunk_tokens or float("inf")
         stepping, slices, token_ids = [], [], []
+        greedy_step = True  # every sequence samples greedily and wants no logits
         for sequence in batch:
-            if sequence.prefilling and budget <= 0:
-                continue  # its prompt goes on at a later step; the others decode meanwhile
-            piece, ids = sequence.next_slice(int(min(budget, sequence.context_length)))
             if sequence.prefilling:
+                if budget <= 0:
+                    continue  # its prompt goes on at a later step; the others decode meanwhile
+                piece, ids = sequence.next_slice(int(min(budget, sequence.context_length)))
                 budget -= piece.num_tokens
+            else:
+                piece, ids = sequence.next_slice(1)  # its last generated token
             stepping.append(sequence)
             slices.append(piece)
-            token_ids.extend(ids)
+            token_ids += ids
+            greedy_step = greedy_step and sequence.sampler.greedy and not sequence.return_logits
         if not stepping:
             return False
         try:
-            greedy_step = all(s.sampler.greedy and not s.return_logits for s in stepping)
             logits = await self.pipeline.step(slices, torch.tensor(token_ids, dtype=torch.int64),
                                               greedy=greedy_step)  # [B, V] or GreedyTokens
         except SequencesRefused as refusal:  # a stage refused some on their own: they fail, the others go on
             for index, error in refusal.errors.items():
                 stepping[index].finished = True
-                stepping[index].events.put_nowait(error)
+                self._emit(stepping[index], error)
             await self._retire(lane, [stepping[index] for index in refusal.errors])  # frees their KV
             kept = refusal.kept(len(stepping))
             stepping, slices, logits = [stepping[i] for i in kept], [slices[i] for i in kept], refusal.logits  # [B', V]
@@ -160,16 +178,16 @@ class Scheduler:
                 sequence.lost_steps += 1
                 if sequence.lost_steps > MAX_REPLAYS:
                     sequence.finished = True
-                    sequence.events.put_nowait(Unavailable("stage", f"sequence {sequence.sequence_id}: "
-                                                           f"{sequence.lost_steps} steps in a row lost the KV "
-                                                           f"caches (stages replaced): giving up"))
+                    self._emit(sequence, Unavailable("stage", f"sequence {sequence.sequence_id}: "
+                                                     f"{sequence.lost_steps} steps in a row lost the KV "
+                                                     f"caches (stages replaced): giving up"))
             await self._retire(lane, [s for s in stepping if s.finished])
             return True
         except Exception as error:
             log.warning("step failed for %d sequences: %s", len(stepping), error)
             for sequence in stepping:
                 sequence.finished = True
-                sequence.events.put_nowait(error)
+                self._emit(sequence, error)
             self.lanes[lane] = [s for s in self.lanes[lane] if not s.finished]
             await self.pipeline.free([s.sequence_id for s in stepping])
             self._wake.set()  # room for waiting sequences
@@ -197,8 +215,8 @@ class Scheduler:
                 finish = "stop"
             elif len(sequence.generated) >= sequence.max_new_tokens:
                 finish = "length"
-            sequence.events.put_nowait(TokenEvent(token_id, len(sequence.generated) - 1, finish,
-                                                  row.clone() if sequence.return_logits else None))
+            self._emit(sequence, TokenEvent(token_id, len(sequence.generated) - 1, finish,
+                                            row.clone() if sequence.return_logits else None))
             if finish:
                 done.append(sequence)
         await self._retire(lane, done)

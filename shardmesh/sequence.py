@@ -3,6 +3,7 @@ events for the client; and the slice of it that one step carries (shardmesh.sche
 
 import asyncio
 import dataclasses
+import typing
 
 import torch
 
@@ -16,15 +17,13 @@ class KVLost(Exception):
     every running sequence are gone there. The step's sequences stay running and are replayed."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SequenceSlice:
+class SequenceSlice(typing.NamedTuple):  # (a named tuple: made for every sequence, every step)
     sequence_id: int
     start_position: int
     num_tokens: int
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(typing.NamedTuple):
     token_id: int
     index: int                       # among generated tokens
     finish_reason: str | None        # "length" | "stop" | None
@@ -55,7 +54,8 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         """More than one token to feed: the prompt, or a replay of prompt + generated."""
-        return self.fed_tokens < len(self.prompt) or self.fed_tokens < self.context_length - 1
+        fed, prompt = self.fed_tokens, len(self.prompt)
+        return fed < prompt or fed < prompt + len(self.generated) - 1
 
     def next_slice(self, max_prompt_tokens: int) -> tuple[SequenceSlice, list[int]]:
         """The tokens of this sequence's next step: up to `max_prompt_tokens` (>= 1) of the prompt
@@ -65,5 +65,5 @@ class Sequence:
             context = self.prompt + self.generated
             count = min(len(context) - start, max_prompt_tokens)
             return SequenceSlice(self.sequence_id, start, count), context[start:start + count]
-        position = len(self.prompt) + len(self.generated) - 1
-        return SequenceSlice(self.sequence_id, position, 1), self.generated[-1:]
+        generated = self.generated
+        return SequenceSlice(self.sequence_id, len(self.prompt) + len(generated) - 1, 1), generated[-1:]

@@ -20,6 +20,9 @@ class FakePipeline:
         self.fail_next = False
 
     async def step(self, slices, token_ids, greedy=False):
+        # Two turns of the event loop (a stage takes many): the scheduler hands a step's tokens to the
+        # streams once the next step is sent, and the clients here react to them within that step.
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
         if self.fail_next:
             self.fail_next = False
