@@ -12,6 +12,7 @@ sequence) or mark the pipeline `broken` (no server left for those layers: every 
 UNAVAILABLE at once)."""
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -25,7 +26,6 @@ from shardmesh.sampling import GreedyTokens
 from shardmesh.sequence import KVLost, SequenceSlice
 from shardmesh.step_refusals import SequencesRefused, refusal_error
 from shardmesh.telemetry import metrics, tracing
-from shardmesh.v1 import stage_pb2
 
 from router.stage_link import DEFAULT_STEP_TIMEOUT_S, StageLink, StageLost  # noqa: F401 (DEFAULT_...: re-exported)
 
@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 # A step's deadline at each stage scales with its work: a base (the router's --step-timeout) plus
 # this per token of the step. Past it the stage is taken for frozen (probed, then dropped).
 STEP_SECONDS_PER_TOKEN = 0.05
+
+
+_UNTRACED = contextlib.nullcontext()
+_BATCH_SERIES: tuple = ()  # the router's BATCH_SEQUENCES and BATCH_TOKENS series, labelled at the first step
+
+
+def _batch_series() -> tuple:
+    global _BATCH_SERIES
+    if not _BATCH_SERIES:  # (labels() takes a lock and hashes: once, not every step)
+        _BATCH_SERIES = (metrics.BATCH_SEQUENCES.labels("router"), metrics.BATCH_TOKENS.labels("router"))
+    return _BATCH_SERIES
 
 
 class StagePipeline:
@@ -79,15 +90,15 @@ class StagePipeline:
     async def step(self, slices: list[SequenceSlice], token_ids: torch.Tensor,
                    greedy: bool = False) -> torch.Tensor | GreedyTokens:
         step_id = next(self._step_ids)
-        sequences = [stage_pb2.SequenceSlice(sequence_id=s.sequence_id, start_position=s.start_position,
-                                             num_tokens=s.num_tokens) for s in slices]
+        sequences = slices  # of those still in the step (the links make the wire's SequenceSlices)
         payload, field = token_ids, "token_ids"
         epoch, links = self.epoch, self.links
         deadline = self.step_timeout + STEP_SECONDS_PER_TOKEN * token_ids.shape[0]
         live, refused = list(range(len(slices))), {}  # slices still in the step; index -> its RequestError
-        metrics.BATCH_SEQUENCES.labels("router").observe(len(slices))
-        metrics.BATCH_TOKENS.labels("router").observe(token_ids.shape[0])
-        with tracing.router_step([s.sequence_id for s in slices]):  # a no-op unless tracing is on
+        batch_sequences, batch_tokens = _batch_series()
+        batch_sequences.observe(len(slices))
+        batch_tokens.observe(token_ids.shape[0])
+        with tracing.router_step([s.sequence_id for s in slices]) if tracing.enabled() else _UNTRACED:
             for link in links:
                 self._check(epoch)
                 started, sent = time.perf_counter(), metrics.tensor_bytes(payload)

@@ -39,6 +39,18 @@ def _stage_lost(code: grpc.StatusCode, details: str) -> bool:
 STAGE_CHANNEL_OPTIONS = {"grpc.keepalive_time_ms": 2_000, "grpc.keepalive_timeout_ms": 3_000}
 
 
+def _step_request(step_id: int, sequences: list, field: str, tensor: tensor_pb2.Tensor,
+                  greedy: bool) -> stage_pb2.StepRequest:
+    """The StepRequest of these sequences (a SequenceSlice each: shardmesh.sequence's or the wire's)
+    with `tensor` as its `field`."""
+    request = stage_pb2.StepRequest(step_id=step_id, **{field: tensor}, traceparent=tracing.current_traceparent(),
+                                    greedy_token_ids=greedy)
+    add = request.sequences.add  # (in place: no message per sequence made, then copied in)
+    for s in sequences:
+        add(sequence_id=s.sequence_id, start_position=s.start_position, num_tokens=s.num_tokens)
+    return request
+
+
 class StageLost(Unavailable):
     """A stage stopped answering (transport failure or deadline): maybe dead, maybe frozen."""
 
@@ -134,17 +146,15 @@ class StageLink:
 
     async def forward(self, step_id: int, sequences: list, field: str, inputs,
                       deadline: float = DEFAULT_STEP_TIMEOUT_S, greedy: bool = False):
-        """One step through this stage. inputs: the step's token_ids or hidden_states, as a tensor or
-        as the wire Tensor a previous stage sent (gRPC: passed on undecoded). Returns the stage's
+        """One step through this stage. sequences: the step's SequenceSlices; inputs: the step's
+        token_ids or hidden_states, as a tensor or as the wire Tensor a previous stage sent (gRPC: passed on undecoded). Returns the stage's
         hidden_states or logits: the wire Tensor as it came (gRPC) or a tensor (shared memory, copied out),
         None when the stage refused every sequence; and the stage's StepResponse.refused. With `greedy`
         a last stage answers GreedyTokens (StepResponse.greedy_token_ids) instead of logits."""
         shm = await self.data_planes.get(self.address, self.channel) if self.data_planes else None
         if shm is None:
             message = inputs if isinstance(inputs, tensor_pb2.Tensor) else codec.encode(inputs, arena=None)
-            response = await self.step(stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: message},
-                                                             traceparent=tracing.current_traceparent(),
-                                                             greedy_token_ids=greedy), deadline)
+            response = await self.step(_step_request(step_id, sequences, field, message, greedy), deadline)
             if greedy and response.greedy_token_ids:
                 return GreedyTokens(list(response.greedy_token_ids)), list(response.refused)
             name = "logits" if response.HasField("logits") else "hidden_states" if response.HasField("hidden_states") else ""
@@ -152,8 +162,7 @@ class StageLink:
         try:
             async with shm.session() as call:
                 tensor = inputs if isinstance(inputs, torch.Tensor) else codec.decode(inputs, field, segment=None)
-                request = stage_pb2.StepRequest(step_id=step_id, sequences=sequences, **{field: call.encode(tensor)},
-                                                traceparent=tracing.current_traceparent(), greedy_token_ids=greedy)
+                request = _step_request(step_id, sequences, field, call.encode(tensor), greedy)
                 response = await call.invoke(STEP_METHOD, request, stage_pb2.StepResponse, deadline)
                 if response.step_id != step_id:
                     raise EOFError(f"the stage answered step {response.step_id} where {step_id} was due")
