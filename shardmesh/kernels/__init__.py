@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import torch
 
@@ -47,6 +48,21 @@ class ExpertTask(ctypes.Structure):
     """struct shardmesh_expert_task (expert_team.c): one expert's rows and weights."""
     _fields_ = [("n", ctypes.c_long)] + [(name, ctypes.c_void_p) for name in
                                          ("x", "w1", "w3", "w2", "scratch", "out")]
+
+
+class ExpertTable:
+    """A list of experts for Kernel.expert_ffn_packed, their weights' addresses read once: an
+    ExpertTask array whose w1, w3, w2 are set (a call fills n, x, scratch and out). A call at a time
+    uses it; a concurrent one builds its own tasks (the `lock` is taken without waiting)."""
+
+    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.weights = list(weights)  # (gate_proj [I, H], up_proj [I, H], down_proj [H, I]) each, kept alive here
+        self.intermediate = self.weights[0][0].shape[0] if self.weights else 0
+        assert all(gate_proj.shape[0] == self.intermediate for gate_proj, _, _ in self.weights), "one I for all experts"
+        self.tasks = (ExpertTask * len(self.weights))()
+        for task, (gate_proj, up_proj, down_proj) in zip(self.tasks, self.weights):
+            task.w1, task.w3, task.w2 = gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr()
+        self.lock = threading.Lock()
 
 
 class Kernel:
@@ -99,11 +115,20 @@ class Kernel:
             self._run_team(work, experts[0][0].shape[1], threads, unit_bytes)
         return outputs
 
-    def expert_ffn_packed(self, hidden_states: torch.Tensor, weights: list[tuple[torch.Tensor, ...]],
+    def expert_ffn_packed(self, hidden_states: torch.Tensor, weights: list[tuple[torch.Tensor, ...]] | ExpertTable,
                           counts: list[int], threads: int, out: torch.Tensor, unit_bytes: int = 256 * 1024) -> None:
         """expert_ffn_many on one packed tensor: rows [N, H] of hidden_states, the first counts[0] for
         weights[0] (gate_proj, up_proj, down_proj), the next counts[1] for weights[1], ..., computed
-        into the same rows of `out` [N, H] (no tensor per expert made either way); the same bits."""
+        into the same rows of `out` [N, H] (no tensor per expert made either way); the same bits.
+        `weights` may be an ExpertTable of them (what a caller computing the same experts again keeps)."""
+        if isinstance(weights, ExpertTable):
+            if len(counts) == len(weights.tasks) and 0 not in counts and weights.lock.acquire(blocking=False):
+                try:
+                    self._run_table(hidden_states, weights, counts, threads, out, unit_bytes)
+                finally:
+                    weights.lock.release()
+                return
+            weights = weights.weights
         hidden = hidden_states.shape[1]
         row_bytes, x, y, work = 4 * hidden, hidden_states.data_ptr(), out.data_ptr(), []
         for count, expert_weights in zip(counts, weights):
@@ -112,6 +137,23 @@ class Kernel:
                 x, y = x + count * row_bytes, y + count * row_bytes
         if work:
             self._run_team(work, hidden, threads, unit_bytes)
+
+    def _run_table(self, hidden_states: torch.Tensor, table: ExpertTable, counts: list[int], threads: int,
+                   out: torch.Tensor, unit_bytes: int) -> None:
+        """expert_ffn_packed on the table's tasks (every count >= 1, one per task): rows and scratch
+        addresses filled in, the weights' there already."""
+        hidden, intermediate = hidden_states.shape[1], table.intermediate
+        scratch = torch.empty(2 * intermediate * hidden_states.shape[0], dtype=torch.float32)  # [2, n, I] per expert
+        row_bytes, scratch_row_bytes = 4 * hidden, 4 * 2 * intermediate
+        x, y, z = hidden_states.data_ptr(), out.data_ptr(), scratch.data_ptr()
+        for task, n in zip(table.tasks, counts):
+            task.n, task.x, task.scratch, task.out = n, x, z, y
+            x, y, z = x + n * row_bytes, y + n * row_bytes, z + n * scratch_row_bytes
+        calls["expert_ffn_many"] += 1
+        by_helpers = self._expert_ffn_many(len(counts), hidden, intermediate, table.tasks, threads, unit_bytes)
+        if by_helpers < 0:
+            raise MemoryError("shardmesh_expert_ffn_many: out of memory")
+        units["by_helpers"] += by_helpers
 
     def _run_team(self, work: list[tuple[int, int, tuple[torch.Tensor, ...], int]], hidden: int, threads: int,
                   unit_bytes: int) -> None:
