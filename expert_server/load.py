@@ -18,7 +18,7 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 
 class ExpertLoadMeter:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
+        self.clock = clock
         self.started = clock()
         # bucket index (int(t / BUCKET_S)) -> (tokens per expert, busy seconds); oldest first
         self._buckets: collections.OrderedDict[int, tuple[collections.Counter, list[float]]] = collections.OrderedDict()
@@ -27,6 +27,7 @@ class ExpertLoadMeter:
         # The calls computing now (in a dict as an ordered set): which experts are in use is asked
         # rarely (drains), so it is worked out then rather than counted around every call.
         self._calls: dict[_Computing, None] = {}
+        self._pending: list[tuple[list, float, float]] = []  # record_soon's calls not recorded yet
         self._released = asyncio.Event()
 
     def _bucket(self, now: float) -> tuple[collections.Counter, list[float]]:
@@ -43,10 +44,24 @@ class ExpertLoadMeter:
         count as in use until the block ends; tokens and busy time are recorded if it completes."""
         return _Computing(self, [(layer, (expert,), (tokens,)) for layer, expert, tokens in groups])
 
-    def computing_packed(self, layer: int, experts: Sequence[int], counts: Sequence[int]) -> "_Computing":
-        """computing() of one layer's packed call: counts[i] tokens of experts[i] (both left as they are
-        until the block ends)."""
-        return _Computing(self, [(layer, experts, counts)])
+    def record_soon(self, layer: int, experts: Sequence[int], counts: Sequence[int], start: float, end: float) -> None:
+        """A call that computed counts[i] tokens of experts[i] of `layer` from `start` to `end` (this
+        meter's clock) without yielding to the event loop, so that no drain could find them in use:
+        recorded at the loop's next turn (after the call's reply went out), or now without a loop.
+        report() counts it at once either way. `experts` and `counts` are kept as they are."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._record([(layer, experts, counts)], start, end)
+            return
+        if not self._pending:
+            loop.call_soon(self._record_pending)
+        self._pending.append(([(layer, experts, counts)], start, end))
+
+    def _record_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for runs, start, end in pending:
+            self._record(runs, start, end)
 
     def _record(self, runs: list, start: float, end: float) -> None:
         tokens, busy = self._bucket(end)
@@ -84,7 +99,8 @@ class ExpertLoadMeter:
         """(tokens per expert, busy seconds, seconds covered) over the last `window_s` seconds
         (0 = since start). The window is counted in whole buckets: it may include up to one
         bucket more than asked."""
-        now = self._clock()
+        self._record_pending()
+        now = self.clock()
         uptime = now - self.started
         if window_s <= 0:
             return dict(self.total_tokens), self.total_busy_s, uptime
@@ -108,14 +124,14 @@ class _Computing:
 
     def __enter__(self) -> "_Computing":
         self.meter._calls[self] = None
-        self.start = self.meter._clock()
+        self.start = self.meter.clock()
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
         meter = self.meter
         try:
             if kind is None:
-                meter._record(self.runs, self.start, meter._clock())
+                meter._record(self.runs, self.start, meter.clock())
         finally:
             del meter._calls[self]
             meter._released.set()

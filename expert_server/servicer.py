@@ -7,7 +7,7 @@ import torch
 from shardmesh import codec
 from shardmesh.compute_pool import parallel_map
 from shardmesh.errors import InvalidArgument, NotFound, Unavailable
-from shardmesh.expert_model import ExpertShard
+from shardmesh.expert_model import ExpertShard, PackedPlan
 from shardmesh.grpc_util import translate_errors
 from shardmesh.nccl_dispatch import serves_nccl_calls
 from shardmesh.telemetry import metrics, tracing
@@ -60,21 +60,24 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
             self._check_held(group.layer, group.expert, f"{field}.layer", f"{field}.expert")
         return self._checked(codec.decode(group.hidden_states, f"{field}.hidden_states"), f"{field}.hidden_states")
 
-    def _decode_packed(self, packed: expert_pb2.PackedGroups) -> torch.Tensor:
-        """A layer's packed groups -> their rows [N, H], checked (counts, experts held, shape, dtype)."""
+    def _decode_packed(self, packed: expert_pb2.PackedGroups) -> tuple[PackedPlan, list[int], torch.Tensor]:
+        """A layer's packed groups -> (their experts' plan, the counts, their rows [N, H]), checked
+        (counts, experts held, shape, dtype)."""
         if len(packed.num_tokens) != len(packed.experts):
             raise InvalidArgument("packed.num_tokens", f"{len(packed.num_tokens)} counts for "
                                                        f"{len(packed.experts)} experts")
-        if self.shard.packed_plan(packed.layer, packed.experts) is None:  # (remembered: once per list)
+        plan = self.shard.packed_plan(packed.layer, packed.experts)  # (remembered: made once per list)
+        if plan is None:
             for i, expert in enumerate(packed.experts):
                 self._check_held(packed.layer, expert, "packed.layer", f"packed.experts[{i}]")
         hidden_states = self._checked(codec.decode(packed.hidden_states, "packed.hidden_states"),
                                       "packed.hidden_states")  # [N, H]
-        total = sum(packed.num_tokens)
+        counts = list(packed.num_tokens)
+        total = sum(counts)
         if total != hidden_states.shape[0]:
             raise InvalidArgument("packed.num_tokens", f"they sum to {total}, not to the {hidden_states.shape[0]} "
                                                        f"rows of packed.hidden_states")
-        return hidden_states
+        return plan, counts, hidden_states
 
     def _check_held(self, layer: int, expert: int, layer_field: str, expert_field: str) -> None:
         if not self.shard.holds(layer, expert):  # (the set of layers is built on this error path only)
@@ -108,16 +111,18 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
     def _compute_packed(self, packed: expert_pb2.PackedGroups, traceparent: str) -> torch.Tensor:
         """Packed groups -> their outputs [N, H], row for row. On the CPU computed in place into the
         reply (codec.reply_tensor: on the shared-memory plane the reply arena, so nothing is copied)."""
-        hidden_states = self._decode_packed(packed)  # [N, H]
-        experts, counts = tuple(packed.experts), list(packed.num_tokens)
+        plan, counts, hidden_states = self._decode_packed(packed)  # [N, H]
         if self.shard.device.type != "cpu":  # device tensors: as one group each (the reply from the device)
             outputs = self._compute_all([(packed.layer, expert, 0, x) for expert, x in
-                                         zip(experts, hidden_states.split_with_sizes(counts))], traceparent)
+                                         zip(plan.experts, hidden_states.split_with_sizes(counts))], traceparent)
             return torch.cat(outputs) if outputs else hidden_states.new_empty(0, self.hidden_size)
         output = codec.reply_tensor(list(hidden_states.shape), self.dtype)  # [N, H]
-        with self.meter.computing_packed(packed.layer, experts, counts), \
-                tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
-            self.shard.compute_packed(packed.layer, experts, counts, hidden_states, output)
+        with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
+            # Computed without yielding to the event loop, so no drain can find these experts in use
+            # meanwhile: the meter records the call afterwards, once the reply is on its way.
+            start = self.meter.clock()
+            self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
+            self.meter.record_soon(packed.layer, plan.experts, counts, start, self.meter.clock())
         self.tokens_computed += hidden_states.shape[0]
         return output
 

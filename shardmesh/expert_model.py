@@ -26,9 +26,10 @@ MAX_PACKED_PLANS = 4096  # (layer, experts) lists remembered by ExpertShard.pack
 
 class PackedPlan(NamedTuple):
     """What ExpertShard.compute_packed needs of one (layer, experts) list, made once."""
+    experts: tuple[int, ...]
     mlps: list[SwiGLUMLP]
     kernel: "kernels.Kernel | None"  # the one C kernel every expert's weights go to; None: torch
-    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (gate_proj, up_proj, down_proj) each
+    table: "kernels.ExpertTable | None"  # the experts' weights as that kernel takes them
 
 
 class ExpertShard:
@@ -141,7 +142,9 @@ class ExpertShard:
             kernel = mlps[0].kernel if mlps else None
             if kernel is not None and any(mlp.kernel is not kernel for mlp in mlps):
                 kernel = None
-            plan = PackedPlan(mlps, kernel, [(mlp.gate_proj, mlp.up_proj, mlp.down_proj) for mlp in mlps])
+            table = kernels.ExpertTable([(mlp.gate_proj, mlp.up_proj, mlp.down_proj) for mlp in mlps]) \
+                if kernel is not None else None
+            plan = PackedPlan(key[1], mlps, kernel, table)
             if len(key[1]) <= self.config.num_experts:  # what stages send: each expert of a layer at most once
                 if len(self._plans) >= MAX_PACKED_PLANS:
                     self._plans = {}
@@ -149,21 +152,23 @@ class ExpertShard:
         return plan
 
     def compute_packed(self, layer: int, experts: Sequence[int], counts: list[int], hidden_states: torch.Tensor,
-                       out: torch.Tensor) -> torch.Tensor:
+                       out: torch.Tensor, plan: PackedPlan | None = None) -> torch.Tensor:
         """compute_many over one packed tensor: hidden_states [N, H], its first counts[0] rows for
         experts[0], the next counts[1] for experts[1], ...; each row's output into the same row of
         `out` [N, H] (the dtype of `hidden_states`; rows of no expert are left as they are). Returns
-        `out`. On the C kernel no tensor per expert is made (kernels.Kernel.expert_ffn_packed)."""
-        plan = self.packed_plan(layer, experts)
-        if plan is None:  # NotFound naming the first expert not held (or the shape, as one by one)
-            for expert in experts:
-                self._checked(layer, expert, hidden_states)
-        elif experts:  # the shape, which is the same for every expert: [n, H]
-            self._checked(layer, experts[0], hidden_states)
+        `out`. On the C kernel no tensor per expert is made (kernels.Kernel.expert_ffn_packed).
+        `plan`: packed_plan(layer, experts), from a caller that has checked hidden_states [N, H]."""
+        if plan is None:
+            plan = self.packed_plan(layer, experts)
+            if plan is None:  # NotFound naming the first expert not held (or the shape, as one by one)
+                for expert in experts:
+                    self._checked(layer, expert, hidden_states)
+            elif experts:  # the shape, which is the same for every expert: [n, H]
+                self._checked(layer, experts[0], hidden_states)
         kernel = plan.kernel
         if kernel is not None and kernels.usable(hidden_states, out) \
                 and sum(counts) == hidden_states.shape[0] == out.shape[0]:
-            kernel.expert_ffn_packed(hidden_states, plan.weights, counts, compute_pool.threads(), out)
+            kernel.expert_ffn_packed(hidden_states, plan.table, counts, compute_pool.threads(), out)
             return out
         if experts:  # torch (or another device): group by group, then into `out`
             groups = hidden_states.split_with_sizes(counts)

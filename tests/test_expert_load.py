@@ -53,19 +53,25 @@ def test_a_failed_compute_counts_no_tokens_and_releases_its_experts():
     assert meter.report(0)[0] == {} and meter.in_use([(0, 1)]) == []
 
 
-def test_a_packed_call_counts_each_expert_and_holds_them_while_it_computes():
+def test_runs_recorded_soon_count_each_expert_and_reports_see_them_at_once():
     clock = FakeClock()
     meter = ExpertLoadMeter(clock)
-    with meter.computing_packed(2, (4, 7), [3, 1]):
+    meter.record_soon(2, (4, 7), [3, 1], 1000.0, 1000.5)  # no event loop: recorded now
+    assert meter.report(0)[:2] == ({(2, 4): 3, (2, 7): 1}, pytest.approx(0.5))
+
+    async def main():
         with meter.computing([(2, 7, 2)]):
-            assert meter.in_use([(2, 4), (2, 5), (2, 7)]) == [(2, 4), (2, 7)]
-            clock.now += 0.5
-        assert meter.in_use([(2, 4), (2, 7), (1, 4)]) == [(2, 4), (2, 7)]
-        clock.now += 0.25
-    assert meter.in_use([(2, 4), (2, 7)]) == []
+            meter.record_soon(2, (4, 7), [1, 1], 1000.5, 1000.75)
+            assert meter.in_use([(2, 4), (2, 7)]) == [(2, 7)]  # (computed without yielding: never in use)
+            before_the_loop_turns = dict(meter.total_tokens)
+            assert meter.report(10)[0] == {(2, 4): 4, (2, 7): 2}  # a report counts it at once
+        await asyncio.sleep(0)
+        return before_the_loop_turns
+
+    assert asyncio.run(main()) == {(2, 4): 3, (2, 7): 1}
     tokens, busy, _ = meter.report(10)
-    assert tokens == {(2, 4): 3, (2, 7): 3} and busy == pytest.approx(1.25)  # busy: the calls' times summed
-    assert meter.report(0)[0] == tokens and dict(meter.total_tokens) == tokens
+    assert tokens == {(2, 4): 4, (2, 7): 4} and busy == pytest.approx(0.75)
+    assert dict(meter.total_tokens) == tokens
 
 
 def test_drained_waits_for_calls_using_the_experts():

@@ -115,3 +115,27 @@ def test_packed_plans_follow_the_experts_held(mixtral_dir, kernel, two_compute_t
     assert torch.equal(shard.compute_packed(1, many, [1] * len(many), rows, torch.empty_like(rows)),
                        torch.cat([shard.compute(1, 2, row[None]) for row in rows]))
     assert (1, tuple(many)) not in shard._plans
+
+
+def test_an_expert_table_in_use_leaves_a_concurrent_call_to_its_own_tasks(mixtral_dir, kernel, two_compute_threads):
+    from shardmesh.checkpoint import CheckpointReader
+    from shardmesh.config import ModelConfig
+    from shardmesh.expert_model import ExpertShard
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    shard = ExpertShard(config, [(0, e) for e in range(3)], CheckpointReader(mixtral_dir))
+    experts, counts = [2, 0, 1], [2, 1, 3]
+    hidden_states = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(6))  # [N, H]
+    expected = torch.cat([shard.compute(0, e, x) for e, x in zip(experts, hidden_states.split(counts))])
+    plan = shard.packed_plan(0, experts)
+    assert plan.table is not None
+    with plan.table.lock:  # another thread's call is filling the table's tasks
+        out = shard.compute_packed(0, experts, counts, hidden_states, torch.empty_like(hidden_states))
+    assert torch.equal(out, expected)
+    assert torch.equal(shard.compute_packed(0, experts, counts, hidden_states, torch.empty_like(out)), expected)
+    tasks, row_bytes = plan.table.tasks, 4 * config.hidden_size  # as the last call filled them
+    assert [tasks[i].n for i in range(3)] == counts
+    assert [tasks[i + 1].x - tasks[i].x for i in range(2)] == [n * row_bytes for n in counts[:2]]
+    assert [tasks[i + 1].out - tasks[i].out for i in range(2)] == [n * row_bytes for n in counts[:2]]
+    assert [tasks[i + 1].scratch - tasks[i].scratch for i in range(2)] == \
+        [4 * 2 * n * config.intermediate_size for n in counts[:2]]  # [2, n, I] fp32 each, apart
