@@ -61,6 +61,9 @@ class ShmContext:
         return ()
 
 
+_CONTEXT = ShmContext()  # (it keeps no state: one for every unary call)
+
+
 class _Stream:
     """A streaming servicer method fed one request at a time (one Step stream per session)."""
 
@@ -126,8 +129,7 @@ class ShmPlaneServer:
                     log.warning("%s: shm session sent %s instead of a call: closing it", self.name,
                                 frame.WhichOneof("kind"))
                     return
-                reply = await self._call(segment, streams, frame.call, cuda)
-                write_frame(writer, dataplane_pb2.ShmFrame(reply=reply))
+                write_frame(writer, await self._call(segment, streams, frame.call, cuda))
         except EOFError:
             pass
         except (ValueError, OSError) as error:
@@ -170,7 +172,8 @@ class ShmPlaneServer:
         return segment, cuda
 
     async def _call(self, segment: Segment, streams: dict, call: dataplane_pb2.ShmCall,
-                    cuda: CudaSegment | None = None) -> dataplane_pb2.ShmReply:
+                    cuda: CudaSegment | None = None) -> dataplane_pb2.ShmFrame:
+        """The reply frame to one call."""
         method = self.methods.get(call.method)
         if method is None:
             return _status(call, grpc.StatusCode.UNIMPLEMENTED, f"method: {call.method!r} is not served on this plane")
@@ -194,7 +197,7 @@ class ShmPlaneServer:
                     streams[call.method] = _Stream(method.handler, ShmContext())
                 response = await streams[call.method].call(request)
             else:
-                response = await method.handler(request, ShmContext())
+                response = await method.handler(request, _CONTEXT)
         except _Aborted as error:
             streams.pop(call.method, None)  # a stream ends with its first error, as over gRPC
             return _status(call, error.code, error.details)
@@ -212,11 +215,15 @@ class ShmPlaneServer:
             codec.inbound_call.reset(token)
         if cuda is not None:
             arena.publish()  # the device has written the reply tensors before the client reads them
-        return dataplane_pb2.ShmReply(call_id=call.call_id, response=response.SerializeToString())
+        frame = dataplane_pb2.ShmFrame()
+        reply = frame.reply  # (in place: not built apart, then copied into the frame)
+        reply.call_id, reply.response = call.call_id, response.SerializeToString()
+        return frame
 
 
-def _status(call: dataplane_pb2.ShmCall, code: grpc.StatusCode, details: str) -> dataplane_pb2.ShmReply:
-    return dataplane_pb2.ShmReply(call_id=call.call_id, status_code=code.value[0], status_details=details)
+def _status(call: dataplane_pb2.ShmCall, code: grpc.StatusCode, details: str) -> dataplane_pb2.ShmFrame:
+    return dataplane_pb2.ShmFrame(reply=dataplane_pb2.ShmReply(call_id=call.call_id, status_code=code.value[0],
+                                                               status_details=details))
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):
