@@ -39,11 +39,12 @@ _UNTRACED = contextlib.nullcontext()
 _BATCH_SERIES: tuple = ()  # the router's BATCH_SEQUENCES and BATCH_TOKENS series, labelled at the first step
 
 
-def _batch_series() -> tuple:
+def _observe_batch(sequences: int, tokens: int) -> None:
     global _BATCH_SERIES
     if not _BATCH_SERIES:  # (labels() takes a lock and hashes: once, not every step)
         _BATCH_SERIES = (metrics.BATCH_SEQUENCES.labels("router"), metrics.BATCH_TOKENS.labels("router"))
-    return _BATCH_SERIES
+    _BATCH_SERIES[0].observe(sequences)
+    _BATCH_SERIES[1].observe(tokens)
 
 
 class StagePipeline:
@@ -95,9 +96,7 @@ class StagePipeline:
         epoch, links = self.epoch, self.links
         deadline = self.step_timeout + STEP_SECONDS_PER_TOKEN * token_ids.shape[0]
         live, refused = list(range(len(slices))), {}  # slices still in the step; index -> its RequestError
-        batch_sequences, batch_tokens = _batch_series()
-        batch_sequences.observe(len(slices))
-        batch_tokens.observe(token_ids.shape[0])
+        asyncio.get_running_loop().call_soon(_observe_batch, len(slices), token_ids.shape[0])  # (once the step is sent)
         with tracing.router_step([s.sequence_id for s in slices]) if tracing.enabled() else _UNTRACED:
             for link in links:
                 self._check(epoch)
