@@ -59,7 +59,8 @@ def run(tree: pathlib.Path, shape: str, calls: int, batch: int) -> dict:
     try:
         info = json.loads(server.stdout.readline())
         out = subprocess.run([sys.executable, "-c", CALLER, str(info["port"]), str(info["layers"]), str(info["hidden"]),
-                              str(calls), str(server.pid), str(batch)], env=env, capture_output=True, text=True, timeout=600)
+                              str(calls), str(server.pid), str(batch)], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=tree)  # (`-c` puts the cwd first on sys.path: run from another tree, it would be that one)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
         return dict(zip(FIGURES, map(float, out.stdout.split())))
