@@ -40,6 +40,11 @@ class DataPlanes:
         pool = self._channels[address]
         return pool is None or pool.usable
 
+    def ready(self, address: str) -> ShmPool | None:
+        """The shared-memory sessions with `address` when negotiated before (not yet known to have
+        broken: check the session you take), else None: ask `get`, which negotiates."""
+        return self._channels.get(address) if self.enabled else None
+
     async def get(self, address: str, grpc_channel: grpc.aio.Channel) -> ShmPool | None:
         """The shared-memory sessions with `address` (negotiated over `grpc_channel` on first use,
         and again once they all broke), or None: send tensors in gRPC messages. Enter its session()

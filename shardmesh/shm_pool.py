@@ -48,6 +48,15 @@ class ShmPool:
         """An ShmCall on a session of this pool for the duration of one call (`async with`)."""
         return _Session(self)
 
+    def idle_session(self) -> "_Session | None":
+        """session() when an idle session can take the call at once (entering it waits for nothing:
+        no other session to open or close), else None."""
+        if self._idle and not self.closed:
+            channel = self._idle[-1]  # the one _acquire takes
+            if not channel.broken and channel.wanted <= channel.segment.size:
+                return _Session(self)
+        return None
+
     async def _acquire(self):
         from shardmesh.shm_plane import DataPlaneError  # shm_plane imports this module
 

@@ -42,7 +42,8 @@ class StageBatch:
 
 class ExpertBackend(typing.Protocol):
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """groups: expert id -> hidden_states [n_e, H] routed to it; returns expert id -> that expert's output [n_e, H] (unweighted)."""
+        """groups: expert id -> hidden_states [n_e, H] routed to it (a mapping: MoEGate.dispatch gives a
+        read-only PackedRows); returns a mapping expert id -> that expert's output [n_e, H] (unweighted)."""
         ...
 
 

@@ -8,6 +8,7 @@ Shape legend: n_i rows of piece i, N = sum of n_i, H hidden_size.
 import torch
 
 from shardmesh.errors import RequestError, Unavailable
+from shardmesh.models.packed_rows import PackedRows
 from shardmesh.telemetry import tracing
 from shardmesh.v1 import expert_pb2
 
@@ -34,10 +35,20 @@ def joined(inputs: list[torch.Tensor]) -> torch.Tensor:
 class PackedCall:
     """The request and answer check of one ComputeExperts call carrying `inputs` of `experts` of `layer`."""
 
+    __slots__ = ("address", "layer", "experts", "counts", "hidden_states")
+
     def __init__(self, address: str, layer: int, experts: list[int], inputs: list[torch.Tensor]):
         self.address, self.layer, self.experts = address, layer, experts
         self.counts = [x.shape[0] for x in inputs]                           # n_i
         self.hidden_states = joined(inputs)                                  # [N, H]
+
+    @classmethod
+    def of_rows(cls, address: str, layer: int, groups: PackedRows) -> "PackedCall":
+        """The call carrying every group of `groups` (MoEGate.dispatch's): its packed tensor as it is."""
+        call = cls.__new__(cls)
+        call.address, call.layer, call.experts, call.counts = address, layer, groups.experts, groups.counts
+        call.hidden_states = groups.rows                                     # [N, H]
+        return call
 
     def request(self, encode) -> expert_pb2.ComputeExpertsRequest:
         """`encode`: the data plane's (tensor -> wire Tensor)."""
@@ -49,6 +60,12 @@ class PackedCall:
         """The reply -> one output [n_i, H] per input (views of one tensor), each of its input's shape
         and dtype; Unavailable naming the server otherwise (a bad answer is the server's failure).
         `decode`: the data plane's (wire Tensor, field -> tensor that outlives the call)."""
+        output = self.output(reply, decode)  # [N, H]
+        return list(output.split_with_sizes(self.counts)) if len(self.counts) > 1 else [output]
+
+    def output(self, reply: expert_pb2.ComputeExpertsResponse, decode) -> torch.Tensor:
+        """The reply -> the outputs of every input as one tensor [N, H] (the inputs' packed shape and
+        dtype, checked as `outputs` does)."""
         if not reply.HasField("packed_outputs"):
             raise Unavailable("experts", f"expert server {self.address} answered no packed_outputs to packed groups "
                                          "(a server older than this stage? upgrade expert servers before stages)")
@@ -60,4 +77,4 @@ class PackedCall:
         if output.shape != x.shape or output.dtype != x.dtype:
             raise Unavailable("experts", f"expert server {self.address} answered {list(output.shape)} "
                                          f"{output.dtype} for {list(x.shape)} {x.dtype}")
-        return list(output.split_with_sizes(self.counts)) if len(self.counts) > 1 else [output]
+        return output

@@ -3,7 +3,10 @@
 For each MoE layer it spreads each expert's tokens over its replicas by least outstanding work
 (tokens in flight; a big group is cut into pieces, see replica_spread.py), sends every piece bound
 for one server in one message (packed in one tensor: packed_groups.py), and awaits all servers
-concurrently. An expert with one replica skips the water-filling: its group goes whole to it.
+concurrently. An expert with one replica skips the water-filling: its group goes whole to it; a
+layer whose experts all lie, unreplicated, on one server (1 stage + 1 expert server) skips the
+general path altogether: MoEGate.dispatch's packed tensor (PackedRows) goes out as it is, in one
+call, and its answer comes back as one PackedRows for combine to read whole.
 
 Failover: expert calls are stateless, so the pieces of a server that fails a call (UNAVAILABLE or
 DEADLINE_EXCEEDED: dead, frozen, stopping, or a broken shared-memory plane) are sent again to the
@@ -24,6 +27,7 @@ import torch
 from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, RequestError, Unavailable
 from shardmesh.grpc_util import open_channel
+from shardmesh.models.packed_rows import PackedRows
 from shardmesh.nccl_dispatch import NcclLinks
 from shardmesh.data_planes import DataPlanes
 from shardmesh.shm_plane import DataPlaneError
@@ -31,7 +35,7 @@ from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
 from stage_server.packed_groups import PackedCall
-from stage_server.replica_spread import spread
+from stage_server.replica_spread import sole_servers, spread
 
 log = logging.getLogger(__name__)
 EXPERT_METHOD = "shardmesh.v1.Expert/ComputeExperts"
@@ -87,6 +91,7 @@ class RemoteExperts:
         # Or every expert server over an NCCL link (gloo on the CPU): shardmesh/nccl_dispatch.py.
         self.nccl_links = NcclLinks(device) if data_plane == "nccl" else None
         self.placement = Placement(0, {})
+        self._sole: dict[int, tuple[str, frozenset[int]]] = {}  # layer -> its one server, its experts (sole_servers)
         self.flops_per_row = flops_per_row
         self._stubs: dict[str, expert_pb2_grpc.ExpertStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -104,6 +109,7 @@ class RemoteExperts:
         before = set(self._stubs)
         after = {a for addresses in placement.replicas.values() for a in addresses}
         self.placement = placement
+        self._sole = sole_servers(placement.replicas)
         for address in after - before:
             self._channels[address] = open_channel(address, self.security, FAST_FAILURE_OPTIONS)
             self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
@@ -123,6 +129,24 @@ class RemoteExperts:
         return set(self._channels)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        sole = self._sole.get(layer)
+        first = None  # a failed first attempt of the one-server path, for with_failover to go on from
+        if groups and sole is not None and sole[1].issuperset(groups):
+            # Every expert of the layer on one server, unreplicated (1 stage + 1 expert server, no EPLB
+            # copies): the general path's spread and bookkeeping would send all of it there anyway.
+            address = sole[0]
+            self._turn += len(groups)  # as _spread counts its turns
+            packed = (PackedCall.of_rows(address, layer, groups) if type(groups) is PackedRows
+                      else PackedCall(address, layer, list(groups), list(groups.values())))
+            try:
+                with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
+                    output = await self._call(address, packed)  # [N, H]
+            except ServerFailed as error:
+                first = (address, [Piece(e, 0, n) for e, n in zip(packed.experts, packed.counts)], error)
+            else:
+                with tracing.span("moe.combine", layer=layer):
+                    return PackedRows(output, tuple(packed.experts), tuple(packed.counts))  # combine reads it whole
+
         def assign(todo: list[Piece], avoid) -> dict[str, list[Piece]]:  # failed servers are down: _spread skips them
             by_server: dict[str, list[Piece]] = {}
             for piece in todo:  # a hot expert's rows may be cut into pieces over its replicas
@@ -134,8 +158,8 @@ class RemoteExperts:
 
         todo = [Piece(expert, 0, rows.shape[0]) for expert, rows in groups.items()]
         outputs = await with_failover(self, layer, todo, assign,  # piece -> its output rows [stop - start, H]
-                                      lambda address, pieces: self._call(address, layer, pieces, groups),
-                                      lambda pieces: f"{sum(p.stop - p.start for p in pieces)} rows", "")
+                                      lambda address, pieces: self._call_pieces(address, layer, pieces, groups),
+                                      lambda pieces: f"{sum(p.stop - p.start for p in pieces)} rows", "", first)
         with tracing.span("moe.combine", layer=layer):
             if len(outputs) == len(groups):  # one piece per expert: every group answered whole, nothing to join
                 return {piece.expert: output for piece, output in outputs.items()}
@@ -161,18 +185,30 @@ class RemoteExperts:
         """Seconds a call of `rows` token rows may take before its server counts as failed."""
         return EXPERT_CALL_BASE_S + rows * self.flops_per_row / EXPERT_FLOPS_PER_S
 
-    async def _call(self, address: str, layer: int, pieces: list[Piece],
-                    groups: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    async def _call_pieces(self, address: str, layer: int, pieces: list[Piece],
+                           groups: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """One server's pieces -> their outputs, in order. ServerFailed if the server failed."""
         # each [rows, H]: a whole group as it is (a slice costs a tensor op per piece, every layer)
         inputs = [groups[p.expert] if p.start == 0 and p.stop == groups[p.expert].shape[0]
                   else groups[p.expert][p.start:p.stop] for p in pieces]
         packed = PackedCall(address, layer, [p.expert for p in pieces], inputs)  # one tensor each way
+        output = await self._call(address, packed)  # [N, H]
+        return list(output.split_with_sizes(packed.counts)) if len(packed.counts) > 1 else [output]
+
+    async def _call(self, address: str, packed: PackedCall) -> torch.Tensor:
+        """One ComputeExperts call -> its checked answer [N, H]. ServerFailed if the server failed."""
         rows = packed.hidden_states.shape[0]
         self._in_flight[address] += rows
         timeout = self.deadline(rows)
         started = time.perf_counter()
         try:
+            pool = self.data_planes.ready(address) if self.nccl_links is None else None
+            session = pool.idle_session() if pool is not None else None
+            if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
+                async with asyncio.timeout(timeout), session as call:
+                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
+                                              expert_pb2.ComputeExpertsResponse, None)
+                    return packed.output(reply, call.decode)
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:
@@ -184,15 +220,15 @@ class RemoteExperts:
                         bound.reschedule(min(bound.when(), asyncio.get_running_loop().time() + timeout))
                         reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
                                                   expert_pb2.ComputeExpertsResponse, None)
-                        return packed.outputs(reply, call.decode)
+                        return packed.output(reply, call.decode)
                 reply = await self._stubs[address].ComputeExperts(
                     packed.request(functools.partial(codec.encode, arena=None)), timeout=timeout)
-                return packed.outputs(reply, functools.partial(codec.decode, segment=None))
+                return packed.output(reply, functools.partial(codec.decode, segment=None))
         except (grpc.aio.AioRpcError, DataPlaneError, TimeoutError) as error:
             code = error.code() if isinstance(error, grpc.aio.AioRpcError) else getattr(
                 error, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
             details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error) or "timed out"
-            message = f"expert server {address} failed layer {layer}: {code.name} {details}"
+            message = f"expert server {address} failed layer {packed.layer}: {code.name} {details}"
             if self.nccl_links is not None:
                 self.nccl_links.forget([address])  # the link may be out of step: a new one next time
             if code in FAILOVER_CODES:
@@ -205,11 +241,11 @@ class RemoteExperts:
             nbytes = metrics.tensor_bytes(packed.hidden_states)  # answers are the same size
             metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
 
-    async def _call_over_nccl(self, address: str, packed: PackedCall, timeout: float) -> list[torch.Tensor]:
+    async def _call_over_nccl(self, address: str, packed: PackedCall, timeout: float) -> torch.Tensor:
         link = await self.nccl_links.get(address, self._channels[address], self.server_name)
         async with link.call() as call:  # tensors beside the call, over the link
             reply = await call.invoke(self._stubs[address].ComputeExperts, packed.request(call.encode), timeout)
-            return packed.outputs(reply, call.decode)
+            return packed.output(reply, call.decode)
 
     async def close(self) -> None:
         await self.data_planes.close()
@@ -217,29 +253,24 @@ class RemoteExperts:
             await channel.close()
 
 
-async def with_failover(owner, layer: int, todo: list, assign, call, describe, what: str) -> dict:
+async def with_failover(owner, layer: int, todo: list, assign, call, describe, what: str, first=None) -> dict:
     """Every part of `todo` computed by some server: `assign(todo, avoid)` -> {address: parts} (avoid:
     part -> addresses that failed it in this call), `call(address, parts)` -> their outputs in order,
     all servers at once. The parts of a server that raised ServerFailed go round again, at most
     MAX_ATTEMPTS rounds, and the server is avoided for DOWN_RETRY_S. `owner`: its `_down`
     (address -> monotonic time until which it is avoided), `failovers` (counted) and `server_name`;
-    `describe(parts)` and `what` word the log and the error. Returns part -> output; Unavailable
-    when a part found no replica."""
+    `describe(parts)` and `what` word the log and the error. `first`: (address, parts, ServerFailed)
+    of a first round the caller made itself (all of `todo` to one server, which failed), or None.
+    Returns part -> output; Unavailable when a part found no replica."""
     outputs: dict = {}
     avoid: dict = {}
     failures: list[str] = []
     for attempt in range(MAX_ATTEMPTS):
-        by_server = assign(todo, avoid)
-        with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-            if len(by_server) == 1:  # one server (batch 1, mostly): its call in this task, not one of its own
-                [(address, parts)] = by_server.items()
-                try:
-                    answers = [await call(address, parts)]
-                except ServerFailed as error:
-                    answers = [error]
-            else:
-                answers = await asyncio.gather(*(call(address, parts) for address, parts in by_server.items()),
-                                               return_exceptions=True)
+        if attempt == 0 and first is not None:  # the caller's own first round
+            by_server, answers = {first[0]: first[1]}, [first[2]]
+        else:
+            by_server = assign(todo, avoid)
+            answers = await _round(layer, by_server, call)
         todo = []
         for (address, parts), answer in zip(by_server.items(), answers):
             if isinstance(answer, ServerFailed):
@@ -259,6 +290,19 @@ async def with_failover(owner, layer: int, todo: list, assign, call, describe, w
         owner.failovers += len(todo)
     raise Unavailable("experts", f"layer {layer}: no replica {what}answered after {MAX_ATTEMPTS} attempts: "
                                  + "; ".join(failures[-2:]))
+
+
+async def _round(layer: int, by_server: dict, call) -> list:
+    """Each server's answer to its parts (outputs, or the exception it raised), all servers at once."""
+    with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
+        if len(by_server) == 1:  # one server (batch 1, mostly): its call in this task, not one of its own
+            [(address, parts)] = by_server.items()
+            try:
+                return [await call(address, parts)]
+            except ServerFailed as error:
+                return [error]
+        return await asyncio.gather(*(call(address, parts) for address, parts in by_server.items()),
+                                    return_exceptions=True)
 
 
 def checked_outputs(address: str, inputs: list[torch.Tensor], reply: expert_pb2.ComputeExpertsResponse,

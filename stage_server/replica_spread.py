@@ -29,3 +29,19 @@ def spread(num_tokens: int, addresses: tuple[str, ...], in_flight: dict[str, int
         if used == 1 or min(counts) >= min_chunk:
             return [(order[i], counts[i]) for i in range(used) if counts[i] > 0]
     raise AssertionError("unreachable: one replica always takes the whole group")
+
+
+def sole_servers(replicas: dict[tuple[int, int], tuple[str, ...]]) -> dict[int, tuple[str, frozenset[int]]]:
+    """Placement replicas ((layer, expert) -> addresses) -> {layer: (address, its experts)} for each
+    layer whose every expert has one replica, all on that one server: its calls need no spreading.
+
+    sole_servers({(0, 0): ("a",), (0, 1): ("a",), (1, 0): ("a", "b")}) -> {0: ("a", frozenset({0, 1}))}"""
+    by_layer: dict[int, tuple[set[str], set[int], bool]] = {}
+    for (layer, expert), addresses in replicas.items():
+        servers, experts, single = by_layer.setdefault(layer, (set(), set(), True))
+        servers.update(addresses)
+        experts.add(expert)
+        if len(addresses) != 1:
+            by_layer[layer] = (servers, experts, False)
+    return {layer: (next(iter(servers)), frozenset(experts)) for layer, (servers, experts, single) in by_layer.items()
+            if single and len(servers) == 1}

@@ -88,7 +88,7 @@ class SplitExperts:
         try:
             partials = await self._slices(layer, split)
         finally:
-            outputs = await whole_outputs
+            outputs = dict(await whole_outputs)  # (a read-only mapping: PackedRows)
         for expert in split:
             outputs[expert] = sum_slices([partials[(expert, r)] for r in range(len(self.slices[(layer, expert)]))])
         return outputs

@@ -155,3 +155,32 @@ def test_a_server_gone_fails_the_calls_then_sessions_are_negotiated_again():
     failed, broken_all, replaced, value = run(main())
     assert failed.code == grpc.StatusCode.UNAVAILABLE
     assert broken_all and replaced and value == 4.0
+
+
+def test_idle_session_only_when_a_call_can_start_at_once():
+    """DataPlanes.ready / ShmPool.idle_session (the stage's expert calls skip the negotiation bound with
+    them): a pool only once negotiated, a session only while an idle one is whole and big enough."""
+    async def main():
+        async with gate_server() as (gate, _, channel, address):
+            gate.release.set()
+            planes = DataPlanes(enabled=True, max_sessions=2)
+            assert planes.ready(address) is None  # not negotiated yet
+            pool = await planes.get(address, channel)
+            assert planes.ready(address) is pool and DataPlanes(enabled=False).ready(address) is None
+            seen = [pool.idle_session() is not None]          # the first session, idle
+            async with pool.session():
+                seen.append(pool.idle_session() is not None)  # in a call: none idle
+            [session] = pool.sessions
+            session.wanted = session.segment.size + 1        # too small for the next call
+            seen.append(pool.idle_session() is not None)
+            session.wanted = 0
+            session.broken = True
+            seen.append(pool.idle_session() is not None)
+            session.broken = False
+            async with pool.idle_session() as taken:          # entered at once, the idle session
+                seen.append(taken.channel is session)
+            await planes.close()
+            seen.append(pool.idle_session() is not None)      # closed
+            return seen
+
+    assert run(main()) == [True, False, False, False, True, False]

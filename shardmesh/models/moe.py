@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shardmesh.models import moe_kernel
+from shardmesh.models.packed_rows import PackedRows
 
 
 class MoEGate:
@@ -40,15 +41,15 @@ class MoEGate:
 
     def dispatch(self, hidden_states: torch.Tensor) -> tuple[dict[int, torch.Tensor], "DispatchHandle"]:
         """`dispatch(hidden_states, self(hidden_states), top_k)`, in one C call for fp32 on the CPU
-        (moe_kernel.gate_dispatch: the groups are then views of one packed tensor [T*K, H], experts
-        ascending, which packed_groups sends as it is)."""
+        (moe_kernel.gate_dispatch: the groups are then a PackedRows of one packed tensor [T*K, H],
+        experts ascending, which packed_groups sends as it is)."""
         if not moe_kernel.usable(hidden_states, self.weight):
             return dispatch(hidden_states, self(hidden_states), self.top_k)
         packed, routing = moe_kernel.gate_dispatch(hidden_states, self.weight, self.top_k)  # packed [T*K, H]
         counts = routing.counts()
         experts = tuple(e for e, count in enumerate(counts) if count)
         sizes = tuple(counts[e] for e in experts)
-        groups = dict(zip(experts, packed.split_with_sizes(sizes) if len(sizes) > 1 else [packed]))
+        groups = PackedRows(packed, experts, sizes)  # views made only if a backend reads them one by one
         return groups, DispatchHandle(hidden_states.shape[0], hidden_states.shape[1], hidden_states.dtype, experts,
                                       sizes, routing=routing)
 
@@ -141,7 +142,11 @@ def combine(outputs: dict[int, torch.Tensor], handle: DispatchHandle,
     its group). Accumulates in float32, in ascending expert order per token; returns the dispatched
     dtype. Raises ValueError when an expert is missing or has the wrong number of rows (outputs may
     come from the network). A handle of the C kernel (MoEGate.dispatch) with fp32 CPU outputs is
-    combined by the kernel, residual included, in one pass: the same bits as torch's path."""
+    combined by the kernel, residual included, in one pass: the same bits as torch's path; outputs
+    that are a PackedRows of those experts and counts (a packed answer) go to it as one tensor."""
+    if (handle.routing is not None and type(outputs) is PackedRows and handle.experts and outputs.experts == handle.experts
+            and outputs.counts == handle.counts and _kernel_takes_packed(outputs.rows, handle, residual)):
+        return moe_kernel.combine_packed(outputs.rows, handle.routing, residual)
     try:
         pieces = [outputs[e] for e in handle.experts]
     except KeyError:
@@ -163,6 +168,14 @@ def kernels_take(pieces: list[torch.Tensor], residual: torch.Tensor | None) -> b
     tensors = pieces if residual is None else [*pieces, residual]
     return all(t.dtype is torch.float32 and t.is_cpu for t in tensors) and (
         residual is None or residual.is_contiguous())
+
+
+def _kernel_takes_packed(rows: torch.Tensor, handle: DispatchHandle, residual: torch.Tensor | None) -> bool:
+    """Whether the C combine takes this packed answer [N, H] as it is: every row of the dispatch, fp32
+    contiguous on the CPU (as is the residual, if any)."""
+    return (rows.dtype is torch.float32 and rows.is_cpu and rows.is_contiguous() and rows.dim() == 2
+            and rows.shape[0] == handle.routing.num_tokens * handle.routing.top_k and rows.shape[1] == handle.hidden_size
+            and (residual is None or (residual.dtype is torch.float32 and residual.is_cpu and residual.is_contiguous())))
 
 
 def _combine_torch(pieces: list[torch.Tensor], handle: DispatchHandle) -> torch.Tensor:

@@ -116,12 +116,26 @@ def combine_rows(outputs: list[torch.Tensor], experts: tuple[int, ...], routing:
     """[T, H] float32: residual (if given: [T, H] contiguous fp32 on the CPU) + each token's expert
     outputs weighted and summed in ascending expert order (torch's combine: the same bits). outputs[i]:
     expert experts[i]'s rows [n_e, H], contiguous fp32 on the CPU (the caller checked)."""
-    combine = _functions()[1]
     addresses = (ctypes.c_void_p * routing.num_experts)()
     for expert, output in zip(experts, outputs):
         addresses[expert] = output.data_ptr()
+    return _combine(addresses, outputs[0].shape[1], routing, residual)
+
+
+def combine_packed(rows: torch.Tensor, routing: KernelRouting, residual: torch.Tensor | None) -> torch.Tensor:
+    """combine_rows of the experts' outputs as they lie in one tensor rows [T*K, H] (contiguous fp32 on
+    the CPU, the caller checked), each expert's at its packed rows (the routing's offsets): a packed
+    answer read in place, with no per-expert views."""
+    row_bytes = rows.shape[1] * 4
+    base, offsets = rows.data_ptr(), routing.table[routing.num_experts:2 * routing.num_experts]
+    addresses = (ctypes.c_void_p * routing.num_experts)(*(base + offset * row_bytes for offset in offsets))
+    return _combine(addresses, rows.shape[1], routing, residual)
+
+
+def _combine(addresses, hidden: int, routing: KernelRouting, residual: torch.Tensor | None) -> torch.Tensor:
+    """The combine kernel over `addresses` [E] (each expert's first row) -> [T, H] float32."""
+    combine = _functions()[1]
     num_tokens, top_k, table = routing.num_tokens, routing.top_k, routing.table
-    hidden = outputs[0].shape[1]
     assert residual is None or residual.shape == (num_tokens, hidden), (residual.shape, num_tokens, hidden)
     out = torch.empty(num_tokens, hidden, dtype=torch.float32)  # [T, H]
     base = ctypes.addressof(table)

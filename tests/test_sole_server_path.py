@@ -1,0 +1,107 @@
+"""A layer whose every expert lies, unreplicated, on one expert server (1 stage + 1 expert server) is
+called without the spread and failover machinery's general path (stage_server/remote_experts.py):
+the same calls, failovers, down marks and errors as the general path; the packed groups go out as
+one tensor (PackedRows) and their answer combines with the same bits as per-expert outputs."""
+
+import asyncio
+
+import pytest
+import torch
+
+from shardmesh.errors import Unavailable
+from shardmesh.models import moe_kernel
+from shardmesh.models.moe import MoEGate, combine
+from shardmesh.models.packed_rows import PackedRows
+
+from stage_server.remote_experts import MAX_ATTEMPTS, Placement, RemoteExperts, ServerFailed
+from stage_server.replica_spread import sole_servers
+
+HIDDEN = 32
+
+
+def test_packed_rows_reads_as_a_mapping():
+    rows = torch.arange(6 * HIDDEN, dtype=torch.float32).view(6, HIDDEN)
+    groups = PackedRows(rows, (1, 4, 6), (2, 1, 3))
+    assert list(groups) == [1, 4, 6] and len(groups) == 3 and 4 in groups and 5 not in groups
+    assert torch.equal(groups[4], rows[2:3]) and torch.equal(groups[6], rows[3:])
+    assert [e for e, _ in groups.items()] == [1, 4, 6] and groups.get(5) is None
+    assert PackedRows(rows[:0], (), ()) == {}
+    with pytest.raises(TypeError):
+        groups[4] = rows[:1]  # read-only
+
+
+def test_sole_servers():
+    replicas = {(0, 0): ("a",), (0, 1): ("a",), (1, 0): ("a", "b"), (1, 1): ("a",), (2, 0): ("a",), (2, 1): ("b",)}
+    assert sole_servers(replicas) == {0: ("a", frozenset({0, 1}))}
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 16])
+def test_packed_answer_combines_with_the_same_bits(num_tokens):
+    """combine of a PackedRows answer (one tensor, read in place by the kernel) == combine of the same
+    outputs as separate per-expert tensors."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    gate = MoEGate(torch.randn(8, HIDDEN, generator=generator), 2)
+    hidden_states = torch.randn(num_tokens, HIDDEN, generator=generator)  # [T, H]
+    residual = torch.randn(num_tokens, HIDDEN, generator=generator)       # [T, H]
+    groups, handle = gate.dispatch(hidden_states)
+    if handle.routing is None:
+        pytest.skip("the MoE kernel is off (SHARDMESH_MOE_KERNEL=0): no packed groups")
+    assert type(groups) is PackedRows and groups.experts == handle.experts
+    answer = torch.sin(groups.rows * 3.0)  # [T*K, H]: each row its own "expert output"
+    separate = {e: torch.sin(x * 3.0).clone() for e, x in groups.items()}
+    before = moe_kernel.calls["combine"]
+    ours = combine(PackedRows(answer, groups.experts, groups.counts), handle, residual)
+    assert moe_kernel.calls["combine"] == before + 1
+    assert torch.equal(ours, combine(separate, handle, residual))
+    assert torch.equal(combine(PackedRows(answer, groups.experts, groups.counts), handle),
+                       combine(separate, handle))
+
+
+class ScriptedServer:
+    """RemoteExperts._call's stand-in: answers each packed call with its rows * 2, or fails the first
+    `failures` calls (ServerFailed, as a dead or frozen server does)."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, []
+
+    async def __call__(self, address, packed):
+        self.calls.append((address, list(packed.experts), list(packed.counts)))
+        if len(self.calls) <= self.failures:
+            raise ServerFailed(f"expert server {address} failed layer {packed.layer}: UNAVAILABLE scripted")
+        return packed.hidden_states * 2  # [N, H]
+
+
+async def scripted_run(failures: int, general: bool, groups) -> tuple:
+    experts = RemoteExperts(data_plane="grpc")
+    await experts.update(Placement(1, {(0, e): ("127.0.0.1:1",) for e in range(8)}))
+    if general:
+        experts._sole = {}  # the general path: spread, assign, with_failover from its first round
+    server = experts._call = ScriptedServer(failures)
+    try:
+        try:
+            outputs = await experts.run(0, groups)
+            answer = {e: outputs[e] for e in groups}
+        except Unavailable as error:
+            answer = str(error)
+        return answer, server.calls, experts.failovers, sorted(experts._down), experts._turn
+    finally:
+        await experts.close()
+
+
+@pytest.mark.parametrize("failures", [0, 1, MAX_ATTEMPTS - 1, MAX_ATTEMPTS])
+def test_one_server_path_is_the_general_path(failures):
+    """Answers, calls made, failovers counted, servers marked down and the error after MAX_ATTEMPTS:
+    all as the general path's."""
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(7, HIDDEN, generator=generator)  # [7, H]
+    for groups in (PackedRows(rows, (1, 3, 6), (3, 1, 3)), {1: rows[:3], 3: rows[3:4], 6: rows[4:]}):
+        fast = asyncio.run(scripted_run(failures, False, groups))
+        general = asyncio.run(scripted_run(failures, True, groups))
+        fast_answer, general_answer = fast[0], general[0]
+        if failures < MAX_ATTEMPTS:
+            assert all(torch.equal(fast_answer[e], general_answer[e]) and torch.equal(fast_answer[e], groups[e] * 2)
+                       for e in groups)
+        else:
+            assert fast_answer == general_answer and f"after {MAX_ATTEMPTS} attempts" in fast_answer
+        assert fast[1:] == general[1:]
+        assert len(fast[1]) == min(failures + 1, MAX_ATTEMPTS) and fast[2] == 3 * min(failures, MAX_ATTEMPTS)
