@@ -26,7 +26,7 @@ from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
 from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.decode_layer import DecodeLayerStep, DecodeLayerWeights
-from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment, layer_caches
+from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryTable, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
 from shardmesh.tp_group import SINGLE, TPGroup
@@ -98,6 +98,7 @@ class StageModel:
                                                      layer.post_attention_layernorm, self.tp.world_size)
                                for layer in self.layers]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
+        self.rotary_rows = RotaryTable(self.rotary, dtype)  # its rows per position, made once
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
         self._in_flight: set[int] = set()  # sequences inside a forward that has not finished
@@ -207,7 +208,7 @@ class StageModel:
                           experts: "ExpertBackend | None") -> torch.Tensor:
         positions = torch.tensor([p for s in segments for p in range(s.start_position, s.start_position + s.num_tokens)],
                                  device=self.device)  # [N]
-        cos, sin = self.rotary(positions, self.dtype)  # [N, D] each
+        cos, sin = self.rotary_rows(positions, max(s.start_position + s.num_tokens for s in segments))  # [N, D] each
         if self.is_first:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
         else:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardmesh.models.layers import RMSNorm, RotaryEmbedding, Segment, SwiGLUMLP, apply_rotary, layer_caches
+from shardmesh.models.layers import (RMSNorm, RotaryEmbedding, RotaryTable, Segment, SwiGLUMLP, apply_rotary,
+                                     layer_caches)
 
 
 def rotate_half(states: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,19 @@ def test_rotary_equals_rotate_half(dtype):
     expected = states * cos + rotate_half(states) * sin
     rotated = apply_rotary(states, *RotaryEmbedding(head_dim, theta)(positions, dtype))
     assert torch.equal(rotated, expected)  # the minus moved into sin: the same products, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rotary_table_rows_are_the_rotary_of_those_positions(dtype, head_dim):
+    """RotaryTable (a stage's per-position cache) gives RotaryEmbedding's own bits, whatever the batch."""
+    rotary = RotaryEmbedding(head_dim, 1e6)
+    table = RotaryTable(rotary, dtype)
+    for positions in ([0], [5, 300, 7, 1], list(range(130)), [63, 64, 65, 511], list(range(40, 57))):
+        positions = torch.tensor(positions)
+        direct, looked_up = rotary(positions, dtype), table(positions, int(positions.max()) + 1)
+        assert all(a.is_contiguous() and torch.equal(a, b) for a, b in zip(looked_up, direct, strict=True))
+    assert table.cos.shape == (512, head_dim)  # grown in whole chunks, up to the last position asked
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
