@@ -80,9 +80,9 @@ class SplitExperts:
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> hidden_states [n_e, H]; returns expert id -> output [n_e, H]."""
-        split = {e: x for e, x in groups.items() if (layer, e) in self.slices}
-        if not split:
+        if not self.slices or not any((layer, e) in self.slices for e in groups):  # (no per-expert views made)
             return await self.inner.run(layer, groups)
+        split = {e: x for e, x in groups.items() if (layer, e) in self.slices}
         whole = {e: x for e, x in groups.items() if e not in split}
         whole_outputs = asyncio.ensure_future(self.inner.run(layer, whole) if whole else _nothing())
         try:
