@@ -145,8 +145,13 @@ class ShmCall:
 
     def decode(self, message, field: str) -> torch.Tensor:
         """A copy of a reply tensor (the segment is reused by the next call)."""
+        return self.view(message, field).clone()
+
+    def view(self, message, field: str) -> torch.Tensor:
+        """A reply tensor where it lies, no copy: valid only until this session's next call (keep the
+        session taken while reading it; decode gives a copy)."""
         self.inline_bytes += len(message.data)  # a reply tensor that did not fit in the segment
-        return codec.decode(message, field, segment=self.channel.segment, cuda_segment=self.channel.cuda).clone()
+        return codec.decode(message, field, segment=self.channel.segment, cuda_segment=self.channel.cuda)
 
 
 class ShmChannel:

@@ -129,6 +129,17 @@ class RemoteExperts:
         return set(self._channels)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return await self._run(layer, groups, None)
+
+    def lend(self, layer: int, groups: dict[int, torch.Tensor]) -> "Lent":
+        """`async with experts.lend(layer, groups) as outputs`: run's outputs, which on the one-server
+        shared-memory path are the answer where it lies in the session's segment (no copy): the
+        session stays taken until the block ends (no other call can write over them). Read them
+        inside the block only (moe_block combines them there)."""
+        return Lent(self, layer, groups)
+
+    async def _run(self, layer: int, groups: dict[int, torch.Tensor], held: list | None) -> dict[int, torch.Tensor]:
+        """run; held: a list to take the shared-memory session whose segment the outputs view (lend), or None."""
         sole = self._sole.get(layer)
         first = None  # a failed first attempt of the one-server path, for with_failover to go on from
         if groups and sole is not None and sole[1].issuperset(groups):
@@ -140,7 +151,7 @@ class RemoteExperts:
                       else PackedCall(address, layer, list(groups), list(groups.values())))
             try:
                 with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-                    output = await self._call(address, packed)  # [N, H]
+                    output = await self._call(address, packed, held)  # [N, H]
             except ServerFailed as error:
                 first = (address, [Piece(e, 0, n) for e, n in zip(packed.experts, packed.counts)], error)
             else:
@@ -195,8 +206,10 @@ class RemoteExperts:
         output = await self._call(address, packed)  # [N, H]
         return list(output.split_with_sizes(packed.counts)) if len(packed.counts) > 1 else [output]
 
-    async def _call(self, address: str, packed: PackedCall) -> torch.Tensor:
-        """One ComputeExperts call -> its checked answer [N, H]. ServerFailed if the server failed."""
+    async def _call(self, address: str, packed: PackedCall, held: list | None = None) -> torch.Tensor:
+        """One ComputeExperts call -> its checked answer [N, H]. ServerFailed if the server failed.
+        held: when given and the call goes over an idle shared-memory session, the answer is a view of
+        its segment and the session is appended to `held` instead of released (lend)."""
         rows = packed.hidden_states.shape[0]
         self._in_flight[address] += rows
         timeout = self.deadline(rows)
@@ -205,10 +218,20 @@ class RemoteExperts:
             pool = self.data_planes.ready(address) if self.nccl_links is None else None
             session = pool.idle_session() if pool is not None else None
             if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
-                async with asyncio.timeout(timeout), session as call:
-                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
-                                              expert_pb2.ComputeExpertsResponse, None)
-                    return packed.output(reply, call.decode)
+                async with asyncio.timeout(timeout):
+                    call = await session.__aenter__()
+                    try:
+                        reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
+                                                  expert_pb2.ComputeExpertsResponse, None)
+                        output = packed.output(reply, call.decode if held is None else call.view)
+                    except BaseException as error:
+                        await session.__aexit__(type(error), error, error.__traceback__)
+                        raise
+                    if held is None:
+                        await session.__aexit__(None, None, None)
+                    else:
+                        held.append(session)  # released when the borrower is done (Lent)
+                    return output
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:
@@ -251,6 +274,28 @@ class RemoteExperts:
         await self.data_planes.close()
         for channel in self._channels.values():
             await channel.close()
+
+
+class Lent:
+    """RemoteExperts.lend(layer, groups): an async context giving the layer's outputs, holding the
+    shared-memory session they may view until it exits."""
+
+    __slots__ = ("experts", "layer", "groups", "held")
+
+    def __init__(self, experts: RemoteExperts, layer: int, groups: dict[int, torch.Tensor]):
+        self.experts, self.layer, self.groups, self.held = experts, layer, groups, []
+
+    async def __aenter__(self) -> dict[int, torch.Tensor]:
+        try:
+            return await self.experts._run(self.layer, self.groups, self.held)
+        except BaseException:
+            await self.__aexit__(None, None, None)  # (not called when entering fails)
+            raise
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        while self.held:  # the call itself went through: release as after any good call
+            await self.held.pop().__aexit__(None, None, None)
+        return False
 
 
 async def with_failover(owner, layer: int, todo: list, assign, call, describe, what: str, first=None) -> dict:

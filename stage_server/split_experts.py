@@ -78,6 +78,12 @@ class SplitExperts:
                 self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
                 self._down.pop(address, None)
 
+    def lend(self, layer: int, groups: dict[int, torch.Tensor]):
+        """RemoteExperts.lend when no expert of `groups` is split, else run's outputs (copies) in the same form."""
+        if not self.slices or not any((layer, e) in self.slices for e in groups):
+            return self.inner.lend(layer, groups)
+        return _Ran(self.run(layer, groups))
+
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> hidden_states [n_e, H]; returns expert id -> output [n_e, H]."""
         if not self.slices or not any((layer, e) in self.slices for e in groups):  # (no per-expert views made)
@@ -137,6 +143,19 @@ class SplitExperts:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+
+
+class _Ran:
+    """An awaitable's result as an async context (nothing held)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    async def __aenter__(self):
+        return await self.outputs
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        return False
 
 
 async def _nothing() -> dict[int, torch.Tensor]:

@@ -64,7 +64,7 @@ class ScriptedServer:
     def __init__(self, failures: int):
         self.failures, self.calls = failures, []
 
-    async def __call__(self, address, packed):
+    async def __call__(self, address, packed, held=None):
         self.calls.append((address, list(packed.experts), list(packed.counts)))
         if len(self.calls) <= self.failures:
             raise ServerFailed(f"expert server {address} failed layer {packed.layer}: UNAVAILABLE scripted")
@@ -105,3 +105,34 @@ def test_one_server_path_is_the_general_path(failures):
             assert fast_answer == general_answer and f"after {MAX_ATTEMPTS} attempts" in fast_answer
         assert fast[1:] == general[1:]
         assert len(fast[1]) == min(failures + 1, MAX_ATTEMPTS) and fast[2] == 3 * min(failures, MAX_ATTEMPTS)
+
+
+def test_lend_reads_the_answer_in_place_and_holds_its_session(mixtral_dir):
+    """RemoteExperts.lend (moe_block's way in) over shared memory: the outputs are the answer where it
+    lies in the session's segment (no copy), the session stays taken until the block ends (no other
+    call can write over them), then it is idle again; run's outputs are copies, of the same bits."""
+    from shardmesh.service_config import ServiceConfig
+    from expert_server.main import start_expert_server
+
+    async def main():
+        server = await start_expert_server(ServiceConfig(model_dir=mixtral_dir, name="experts-a", data_plane="shm"))
+        experts = RemoteExperts(data_plane="shm")  # experts-a holds experts 0..4 of every layer
+        try:
+            await experts.update(Placement(1, {(0, e): (server.address,) for e in range(5)}))
+            rows = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))  # [7, H]
+            groups = PackedRows(rows, (0, 2, 4), (3, 1, 3))
+            copied = await experts.run(0, groups)  # (negotiates the plane)
+            pool = experts.data_planes.ready(server.address)
+            [session] = pool.sessions
+            start = session.segment._bytes.data_ptr()
+            in_segment = lambda tensor: start <= tensor.data_ptr() < start + session.segment.size  # noqa: E731
+            async with experts.lend(0, groups) as outputs:
+                inside = (type(outputs) is PackedRows, in_segment(outputs.rows), pool.idle_session() is None)
+                same = all(torch.equal(outputs[e], copied[e]) for e in groups)
+            return inside, same, pool.idle_session() is not None, pool.sessions == [session], in_segment(copied[0])
+        finally:
+            await experts.close()
+            await server.stop(grace=None)
+
+    inside, same, idle_after, one_session, copy_in_segment = asyncio.run(asyncio.wait_for(main(), 60))
+    assert inside == (True, True, True) and same and idle_after and one_session and not copy_in_segment
