@@ -177,13 +177,15 @@ class StageModel:
                 raise InvalidArgument("hidden_states", f"{inputs.dtype} {list(inputs.shape)} is not "
                                                        f"{self.dtype} {expected}")
 
-    async def forward(self, batch: StageBatch, experts: "ExpertBackend | None") -> torch.Tensor:
+    async def forward(self, batch: StageBatch, experts: "ExpertBackend | None", validated: bool = False) -> torch.Tensor:
         """Run the stage's layers on the step's new tokens; atomic with respect to the KV cache.
 
         Returns hidden_states [N, H] (stage dtype), or on the last stage logits float32 [S, V] at each
         sequence's last new token. The cache of this step's sequences is extended only when the whole
-        step succeeds; on any exception it is as it was before the call."""
-        self.validate(batch)
+        step succeeds; on any exception it is as it was before the call. validated: the caller has
+        just passed `batch` through `validate`, with no await since (nothing can have changed)."""
+        if not validated:
+            self.validate(batch)
         if experts is None and self.config.is_moe:
             raise ValueError("an MoE stage needs an ExpertBackend")
         segments, offset = [], 0

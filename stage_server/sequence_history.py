@@ -15,28 +15,33 @@ MAX_SEQUENCES = 1024  # the most recently stepped sequences kept (a few hundred 
 class SequenceHistory:
     def __init__(self, limit: int = MAX_SEQUENCES):
         self.limit = limit
-        self._entries: collections.OrderedDict[int, stage_pb2.SequenceHistory] = collections.OrderedDict()
+        # sequence id -> [first_start_position, first_num_tokens, tokens_received, steps, frees]: plain
+        # ints, updated every step (a protobuf message per sequence is made only when asked, `messages`)
+        self._entries: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
     def stepped(self, sequences) -> None:
         """After a step succeeded: `sequences` are its stage_pb2.SequenceSlice."""
+        entries = self._entries
         for piece in sequences:
-            entry = self._entries.get(piece.sequence_id)
+            sequence_id, num_tokens = piece.sequence_id, piece.num_tokens
+            entry = entries.get(sequence_id)
             if entry is None:
-                entry = self._entries[piece.sequence_id] = stage_pb2.SequenceHistory(
-                    sequence_id=piece.sequence_id, first_start_position=piece.start_position,
-                    first_num_tokens=piece.num_tokens)
-            entry.tokens_received += piece.num_tokens
-            entry.steps += 1
-            self._entries.move_to_end(piece.sequence_id)
-        while len(self._entries) > self.limit:
-            self._entries.popitem(last=False)
+                entry = entries[sequence_id] = [piece.start_position, num_tokens, 0, 0, 0]
+            else:
+                entries.move_to_end(sequence_id)
+            entry[2] += num_tokens
+            entry[3] += 1
+        while len(entries) > self.limit:
+            entries.popitem(last=False)
 
     def freed(self, sequence_ids) -> None:
         """`sequence_ids` were cached and are freed now."""
         for sequence_id in sequence_ids:
             entry = self._entries.get(sequence_id)
             if entry is not None:
-                entry.frees += 1
+                entry[4] += 1
 
     def messages(self) -> list[stage_pb2.SequenceHistory]:
-        return list(self._entries.values())
+        return [stage_pb2.SequenceHistory(sequence_id=sequence_id, first_start_position=first_start,
+                                          first_num_tokens=first_num, tokens_received=tokens, steps=steps, frees=frees)
+                for sequence_id, (first_start, first_num, tokens, steps, frees) in self._entries.items()]

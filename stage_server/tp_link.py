@@ -130,6 +130,8 @@ async def tp_step(fanout: TPFanout | None, request: stage_pb2.StepRequest, model
         raise Unavailable("tp", model.tp.failure)
     if fanout is None:
         try:
+            if model.tp.world_size == 1:  # validated above with no await since: forward need not again
+                return await model.forward(batch, experts, validated=True)
             return await forward_off_loop(model, batch, experts)
         except asyncio.CancelledError:  # a shard's steps come from rank 0 only: rank 0 gave up this one
             if model.tp.world_size > 1:

@@ -13,6 +13,7 @@ batch 16 (1.7%), no difference seen at batch 1.
 Shape legend: N new tokens in the step, A query heads, G key/value heads, D head_dim, S sequences.
 """
 
+import array
 import ctypes
 import functools
 
@@ -46,13 +47,23 @@ class DecodeTable:
     def of(cls, segments: list[Segment], buffers: list[torch.Tensor]) -> "DecodeTable | None":
         """buffers[i]: segment i's cache [layers, 2, G, capacity, D] (kv_cache.KVCache.reserve).
         None when the kernel is off or unavailable, no segment decodes, or a buffer is not fp32 on the CPU."""
-        picks = [i for i, segment in enumerate(segments) if segment.num_tokens == 1]
-        if not picks or _function() is None or not kernels.usable(*(buffers[i] for i in picks)):
+        if _function() is None:
             return None
-        rows = [(segments[i].offset, buffers[i].data_ptr(), buffers[i].shape[3], segments[i].start_position + 1)
-                for i in picks]
-        return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), max(row[3] for row in rows),
-                   [buffers[i] for i in picks], buffers[picks[0]].shape[4])
+        picks, picked, rows, longest = [], [], array.array("q"), 0  # rows: S x TABLE_COLUMNS, flat
+        for i, segment in enumerate(segments):  # one pass (it runs every step, on cold caches)
+            if segment.num_tokens == 1:
+                buffer = buffers[i]
+                if not (buffer.is_cpu and buffer.dtype is torch.float32 and buffer.is_contiguous()):  # kernels.usable
+                    return None
+                length = segment.start_position + 1
+                rows.extend((segment.offset, buffer.data_ptr(), buffer.shape[3], length))
+                picks.append(i)
+                picked.append(buffer)
+                longest = max(longest, length)
+        if not picks:
+            return None
+        table = torch.frombuffer(rows, dtype=torch.int64).view(len(picks), TABLE_COLUMNS)  # (keeps `rows` alive)
+        return cls(frozenset(picks), table, longest, picked, picked[0].shape[4])
 
     def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
                attended: torch.Tensor) -> None:
