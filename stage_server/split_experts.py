@@ -28,8 +28,8 @@ from shardmesh.grpc_util import open_channel
 from shardmesh.split_expert import sum_slices
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc, stage_pb2
 
-from stage_server.remote_experts import (FAILOVER_CODES, FAST_FAILURE_OPTIONS, RemoteExperts, ServerFailed,
-                                         checked_outputs, with_failover)
+from stage_server.failover import ServerFailed, checked_outputs, with_failover
+from stage_server.remote_experts import FAILOVER_CODES, FAST_FAILURE_OPTIONS, RemoteExperts
 
 ExpertKey = tuple[int, int]
 SliceReplicas = tuple[tuple[str, ...], ...]  # at index r: the addresses of slice r's replicas
