@@ -168,8 +168,7 @@ class StageModel:
                     or inputs.dtype == torch.bool or inputs.is_complex():
                 raise InvalidArgument("token_ids", f"{inputs.dtype} {list(inputs.shape)} is not "
                                                    f"integer [{num_tokens}] (the sum of num_tokens)")
-            low_high = torch.aminmax(inputs) if num_tokens else None  # one op for both ends
-            if low_high is not None and (int(low_high[0]) < 0 or int(low_high[1]) >= self.config.vocab_size):
+            if num_tokens and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
                 bad = inputs[(inputs < 0) | (inputs >= self.config.vocab_size)][0]
                 raise InvalidArgument("token_ids", f"token id {int(bad)} is outside [0, {self.config.vocab_size})")
         else:

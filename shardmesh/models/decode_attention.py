@@ -13,7 +13,6 @@ batch 16 (1.7%), no difference seen at batch 1.
 Shape legend: N new tokens in the step, A query heads, G key/value heads, D head_dim, S sequences.
 """
 
-import array
 import ctypes
 import functools
 
@@ -49,21 +48,21 @@ class DecodeTable:
         None when the kernel is off or unavailable, no segment decodes, or a buffer is not fp32 on the CPU."""
         if _function() is None:
             return None
-        picks, picked, rows, longest = [], [], array.array("q"), 0  # rows: S x TABLE_COLUMNS, flat
+        picks, picked, rows, longest = [], [], [], 0
         for i, segment in enumerate(segments):  # one pass (it runs every step, on cold caches)
             if segment.num_tokens == 1:
                 buffer = buffers[i]
                 if not (buffer.is_cpu and buffer.dtype is torch.float32 and buffer.is_contiguous()):  # kernels.usable
                     return None
                 length = segment.start_position + 1
-                rows.extend((segment.offset, buffer.data_ptr(), buffer.shape[3], length))
+                rows.append((segment.offset, buffer.data_ptr(), buffer.shape[3], length))
                 picks.append(i)
                 picked.append(buffer)
                 longest = max(longest, length)
         if not picks:
             return None
-        table = torch.frombuffer(rows, dtype=torch.int64).view(len(picks), TABLE_COLUMNS)  # (keeps `rows` alive)
-        return cls(frozenset(picks), table, longest, picked, picked[0].shape[4])
+        # (one torch op: on a stage's cold caches each op costs more than the Python around it)
+        return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), longest, picked, picked[0].shape[4])
 
     def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
                attended: torch.Tensor) -> None:
