@@ -242,9 +242,12 @@ class StageModel:
                 hidden_states = residual + layer.ffn(hidden_states)
         if not self.is_last:
             return hidden_states
-        last_rows = torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)
+        if len(segments) == hidden_states.shape[0]:  # one token each (decode): every row, in order, as it is
+            last = hidden_states                                                  # [S, H]
+        else:
+            last = hidden_states[torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)]
         # The LM head is the stage's largest matmul: split over the compute threads (compute_pool).
-        return parallel_linear(self.norm(hidden_states[last_rows]), self.lm_head).float()  # [S, V]
+        return parallel_linear(self.norm(last), self.lm_head).float()  # [S, V]
 
     def free(self, sequence_ids: Iterable[int]) -> int:
         """Drop these sequences' KV cache; returns how many were cached (unknown ids are ignored).
