@@ -99,6 +99,7 @@ class StageModel:
                                for layer in self.layers]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         self.rotary_rows = RotaryTable(self.rotary, dtype)  # its rows per position, made once
+        self._decode_workspace: dict = {}  # DecodeLayerStep's scratch, kept from step to step (steps run on one thread)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
         self._in_flight: set[int] = set()  # sequences inside a forward that has not finished
@@ -217,7 +218,7 @@ class StageModel:
             hidden_states = inputs                                          # [N, H]
         decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
         # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
-        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers)
+        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace)
         skip = decode.indices if decode is not None else ()
         caches = [[None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
                   for i, (buffer, segment) in enumerate(zip(buffers, segments))]  # [S][layers]

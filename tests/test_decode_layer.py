@@ -107,6 +107,25 @@ def test_kernel_equals_the_torch_path(kernel, shape, rows):
     assert torch.equal(fast_residual, hidden_states + linear(step.attended, layer.attention.o_proj.weight))
 
 
+def test_a_workspace_reuses_the_scratch_with_the_same_bits(kernel):
+    """DecodeLayerStep's scratch from a workspace kept across steps (a stage's): the same outputs and
+    cache writes as fresh scratch, step after step, across batch sizes (the outer-product form too)
+    and lengths, and the same tensors reused while their shape fits."""
+    layer = Layer(64, 8, 2, 16, seed=11)
+    workspace, pointers = {}, []
+    for seed, starts in enumerate([[3, 17, 0], [4, 18, 1], [40, 9, 62, 5, 7, 1] * 4, [5, 19, 2]]):
+        segments, buffers, hidden_states, cos, sin = layer.step_inputs(starts, seed=seed)
+        outputs = []
+        for space in (None, workspace):
+            written = [buffer.clone() for buffer in buffers]
+            step = DecodeLayerStep(DecodeTable.of(segments, written), cos, sin, [layer.weights] * LAYERS, 2,
+                                   workspace=space)
+            outputs.append((*step.attention_half(1, hidden_states), *written))
+        assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True)), starts
+        pointers.append(step.qkv.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[3] != pointers[2]  # kept for 3 rows, another for 24
+
+
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_a_row_is_the_same_bits_alone_in_any_batch_on_any_threads(kernel, shape, wide):

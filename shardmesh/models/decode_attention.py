@@ -39,7 +39,9 @@ class DecodeTable:
     def __init__(self, indices: frozenset[int], table: torch.Tensor, max_length: int, buffers: list[torch.Tensor],
                  head_dim: int):
         self.indices, self.table = indices, table
-        self.scratch = torch.empty(max_length + head_dim, dtype=torch.float32)  # [L_max + D]
+        self.scratch_length = max_length + head_dim  # L_max + D floats: a call's rotated query and scores
+        self._scratch: torch.Tensor | None = None    # [L_max + D], made at the first attend (the decode-layer
+                                                     # kernel has scratch of its own)
         self.buffers = buffers  # the table holds their addresses: keep them alive as long as it
 
     @classmethod
@@ -76,6 +78,8 @@ class DecodeTable:
         assert qkv.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous() and attended.is_contiguous()
         assert qkv.dtype == cos.dtype == signed_sin.dtype == attended.dtype == torch.float32
         assert cos.shape == signed_sin.shape == (num_tokens, D) and qkv.shape[0] == num_tokens
+        if self._scratch is None:
+            self._scratch = torch.empty(self.scratch_length, dtype=torch.float32)  # [L_max + D]
         kernels.calls["decode_attention"] += 1
         _function()(self.table.shape[0], A, G, D, layer, scale, self.table.data_ptr(), qkv.data_ptr(),
-                    cos.data_ptr(), signed_sin.data_ptr(), self.scratch.data_ptr(), attended.data_ptr())
+                    cos.data_ptr(), signed_sin.data_ptr(), self._scratch.data_ptr(), attended.data_ptr())

@@ -85,21 +85,29 @@ class DecodeLayerWeights:
 
 
 class DecodeLayerStep:
-    """One step's sequences for the kernel: the decode table, RoPE tables and scratch, shared by every layer."""
+    """One step's sequences for the kernel: the decode table, RoPE tables and scratch, shared by every layer.
+
+    workspace: a dict the caller keeps from step to step (StageModel: one per stage), from which the
+    scratch tensors are reused while their shape fits (a torch op each less per step). They are read
+    and written only inside attention_half's one synchronous C call, so steps that interleave at
+    their awaits on one thread may share them."""
 
     def __init__(self, decode: DecodeTable, cos: torch.Tensor, signed_sin: torch.Tensor,
-                 layers: list[DecodeLayerWeights], threads: int, unit_bytes: int = UNIT_BYTES):
+                 layers: list[DecodeLayerWeights], threads: int, unit_bytes: int = UNIT_BYTES,
+                 workspace: dict | None = None):
         S = decode.table.shape[0]
         H, (A, G, D) = layers[0].struct.H, layers[0].heads
-        stride = decode.scratch.shape[0]  # max(length) + D
+        stride = decode.scratch_length  # max(length) + D
+        if workspace is not None:  # room for the next SCRATCH_STEP lengths too: the same tensor step after step
+            stride = -(-stride // SCRATCH_STEP) * SCRATCH_STEP
         self.layers, self.decode, self.cos, self.signed_sin = layers, decode, cos, signed_sin
-        self.normed = torch.empty(S, H, dtype=torch.float32)                  # [S, H]
-        self.qkv = torch.empty(S, (A + 2 * G) * D, dtype=torch.float32)       # [S, (A + 2G) D]
-        self.attended = torch.empty(S, A * D, dtype=torch.float32)            # [S, A D]
-        self.scratch = torch.empty(threads, stride, dtype=torch.float32)      # [threads, L_max + D]
+        self.normed = _scratch(workspace, "normed", S, H)                    # [S, H]
+        self.qkv = _scratch(workspace, "qkv", S, (A + 2 * G) * D)            # [S, (A + 2G) D]
+        self.attended = _scratch(workspace, "attended", S, A * D)            # [S, A D]
+        self.scratch = _scratch(workspace, "scratch", threads, stride)       # [threads, >= L_max + D]
         wide = S > KERNEL_ROWS[1]
         # the outer-product form's packed rows [max(H, A D), 64], 64-byte aligned: 16 spare floats to shift into alignment
-        self.spare = torch.empty(max(H, A * D) * kernels.WIDE_PASS_ROWS + 16 if wide else 0, dtype=torch.float32)
+        self.spare = _scratch(workspace, "spare", max(H, A * D) * kernels.WIDE_PASS_ROWS + 16, 1) if wide else None
         packed = self.spare.data_ptr() + 4 * ((-self.spare.data_ptr() // 4) % 16) if wide else None
         self.struct = StepState(S, decode.table.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
                                 self.normed.data_ptr(), self.qkv.data_ptr(), self.attended.data_ptr(),
@@ -108,7 +116,8 @@ class DecodeLayerStep:
 
     @classmethod
     def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
-           layers: list[DecodeLayerWeights | None], threads: int | None = None) -> "DecodeLayerStep | None":
+           layers: list[DecodeLayerWeights | None], threads: int | None = None,
+           workspace: dict | None = None) -> "DecodeLayerStep | None":
         """None (the torch path) unless every segment adds one token (decode covers them all, rows
         in order), in a number the kernel's products take (KERNEL_ROWS or WIDE_KERNEL_ROWS), every layer takes the kernel (DecodeLayerWeights.of),
         all have one shape, cos/signed_sin [S, D] are contiguous fp32, and the kernel is on.
@@ -123,7 +132,7 @@ class DecodeLayerStep:
             return None
         if any(segment.offset != i for i, segment in enumerate(segments)):  # one token each: rows 0..S-1
             return None
-        return cls(decode, cos, signed_sin, layers, threads or compute_pool.threads())
+        return cls(decode, cos, signed_sin, layers, threads or compute_pool.threads(), workspace=workspace)
 
     def attention_half(self, index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index` (of the stage's layers and cache buffers): hidden_states [S, H] -> (residual
@@ -138,3 +147,20 @@ class DecodeLayerStep:
             ctypes.addressof(self.layers[index].struct), ctypes.addressof(self.struct), index,
             hidden_states.data_ptr(), residual.data_ptr(), normed.data_ptr())
         return residual, normed
+
+
+SCRATCH_STEP = 256  # a workspace's attention scratch grows by this many floats per thread at a time
+MAX_WORKSPACE_TENSORS = 16
+
+
+def _scratch(workspace: dict | None, name: str, rows: int, columns: int) -> torch.Tensor:
+    """torch.empty(rows, columns) float32, or the workspace's tensor of that name and shape."""
+    if workspace is None:
+        return torch.empty(rows, columns, dtype=torch.float32)
+    key = (name, rows, columns)
+    tensor = workspace.get(key)
+    if tensor is None:
+        if len(workspace) >= MAX_WORKSPACE_TENSORS:  # batch sizes and lengths come and go: keep the recent ones
+            workspace.clear()
+        tensor = workspace[key] = torch.empty(rows, columns, dtype=torch.float32)
+    return tensor
