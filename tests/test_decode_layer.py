@@ -126,6 +126,25 @@ def test_a_workspace_reuses_the_scratch_with_the_same_bits(kernel):
     assert pointers[0] == pointers[1] == pointers[3] != pointers[2]  # kept for 3 rows, another for 24
 
 
+def test_a_step_writes_each_layer_into_the_same_outputs(kernel):
+    """attention_half's outputs are the step's own two tensors, layer after layer (no allocation per
+    layer), each layer's the bits a step of that one layer gives; an input that is one of them gets
+    new ones."""
+    layer = Layer(64, 8, 2, 16, seed=12)
+    segments, buffers, hidden_states, cos, sin = layer.step_inputs([3, 17, 0, 9], seed=3)
+    step = DecodeLayerStep(DecodeTable.of(segments, buffers), cos, sin, [layer.weights] * LAYERS, 2)
+    outputs, expected = [], []
+    for index, x in enumerate((hidden_states, hidden_states * 0.5)):
+        alone = DecodeLayerStep(DecodeTable.of(segments, [b.clone() for b in buffers]), cos, sin,
+                                [layer.weights] * LAYERS, 2)
+        expected.append([t.clone() for t in alone.attention_half(index, x)])
+        outputs.append([(t.data_ptr(), t.clone()) for t in step.attention_half(index, x)])
+    assert [p for p, _ in outputs[0]] == [p for p, _ in outputs[1]]
+    assert all(torch.equal(t, e) for got, want in zip(outputs, expected) for (_, t), e in zip(got, want))
+    residual, _ = step.attention_half(0, step.outputs[1])
+    assert residual.data_ptr() != outputs[0][0][0]
+
+
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_a_row_is_the_same_bits_alone_in_any_batch_on_any_threads(kernel, shape, wide):

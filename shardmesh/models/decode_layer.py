@@ -113,6 +113,7 @@ class DecodeLayerStep:
                                 self.normed.data_ptr(), self.qkv.data_ptr(), self.attended.data_ptr(),
                                 self.scratch.data_ptr(), packed, stride, unit_bytes, threads, wide)
         self.shape = (S, H)
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # attention_half's, made once per step
 
     @classmethod
     def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
@@ -137,11 +138,15 @@ class DecodeLayerStep:
     def attention_half(self, index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index` (of the stage's layers and cache buffers): hidden_states [S, H] -> (residual
         [S, H] = hidden_states + attention output, normed [S, H] = post_attention_layernorm(residual));
-        writes each sequence's new key and value into its cache."""
-        hidden_states = hidden_states.contiguous()
+        writes each sequence's new key and value into its cache. The two outputs are this step's own
+        tensors, written again by its next attention_half call: use them before (a layer does)."""
+        if not hidden_states.is_contiguous():
+            hidden_states = hidden_states.contiguous()
         assert hidden_states.dtype == torch.float32 and tuple(hidden_states.shape) == self.shape
-        residual = torch.empty(self.shape, dtype=torch.float32)  # [S, H]
-        normed = torch.empty(self.shape, dtype=torch.float32)    # [S, H]
+        if self.outputs is None or hidden_states.data_ptr() in (self.outputs[0].data_ptr(), self.outputs[1].data_ptr()):
+            self.outputs = (torch.empty(self.shape, dtype=torch.float32),  # residual [S, H]
+                            torch.empty(self.shape, dtype=torch.float32))  # normed [S, H]
+        residual, normed = self.outputs
         kernels.calls["decode_layer"] += 1
         kernels.units["team_by_helpers"] += _function()(
             ctypes.addressof(self.layers[index].struct), ctypes.addressof(self.struct), index,
