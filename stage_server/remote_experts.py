@@ -124,15 +124,16 @@ class RemoteExperts:
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return await self._run(layer, groups, None)
 
-    def lend(self, layer: int, groups: dict[int, torch.Tensor]) -> "Lent":
-        """`async with experts.lend(layer, groups) as outputs`: run's outputs, which on the one-server
-        shared-memory path are the answer where it lies in the session's segment (no copy): the
-        session stays taken until the block ends (no other call can write over them). Read them
-        inside the block only (moe_block combines them there)."""
-        return Lent(self, layer, groups)
+    def lend(self, layer: int) -> "Lent":
+        """`async with experts.lend(layer) as lent`: one call of `layer` (lent.run) whose packed groups
+        may be written straight into a shared-memory segment (lent.rows: MoEGate.dispatch writes them
+        there, the call sends them as they lie) and whose outputs are the answer where it lies (no
+        copy). The session stays taken until the block ends: read the outputs inside it (moe_block
+        combines them there). Anything else goes as run goes."""
+        return Lent(self, layer)
 
-    async def _run(self, layer: int, groups: dict[int, torch.Tensor], held: list | None) -> dict[int, torch.Tensor]:
-        """run; held: a list to take the shared-memory session whose segment the outputs view (lend), or None."""
+    async def _run(self, layer: int, groups: dict[int, torch.Tensor], lent: "Lent | None") -> dict[int, torch.Tensor]:
+        """run; lent: the Lent this call belongs to (its session, and the outputs may view it), or None."""
         sole = self._sole.get(layer)
         first = None  # a failed first attempt of the one-server path, for with_failover to go on from
         if groups and sole is not None and sole[1].issuperset(groups):
@@ -144,9 +145,13 @@ class RemoteExperts:
                       else PackedCall(address, layer, list(groups), list(groups.values())))
             try:
                 with tracing.span("moe.dispatch", layer=layer):  # a no-op context unless tracing is on
-                    output = await self._call(address, packed, held)  # [N, H]
+                    output = await self._call(address, packed, lent)  # [N, H]
             except ServerFailed as error:
                 first = (address, [Piece(e, 0, n) for e, n in zip(packed.experts, packed.counts)], error)
+                if lent is not None:  # the groups may lie in its session's segment: the re-sends read a copy
+                    groups = (PackedRows(groups.rows.clone(), groups.experts, groups.counts) if type(groups) is PackedRows
+                              else {e: x.clone() for e, x in groups.items()})
+                    await lent.release()
             else:
                 with tracing.span("moe.combine", layer=layer):
                     return PackedRows(output, tuple(packed.experts), tuple(packed.counts))  # combine reads it whole
@@ -199,31 +204,37 @@ class RemoteExperts:
         output = await self._call(address, packed)  # [N, H]
         return list(output.split_with_sizes(packed.counts)) if len(packed.counts) > 1 else [output]
 
-    async def _call(self, address: str, packed: PackedCall, held: list | None = None) -> torch.Tensor:
+    async def _call(self, address: str, packed: PackedCall, lent: "Lent | None" = None) -> torch.Tensor:
         """One ComputeExperts call -> its checked answer [N, H]. ServerFailed if the server failed.
-        held: when given and the call goes over an idle shared-memory session, the answer is a view of
-        its segment and the session is appended to `held` instead of released (lend)."""
+        lent: when given, the call goes over its session (or an idle one, which it then holds) and the
+        answer is a view of that session's segment."""
         rows = packed.hidden_states.shape[0]
         self._in_flight[address] += rows
         timeout = self.deadline(rows)
         started = time.perf_counter()
         try:
-            pool = self.data_planes.ready(address) if self.nccl_links is None else None
-            session = pool.idle_session() if pool is not None else None
-            if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
+            call, session = lent.call if lent is not None else None, None
+            if call is None and self.nccl_links is None:
+                pool = self.data_planes.ready(address)
+                session = pool.idle_session() if pool is not None else None
+            if call is not None or session is not None:  # (most calls) a shared-memory session free now
                 async with asyncio.timeout(timeout):
-                    call = await session.__aenter__()
+                    if call is None:
+                        call = await session.__aenter__()
+                    else:
+                        lent.call = None  # one call per lend
                     try:
                         reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
                                                   expert_pb2.ComputeExpertsResponse, None)
-                        output = packed.output(reply, call.decode if held is None else call.view)
+                        output = packed.output(reply, call.decode if lent is None else call.view)
                     except BaseException as error:
-                        await session.__aexit__(type(error), error, error.__traceback__)
+                        if session is not None:
+                            await session.__aexit__(type(error), error, error.__traceback__)
                         raise
-                    if held is None:
+                    if session is not None and lent is not None:
+                        lent.held.append(session)  # released when the borrower is done (Lent)
+                    elif session is not None:
                         await session.__aexit__(None, None, None)
-                    else:
-                        held.append(session)  # released when the borrower is done (Lent)
                     return output
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
@@ -270,22 +281,42 @@ class RemoteExperts:
 
 
 class Lent:
-    """RemoteExperts.lend(layer, groups): an async context giving the layer's outputs, holding the
-    shared-memory session they may view until it exits."""
+    """RemoteExperts.lend(layer): an async context holding, while it lasts, the shared-memory session
+    of the layer's one server that its call goes over (taken at entry when one is idle)."""
 
-    __slots__ = ("experts", "layer", "groups", "held")
+    __slots__ = ("experts", "layer", "held", "call")
 
-    def __init__(self, experts: RemoteExperts, layer: int, groups: dict[int, torch.Tensor]):
-        self.experts, self.layer, self.groups, self.held = experts, layer, groups, []
+    def __init__(self, experts: RemoteExperts, layer: int):
+        self.experts, self.layer = experts, layer
+        self.held: list = []  # taken sessions (shm_pool._Session), released at exit
+        self.call = None      # the taken session's ShmCall, until the layer's call uses it
 
-    async def __aenter__(self) -> dict[int, torch.Tensor]:
-        try:
-            return await self.experts._run(self.layer, self.groups, self.held)
-        except BaseException:
-            await self.__aexit__(None, None, None)  # (not called when entering fails)
-            raise
+    async def __aenter__(self) -> "Lent":
+        experts, sole = self.experts, self.experts._sole.get(self.layer)
+        pool = experts.data_planes.ready(sole[0]) if sole is not None and experts.nccl_links is None else None
+        session = pool.idle_session() if pool is not None else None
+        if session is not None:  # an idle session (entering it waits for nothing)
+            self.call = await session.__aenter__()
+            self.held.append(session)
+        return self
+
+    def rows(self, count: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Room for the call's packed groups [count, width] in the taken session's segment (the call
+        then sends them without a copy: shm_segment.ReplyArena.claim), or None: make them elsewhere."""
+        call = self.call
+        if call is None or call.channel.cuda is not None:
+            return None
+        return call.arena.claim([count, width], dtype)
+
+    async def run(self, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """RemoteExperts.run, over the taken session when it applies: the outputs may view its segment."""
+        return await self.experts._run(self.layer, groups, self)
+
+    async def release(self) -> None:
+        self.call = None
+        while self.held:  # the calls went through, or marked their session broken: release as any call
+            await self.held.pop().__aexit__(None, None, None)
 
     async def __aexit__(self, kind, error, traceback) -> bool:
-        while self.held:  # the call itself went through: release as after any good call
-            await self.held.pop().__aexit__(None, None, None)
+        await self.release()
         return False

@@ -78,11 +78,11 @@ class SplitExperts:
                 self._stubs[address] = expert_pb2_grpc.ExpertStub(self._channels[address])
                 self._down.pop(address, None)
 
-    def lend(self, layer: int, groups: dict[int, torch.Tensor]):
-        """RemoteExperts.lend when no expert of `groups` is split, else run's outputs (copies) in the same form."""
-        if not self.slices or not any((layer, e) in self.slices for e in groups):
-            return self.inner.lend(layer, groups)
-        return _Ran(self.run(layer, groups))
+    def lend(self, layer: int):
+        """RemoteExperts.lend when no expert of `layer` is split, else run's way (copies) in its form."""
+        if not self.slices or not any(key[0] == layer for key in self.slices):
+            return self.inner.lend(layer)
+        return _Ran(self, layer)
 
     async def run(self, layer: int, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """groups: expert id -> hidden_states [n_e, H]; returns expert id -> output [n_e, H]."""
@@ -146,13 +146,19 @@ class SplitExperts:
 
 
 class _Ran:
-    """An awaitable's result as an async context (nothing held)."""
+    """lend's form of run: no shared-memory session of its own (rows None), outputs that are copies."""
 
-    def __init__(self, outputs):
-        self.outputs = outputs
+    def __init__(self, backend, layer: int):
+        self.backend, self.layer = backend, layer
 
-    async def __aenter__(self):
-        return await self.outputs
+    async def __aenter__(self) -> "_Ran":
+        return self
+
+    def rows(self, count: int, width: int, dtype: torch.dtype) -> None:
+        return None
+
+    async def run(self, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return await self.backend.run(self.layer, groups)
 
     async def __aexit__(self, kind, error, traceback) -> bool:
         return False

@@ -64,7 +64,7 @@ class ScriptedServer:
     def __init__(self, failures: int):
         self.failures, self.calls = failures, []
 
-    async def __call__(self, address, packed, held=None):
+    async def __call__(self, address, packed, lent=None):
         self.calls.append((address, list(packed.experts), list(packed.counts)))
         if len(self.calls) <= self.failures:
             raise ServerFailed(f"expert server {address} failed layer {packed.layer}: UNAVAILABLE scripted")
@@ -107,11 +107,14 @@ def test_one_server_path_is_the_general_path(failures):
         assert len(fast[1]) == min(failures + 1, MAX_ATTEMPTS) and fast[2] == 3 * min(failures, MAX_ATTEMPTS)
 
 
-def test_lend_reads_the_answer_in_place_and_holds_its_session(mixtral_dir):
-    """RemoteExperts.lend (moe_block's way in) over shared memory: the outputs are the answer where it
-    lies in the session's segment (no copy), the session stays taken until the block ends (no other
-    call can write over them), then it is idle again; run's outputs are copies, of the same bits."""
+def test_lend_sends_the_groups_and_reads_the_answer_where_they_lie(mixtral_dir):
+    """RemoteExperts.lend (moe_block's way in) over shared memory: the groups are written straight into
+    the session's segment (lent.rows) and sent from there (the answer follows them at once: no copy
+    of the request was placed in between), the outputs are the answer where it lies (no copy), the
+    session stays taken until the block ends (no other call can write over them), then it is idle
+    again; run's outputs are copies, of the same bits."""
     from shardmesh.service_config import ServiceConfig
+    from shardmesh.shm_segment import align
     from expert_server.main import start_expert_server
 
     async def main():
@@ -119,20 +122,63 @@ def test_lend_reads_the_answer_in_place_and_holds_its_session(mixtral_dir):
         experts = RemoteExperts(data_plane="shm")  # experts-a holds experts 0..4 of every layer
         try:
             await experts.update(Placement(1, {(0, e): (server.address,) for e in range(5)}))
-            rows = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))  # [7, H]
-            groups = PackedRows(rows, (0, 2, 4), (3, 1, 3))
-            copied = await experts.run(0, groups)  # (negotiates the plane)
+            data = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))  # [7, H]
+            copied = await experts.run(0, PackedRows(data, (0, 2, 4), (3, 1, 3)))  # (negotiates the plane)
             pool = experts.data_planes.ready(server.address)
             [session] = pool.sessions
             start = session.segment._bytes.data_ptr()
             in_segment = lambda tensor: start <= tensor.data_ptr() < start + session.segment.size  # noqa: E731
-            async with experts.lend(0, groups) as outputs:
-                inside = (type(outputs) is PackedRows, in_segment(outputs.rows), pool.idle_session() is None)
-                same = all(torch.equal(outputs[e], copied[e]) for e in groups)
+            async with experts.lend(0) as lent:
+                rows = lent.rows(7, 64, torch.float32)  # [7, H]
+                rows.copy_(data)  # (as MoEGate.dispatch(out=rows) writes them)
+                outputs = await lent.run(PackedRows(rows, (0, 2, 4), (3, 1, 3)))
+                inside = (in_segment(rows), type(outputs) is PackedRows, in_segment(outputs.rows),
+                          outputs.rows.data_ptr() == rows.data_ptr() + align(rows.numel() * 4), pool.idle_session() is None)
+                same = all(torch.equal(outputs[e], copied[e]) for e in (0, 2, 4))
             return inside, same, pool.idle_session() is not None, pool.sessions == [session], in_segment(copied[0])
         finally:
             await experts.close()
             await server.stop(grace=None)
 
     inside, same, idle_after, one_session, copy_in_segment = asyncio.run(asyncio.wait_for(main(), 60))
-    assert inside == (True, True, True) and same and idle_after and one_session and not copy_in_segment
+    assert inside == (True, True, True, True, True) and same and idle_after and one_session and not copy_in_segment
+
+
+def test_lend_fails_over_like_run(mixtral_dir, monkeypatch):
+    """A lent call whose shared-memory plane breaks goes round again as run's would (a new session,
+    the groups re-sent from a copy: their rows were in the broken session's segment), with the same
+    answer and failovers counted."""
+    from shardmesh.service_config import ServiceConfig
+    from shardmesh.shm_plane import DataPlaneError, ShmCall
+    from expert_server.main import start_expert_server
+    import grpc
+
+    invoke, broken = ShmCall.invoke, []
+
+    async def breaks_once(self, *args):
+        if not broken:
+            broken.append(self.channel)
+            self.channel.broken = True  # as a cut socket leaves it
+            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, "scripted: the plane broke")
+        return await invoke(self, *args)
+
+    async def main():
+        server = await start_expert_server(ServiceConfig(model_dir=mixtral_dir, name="experts-a", data_plane="shm"))
+        experts = RemoteExperts(data_plane="shm")
+        try:
+            await experts.update(Placement(1, {(0, e): (server.address,) for e in range(5)}))
+            data = torch.randn(7, 64, generator=torch.Generator().manual_seed(6))  # [7, H]
+            expected = await experts.run(0, PackedRows(data, (0, 2, 4), (3, 1, 3)))
+            monkeypatch.setattr(ShmCall, "invoke", breaks_once)
+            async with experts.lend(0) as lent:
+                rows = lent.rows(7, 64, torch.float32)
+                rows.copy_(data)
+                outputs = await lent.run(PackedRows(rows, (0, 2, 4), (3, 1, 3)))
+                same = all(torch.equal(outputs[e], expected[e]) for e in (0, 2, 4))
+            pool = experts.data_planes.ready(server.address)
+            return same, experts.failovers, len(broken), broken[0] not in pool.sessions
+        finally:
+            await experts.close()
+            await server.stop(grace=None)
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == (True, 3, 1, True)

@@ -30,21 +30,30 @@ class OverlapProbe:
             self.now -= 1
 
     @contextlib.asynccontextmanager
-    async def lend(self, layer, groups):  # (moe_block's way in: the call counts while it is awaited)
-        lent = self.backend.lend(layer, groups)
-        self.now += 1
-        self.most = max(self.most, self.now)
-        try:
-            outputs = await lent.__aenter__()
-        finally:
-            self.now -= 1
-        try:
-            yield outputs
-        finally:
-            await lent.__aexit__(None, None, None)
+    async def lend(self, layer):  # (moe_block's way in: its call counts while it is awaited)
+        async with self.backend.lend(layer) as lent:
+            yield CountedLent(self, lent)
 
     def __getattr__(self, name):  # update(), close(): the wrapped backend's
         return getattr(self.backend, name)
+
+
+class CountedLent:
+    """A backend's lend context, its run counted by the probe."""
+
+    def __init__(self, probe: OverlapProbe, lent):
+        self.probe, self.lent = probe, lent
+
+    def rows(self, count, width, dtype):
+        return self.lent.rows(count, width, dtype)
+
+    async def run(self, groups):
+        self.probe.now += 1
+        self.probe.most = max(self.probe.most, self.probe.now)
+        try:
+            return await self.lent.run(groups)
+        finally:
+            self.probe.now -= 1
 
 
 @pytest.mark.parametrize("data_plane", ["shm", "grpc"])

@@ -39,13 +39,15 @@ class MoEGate:
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)
 
-    def dispatch(self, hidden_states: torch.Tensor) -> tuple[dict[int, torch.Tensor], "DispatchHandle"]:
+    def dispatch(self, hidden_states: torch.Tensor,
+                 out: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], "DispatchHandle"]:
         """`dispatch(hidden_states, self(hidden_states), top_k)`, in one C call for fp32 on the CPU
         (moe_kernel.gate_dispatch: the groups are then a PackedRows of one packed tensor [T*K, H],
-        experts ascending, which packed_groups sends as it is)."""
+        experts ascending, which packed_groups sends as it is; written into `out` when given: float32
+        [T*K, H] contiguous on the CPU, e.g. room in a shared-memory segment; the torch path ignores it)."""
         if not moe_kernel.usable(hidden_states, self.weight):
             return dispatch(hidden_states, self(hidden_states), self.top_k)
-        packed, routing = moe_kernel.gate_dispatch(hidden_states, self.weight, self.top_k)  # packed [T*K, H]
+        packed, routing = moe_kernel.gate_dispatch(hidden_states, self.weight, self.top_k, out)  # packed [T*K, H]
         counts = routing.counts()
         experts = tuple(e for e, count in enumerate(counts) if count)
         sizes = tuple(counts[e] for e in experts)

@@ -90,15 +90,22 @@ class KernelRouting:
             self.num_tokens, self.num_experts)
 
 
-def gate_dispatch(hidden_states: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, KernelRouting]:
+def gate_dispatch(hidden_states: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, KernelRouting]:
     """hidden_states [T, H], gate_weight [E, H] (both `usable`) -> (packed float32 [T*K, H]: each
-    expert's tokens in token order, experts ascending; routing)."""
+    expert's tokens in token order, experts ascending; routing). out: where to write packed (float32
+    [T*K, H], contiguous, on the CPU), or None: a new tensor."""
     dispatch = _functions()[0]
     num_tokens, hidden = hidden_states.shape
     num_experts = gate_weight.shape[0]
     assert 0 < top_k <= num_experts, (top_k, num_experts)
     routing = KernelRouting(num_tokens, num_experts, top_k)
-    packed = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32)  # [T*K, H]
+    if out is None:
+        packed = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32)  # [T*K, H]
+    else:
+        assert out.shape == (num_tokens * top_k, hidden) and out.dtype is torch.float32 and out.is_cpu \
+            and out.is_contiguous(), (out.shape, out.dtype, out.device)
+        packed = out
     table, floats = routing.table, routing.floats
     probs = ctypes.addressof(floats) + 4 * num_tokens * top_k
     calls["dispatch"] += 1

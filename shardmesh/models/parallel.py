@@ -164,15 +164,19 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
     hidden_states [N, H] -> [N, H] (+ residual [N, H] when given: combined in the same pass). At T
     ranks every rank holds the same hidden_states; rank r sends only its contiguous 1/T of the tokens
     to the experts and the ranks' outputs (zeros outside their rows) are summed, so each token's
-    experts run once rather than T times. A backend with `lend` (RemoteExperts.lend) lends its outputs
-    for the combine at one rank: they may stay where the answer arrived (no copy)."""
+    experts run once rather than T times. At one rank, a backend with `lend` (RemoteExperts.lend) may
+    give room for the dispatched rows where its call sends them from, and lends its outputs for the
+    combine where the answer arrived (no copy either way)."""
     if group.world_size == 1:
-        groups, handle = gate.dispatch(hidden_states)
-        lend = getattr(experts, "lend", None)  # outputs read in place (RemoteExperts.lend): no copy
+        lend = getattr(experts, "lend", None)  # RemoteExperts.lend: groups and answer where the call moves them
         if lend is None:
+            groups, handle = gate.dispatch(hidden_states)
             return combine(await experts.run(layer, groups), handle, residual)  # in hidden_states' dtype
-        async with lend(layer, groups) as outputs:  # valid inside the block only
-            return combine(outputs, handle, residual)
+        async with lend(layer) as lent:
+            # [T*K, H] in the call's shared-memory segment when it has room: dispatched there, sent as it lies
+            rows = lent.rows(hidden_states.shape[0] * gate.top_k, hidden_states.shape[1], hidden_states.dtype)
+            groups, handle = gate.dispatch(hidden_states, out=rows)
+            return combine(await lent.run(groups), handle, residual)  # the outputs are valid inside the block only
     num_tokens, hidden, rank, world_size = *hidden_states.shape, group.rank, group.world_size
     start, end = rank * num_tokens // world_size, (rank + 1) * num_tokens // world_size
     # [N * H + T]: the output and one failure flag per rank, summed by the one collective, so that an
