@@ -19,17 +19,16 @@ class SequenceHistory:
         # ints, updated every step (a protobuf message per sequence is made only when asked, `messages`)
         self._entries: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
-    def stepped(self, sequences) -> None:
-        """After a step succeeded: `sequences` are its stage_pb2.SequenceSlice."""
+    def stepped(self, sequence_ids: list[int], start_positions: list[int], num_tokens: list[int]) -> None:
+        """After a step succeeded: its sequences (a StageBatch's lists: no protobuf messages to walk)."""
         entries = self._entries
-        for piece in sequences:
-            sequence_id, num_tokens = piece.sequence_id, piece.num_tokens
+        for sequence_id, start_position, count in zip(sequence_ids, start_positions, num_tokens):
             entry = entries.get(sequence_id)
             if entry is None:
-                entry = entries[sequence_id] = [piece.start_position, num_tokens, 0, 0, 0]
+                entry = entries[sequence_id] = [start_position, count, 0, 0, 0]
             else:
                 entries.move_to_end(sequence_id)
-            entry[2] += num_tokens
+            entry[2] += count
             entry[3] += 1
         while len(entries) > self.limit:
             entries.popitem(last=False)

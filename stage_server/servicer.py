@@ -65,12 +65,13 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             if not request.HasField("hidden_states"):
                 raise InvalidArgument("hidden_states", f"stage {self.name} takes hidden_states")
             inputs = codec.decode(request.hidden_states, "hidden_states")
-        return StageBatch(
-            sequence_ids=[s.sequence_id for s in request.sequences],
-            start_positions=[s.start_position for s in request.sequences],
-            num_tokens=[s.num_tokens for s in request.sequences],
-            inputs=inputs,
-        )
+        sequence_ids, start_positions, num_tokens = [], [], []
+        for piece in request.sequences:  # one pass over the messages (every step)
+            sequence_ids.append(piece.sequence_id)
+            start_positions.append(piece.start_position)
+            num_tokens.append(piece.num_tokens)
+        return StageBatch(sequence_ids=sequence_ids, start_positions=start_positions, num_tokens=num_tokens,
+                          inputs=inputs)
 
     async def Step(self, request_iterator, context):
         """Bidi stream: one response per request, in request order, the stream ending with the first
@@ -111,7 +112,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     s for i, s in enumerate(request.sequences) if i not in out])  # what the shards get
             with tracing.server_span("stage.step", request.traceparent, self.name):  # no-op when off
                 output = await tp_step(self.tp_fanout, request, self.model, batch, self.backend)
-            self.history.stepped(request.sequences)
+            self.history.stepped(batch.sequence_ids, batch.start_positions, batch.num_tokens)  # (the kept ones)
         return output, refused
 
     @translate_errors

@@ -11,24 +11,24 @@ from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.errors import InvalidArgument
 from shardmesh.stage_model import StageBatch, StageModel
-from shardmesh.v1 import stage_pb2
 
 from stage_server.sequence_history import SequenceHistory
 
 
-def piece(sequence_id: int, start: int, count: int) -> stage_pb2.SequenceSlice:
-    return stage_pb2.SequenceSlice(sequence_id=sequence_id, start_position=start, num_tokens=count)
+def step(*pieces: tuple[int, int, int]) -> tuple[list[int], list[int], list[int]]:
+    """(sequence id, start position, num_tokens) per sequence -> a StageBatch's three lists."""
+    return tuple(list(column) for column in zip(*pieces))
 
 
 def test_sequence_history_counts_steps_and_frees():
     history = SequenceHistory(limit=2)
-    history.stepped([piece(7, 0, 5), piece(8, 0, 2)])
-    history.stepped([piece(7, 5, 1)])
+    history.stepped(*step((7, 0, 5), (8, 0, 2)))
+    history.stepped(*step((7, 5, 1)))
     history.freed([7, 99])
-    history.stepped([piece(8, 2, 1)])  # 8 is now the most recent: 7 goes first when a third comes
+    history.stepped(*step((8, 2, 1)))  # 8 is now the most recent: 7 goes first when a third comes
     assert [(h.sequence_id, h.first_start_position, h.first_num_tokens, h.tokens_received, h.steps, h.frees)
             for h in history.messages()] == [(7, 0, 5, 6, 2, 1), (8, 0, 2, 3, 2, 0)]
-    history.stepped([piece(9, 4, 1)])
+    history.stepped(*step((9, 4, 1)))
     assert [h.sequence_id for h in history.messages()] == [8, 9]
 
 
