@@ -58,11 +58,9 @@ class ShmPool:
         return None
 
     async def _acquire(self):
-        from shardmesh.shm_plane import DataPlaneError  # shm_plane imports this module
-
         while True:
             if self.closed:
-                raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {self.peer} is closed")
+                raise _plane_error(f"shared-memory plane to {self.peer} is closed")
             while self._idle:
                 channel = self._idle.pop()
                 if not channel.broken and channel.wanted <= channel.segment.size:
@@ -81,7 +79,7 @@ class ShmPool:
                     self.sessions.append(channel)
                     return channel
                 if not self.sessions and not self._opening:
-                    raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"no shared-memory session with {self.peer}")
+                    raise _plane_error(f"no shared-memory session with {self.peer}")
             async with self._freed:  # a session comes back (or is dropped: room to open one)
                 if self.closed or self._idle or len(self.sessions) + self._opening < self.max_sessions:
                     continue
@@ -121,6 +119,14 @@ class ShmPool:
             await channel.close()
         async with self._freed:
             self._freed.notify_all()
+
+
+def _plane_error(details: str) -> Exception:
+    """shm_plane.DataPlaneError(UNAVAILABLE, details) (imported here, on the error path only: shm_plane
+    imports this module, and an import statement costs every call it sits in)."""
+    from shardmesh.shm_plane import DataPlaneError
+
+    return DataPlaneError(grpc.StatusCode.UNAVAILABLE, details)
 
 
 class _Session:
