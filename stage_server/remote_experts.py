@@ -6,7 +6,9 @@ for one server in one message (packed in one tensor: packed_groups.py), and awai
 concurrently. An expert with one replica skips the water-filling: its group goes whole to it; a
 layer whose experts all lie, unreplicated, on one server (1 stage + 1 expert server) skips the
 general path altogether: MoEGate.dispatch's packed tensor (PackedRows) goes out as it is, in one
-call, and its answer comes back as one PackedRows for combine to read whole.
+call, and its answer comes back as one PackedRows for combine to read whole; moe_block goes through
+`lend` (lent_call.py): the groups are dispatched into the call's shared-memory segment and the
+answer read where it lies, no copy either way.
 
 Failover: expert calls are stateless, so the pieces of a server that fails a call (UNAVAILABLE or
 DEADLINE_EXCEEDED: dead, frozen, stopping, or a broken shared-memory plane) are sent again to the
@@ -33,6 +35,7 @@ from shardmesh.shm_plane import DataPlaneError
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
+from stage_server.lent_call import Lent
 from stage_server.failover import DOWN_RETRY_S, MAX_ATTEMPTS, ServerFailed, with_failover  # noqa: F401 (re-exported)
 from stage_server.packed_groups import PackedCall
 from stage_server.replica_spread import sole_servers, spread
@@ -278,45 +281,3 @@ class RemoteExperts:
         await self.data_planes.close()
         for channel in self._channels.values():
             await channel.close()
-
-
-class Lent:
-    """RemoteExperts.lend(layer): an async context holding, while it lasts, the shared-memory session
-    of the layer's one server that its call goes over (taken at entry when one is idle)."""
-
-    __slots__ = ("experts", "layer", "held", "call")
-
-    def __init__(self, experts: RemoteExperts, layer: int):
-        self.experts, self.layer = experts, layer
-        self.held: list = []  # taken sessions (shm_pool._Session), released at exit
-        self.call = None      # the taken session's ShmCall, until the layer's call uses it
-
-    async def __aenter__(self) -> "Lent":
-        experts, sole = self.experts, self.experts._sole.get(self.layer)
-        pool = experts.data_planes.ready(sole[0]) if sole is not None and experts.nccl_links is None else None
-        session = pool.idle_session() if pool is not None else None
-        if session is not None:  # an idle session (entering it waits for nothing)
-            self.call = await session.__aenter__()
-            self.held.append(session)
-        return self
-
-    def rows(self, count: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Room for the call's packed groups [count, width] in the taken session's segment (the call
-        then sends them without a copy: shm_segment.ReplyArena.claim), or None: make them elsewhere."""
-        call = self.call
-        if call is None or call.channel.cuda is not None:
-            return None
-        return call.arena.claim([count, width], dtype)
-
-    async def run(self, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """RemoteExperts.run, over the taken session when it applies: the outputs may view its segment."""
-        return await self.experts._run(self.layer, groups, self)
-
-    async def release(self) -> None:
-        self.call = None
-        while self.held:  # the calls went through, or marked their session broken: release as any call
-            await self.held.pop().__aexit__(None, None, None)
-
-    async def __aexit__(self, kind, error, traceback) -> bool:
-        await self.release()
-        return False
