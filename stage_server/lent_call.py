@@ -21,12 +21,12 @@ class Lent:
     """RemoteExperts.lend(layer): an async context holding, while it lasts, the shared-memory session
     of the layer's one server that its call goes over (taken at entry when one is idle)."""
 
-    __slots__ = ("experts", "layer", "held", "call")
+    __slots__ = ("experts", "layer", "session", "call")
 
     def __init__(self, experts: "RemoteExperts", layer: int):
         self.experts, self.layer = experts, layer
-        self.held: list = []  # taken sessions (shm_pool._Session), released at exit
-        self.call = None      # the taken session's ShmCall, until the layer's call uses it
+        self.session = None  # the taken session (shm_pool._Session), released at exit
+        self.call = None     # its ShmCall, until the layer's call uses it
 
     async def __aenter__(self) -> "Lent":
         experts, sole = self.experts, self.experts._sole.get(self.layer)
@@ -34,7 +34,7 @@ class Lent:
         session = pool.idle_session() if pool is not None else None
         if session is not None:  # an idle session (entering it waits for nothing)
             self.call = await session.__aenter__()
-            self.held.append(session)
+            self.session = session
         return self
 
     def rows(self, count: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -50,9 +50,9 @@ class Lent:
         return await self.experts._run(self.layer, groups, self)
 
     async def release(self) -> None:
-        self.call = None
-        while self.held:  # the calls went through, or marked their session broken: release as any call
-            await self.held.pop().__aexit__(None, None, None)
+        session, self.session, self.call = self.session, None, None
+        if session is not None:  # the call went through, or marked the session broken: release as any call
+            await session.__aexit__(None, None, None)
 
     async def __aexit__(self, kind, error, traceback) -> bool:
         await self.release()

@@ -209,36 +209,25 @@ class RemoteExperts:
 
     async def _call(self, address: str, packed: PackedCall, lent: "Lent | None" = None) -> torch.Tensor:
         """One ComputeExperts call -> its checked answer [N, H]. ServerFailed if the server failed.
-        lent: when given, the call goes over its session (or an idle one, which it then holds) and the
-        answer is a view of that session's segment."""
+        lent: when it holds a session, the call goes over it and the answer is a view of its segment."""
         rows = packed.hidden_states.shape[0]
         self._in_flight[address] += rows
         timeout = self.deadline(rows)
         started = time.perf_counter()
         try:
-            call, session = lent.call if lent is not None else None, None
-            if call is None and self.nccl_links is None:
-                pool = self.data_planes.ready(address)
-                session = pool.idle_session() if pool is not None else None
-            if call is not None or session is not None:  # (most calls) a shared-memory session free now
+            if lent is not None and lent.call is not None:  # the lent session: groups and answer lie in its segment
+                call, lent.call = lent.call, None  # one call per lend
                 async with asyncio.timeout(timeout):
-                    if call is None:
-                        call = await session.__aenter__()
-                    else:
-                        lent.call = None  # one call per lend
-                    try:
-                        reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
-                                                  expert_pb2.ComputeExpertsResponse, None)
-                        output = packed.output(reply, call.decode if lent is None else call.view)
-                    except BaseException as error:
-                        if session is not None:
-                            await session.__aexit__(type(error), error, error.__traceback__)
-                        raise
-                    if session is not None and lent is not None:
-                        lent.held.append(session)  # released when the borrower is done (Lent)
-                    elif session is not None:
-                        await session.__aexit__(None, None, None)
-                    return output
+                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
+                                              expert_pb2.ComputeExpertsResponse, None)
+                    return packed.output(reply, call.view)  # valid while the lend holds the session
+            pool = self.data_planes.ready(address) if self.nccl_links is None else None
+            session = pool.idle_session() if pool is not None else None
+            if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
+                async with asyncio.timeout(timeout), session as call:
+                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
+                                              expert_pb2.ComputeExpertsResponse, None)
+                    return packed.output(reply, call.decode)
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:
