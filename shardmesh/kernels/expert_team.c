@@ -38,7 +38,7 @@ static void experts_unit(void *context, int phase, long unit, int worker) {
     const struct experts_call *call = context;
     long A = call->activation_units, D = call->down_units, expert, index;
     int down;
-    (void)phase, (void)worker;
+    (void)phase;
     if (unit < A) {
         expert = 0, index = unit, down = 0;
     } else {
@@ -59,15 +59,7 @@ static void experts_unit(void *context, int phase, long unit, int worker) {
     /* Wait for the expert's last activation units, which other threads are computing now (every
      * unit before this one in the order has been taken): a few microseconds at most, unless the
      * host deschedules that thread, and then the yield lets it run. */
-    for (long spins = 0; atomic_load_explicit(&call->activations_done[expert], memory_order_acquire) < A; spins++) {
-        if (spins < 2000) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        } else {
-            sched_yield();
-        }
-    }
+    team_wait_until(&call->activations_done[expert], A, worker);
     long m0 = index * call->down_rows, m1 = m0 + call->down_rows < H ? m0 + call->down_rows : H;
     linear_columns(n, I, H, gate, task->w2, task->out, m0, m1);
 }

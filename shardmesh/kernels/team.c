@@ -63,9 +63,11 @@ struct phased_job {
     atomic_long helper_units;            /* units the helpers computed */
 };
 
-static void team_wait_for_phase(struct phased_job *job, int phase, int worker) {
-    long units = job->ends[phase] - (phase ? job->ends[phase - 1] : 0), start = 0;
-    for (long spins = 0; atomic_load_explicit(&job->done[phase], memory_order_acquire) < units; spins++) {
+/* Wait until *counter >= target, another thread's units finishing: spin a little, then yield (the
+ * thread computing them may be descheduled); a long wait of the caller (worker 0) is noted. */
+static void team_wait_until(atomic_long *counter, long target, int worker) {
+    long start = 0;
+    for (long spins = 0; atomic_load_explicit(counter, memory_order_acquire) < target; spins++) {
         if (spins < 2000) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
@@ -76,6 +78,10 @@ static void team_wait_for_phase(struct phased_job *job, int phase, int worker) {
         }
     }
     if (start) team_note_wait(start);
+}
+
+static void team_wait_for_phase(struct phased_job *job, int phase, int worker) {
+    team_wait_until(&job->done[phase], job->ends[phase] - (phase ? job->ends[phase - 1] : 0), worker);
 }
 
 /* Take units until none is left; returns how many this thread computed. */
