@@ -17,9 +17,10 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
+
+import harness
 
 HERE = pathlib.Path(__file__).resolve().parent
 CALLER = r'''
@@ -78,18 +79,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=1, help="the decode batch whose per-layer groups each call carries")
     args = parser.parse_args()
-    results = {"A": [], "B": []}
-    for round_index in range(args.rounds):
-        order = ("A", "B") if round_index % 2 == 0 else ("B", "A")
-        for side in order:
-            figures = run(args.a if side == "A" else args.b, args.shape, args.calls, args.batch)
-            results[side].append(figures)
-            print(f"round {round_index + 1} {side}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
-                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    results = harness.alternate_trees(args.a, args.b, args.rounds, lambda tree: run(tree, args.shape, args.calls, args.batch))
     print(f"\nmedians over {args.rounds} rounds, {args.calls} calls each, shape {args.shape}, batch {args.batch}; A = {args.a}, B = {args.b}")
-    for figure in FIGURES:
-        a, b = (statistics.median(r[figure] for r in results[side]) for side in "AB")
-        print(f"  {figure:28s} A {a:7.0f}  B {b:7.0f}  B / A {b / a:.2f}")
+    harness.print_medians(results, FIGURES, 28)
     return 0
 
 

@@ -196,3 +196,23 @@ def report(name: str, header: str, rows: list[dict], columns: list[tuple[str, st
     path = save(name, text, dict(rows=rows, argv=sys.argv))
     print(f"\nwritten to {path}")
     return path
+
+
+def alternate_trees(tree_a: pathlib.Path, tree_b: pathlib.Path, rounds: int, run_side) -> dict[str, list[dict]]:
+    """`run_side(tree)` -> {figure: value} for each tree, `rounds` times, A B then B A (slow minutes
+    hit both sides), each round printed with the load; returns {"A": [figures...], "B": [...]}."""
+    results: dict[str, list[dict]] = {"A": [], "B": []}
+    for round_index in range(rounds):
+        for side in ("A", "B") if round_index % 2 == 0 else ("B", "A"):
+            figures = run_side(tree_a if side == "A" else tree_b)
+            results[side].append(figures)
+            print(f"round {round_index + 1} {side}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    return results
+
+
+def print_medians(results: dict[str, list[dict]], figures: list[str], width: int = 16) -> None:
+    """Each figure's median over the rounds of A and of B (alternate_trees) and B / A."""
+    for figure in figures:
+        a, b = (statistics.median(r[figure] for r in results[side]) for side in "AB")
+        print(f"  {figure:{width}s} A {a:7.0f}  B {b:7.0f}  B / A {b / a:.2f}")

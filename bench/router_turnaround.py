@@ -18,9 +18,10 @@ a consumer task as a Generate stream would. Figures per step, medians over the r
 import argparse
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
+
+import harness
 
 RUN = r'''
 import asyncio, statistics, sys, time, torch, uvloop
@@ -130,18 +131,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--evict-mib", type=int, default=16, help="memory streamed by the stub per step (0: none)")
     args = parser.parse_args()
-    results = {"A": [], "B": []}
-    for round_index in range(args.rounds):
-        for side in (("A", "B") if round_index % 2 == 0 else ("B", "A")):
-            figures = run(args.a if side == "A" else args.b, args.batch, args.steps, args.evict_mib)
-            results[side].append(figures)
-            print(f"round {round_index + 1} {side}: " + ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
-                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    results = harness.alternate_trees(args.a, args.b, args.rounds, lambda tree: run(tree, args.batch, args.steps, args.evict_mib))
     print(f"\nmedians over {args.rounds} rounds of {args.steps} steps, batch {args.batch}, evict {args.evict_mib} MiB; "
           f"A = {args.a}, B = {args.b}")
-    for figure in FIGURES:
-        a, b = (statistics.median(r[figure] for r in results[side]) for side in "AB")
-        print(f"  {figure:16s} A {a:7.0f}  B {b:7.0f}  B / A {b / a:.2f}")
+    harness.print_medians(results, FIGURES, 16)
     return 0
 
 
