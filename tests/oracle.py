@@ -93,3 +93,28 @@ def assert_greedy_matches(our_tokens, our_step_logits, ref_tokens, ref_step_logi
             warnings.warn(notes[-1])
             break
     return notes
+
+
+def mixtral_moe_block(hidden: int, experts: int, tokens: int, intermediate: int = 24):
+    """transformers' MixtralSparseMoeBlock (top-2, fused gate_up layout) on seeded weights (x 0.5) and
+    seeded tokens: (gate weight [E, H], hidden_states [T, H], its output [T, H], each expert as a
+    shardmesh SwiGLUMLP with w1 = gate and w3 = up)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from shardmesh.models.layers import SwiGLUMLP
+
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=experts,
+                           num_experts_per_tok=2)
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape) * 0.5)
+    hidden_states = torch.randn(tokens, hidden)  # [T, H]
+    with torch.no_grad():
+        expected = block(hidden_states[None])[0]
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    mlps = [SwiGLUMLP(gate_up[e, :intermediate].contiguous(), gate_up[e, intermediate:].contiguous(),
+                      down[e].contiguous()) for e in range(experts)]
+    return block.gate.weight.detach().contiguous(), hidden_states, expected, mlps

@@ -15,6 +15,8 @@ from shardmesh.models.parallel import moe_block
 
 from stage_server.packed_groups import joined
 
+from oracle import mixtral_moe_block
+
 
 
 def gate_and_tokens(num_tokens: int, hidden: int, num_experts: int, seed: int):
@@ -174,24 +176,8 @@ def test_switch_off_uses_torch(monkeypatch):
 
 def test_kernel_path_matches_transformers_mixtral_block():
     """MoEGate.dispatch + combine against transformers' MixtralSparseMoeBlock (as test_moe_verbs does for torch's)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    from shardmesh.models.layers import SwiGLUMLP
-
-    config = MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    block = MixtralSparseMoeBlock(config).eval()
-    with torch.no_grad():
-        for param in block.parameters():
-            param.copy_(torch.randn(param.shape) * 0.5)
-    hidden_states = torch.randn(13, 32)  # [T, H]
-    with torch.no_grad():
-        expected = block(hidden_states[None])[0]
-    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-    mlps = [SwiGLUMLP(gate_up[e, :24].contiguous(), gate_up[e, 24:].contiguous(), down[e].contiguous())
-            for e in range(8)]  # w1 = gate, w3 = up
-    groups, handle = MoEGate(block.gate.weight.detach().contiguous(), 2).dispatch(hidden_states)
+    gate_weight, hidden_states, expected, mlps = mixtral_moe_block(hidden=32, experts=8, tokens=13)
+    groups, handle = MoEGate(gate_weight, 2).dispatch(hidden_states)
     assert handle.routing is not None
     ours = combine({e: mlps[e](x) for e, x in groups.items()}, handle)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

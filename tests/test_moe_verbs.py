@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from shardmesh.models.layers import SwiGLUMLP
 from shardmesh.models.moe import combine, dispatch, reference_moe, route
+
+from oracle import mixtral_moe_block
 
 
 def tagged_experts(num_experts: int, hidden: int, seed: int):
@@ -57,21 +58,8 @@ def test_combine_refuses_bad_outputs():
 
 def test_reference_matches_transformers_mixtral_block():
     """Routing rule and w1/w3 roles against transformers' MixtralSparseMoeBlock (fused gate_up layout)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    block = MixtralSparseMoeBlock(config).eval()
-    with torch.no_grad():
-        for param in block.parameters():
-            param.copy_(torch.randn(param.shape) * 0.5)
-    hidden_states = torch.randn(11, 16)  # [T, H]
-    with torch.no_grad():
-        expected = block(hidden_states[None])[0]
-    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-    mlps = [SwiGLUMLP(gate_up[e, :24], gate_up[e, 24:], down[e]) for e in range(6)]  # w1 = gate, w3 = up
-    router_logits = hidden_states @ block.gate.weight.detach().T
+    gate_weight, hidden_states, expected, mlps = mixtral_moe_block(hidden=16, experts=6, tokens=11)
+    router_logits = hidden_states @ gate_weight.T
     groups, handle = dispatch(hidden_states, router_logits, 2)
     ours = combine({e: mlps[e](x) for e, x in groups.items()}, handle)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
