@@ -23,6 +23,7 @@ class MeshConfig:
     cpu_kernels: bool = True   # False: SHARDMESH_CPU_KERNELS=0, torch instead of shardmesh.kernels' C kernels
     decode_attention: bool = True  # False: SHARDMESH_DECODE_ATTENTION=0, SDPA per sequence (models/decode_attention.py)
     huge_pages: bool = True    # False: SHARDMESH_HUGE_PAGES=0, the stages' weights in small pages (shardmesh/huge_pages.py)
+    loop_cpu: int | None = None  # every service's --loop-cpu (shardmesh/loop_cpu.py); None: off
 
     @property
     def env(self) -> dict:
@@ -37,7 +38,9 @@ class MeshConfig:
         plane = ["--data-plane", self.data_plane]
         compute = plane + ["--compute-threads", str(self.compute_threads)]
         stage = plane + ["--compute-threads", str(self.stage_compute_threads or self.compute_threads)]
-        return {"router": ["--micro-batches", str(self.micro_batches), *plane], "stage": stage, "expert": compute}
+        loop = [] if self.loop_cpu is None else ["--loop-cpu", str(self.loop_cpu)]
+        return {"router": ["--micro-batches", str(self.micro_batches), *plane, *loop], "stage": stage + loop,
+                "expert": compute + loop}
 
     @property
     def thread_counts(self) -> dict:
@@ -79,6 +82,9 @@ CONFIGS = {
     "1s1e-grpc-mb2-c2": MeshConfig(1, 1, micro_batches=2, compute_threads=2),
     "2s2e-grpc-c2": MeshConfig(2, 2, compute_threads=2),
     "2s2e-shm-c2": MeshConfig(2, 2, compute_threads=2, data_plane="shm"),
+    # The same with every service's event loop on CPU 0 and their helpers on the others (--loop-cpu 0).
+    "1s1e-shm-c2-loop0": MeshConfig(1, 1, compute_threads=2, data_plane="shm", loop_cpu=0),
+    "2s2e-shm-c2-loop0": MeshConfig(2, 2, compute_threads=2, data_plane="shm", loop_cpu=0),
     "2s2e-shm-mb2-c2": MeshConfig(2, 2, micro_batches=2, compute_threads=2, data_plane="shm"),
     "2s2e-grpc": MeshConfig(2, 2),
     # torch's own threads (2) that sleep between kernels (-p: OMP_WAIT_POLICY=PASSIVE) instead of compute
@@ -96,4 +102,5 @@ CONFIGS = {
 # What the issue asks to compare, with 2 compute threads per service (shardmesh up's default on 2+ cores):
 # one stage + one expert server; two + two over gRPC bytes; the same over shared memory; and that
 # with 2 micro-batches in flight (the router's default with 2 stages, i.e. all of shardmesh up's defaults).
-DEFAULT = ["1s1e-shm-c2", "2s2e-grpc-c2", "2s2e-shm-c2", "2s2e-shm-mb2-c2"]
+# And one stage + one expert server with every event loop on CPU 0 (shardmesh up --loop-cpu 0).
+DEFAULT = ["1s1e-shm-c2", "1s1e-shm-c2-loop0", "2s2e-grpc-c2", "2s2e-shm-c2", "2s2e-shm-mb2-c2"]

@@ -1,7 +1,10 @@
-"""Two source trees, one mesh configuration, decode rounds alternated between them in one window.
+"""Two source trees (or two mesh configurations), decode rounds alternated between them in one window.
 
     .venv/bin/python bench/tree_ab.py --a /work/main --b /path/to/clone [--config 1s1e-shm-c2]
-        [--batches 1,16] [--rounds 6]
+        [--config-b CONFIG] [--batches 1,16] [--rounds 6]
+
+With --config-b, side B runs that configuration instead (e.g. --b the same tree as --a, --config
+1s1e-shm-c2 --config-b 1s1e-shm-c2-loop0: what --loop-cpu does).
 
 A change's end-to-end effect is a few percent of a decode step, less than what other work on a
 shared 2-core machine moves a whole decode_throughput run by. Here both meshes are up at once
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a", type=pathlib.Path, required=True, help="tree A (the baseline)")
     parser.add_argument("--b", type=pathlib.Path, required=True, help="tree B")
     parser.add_argument("--config", default="1s1e-shm-c2", choices=list(mesh_configs.CONFIGS))
+    parser.add_argument("--config-b", choices=list(mesh_configs.CONFIGS), help="side B's (default: --config)")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -47,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.from_dir(model_dir)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = make_prompts(config.vocab_size, max(batches), 16)
-    mesh = mesh_configs.CONFIGS[args.config]
+    meshes_by_side = {"a": mesh_configs.CONFIGS[args.config], "b": mesh_configs.CONFIGS[args.config_b or args.config]}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-tree-ab-") as workdir, contextlib.ExitStack() as meshes:
-        topology_file = mesh.write(pathlib.Path(workdir) / "topology.toml", config)
         launchers = {}
         for side, tree in (("a", args.a), ("b", args.b)):
+            mesh = meshes_by_side[side]
+            topology_file = mesh.write(pathlib.Path(workdir) / f"topology-{side}.toml", config)
             env = {**mesh.env, "PYTHONPATH": str(tree.resolve()),
                    "SHARDMESH_KERNEL_DIR": str(pathlib.Path(workdir) / f"kernels-{side}")}
             with harness.environment(env):
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                          a_cpu=f"{statistics.median(cpu[('a', batch)]):.1f}",
                          b_cpu=f"{statistics.median(cpu[('b', batch)]):.1f}",
                          agree=tokens[("a", batch)] == tokens[("b", batch)]))
-    header = (f"tree A {args.a} vs tree B {args.b}: {args.config}, {args.rounds} alternating rounds of "
+    header = (f"tree A {args.a} ({args.config}) vs tree B {args.b} ({args.config_b or args.config}): {args.rounds} alternating rounds of "
               f"{args.new_tokens} new tokens; {os.cpu_count()} cores, 1-min load average {load_before:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after")
     harness.report("tree_ab", header, rows, COLUMNS)

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=1, help="torch threads per service")
     up.add_argument("--compute-threads", type=int, default=0,
                     help="compute threads of each stage and expert server (default 0 = 2 on a host of 2+ cores)")
+    up.add_argument("--loop-cpu", type=int, default=None, metavar="CPU",
+                    help="every service's event loop on this CPU, their other threads on the others: faster "
+                         "hand-offs where the services take turns (one micro-batch; see shardmesh.loop_cpu; "
+                         "default off)")
     up.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     up.add_argument("--no-auth", action="store_true", help="no tokens (default: fresh random ones, printed)")
     up.add_argument("--auth-tokens-file", type=pathlib.Path, metavar="FILE",
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         from shardmesh.cli_up import run_up
         return run_up(args.model, args.topology, args.host, args.dtype, args.threads, args.log_level,
                       device=args.device, no_auth=args.no_auth, tls=_tls_files(args, args.no_auth),
-                      compute_threads=args.compute_threads, tokens_file=args.auth_tokens_file)
+                      compute_threads=args.compute_threads, tokens_file=args.auth_tokens_file,
+                      loop_cpu=args.loop_cpu)
     if args.command == "certs":
         from shardmesh.certs import run
         return run(args)

@@ -21,9 +21,10 @@ def _interrupt(signum, frame):
 
 def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_level: str, device: str = "cpu",
            no_auth: bool = False, tls: TlsFiles | None = None, compute_threads: int = 0,
-           tokens_file: pathlib.Path | None = None) -> int:
+           tokens_file: pathlib.Path | None = None, loop_cpu: int | None = None) -> int:
     """Foreground `shardmesh up`: start, print where the router listens, stop on Ctrl-C/SIGTERM.
-    `tokens_file`: named client tokens the router accepts beside the fresh one (checked first)."""
+    `tokens_file`: named client tokens the router accepts beside the fresh one (checked first).
+    `loop_cpu`: every service's --loop-cpu (None: off)."""
     if tokens_file is not None:
         if no_auth:
             print("error: --auth-tokens-file needs authentication on: leave out --no-auth", file=sys.stderr)
@@ -33,11 +34,19 @@ def run_up(model_dir, topology_file, host: str, dtype: str, threads: int, log_le
         except (OSError, ValueError) as error:
             print(f"error: --auth-tokens-file: {error}", file=sys.stderr)
             return 2
+    if loop_cpu is not None:
+        from shardmesh import loop_cpu as loop_cpus
+        try:
+            loop_cpus.check(loop_cpu, threads)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    service_args = {role: [] if loop_cpu is None else ["--loop-cpu", str(loop_cpu)] for role in ("router", "stage", "expert")}
+    if tokens_file is not None:
+        service_args["router"] += ["--auth-tokens-file", str(pathlib.Path(tokens_file).resolve())]
     launcher = Launcher(model_dir, topology_file, host=host, dtype=dtype, device=device, threads_per_service=threads,
                         log_level=log_level, progress=lambda message: print(f"  {message}", flush=True),
-                        no_auth=no_auth, tls=tls, compute_threads=compute_threads,
-                        service_args={"router": ["--auth-tokens-file", str(pathlib.Path(tokens_file).resolve())]}
-                        if tokens_file is not None else None)
+                        no_auth=no_auth, tls=tls, compute_threads=compute_threads, service_args=service_args)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting {len(launcher.topology.stages)} stage(s) and {len(launcher.topology.expert_servers)} "

@@ -23,6 +23,7 @@ from shardmesh.models.matmul import KERNEL_ROWS, linear
 
 _threads = 1
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
+_worker_cpus: set[int] | None = None  # where the pool's threads run (pin_workers); None: where they start
 
 
 def set_threads(threads: int) -> None:
@@ -36,8 +37,21 @@ def set_threads(threads: int) -> None:
     # torch's thread count is per OpenMP thread: a worker left at the default would run every
     # kernel on an OpenMP team of all cores, spinning. Each worker takes the caller's setting.
     _executor = concurrent.futures.ThreadPoolExecutor(
-        threads - 1, thread_name_prefix="compute", initializer=torch.set_num_threads,
+        threads - 1, thread_name_prefix="compute", initializer=_start_worker,
         initargs=(torch.get_num_threads(),)) if threads > 1 else None
+
+
+def pin_workers(cpus: set[int]) -> None:
+    """Run the pool's threads on these CPUs (shardmesh.loop_cpu; they start lazily, from the caller's
+    thread, whose CPU they would otherwise inherit)."""
+    global _worker_cpus
+    _worker_cpus = set(cpus)
+
+
+def _start_worker(torch_threads: int) -> None:
+    torch.set_num_threads(torch_threads)
+    if _worker_cpus is not None:
+        os.sched_setaffinity(0, _worker_cpus)  # 0: this thread
 
 
 def threads() -> int:

@@ -103,6 +103,11 @@ def add_service_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                         help="threads running independent matmuls of a step in parallel (the experts of a layer, "
                              "slices of the LM head); they sleep when idle, so services taking turns on the same "
                              "cores share them well (default %(default)s; see shardmesh.compute_pool)")
+    parser.add_argument("--loop-cpu", type=int, default=None, metavar="CPU",
+                        help="run the event loop's thread on this CPU and every other thread of the service on "
+                             "the others: give every service of a host that takes turns (one micro-batch) the "
+                             "same CPU, and a hand-off between them wakes no idle CPU (default: off; implies "
+                             "--threads 1; see shardmesh.loop_cpu)")
     parser.add_argument("--data-plane", default="shm", choices=["shm", "grpc", "nccl"],
                         help="shm: tensors to and from services on this host through shared memory, "
                              "negotiated per peer (gRPC bytes with the others); grpc: always in gRPC messages; "
@@ -164,6 +169,9 @@ async def _serve(role: str, args: argparse.Namespace) -> None:
     else:
         from expert_server.main import start_expert_server
         server = await start_expert_server(config)
+    if args.loop_cpu is not None:
+        from shardmesh import loop_cpu
+        loop_cpu.pin(args.loop_cpu)  # after start-up: gRPC's threads exist, the kernels are loaded
     if role == "router" and args.port_file:
         tmp = args.port_file.with_suffix(".tmp")
         tmp.write_text(str(server.port))
@@ -201,6 +209,14 @@ def _start_telemetry(role: str, args: argparse.Namespace) -> None:
 def run_service(role: str, args: argparse.Namespace) -> int:
     from shardmesh.telemetry import logs
     logs.configure(getattr(args, "name", "") or role, args.log_level, args.log_format)
+    if args.loop_cpu is not None:
+        from shardmesh import loop_cpu
+        args.threads = args.threads or 1
+        try:
+            loop_cpu.check(args.loop_cpu, args.threads)
+        except ValueError as error:
+            log.error("%s failed to start: %s", role, error)
+            return 2
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

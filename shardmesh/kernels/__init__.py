@@ -197,6 +197,13 @@ class Kernel:
                                                       weight.data_ptr(), out.data_ptr(), threads, unit_bytes)
         return out
 
+    def pin_helpers(self, cpus: list[int]) -> None:
+        """Run the team's helper threads, started and to come, on these CPUs only (shardmesh.loop_cpu)."""
+        array = (ctypes.c_int * len(cpus))(*cpus)
+        failed = self.library.shardmesh_team_pin_helpers(array, len(cpus))
+        if failed:
+            raise OSError(failed, f"moving the kernel team's helpers to CPUs {cpus}: {os.strerror(failed)}")
+
     def linear_wide(self, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`linear` in the outer-product form (faster from ~17 rows): inputs [n, K] @ weight [M, K]^T
         -> [n, M], both contiguous fp32 on the CPU. Each row's result is the same bits for any n."""
@@ -275,10 +282,25 @@ def kernel() -> Kernel | None:
         return None
     try:
         path = build(cc)
-        return Kernel(ctypes.CDLL(str(path)), path)
+        loaded = Kernel(ctypes.CDLL(str(path)), path)
+        if _helper_cpus:
+            loaded.pin_helpers(_helper_cpus)
+        return loaded
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("CPU kernels unavailable (%s): experts and linears use torch", error)
         return None
+
+
+_helper_cpus: list[int] = []  # where the team's helpers run (pin_helpers); []: where they start
+
+
+def pin_helpers(cpus: set[int]) -> None:
+    """Run the kernel team's helper threads on these CPUs (shardmesh.loop_cpu): now if the library is
+    loaded, else once `kernel()` loads it (this never compiles it: a router has no kernels)."""
+    global _helper_cpus
+    _helper_cpus = sorted(cpus)
+    if kernel.cache_info().currsize and kernel() is not None:
+        kernel().pin_helpers(_helper_cpus)
 
 
 def switched_function(switch: str, name: str, argtypes: list, restype):

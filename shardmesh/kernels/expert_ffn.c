@@ -13,6 +13,7 @@
  * Every matrix is row-major and contiguous; nothing here allocates or keeps state.
  */
 
+#define _GNU_SOURCE /* team.c: pthread_attr_setaffinity_np, pthread_setaffinity_np */
 #include <math.h>
 #include <stddef.h>
 #include <string.h>

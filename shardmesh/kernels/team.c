@@ -107,7 +107,29 @@ static struct {
     int helpers;
     pid_t pid;
     atomic_int busy;
+    pthread_t threads[TEAM_HELPERS_MAX]; /* the helpers started in this process */
+    cpu_set_t cpus;                      /* where they run (shardmesh_team_pin_helpers); */
+    int pinned;                          /* 0: wherever they were started */
 } team_state = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* Run the helpers, those started and those to come, on CPUs cpus[0..count) only (shardmesh/loop_cpu.py:
+ * the calling service's event-loop thread keeps a CPU of its own). Returns 0, or the errno of the
+ * first helper that could not be moved. */
+int shardmesh_team_pin_helpers(const int *cpus, int count) {
+    int failed = 0;
+    pthread_mutex_lock(&team_state.lock);
+    if (team_state.pid != getpid()) { /* a forked child: the parent's helpers are not here */
+        team_state.pid = getpid();
+        team_state.helpers = 0;
+    }
+    CPU_ZERO(&team_state.cpus);
+    for (int i = 0; i < count; i++) CPU_SET(cpus[i], &team_state.cpus);
+    team_state.pinned = 1;
+    for (int i = 0; i < team_state.helpers && !failed; i++)
+        failed = pthread_setaffinity_np(team_state.threads[i], sizeof(cpu_set_t), &team_state.cpus);
+    pthread_mutex_unlock(&team_state.lock);
+    return failed;
+}
 
 static void *team_helper_main(void *start_generation) {
     unsigned long seen = (unsigned long)start_generation;
@@ -135,9 +157,10 @@ static void team_start_helpers(int wanted) {
     pthread_attr_t attributes;
     pthread_attr_init(&attributes);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    if (team_state.pinned) pthread_attr_setaffinity_np(&attributes, sizeof(cpu_set_t), &team_state.cpus);
     while (team_state.helpers < wanted && team_state.helpers < TEAM_HELPERS_MAX) {
-        pthread_t thread;
-        if (pthread_create(&thread, &attributes, team_helper_main, (void *)team_state.generation) != 0) break;
+        pthread_t *thread = &team_state.threads[team_state.helpers];
+        if (pthread_create(thread, &attributes, team_helper_main, (void *)team_state.generation) != 0) break;
         team_state.helpers++;
     }
     pthread_attr_destroy(&attributes);
