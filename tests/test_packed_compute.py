@@ -139,3 +139,27 @@ def test_an_expert_table_in_use_leaves_a_concurrent_call_to_its_own_tasks(mixtra
     assert [tasks[i + 1].out - tasks[i].out for i in range(2)] == [n * row_bytes for n in counts[:2]]
     assert [tasks[i + 1].scratch - tasks[i].scratch for i in range(2)] == \
         [4 * 2 * n * config.intermediate_size for n in counts[:2]]  # [2, n, I] fp32 each, apart
+
+
+def test_expert_scratch_is_kept_per_thread_and_reused_dirty(mixtral_dir, kernel, two_compute_threads):
+    """The kernels' scratch is one buffer per thread (Kernel.scratch): a later call reuses it as the
+    last left it (the same address, full of old values) and computes the same bits."""
+    from shardmesh import kernels
+    from shardmesh.checkpoint import CheckpointReader
+    from shardmesh.config import ModelConfig
+    from shardmesh.expert_model import ExpertShard
+
+    config = ModelConfig.from_dir(mixtral_dir)
+    shard = ExpertShard(config, [(0, e) for e in range(2)], CheckpointReader(mixtral_dir))
+    experts, counts = [1, 0], [3, 2]
+    hidden_states = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(7))  # [N, H]
+    expected = torch.cat([shard.compute(0, e, x) for e, x in zip(experts, hidden_states.split(counts))])
+    plan = shard.packed_plan(0, experts)
+    first = shard.compute_packed(0, experts, counts, hidden_states, torch.empty_like(hidden_states))
+    address = plan.table.tasks[0].scratch
+    kernels.kernel().scratch(2 * config.intermediate_size * 5)[0].fill_(float("nan"))  # dirty, as any call leaves it
+    second = shard.compute_packed(0, experts, counts, hidden_states, torch.empty_like(hidden_states))
+    assert plan.table.tasks[0].scratch == address  # the same buffer: nothing allocated
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    held, _ = kernels.kernel().scratch(kernels.MAX_KEPT_SCRATCH + 1)  # too big to keep: made for that call
+    assert kernels.kernel().scratch(1)[1] == address and held.data_ptr() != address

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("expert_ffn.c")
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")  # compiled alongside (models/decode_attention.py wraps it)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-pthread")
+MAX_KEPT_SCRATCH = 4 << 20  # floats (16 MiB): expert scratch up to this is one buffer per thread, reused
 WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
 calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0,
          "decode_attention": 0, "decode_layer": 0, "linear_team": 0}  # kernel calls in this process, by kernel
@@ -62,6 +63,7 @@ class ExpertTable:
         self.tasks = (ExpertTask * len(self.weights))()
         for task, (gate_proj, up_proj, down_proj) in zip(self.tasks, self.weights):
             task.w1, task.w3, task.w2 = gate_proj.data_ptr(), up_proj.data_ptr(), down_proj.data_ptr()
+        self.counts = (ctypes.c_long * len(self.weights))()  # a call's rows per task, for the kernel to fill n, x, ...
         self.lock = threading.Lock()
 
 
@@ -76,6 +78,10 @@ class Kernel:
         self._expert_ffn_many = library.shardmesh_expert_ffn_many
         self._expert_ffn_many.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
         self._expert_ffn_many.restype = ctypes.c_long
+        self._expert_ffn_packed = library.shardmesh_expert_ffn_packed
+        self._expert_ffn_packed.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_long]
+        self._expert_ffn_packed.restype = ctypes.c_long
+        self._scratch = threading.local()  # .held: (tensor, address, floats) kept by each thread (scratch)
         self._linear = library.shardmesh_linear
         self._linear.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
         self._linear.restype = None
@@ -138,19 +144,29 @@ class Kernel:
         if work:
             self._run_team(work, hidden, threads, unit_bytes)
 
+    def scratch(self, floats: int) -> tuple[torch.Tensor, int]:
+        """Room for `floats` fp32 (uninitialized; the kernels write their scratch before reading it):
+        (a tensor holding it, its address). Up to MAX_KEPT_SCRATCH floats it is one buffer kept per
+        thread and reused, so a call neither allocates nor page-faults on fresh pages (a kernel's
+        scratch is in use only during its call, on its thread); bigger ones are made per call."""
+        held = getattr(self._scratch, "held", None)
+        if held is not None and held[2] >= floats:
+            return held[0], held[1]
+        tensor = torch.empty(max(floats, 1), dtype=torch.float32)
+        if floats <= MAX_KEPT_SCRATCH:
+            self._scratch.held = (tensor, tensor.data_ptr(), tensor.numel())
+        return tensor, tensor.data_ptr()
+
     def _run_table(self, hidden_states: torch.Tensor, table: ExpertTable, counts: list[int], threads: int,
                    out: torch.Tensor, unit_bytes: int) -> None:
-        """expert_ffn_packed on the table's tasks (every count >= 1, one per task): rows and scratch
-        addresses filled in, the weights' there already."""
+        """expert_ffn_packed on the table's tasks (every count >= 1, one per task): the kernel fills in
+        their rows and scratch addresses from the counts, the weights' are there already."""
         hidden, intermediate = hidden_states.shape[1], table.intermediate
-        scratch = torch.empty(2 * intermediate * hidden_states.shape[0], dtype=torch.float32)  # [2, n, I] per expert
-        row_bytes, scratch_row_bytes = 4 * hidden, 4 * 2 * intermediate
-        x, y, z = hidden_states.data_ptr(), out.data_ptr(), scratch.data_ptr()
-        for task, n in zip(table.tasks, counts):
-            task.n, task.x, task.scratch, task.out = n, x, z, y
-            x, y, z = x + n * row_bytes, y + n * row_bytes, z + n * scratch_row_bytes
+        scratch, address = self.scratch(2 * intermediate * hidden_states.shape[0])  # [2, n, I] per expert
+        table.counts[:] = counts
         calls["expert_ffn_many"] += 1
-        by_helpers = self._expert_ffn_many(len(counts), hidden, intermediate, table.tasks, threads, unit_bytes)
+        by_helpers = self._expert_ffn_packed(len(counts), hidden, intermediate, table.tasks, table.counts,
+                                             hidden_states.data_ptr(), address, out.data_ptr(), threads, unit_bytes)
         if by_helpers < 0:
             raise MemoryError("shardmesh_expert_ffn_many: out of memory")
         units["by_helpers"] += by_helpers
@@ -159,8 +175,8 @@ class Kernel:
                   unit_bytes: int) -> None:
         """work: (rows n, input address [n, H], (gate_proj, up_proj, down_proj), output address [n, H]) each."""
         intermediate = work[0][2][0].shape[0]
-        scratch = torch.empty(2 * intermediate * sum(n for n, *_ in work), dtype=torch.float32)
-        tasks, offset = (ExpertTask * len(work))(), scratch.data_ptr()
+        scratch, offset = self.scratch(2 * intermediate * sum(n for n, *_ in work))
+        tasks = (ExpertTask * len(work))()
         for task, (n, x, (gate_proj, up_proj, down_proj), out) in zip(tasks, work):
             assert gate_proj.shape[0] == intermediate, "one I for all experts"
             task.n, task.x, task.w1, task.w3, task.w2 = n, x, gate_proj.data_ptr(), up_proj.data_ptr(), \

@@ -87,3 +87,18 @@ int shardmesh_expert_ffn_many(long count, long H, long I, const struct shardmesh
     free(call.activations_done);
     return (int)by_helpers;
 }
+
+/* shardmesh_expert_ffn_many over one packed tensor, the tasks' w1, w3, w2 set already (an
+ * ExpertTable's): n, x, scratch and out are filled here, counts[e] rows (each >= 1) per task, rows
+ * of x [N, H] and out [N, H] in task order, each task's scratch [2, n, I] next in scratch
+ * [2 N I]. The Python wrapper sets nothing per task (a ctypes field costs ~0.5 us cold). */
+int shardmesh_expert_ffn_packed(long count, long H, long I, struct shardmesh_expert_task *tasks,
+                                const long *counts, const float *x, float *scratch, float *out, int threads,
+                                long unit_bytes) {
+    for (long e = 0; e < count; e++) {
+        long n = counts[e];
+        tasks[e].n = n, tasks[e].x = x, tasks[e].scratch = scratch, tasks[e].out = out;
+        x += n * H, out += n * H, scratch += 2 * n * I;
+    }
+    return shardmesh_expert_ffn_many(count, H, I, tasks, threads, unit_bytes);
+}
