@@ -101,30 +101,35 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         if request.HasField("packed"):  # one tensor in, one out (what stages send)
             if request.groups:
                 raise InvalidArgument("packed", "give groups or packed, not both")
-            output = self._compute_packed(request.packed, request.traceparent)
-            return expert_pb2.ComputeExpertsResponse(packed_outputs=codec.encode(output))
+            return self._compute_packed(request.packed, request.traceparent)
         inputs = [self._decode_group(i, group) for i, group in enumerate(request.groups)]
         work = [(g.layer, g.expert, g.slice_count, x) for g, x in zip(request.groups, inputs)]
         outputs = self._compute_all(work, request.traceparent)
         return expert_pb2.ComputeExpertsResponse(outputs=[codec.encode(output) for output in outputs])
 
-    def _compute_packed(self, packed: expert_pb2.PackedGroups, traceparent: str) -> torch.Tensor:
-        """Packed groups -> their outputs [N, H], row for row. On the CPU computed in place into the
-        reply (codec.reply_tensor: on the shared-memory plane the reply arena, so nothing is copied)."""
+    def _compute_packed(self, packed: expert_pb2.PackedGroups, traceparent: str) -> expert_pb2.ComputeExpertsResponse:
+        """Packed groups -> the response of their outputs [N, H], row for row. On the CPU computed in
+        place into the reply (codec.claim_reply: on the shared-memory plane the reply arena, so nothing
+        is copied) and the response built around it in place."""
         plan, counts, hidden_states = self._decode_packed(packed)  # [N, H]
+        response = expert_pb2.ComputeExpertsResponse()
         if self.shard.device.type != "cpu":  # device tensors: as one group each (the reply from the device)
             outputs = self._compute_all([(packed.layer, expert, 0, x) for expert, x in
                                          zip(plan.experts, hidden_states.split_with_sizes(counts))], traceparent)
-            return torch.cat(outputs) if outputs else hidden_states.new_empty(0, self.hidden_size)
-        output = codec.reply_tensor(list(hidden_states.shape), self.dtype)  # [N, H]
+            codec.encode_into(response.packed_outputs, torch.cat(outputs) if outputs
+                              else hidden_states.new_empty(0, self.hidden_size))
+            return response
+        output, placed = codec.claim_reply(hidden_states.shape, self.dtype)  # [N, H]
+        meter = self.meter
         with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
             # Computed without yielding to the event loop, so no drain can find these experts in use
             # meanwhile: the meter records the call afterwards, once the reply is on its way.
-            start = self.meter.clock()
+            start = meter.clock()
             self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
-            self.meter.record_soon(packed.layer, plan.experts, counts, start, self.meter.clock())
-        self.tokens_computed += hidden_states.shape[0]
-        return output
+            meter.record_soon(packed.layer, plan.experts, counts, start, meter.clock())
+        self.tokens_computed += output.shape[0]
+        codec.encode_into(response.packed_outputs, output, placed)
+        return response
 
     def _compute_all(self, work: list[tuple[int, int, int, torch.Tensor]], traceparent: str) -> list[torch.Tensor]:
         """(layer, expert, slice_count, hidden_states [n, H]) each -> its output [n, H], checked already."""

@@ -77,6 +77,34 @@ def reply_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor is not None else torch.empty(shape, dtype=dtype)
 
 
+def claim_reply(shape, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """reply_tensor, and where it lies: (offset, length) in the served call's reply arena when it was
+    claimed there (give it to `encode_into`, which then asks the arena nothing), else None. Nothing
+    may be put in or claimed from that arena before the reply is encoded."""
+    call = inbound_call.get()
+    arena = call[1] if call is not None else None
+    claim = getattr(arena, "claim", None)  # (a device arena has none)
+    if claim is not None:
+        tensor = claim(shape, dtype)
+        if tensor is not None:  # shm_segment.ReplyArena.claimed: (data pointer, offset, length)
+            placed, arena.claimed = arena.claimed[1:], None
+            return tensor, placed
+    return torch.empty(shape, dtype=dtype), None
+
+
+def encode_into(message: tensor_pb2.Tensor, tensor: torch.Tensor, placed: tuple[int, int] | None = None) -> None:
+    """encode(tensor) written into `message`, a wire Tensor field of the message being built (no
+    submessage made and copied). placed: claim_reply's span of the tensor in the served call's reply
+    arena (the tensor from that claim, as computed into); None: as encode places it."""
+    if placed is None:
+        message.CopyFrom(encode(tensor))
+        return
+    message.dtype = TORCH_TO_WIRE[tensor.dtype]
+    message.shape.extend(tensor.shape)
+    span = message.shm
+    span.offset, span.length = placed
+
+
 def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,
            nccl_payload=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.

@@ -8,6 +8,7 @@ import torch
 
 from shardmesh import codec, kernels
 from shardmesh.shm_segment import ReplyArena, Segment
+from shardmesh.v1 import expert_pb2, tensor_pb2
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,24 @@ def test_a_claimed_reply_is_encoded_where_it_was_computed():
             codec.inbound_call.reset(token)
         assert (message.shm.offset, message.shm.length, list(message.shape)) == (1024, 24, [2, 3])
         assert torch.equal(codec.decode(message, "t", segment=segment), torch.full((2, 3), 7.0))
+
+        # claim_reply + encode_into: the same, built into the response, the arena asked nothing more
+        token = codec.inbound_call.set((segment, ReplyArena(segment, 2048), None))
+        try:
+            output, placed = codec.claim_reply(torch.Size([2, 3]), torch.float32)
+            output.copy_(torch.full((2, 3), 5.0))
+            response = expert_pb2.ComputeExpertsResponse()
+            codec.encode_into(response.packed_outputs, output, placed)
+        finally:
+            codec.inbound_call.reset(token)
+        message = response.packed_outputs
+        assert placed == (2048, 24) and not message.data and list(message.shape) == [2, 3]
+        assert (message.dtype, message.shm.offset, message.shm.length) == (tensor_pb2.DTYPE_FLOAT32, 2048, 24)
+        assert torch.equal(codec.decode(message, "t", segment=segment), torch.full((2, 3), 5.0))
+        output, placed = codec.claim_reply([2, 3], torch.float32)  # no call served here: a new tensor, placed by encode
+        response = expert_pb2.ComputeExpertsResponse()
+        codec.encode_into(response.packed_outputs, output.fill_(2.0), placed)
+        assert placed is None and torch.equal(codec.decode(response.packed_outputs), torch.full((2, 3), 2.0))
     finally:
         segment.close()
 
