@@ -21,12 +21,13 @@ class Lent:
     """RemoteExperts.lend(layer): an async context holding, while it lasts, the shared-memory session
     of the layer's one server that its call goes over (taken at entry when one is idle)."""
 
-    __slots__ = ("experts", "layer", "session", "call")
+    __slots__ = ("experts", "layer", "session", "call", "placed")
 
     def __init__(self, experts: "RemoteExperts", layer: int):
         self.experts, self.layer = experts, layer
         self.session = None  # the taken session (shm_pool._Session), released at exit
         self.call = None     # its ShmCall, until the layer's call uses it
+        self.placed = None   # (rows, (offset, length)): `rows` and where they lie in the segment
 
     async def __aenter__(self) -> "Lent":
         experts, sole = self.experts, self.experts._sole.get(self.layer)
@@ -43,7 +44,11 @@ class Lent:
         call = self.call
         if call is None or call.channel.cuda is not None:
             return None
-        return call.arena.claim([count, width], dtype)
+        arena = call.arena
+        rows = arena.claim([count, width], dtype)
+        if rows is not None:  # the call sends them by this span (PackedCall.request), the arena asked nothing more
+            self.placed, arena.claimed = (rows, arena.claimed[1:]), None  # ReplyArena.claimed: (address, offset, length)
+        return rows
 
     async def run(self, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """RemoteExperts.run, over the taken session when it applies: the outputs may view its segment."""

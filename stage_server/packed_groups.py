@@ -7,6 +7,7 @@ Shape legend: n_i rows of piece i, N = sum of n_i, H hidden_size.
 
 import torch
 
+from shardmesh import codec
 from shardmesh.errors import RequestError, Unavailable
 from shardmesh.models.packed_rows import PackedRows
 from shardmesh.telemetry import tracing
@@ -50,11 +51,23 @@ class PackedCall:
         call.hidden_states = groups.rows                                     # [N, H]
         return call
 
-    def request(self, encode) -> expert_pb2.ComputeExpertsRequest:
-        """`encode`: the data plane's (tensor -> wire Tensor)."""
-        return expert_pb2.ComputeExpertsRequest(packed=expert_pb2.PackedGroups(
-            layer=self.layer, experts=self.experts, num_tokens=self.counts, hidden_states=encode(self.hidden_states)),
-            traceparent=tracing.current_traceparent())
+    def request(self, encode, placed: tuple[int, int] | None = None) -> expert_pb2.ComputeExpertsRequest:
+        """`encode`: the data plane's (tensor -> wire Tensor). placed: where the packed tensor lies
+        already in the call's shared-memory segment, (offset, length) (Lent.rows: dispatched there),
+        sent as it lies without `encode`. Built in place (no submessage made and copied)."""
+        request = expert_pb2.ComputeExpertsRequest()
+        packed = request.packed
+        packed.layer = self.layer  # (present even at layer 0: any field set makes it so)
+        packed.experts.extend(self.experts)
+        packed.num_tokens.extend(self.counts)
+        if placed is not None:
+            codec.encode_into(packed.hidden_states, self.hidden_states, placed)
+        else:
+            packed.hidden_states.CopyFrom(encode(self.hidden_states))
+        traceparent = tracing.current_traceparent()
+        if traceparent:
+            request.traceparent = traceparent
+        return request
 
     def outputs(self, reply: expert_pb2.ComputeExpertsResponse, decode) -> list[torch.Tensor]:
         """The reply -> one output [n_i, H] per input (views of one tensor), each of its input's shape

@@ -216,10 +216,12 @@ class RemoteExperts:
         started = time.perf_counter()
         try:
             if lent is not None and lent.call is not None:  # the lent session: groups and answer lie in its segment
-                call, lent.call = lent.call, None  # one call per lend
+                call, lent.call, placed = lent.call, None, lent.placed  # one call per lend
+                # the rows dispatched into the segment (Lent.rows) go by their span; anything else is encoded
+                request = packed.request(call.encode, placed[1] if placed is not None
+                                         and placed[0] is packed.hidden_states else None)
                 async with asyncio.timeout(timeout):
-                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
-                                              expert_pb2.ComputeExpertsResponse, None)
+                    reply = await call.invoke(EXPERT_METHOD, request, expert_pb2.ComputeExpertsResponse, None)
                     return packed.output(reply, call.view)  # valid while the lend holds the session
             pool = self.data_planes.ready(address) if self.nccl_links is None else None
             session = pool.idle_session() if pool is not None else None
@@ -257,7 +259,7 @@ class RemoteExperts:
             raise Unavailable("experts", message) from error
         finally:
             self._in_flight[address] -= rows
-            nbytes = metrics.tensor_bytes(packed.hidden_states)  # answers are the same size
+            nbytes = packed.hidden_states.nbytes  # answers are the same size
             metrics.data_plane_call(self.server_name, "stage_expert", address, started, nbytes, nbytes)
 
     async def _call_over_nccl(self, address: str, packed: PackedCall, timeout: float) -> torch.Tensor:
