@@ -35,6 +35,7 @@ from shardmesh.shm_plane import DataPlaneError
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import expert_pb2, expert_pb2_grpc
 
+from stage_server.call_deadlines import CallDeadlines
 from stage_server.lent_call import Lent
 from stage_server.failover import DOWN_RETRY_S, MAX_ATTEMPTS, ServerFailed, with_failover  # noqa: F401 (re-exported)
 from stage_server.packed_groups import PackedCall
@@ -97,6 +98,7 @@ class RemoteExperts:
         self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into pieces this big
         self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
         self.failovers = 0  # pieces sent again to another replica after their server failed
+        self.deadlines = CallDeadlines()  # the shared-memory calls' (_call): one timer for all
 
     async def update(self, placement: Placement) -> None:
         """Switch placement (between steps: the stage holds its step lock while calling this, so no
@@ -220,16 +222,29 @@ class RemoteExperts:
                 # the rows dispatched into the segment (Lent.rows) go by their span; anything else is encoded
                 request = packed.request(call.encode, placed[1] if placed is not None
                                          and placed[0] is packed.hidden_states else None)
-                async with asyncio.timeout(timeout):
+                task = self.deadlines.start(timeout)  # (as asyncio.timeout, without a timer per call)
+                try:
                     reply = await call.invoke(EXPERT_METHOD, request, expert_pb2.ComputeExpertsResponse, None)
                     return packed.output(reply, call.view)  # valid while the lend holds the session
+                except asyncio.CancelledError:
+                    self.deadlines.expired(task)  # TimeoutError when the deadline cancelled it
+                    raise
+                finally:
+                    self.deadlines.end(task)
             pool = self.data_planes.ready(address) if self.nccl_links is None else None
             session = pool.idle_session() if pool is not None else None
             if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
-                async with asyncio.timeout(timeout), session as call:
-                    reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
-                                              expert_pb2.ComputeExpertsResponse, None)
-                    return packed.output(reply, call.decode)
+                task = self.deadlines.start(timeout)
+                try:
+                    async with session as call:
+                        reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
+                                                  expert_pb2.ComputeExpertsResponse, None)
+                        return packed.output(reply, call.decode)
+                except asyncio.CancelledError:
+                    self.deadlines.expired(task)
+                    raise
+                finally:
+                    self.deadlines.end(task)
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:
@@ -269,6 +284,7 @@ class RemoteExperts:
             return packed.output(reply, call.decode)
 
     async def close(self) -> None:
+        self.deadlines.close()
         await self.data_planes.close()
         for channel in self._channels.values():
             await channel.close()
