@@ -130,7 +130,10 @@ def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, c
     if numel >= 2**63:
         raise InvalidArgument(f"{field}.shape", f"{shape} has more elements than int64 can count")
     itemsize = dtype.itemsize
-    spans = [kind for kind in _SPANS if message.HasField(kind)]
+    has = message.HasField
+    if has("shm") and not (has("cuda_ipc") or has("nccl")):  # (the shared-memory plane's tensors: most)
+        return _decode_shared(message, field, segment, dtype, shape, numel * itemsize)
+    spans = [kind for kind in _SPANS if has(kind)]
     if len(spans) > 1:
         raise InvalidArgument(f"{field}.{spans[1]}", f"give one of {' or '.join(spans)}, not both")
     if spans:

@@ -349,4 +349,4 @@ def for_weights(purpose: str, *weights: torch.Tensor) -> Kernel | None:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can go to a kernel: contiguous fp32 on the CPU."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
