@@ -95,3 +95,21 @@ def test_decoded_tensor_is_usable_after_clone():
     decoded = round_trip(tensor).clone()
     decoded += 1  # a clone is writable; the decoded view shares the message's bytes
     assert torch.equal(decoded, tensor + 1)
+
+
+@pytest.mark.parametrize("other", ["cuda_ipc", "nccl"])
+def test_a_tensor_in_shared_memory_and_elsewhere_is_refused_naming_the_other_span(other):
+    """codec.decode's shared-memory fast path takes a tensor with `shm` and no other span only."""
+    from shardmesh.shm_segment import Segment
+
+    segment = Segment.create(1 << 16)
+    try:
+        message = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2, 2])
+        message.shm.offset, message.shm.length = 128, 16
+        assert codec.decode(message, "t", segment=segment, cuda_segment=None, nccl_payload=None).shape == (2, 2)
+        getattr(message, other).length = 16
+        with pytest.raises(InvalidArgument) as error:
+            codec.decode(message, "t", segment=segment, cuda_segment=None, nccl_payload=None)
+        assert error.value.field == f"t.{other}" and "not both" in str(error.value)
+    finally:
+        segment.close()
