@@ -9,14 +9,8 @@ past theirs when it fires and re-arms itself for the rest: a call arms it only w
 its task is cancelled (so what it awaits sees CancelledError and cleans up) and the call raises
 TimeoutError, unless someone else cancelled the task too (then CancelledError goes on).
 
-    task = deadlines.start(timeout)
-    try:
+    with deadlines.bound(timeout):  # in a coroutine, as `async with asyncio.timeout(timeout):`
         ... await the call ...
-    except asyncio.CancelledError:
-        deadlines.expired(task)  # TimeoutError when the deadline cancelled it
-        raise
-    finally:
-        deadlines.end(task)
 """
 
 import asyncio
@@ -33,6 +27,11 @@ class CallDeadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the armed timer fires (loop time)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the armed timer
+
+    def bound(self, timeout: float) -> "_Bound":
+        """A `with` block of the current task bounded by `timeout` seconds from its start: past it
+        the task is cancelled and the block raises TimeoutError (start, expired and end, below)."""
+        return _Bound(self, timeout)
 
     def start(self, timeout: float) -> asyncio.Task:
         """The current task's call starts, bounded by `timeout` seconds from now; returns the task."""
@@ -86,3 +85,23 @@ class CallDeadlines:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class _Bound:
+    """CallDeadlines.bound's block."""
+
+    __slots__ = ("deadlines", "timeout", "task")
+
+    def __init__(self, deadlines: CallDeadlines, timeout: float):
+        self.deadlines, self.timeout = deadlines, timeout
+
+    def __enter__(self) -> None:
+        self.task = self.deadlines.start(self.timeout)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            if kind is asyncio.CancelledError:
+                self.deadlines.expired(self.task)  # TimeoutError (from the cancellation) when ours
+        finally:
+            self.deadlines.end(self.task)
+        return False

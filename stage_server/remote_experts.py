@@ -222,29 +222,17 @@ class RemoteExperts:
                 # the rows dispatched into the segment (Lent.rows) go by their span; anything else is encoded
                 request = packed.request(call.encode, placed[1] if placed is not None
                                          and placed[0] is packed.hidden_states else None)
-                task = self.deadlines.start(timeout)  # (as asyncio.timeout, without a timer per call)
-                try:
+                with self.deadlines.bound(timeout):  # (as asyncio.timeout, without a timer per call)
                     reply = await call.invoke(EXPERT_METHOD, request, expert_pb2.ComputeExpertsResponse, None)
                     return packed.output(reply, call.view)  # valid while the lend holds the session
-                except asyncio.CancelledError:
-                    self.deadlines.expired(task)  # TimeoutError when the deadline cancelled it
-                    raise
-                finally:
-                    self.deadlines.end(task)
             pool = self.data_planes.ready(address) if self.nccl_links is None else None
             session = pool.idle_session() if pool is not None else None
             if session is not None:  # (most calls) a shared-memory session free now: nothing to wait for first
-                task = self.deadlines.start(timeout)
-                try:
+                with self.deadlines.bound(timeout):
                     async with session as call:
                         reply = await call.invoke(EXPERT_METHOD, packed.request(call.encode),
                                                   expert_pb2.ComputeExpertsResponse, None)
                         return packed.output(reply, call.decode)
-                except asyncio.CancelledError:
-                    self.deadlines.expired(task)
-                    raise
-                finally:
-                    self.deadlines.end(task)
             # One bound over negotiating the shared-memory plane, waiting for its session and the call.
             async with asyncio.timeout(timeout + 1.0) as bound:
                 if self.nccl_links is not None:

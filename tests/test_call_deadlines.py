@@ -12,14 +12,8 @@ from stage_server.call_deadlines import CallDeadlines
 
 async def bounded(deadlines: CallDeadlines, timeout: float, work):
     """work() under the deadline, written as RemoteExperts._call writes it."""
-    task = deadlines.start(timeout)
-    try:
+    with deadlines.bound(timeout):
         return await work()
-    except asyncio.CancelledError:
-        deadlines.expired(task)
-        raise
-    finally:
-        deadlines.end(task)
 
 
 def test_a_call_past_its_deadline_raises_timeout_and_what_it_awaited_was_cancelled():
