@@ -113,8 +113,11 @@ static void linear_columns(long n, long K, long M, const float *x, const float *
         const float *wb = m + 1 < m1 ? wa + K : wa; /* an odd last row pairs with itself; stored once */
         for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
-            const float *next = r0 == 0 ? weight + (m + 2) * K : NULL; /* the next pair, during the first block */
-            pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next, next ? next + K : NULL);
+            /* the next pair fetched meanwhile: both rows during a lone block; over more blocks its first
+             * row during the first, its second during the second (the stream spread over the pass) */
+            const float *next_a = r0 == 0 ? weight + (m + 2) * K : r0 == ROWS_BLOCK ? weight + (m + 3) * K : NULL;
+            const float *next_b = n <= ROWS_BLOCK ? weight + (m + 3) * K : next_a;
+            pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next_a, next_a ? next_b : NULL);
             for (int r = 0; r < rows; r++) {
                 out[(r0 + r) * M + m] = dots_a[r];
                 if (m + 1 < m1) out[(r0 + r) * M + m + 1] = dots_b[r];
