@@ -56,53 +56,42 @@ def encode(tensor: torch.Tensor, arena=INBOUND) -> tensor_pb2.Tensor:
     if arena is not None:
         placed = arena.put(tensor.detach() if tensor.requires_grad else tensor)
         if placed is not None:
-            # (offset, length) in host shared memory, or (offset, length, span field) from an arena
-            # that also places device tensors (cuda_ipc.DeviceArena: field "cuda_ipc").
-            message = tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=tensor.shape)
-            span = message.shm if len(placed) == 2 else getattr(message, placed[2])
-            span.offset, span.length = placed[0], placed[1]
+            message = tensor_pb2.Tensor()
+            _name_span(message, tensor, placed)
             return message
     flat = tensor.detach().to("cpu").contiguous()
     data = flat.view(_VIEW_AS.get(flat.dtype, flat.dtype)).numpy().tobytes()
     return tensor_pb2.Tensor(dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
-def reply_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor for a servicer to compute a reply into: on the shared-memory plane
-    a view of the served call's reply arena, which `encode` then sends without a copy (the caller
-    writes every element before encoding it); elsewhere, or when it does not fit, a new tensor."""
+def claim_reply(shape, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """An uninitialized CPU tensor for a servicer to compute a reply into, and where it lies: on the
+    shared-memory plane a view of the served call's reply arena and its span (offset, length), which
+    `encode_into` then names without a copy (the caller writes every element first); elsewhere, or
+    when it does not fit, a new tensor and None."""
     call = inbound_call.get()
     claim = getattr(call[1], "claim", None) if call is not None else None  # (a device arena has none)
-    tensor = claim(shape, dtype) if claim is not None else None
-    return tensor if tensor is not None else torch.empty(shape, dtype=dtype)
-
-
-def claim_reply(shape, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """reply_tensor, and where it lies: (offset, length) in the served call's reply arena when it was
-    claimed there (give it to `encode_into`, which then asks the arena nothing), else None. Nothing
-    may be put in or claimed from that arena before the reply is encoded."""
-    call = inbound_call.get()
-    arena = call[1] if call is not None else None
-    claim = getattr(arena, "claim", None)  # (a device arena has none)
-    if claim is not None:
-        tensor = claim(shape, dtype)
-        if tensor is not None:  # shm_segment.ReplyArena.claimed: (data pointer, offset, length)
-            placed, arena.claimed = arena.claimed[1:], None
-            return tensor, placed
-    return torch.empty(shape, dtype=dtype), None
+    claimed = claim(shape, dtype) if claim is not None else None
+    return claimed if claimed is not None else (torch.empty(shape, dtype=dtype), None)
 
 
 def encode_into(message: tensor_pb2.Tensor, tensor: torch.Tensor, placed: tuple[int, int] | None = None) -> None:
     """encode(tensor) written into `message`, a wire Tensor field of the message being built (no
-    submessage made and copied). placed: claim_reply's span of the tensor in the served call's reply
-    arena (the tensor from that claim, as computed into); None: as encode places it."""
+    submessage made and copied). placed: the tensor's span in the call's shared-memory segment
+    (claim_reply's, or ReplyArena.claim's), named as it lies; None: as encode places it."""
     if placed is None:
         message.CopyFrom(encode(tensor))
-        return
+    else:
+        _name_span(message, tensor, placed)
+
+
+def _name_span(message: tensor_pb2.Tensor, tensor: torch.Tensor, placed: tuple) -> None:
+    """message: tensor's dtype and shape, its bytes at (offset, length) of host shared memory, or at
+    (offset, length, span field) (cuda_ipc.DeviceArena: field "cuda_ipc"; an NCCL payload: "nccl")."""
     message.dtype = TORCH_TO_WIRE[tensor.dtype]
     message.shape.extend(tensor.shape)
-    span = message.shm
-    span.offset, span.length = placed
+    span = message.shm if len(placed) == 2 else getattr(message, placed[2])
+    span.offset, span.length = placed[0], placed[1]
 
 
 def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,

@@ -163,28 +163,21 @@ class ReplyArena:
         self.segment = segment
         self.next = align(max(start, PROBE_BYTES))
         self.end = segment.usable if end is None else end
-        self.claimed: tuple[int, int, int] | None = None  # (data pointer, offset, length) of `claim`'s tensor
 
-    def claim(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
-        """Room for a reply tensor, as a writable view of the segment to compute it into (`put` of
-        that very tensor then writes nothing), or None when it does not fit."""
+    def claim(self, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """Room for a tensor computed in place (a reply, or a request's rows): a writable view of the
+        segment and its span (offset, length), which the wire Tensor names instead of copying it
+        (codec.encode_into); None when it does not fit."""
         length = math.prod(shape) * dtype.itemsize
         if not length or self.next + length > self.end:
             return None
         offset = self.next
         self.next = align(offset + length)
-        tensor = self.segment.view(offset, length, dtype, shape, "reply")
-        self.claimed = (tensor.data_ptr(), offset, length)
-        return tensor
+        return self.segment.view(offset, length, dtype, shape, "reply"), (offset, length)
 
     def put(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """Write `tensor` into the arena: (offset, length), or None when it does not fit."""
         length = tensor.numel() * tensor.element_size()
-        claimed = self.claimed
-        if claimed is not None and claimed[0] == tensor.data_ptr() and claimed[2] == length \
-                and tensor.device.type == "cpu" and tensor.is_contiguous():  # computed in place: nothing to copy
-            self.claimed = None
-            return claimed[1], length
         if self.next + length > self.end:
             return None
         offset = self.next

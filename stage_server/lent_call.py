@@ -44,11 +44,8 @@ class Lent:
         call = self.call
         if call is None or call.channel.cuda is not None:
             return None
-        arena = call.arena
-        rows = arena.claim([count, width], dtype)
-        if rows is not None:  # the call sends them by this span (PackedCall.request), the arena asked nothing more
-            self.placed, arena.claimed = (rows, arena.claimed[1:]), None  # ReplyArena.claimed: (address, offset, length)
-        return rows
+        self.placed = call.arena.claim([count, width], dtype)  # the call names their span (PackedCall.request)
+        return self.placed[0] if self.placed is not None else None
 
     async def run(self, groups: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """RemoteExperts.run, over the taken session when it applies: the outputs may view its segment."""

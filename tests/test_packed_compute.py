@@ -1,6 +1,6 @@
 """Packed expert compute in place: a layer's groups as one tensor [N, H] computed into one output
 [N, H] (kernels expert_ffn_packed, ExpertShard.compute_packed) with the bits of one expert at a
-time, and that output lying in the shared-memory reply arena (ReplyArena.claim, codec.reply_tensor)
+time, and that output lying in the shared-memory reply arena (ReplyArena.claim, codec.claim_reply)
 so that encoding it copies nothing."""
 
 import pytest
@@ -62,23 +62,25 @@ def test_a_claimed_reply_is_encoded_where_it_was_computed():
     segment = Segment.create(1 << 16)
     try:
         arena = ReplyArena(segment, 128)
-        claimed = arena.claim([3, 4], torch.float32)
+        claimed, span = arena.claim([3, 4], torch.float32)
         claimed.copy_(torch.arange(12.0).view(3, 4))  # "computed" in place
+        assert span == (128, 48)  # where it lies: the wire Tensor names it, nothing is written
+        assert torch.equal(segment.view(128, 48, torch.float32, [3, 4], "t"), torch.arange(12.0).view(3, 4))
         other = torch.ones(2, 2)
         assert arena.put(other) == (192, 16)  # any other tensor is copied after the claim
-        assert arena.put(claimed) == (128, 48)  # the claimed one: its own span, nothing written
-        assert torch.equal(segment.view(128, 48, torch.float32, [3, 4], "t"), torch.arange(12.0).view(3, 4))
-        assert arena.put(claimed) == (256, 48)  # a second encode of it copies, like any tensor
+        assert arena.put(claimed) == (256, 48)  # an encode of the claimed one copies, like any tensor
         assert arena.claim([1 << 20], torch.float32) is None  # no room: the caller makes its own
         assert arena.claim([0, 4], torch.float32) is None
 
-        assert codec.reply_tensor([2, 3], torch.float32).data_ptr() != 0  # no call served here: a new tensor
+        output, placed = codec.claim_reply([2, 3], torch.float32)
+        assert placed is None and output.data_ptr() != 0  # no call served here: a new tensor
         reply_arena = ReplyArena(segment, 1024)
         token = codec.inbound_call.set((segment, reply_arena, None))
         try:
-            output = codec.reply_tensor([2, 3], torch.float32)
+            output, placed = codec.claim_reply([2, 3], torch.float32)
             output.copy_(torch.full((2, 3), 7.0))
-            message = codec.encode(output)
+            message = tensor_pb2.Tensor()
+            codec.encode_into(message, output, placed)
         finally:
             codec.inbound_call.reset(token)
         assert (message.shm.offset, message.shm.length, list(message.shape)) == (1024, 24, [2, 3])
