@@ -33,6 +33,12 @@ def check(loop_cpu: int, torch_threads: int) -> set[int]:
     if torch_threads != 1:
         raise ValueError(f"--loop-cpu needs --threads 1 (got {torch_threads}): torch's threads start from the "
                          f"event loop's thread and would share its CPU; --compute-threads spreads the kernels")
+    return _left(loop_cpu)
+
+
+def _left(loop_cpu: int) -> set[int]:
+    """The CPUs this process may run on but `loop_cpu` (all of them on a 1-CPU allowance)."""
+    allowed = os.sched_getaffinity(0)
     return allowed - {loop_cpu} or allowed
 
 
@@ -42,7 +48,7 @@ def pin(loop_cpu: int) -> set[int]:
     Call `check` first."""
     from shardmesh import compute_pool, kernels
 
-    others = os.sched_getaffinity(0) - {loop_cpu} or {loop_cpu}
+    others = _left(loop_cpu)
     kernels.pin_helpers(others)
     compute_pool.pin_workers(others)
     me = threading.get_native_id()

@@ -112,16 +112,22 @@ static struct {
     int pinned;                          /* 0: wherever they were started */
 } team_state = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
+/* Under team_state.lock: at first use, or in a forked child (the parent's helpers are not there), no
+ * helpers started in this process yet. */
+static void team_claim_process(void) {
+    if (team_state.pid != getpid()) {
+        team_state.pid = getpid();
+        team_state.helpers = 0;
+    }
+}
+
 /* Run the helpers, those started and those to come, on CPUs cpus[0..count) only (shardmesh/loop_cpu.py:
  * the calling service's event-loop thread keeps a CPU of its own). Returns 0, or the errno of the
  * first helper that could not be moved. */
 int shardmesh_team_pin_helpers(const int *cpus, int count) {
     int failed = 0;
     pthread_mutex_lock(&team_state.lock);
-    if (team_state.pid != getpid()) { /* a forked child: the parent's helpers are not here */
-        team_state.pid = getpid();
-        team_state.helpers = 0;
-    }
+    team_claim_process();
     CPU_ZERO(&team_state.cpus);
     for (int i = 0; i < count; i++) CPU_SET(cpus[i], &team_state.cpus);
     team_state.pinned = 1;
@@ -183,10 +189,7 @@ static long team_run(struct phased_job *job, int threads) {
         return 0;
     }
     pthread_mutex_lock(&team_state.lock);
-    if (team_state.pid != getpid()) { /* first use, or a forked child: no helpers here yet */
-        team_state.pid = getpid();
-        team_state.helpers = 0;
-    }
+    team_claim_process();
     team_start_helpers(job->helpers_wanted);
     team_state.job = job;
     team_state.generation++;
