@@ -57,18 +57,24 @@ static inline float lane_sum(vec v) {
  * next_a, next_b (or NULL): the weight rows of the next call, fetched into the caches one line per
  * step meanwhile: without it the core computes on one pair of rows, then waits for the next
  * (1.1-1.3x at 2-16 rows on the bench machine: bench/expert_matmul.py). Prefetches never fault,
- * so past the last row they are harmless. */
+ * so past the last row they are harmless. to_l2 (a constant after inlining): fetch them into L2
+ * only (prefetcht1), not L1 (prefetcht0): see linear_columns for when. */
 static inline __attribute__((always_inline)) void pair_dots(const float *wa, const float *wb, const float *x,
                                                            long ldx, long K, int rows, float *dots_a, float *dots_b,
-                                                           const float *next_a, const float *next_b) {
+                                                           const float *next_a, const float *next_b, int to_l2) {
     vec acc_a[ROWS_BLOCK], acc_b[ROWS_BLOCK];
     for (int r = 0; r < rows; r++) acc_a[r] = acc_b[r] = (vec){0};
     long k = 0;
     for (; k + LANES <= K; k += LANES) {
         vec va = load(wa + k), vb = load(wb + k);
         if (next_a) { /* LANES floats: one 64-byte line per step with AVX-512 (two with narrower vectors) */
-            __builtin_prefetch(next_a + k, 0, 3);
-            __builtin_prefetch(next_b + k, 0, 3);
+            if (to_l2) {
+                __builtin_prefetch(next_a + k, 0, 2);
+                __builtin_prefetch(next_b + k, 0, 2);
+            } else {
+                __builtin_prefetch(next_a + k, 0, 3);
+                __builtin_prefetch(next_b + k, 0, 3);
+            }
         }
         for (int r = 0; r < rows; r++) {
             vec xr = load(x + r * ldx + k);
@@ -89,11 +95,12 @@ static inline __attribute__((always_inline)) void pair_dots(const float *wa, con
 
 /* pair_dots for any rows <= ROWS_BLOCK, each count its own fully unrolled copy. */
 static void pair_dots_any(const float *wa, const float *wb, const float *x, long ldx, long K, int rows,
-                          float *dots_a, float *dots_b, const float *next_a, const float *next_b) {
+                          float *dots_a, float *dots_b, const float *next_a, const float *next_b, int to_l2) {
     switch (rows) {
 #define CASE(R) case R: \
-        if (next_a) pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, next_a, next_b); \
-        else pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, NULL, NULL); \
+        if (next_a && to_l2) pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, next_a, next_b, 1); \
+        else if (next_a) pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, next_a, next_b, 0); \
+        else pair_dots(wa, wb, x, ldx, K, R, dots_a, dots_b, NULL, NULL, 0); \
         return;
         CASE(1) CASE(2) CASE(3) CASE(4)
 #if ROWS_BLOCK > 4
@@ -113,11 +120,16 @@ static void linear_columns(long n, long K, long M, const float *x, const float *
         const float *wb = m + 1 < m1 ? wa + K : wa; /* an odd last row pairs with itself; stored once */
         for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
-            /* the next pair fetched meanwhile: both rows during a lone block; over more blocks its first
-             * row during the first, its second during the second (the stream spread over the pass) */
+            /* the next pair fetched meanwhile: both rows during a lone block; over more blocks its
+             * first row during the first, its second during the second (the stream spread over the
+             * pass). Into L2 only for a lone block of 5-8 rows over rows of <= 512 floats: the LM
+             * head (K 512) from memory at 8 rows 1.2-1.25x faster, from L3 the same. Into L1 as
+             * before elsewhere: into L2 was 1.03-1.07x slower at 1-4 rows from L3 (a stage's
+             * weights at batch 1 may stay there), at K 1024 (experts' w2) and at 16 rows. */
             const float *next_a = r0 == 0 ? weight + (m + 2) * K : r0 == ROWS_BLOCK ? weight + (m + 3) * K : NULL;
             const float *next_b = n <= ROWS_BLOCK ? weight + (m + 3) * K : next_a;
-            pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next_a, next_a ? next_b : NULL);
+            pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next_a, next_a ? next_b : NULL,
+                          n > ROWS_BLOCK / 2 && n <= ROWS_BLOCK && K <= 512);
             for (int r = 0; r < rows; r++) {
                 out[(r0 + r) * M + m] = dots_a[r];
                 if (m + 1 < m1) out[(r0 + r) * M + m + 1] = dots_b[r];
@@ -192,7 +204,7 @@ static void expert_activations(long n, long H, long I, const float *x, const flo
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
             int first = r0 == 0; /* the next gate and up rows, during the first block */
             pair_dots_any(w1 + i * H, w3 + i * H, x + r0 * H, H, H, rows, dots_a, dots_b,
-                          first ? w1 + (i + 1) * H : NULL, first ? w3 + (i + 1) * H : NULL);
+                          first ? w1 + (i + 1) * H : NULL, first ? w3 + (i + 1) * H : NULL, 0);
             for (int r = 0; r < rows; r++) {
                 gate[(r0 + r) * I + i] = dots_a[r];
                 up[(r0 + r) * I + i] = dots_b[r];
