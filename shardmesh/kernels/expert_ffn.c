@@ -110,11 +110,17 @@ static void pair_dots_any(const float *wa, const float *wb, const float *x, long
     }
 }
 
-/* out[r, m] = x[r] . W[m] for m in [m0, m1) (m0 even), r < n: out [n, M] = x [n, K] W^T, W [M, K],
- * its columns m0..m1-1 only; each pair of weight rows streamed once for all n rows. Every output is
- * one dot product summed in one order, so any cut of [0, M) into ranges gives the same bits. */
+#include "linear_triple.c" /* linear_columns at 9-16 rows: weight rows in threes (pair_dots' bits) */
+
+/* out[r, m] = x[r] . W[m] for m in [m0, m1), r < n: out [n, M] = x [n, K] W^T, W [M, K], its
+ * columns m0..m1-1 only; each pair (at 9-16 rows with AVX-512: triple) of weight rows streamed once
+ * for all n rows. Every output is one dot product summed in one order, so any cut of [0, M) into
+ * ranges gives the same bits. */
 static void linear_columns(long n, long K, long M, const float *x, const float *weight, float *out, long m0, long m1) {
     float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
+#if LANES == 16
+    if (n > ROWS_BLOCK && n <= 2 * ROWS_BLOCK) m0 = triple_columns(n, K, M, x, weight, out, m0, m1);
+#endif
     for (long m = m0; m < m1; m += 2) {
         const float *wa = weight + m * K;
         const float *wb = m + 1 < m1 ? wa + K : wa; /* an odd last row pairs with itself; stored once */
@@ -122,10 +128,11 @@ static void linear_columns(long n, long K, long M, const float *x, const float *
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
             /* the next pair fetched meanwhile: both rows during a lone block; over more blocks its
              * first row during the first, its second during the second (the stream spread over the
-             * pass). Into L2 only for a lone block of 5-8 rows over rows of <= 512 floats: the LM
-             * head (K 512) from memory at 8 rows 1.2-1.25x faster, from L3 the same. Into L1 as
-             * before elsewhere: into L2 was 1.03-1.07x slower at 1-4 rows from L3 (a stage's
-             * weights at batch 1 may stay there), at K 1024 (experts' w2) and at 16 rows. */
+             * pass). Into L2 only for a lone block more than half full (5-8 rows with AVX-512) over
+             * weight rows of <= 512 floats: the LM head (K 512) at 8 rows from memory 1.2-1.25x
+             * faster, from L3 1.0-1.05x slower. Into L1 as before elsewhere: into L2 was 1.03-1.07x
+             * slower at 1-4 rows from L3 (a stage's weights at batch 1 may stay there), at K 1024
+             * (experts' w2) and at 16 rows. */
             const float *next_a = r0 == 0 ? weight + (m + 2) * K : r0 == ROWS_BLOCK ? weight + (m + 3) * K : NULL;
             const float *next_b = n <= ROWS_BLOCK ? weight + (m + 3) * K : next_a;
             pair_dots_any(wa, wb, x + r0 * K, K, K, rows, dots_a, dots_b, next_a, next_a ? next_b : NULL,
