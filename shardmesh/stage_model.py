@@ -10,6 +10,7 @@ Shape legend: N new tokens in the step (all sequences packed), H hidden_size, V 
 S sequences in the step.
 """
 
+import array
 import dataclasses
 import typing
 from collections.abc import Iterable
@@ -169,9 +170,11 @@ class StageModel:
                     or inputs.dtype == torch.bool or inputs.is_complex():
                 raise InvalidArgument("token_ids", f"{inputs.dtype} {list(inputs.shape)} is not "
                                                    f"integer [{num_tokens}] (the sum of num_tokens)")
-            if num_tokens and (int(inputs.min()) < 0 or int(inputs.max()) >= self.config.vocab_size):
-                bad = inputs[(inputs < 0) | (inputs >= self.config.vocab_size)][0]
-                raise InvalidArgument("token_ids", f"token id {int(bad)} is outside [0, {self.config.vocab_size})")
+            # (the ids as Python ints, one torch op: on a stage's cold caches each op costs tens of us)
+            token_ids, vocab_size = inputs.tolist(), self.config.vocab_size
+            if num_tokens and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+                bad = next(token_id for token_id in token_ids if not 0 <= token_id < vocab_size)
+                raise InvalidArgument("token_ids", f"token id {bad} is outside [0, {vocab_size})")
         else:
             expected = [num_tokens, self.config.hidden_size]
             if list(inputs.shape) != expected or inputs.dtype != self.dtype:
@@ -209,8 +212,11 @@ class StageModel:
 
     async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
                           experts: "ExpertBackend | None") -> torch.Tensor:
-        positions = torch.tensor([p for s in segments for p in range(s.start_position, s.start_position + s.num_tokens)],
-                                 device=self.device)  # [N]
+        positions = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
+        for segment in segments:
+            positions.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
+        # (over the array's memory: torch.tensor of a list costs several times more)
+        positions = torch.frombuffer(positions, dtype=torch.int64).to(self.device)  # [N]
         cos, sin = self.rotary_rows(positions, max(s.start_position + s.num_tokens for s in segments))  # [N, D] each
         if self.is_first:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
