@@ -40,12 +40,23 @@ def build(tree: pathlib.Path, cflags: str, directory: str, name: str) -> ctypes.
     return library
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
+    """--a, --b (the two source trees) and --a-cflags, --b-cflags (extra compiler flags for each)."""
     parser.add_argument("--a", type=pathlib.Path, required=True)
     parser.add_argument("--b", type=pathlib.Path, required=True)
     parser.add_argument("--a-cflags", default="")
     parser.add_argument("--b-cflags", default="")
+
+
+def build_trees(args: argparse.Namespace, directory: str) -> dict[str, ctypes.CDLL]:
+    """{"A": tree A's library, "B": tree B's} (build), and a line naming them is printed."""
+    print(f"A = {args.a} {args.a_cflags}, B = {args.b} {args.b_cflags}")
+    return {"A": build(args.a, args.a_cflags, directory, "a"), "B": build(args.b, args.b_cflags, directory, "b")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tree_arguments(parser)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rows", default="4")
     parser.add_argument("--rounds", type=int, default=8)
@@ -58,13 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
     H, I, experts, per_layer = 512, 1024, 64, 8
     with tempfile.TemporaryDirectory() as directory:
-        libraries = {"A": build(args.a, args.a_cflags, directory, "a"), "B": build(args.b, args.b_cflags, directory, "b")}
+        libraries = build_trees(args, directory)
         generator = torch.Generator().manual_seed(0)
         weights = [tuple(huge_pages.to_huge_pages([torch.randn(shape, generator=generator) * 0.05
                                                    for shape in ((I, H), (I, H), (H, I))])) for _ in range(experts)]
         print(f"{experts} experts of hidden {H}, intermediate {I} ({experts * 3 * H * I * 4 / 1e6:.0f} MB), "
-              f"{per_layer} per call, {args.gap_ms} ms asleep before each; A = {args.a} {args.a_cflags}, "
-              f"B = {args.b} {args.b_cflags}")
+              f"{per_layer} per call, {args.gap_ms} ms asleep before each")
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(per_layer * rows, H, generator=generator)  # [8 * rows, H] packed
             scratch = torch.empty(2 * I * per_layer * rows)

@@ -17,7 +17,6 @@ compare quiet windows (load well under 2) at 2 threads, or use 1 thread.
 import argparse
 import ctypes
 import os
-import pathlib
 import statistics
 import sys
 import tempfile
@@ -25,15 +24,12 @@ import time
 
 import torch
 
-from expert_team_ab import build
+from expert_team_ab import add_tree_arguments, build_trees
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--a", type=pathlib.Path, required=True)
-    parser.add_argument("--b", type=pathlib.Path, required=True)
-    parser.add_argument("--a-cflags", default="")
-    parser.add_argument("--b-cflags", default="")
+    add_tree_arguments(parser)
     parser.add_argument("--rows", default="1,8,16")
     parser.add_argument("--threads", default="2")
     parser.add_argument("--calls", type=int, default=40)
@@ -45,15 +41,14 @@ def main(argv: list[str] | None = None) -> int:
 
     K, M = 512, 32000
     with tempfile.TemporaryDirectory() as directory:
-        libraries = {"A": build(args.a, args.a_cflags, directory, "a"), "B": build(args.b, args.b_cflags, directory, "b")}
+        libraries = build_trees(args, directory)
         for library in libraries.values():
             library.shardmesh_linear_team.argtypes = [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int,
                                                                                                   ctypes.c_long]
             library.shardmesh_linear_team.restype = ctypes.c_long
         generator = torch.Generator().manual_seed(0)
         weights = huge_pages.to_huge_pages([torch.randn(M, K, generator=generator) * 0.05 for _ in range(args.copies)])
-        print(f"LM head [{M}, {K}] ({M * K * 4 / 1e6:.1f} MB) x {args.copies} copies; A = {args.a} {args.a_cflags}, "
-              f"B = {args.b} {args.b_cflags}")
+        print(f"LM head [{M}, {K}] ({M * K * 4 / 1e6:.1f} MB) x {args.copies} copies")
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, K, generator=generator)  # [rows, K]
             outs = {side: torch.empty(rows, M) for side in libraries}  # [rows, M]
