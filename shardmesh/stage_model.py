@@ -212,11 +212,11 @@ class StageModel:
 
     async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
                           experts: "ExpertBackend | None") -> torch.Tensor:
-        positions = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
+        values = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
         for segment in segments:
-            positions.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
+            values.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
         # (over the array's memory: torch.tensor of a list costs several times more)
-        positions = torch.frombuffer(positions, dtype=torch.int64).to(self.device)  # [N]
+        positions = torch.frombuffer(values, dtype=torch.int64).to(self.device)  # [N]
         cos, sin = self.rotary_rows(positions, max(s.start_position + s.num_tokens for s in segments))  # [N, D] each
         if self.is_first:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
