@@ -19,6 +19,7 @@ Implementations:
 """
 
 import datetime
+import random
 import socket
 import threading
 import typing
@@ -108,11 +109,33 @@ class _ThreadShared:
         self.barrier = threading.Barrier(world_size)
 
 
+_handed_out: set[int] = set()  # free_port's answers in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now, for a rendezvous that rank 0 binds moments later."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A port free now, for a server (a rendezvous, a service in a test) that binds it moments or
+    seconds later; never the same one twice in a process. Taken below the OS's ephemeral range when
+    there is room (10000 up to it): every outgoing connection takes its local port from that range,
+    so one made meanwhile cannot take this port (a port the OS picks by bind(host, 0) is in it)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ephemeral:
+            low = int(ephemeral.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the OS's choice
+        low = 0
+    candidates = random.sample(range(10000, low), min(64, low - 10000)) if low > 10000 else []
+    for port in [*candidates, 0]:  # 0: the OS's choice, when none of those is free
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            port = probe.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port on {host}")
 
 
 def parse_rendezvous(rendezvous: str) -> tuple[str, int]:

@@ -3,18 +3,13 @@
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from shardmesh.tp_group import free_port
 
 
 class PrometheusServer:

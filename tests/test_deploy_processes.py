@@ -20,7 +20,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from shardmesh.deploy_common import PORT, from_text
 from shardmesh.deploy_compose import compose_yaml
 from shardmesh.mesh_settings import MeshSettings
 from shardmesh.reference import transformers_greedy
+from shardmesh.tp_group import free_port
 
 from test_deploy import COMPOSE_ENV, DEPLOY, compose_config
 
@@ -46,12 +46,6 @@ SHARDMESH = [sys.executable, "-m", "shardmesh.cli"]
 TP_TOPOLOGY = (DEPLOY / "topology.toml").read_text().replace("layers = [2, 4]\n", "layers = [2, 4]\ntp = 2\n", 1)
 PROMPTS = [[1, 9, 27, 81], [5, 7, 11, 13, 17, 19], [300, 2, 44]]
 NEW_TOKENS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Instance:

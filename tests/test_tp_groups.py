@@ -6,6 +6,8 @@ later (its server stopped) fails the next step with UNAVAILABLE at once and turn
 NOT_SERVING with the reason."""
 
 import asyncio
+import pathlib
+import socket
 import time
 
 import grpc
@@ -130,3 +132,14 @@ def test_a_shard_lost_after_joining_fails_the_next_step_at_once_and_the_stage_st
     assert elapsed < 20, elapsed  # not the 300 s collective timeout (20 s: room for a loaded machine)
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert stage_info.not_serving_reason, "the stage must say why it stopped serving"
+
+
+def test_free_port_below_the_ephemeral_range_and_never_twice():
+    """free_port: a port an outgoing connection cannot take meanwhile (below the OS's ephemeral range),
+    bindable, and never handed out twice in a process (a test takes a dozen before starting anything)."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)
+    assert all(10000 <= port < low for port in ports), ports
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", ports[0]))
