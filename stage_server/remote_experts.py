@@ -94,7 +94,9 @@ class RemoteExperts:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._in_flight: dict[str, int] = {}  # address -> tokens sent and not yet answered
         self._down: dict[str, float] = {}     # address -> monotonic time until which it is avoided
-        self._turn = 0
+        # (layer, expert) -> its calls so far: a replicated expert's equal replicas take turns call by
+        # call (one counter for all experts let another expert's groups set whose turn it was)
+        self._turns: dict[tuple[int, int], int] = {}
         self.min_split_tokens = MIN_SPLIT_TOKENS  # a group is cut over replicas only into pieces this big
         self.server_name = "stage"  # the stage's name, for metrics (set by its servicer)
         self.failovers = 0  # pieces sent again to another replica after their server failed
@@ -145,7 +147,6 @@ class RemoteExperts:
             # Every expert of the layer on one server, unreplicated (1 stage + 1 expert server, no EPLB
             # copies): the general path's spread and bookkeeping would send all of it there anyway.
             address = sole[0]
-            self._turn += len(groups)  # as _spread counts its turns
             packed = (PackedCall.of_rows(address, layer, groups) if type(groups) is PackedRows
                       else PackedCall(address, layer, list(groups), list(groups.values())))
             try:
@@ -187,13 +188,13 @@ class RemoteExperts:
         addresses = self.placement.replicas.get((layer, expert))
         if not addresses:
             raise FailedPrecondition("placement", f"no expert server holds (layer {layer}, expert {expert})")
-        self._turn += 1
         if len(addresses) == 1:  # one replica (most experts): the group goes to it whole, down or not
             return [(addresses[0], num_tokens)]
+        turn = self._turns[(layer, expert)] = self._turns.get((layer, expert), 0) + 1
         now = time.monotonic()
         live = tuple(a for a in addresses if self._down.get(a, 0.0) <= now)
         # Every replica failed lately: try them all again (one may be back) rather than give up.
-        return spread(num_tokens, live or addresses, self._in_flight, self.min_split_tokens, self._turn)
+        return spread(num_tokens, live or addresses, self._in_flight, self.min_split_tokens, turn)
 
     def deadline(self, rows: int) -> float:
         """Seconds a call of `rows` token rows may take before its server counts as failed."""

@@ -5,7 +5,9 @@ import asyncio
 import random
 
 import pytest
+import torch
 
+from stage_server.remote_experts import Placement, RemoteExperts
 from stage_server.replica_spread import spread
 
 from mesh_helpers import local_mesh, topology
@@ -28,6 +30,33 @@ def test_small_groups_go_whole_to_the_least_loaded_replica():
 def test_ties_take_turns():
     picks = [spread(3, ("a", "b", "c"), {}, min_chunk=16, offset=turn)[0][0] for turn in range(6)]
     assert picks == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_a_replicated_experts_calls_alternate_whatever_else_the_layer_sends():
+    """Expert 0 of layer 0 has two idle replicas; each call also sends 0-3 groups of unreplicated
+    experts (as a step's routing does). Its calls alternate between the replicas: a counter shared by
+    all experts let the others' groups decide (with an even count between its calls, one replica took
+    them all: test_live_placement saw it)."""
+    async def main() -> list[str]:
+        experts = RemoteExperts(data_plane="grpc")
+        await experts.update(Placement(1, {(0, 0): ("a:1", "b:1"), **{(0, e): ("a:1",) for e in (1, 2, 3)}}))
+        sent_to: list[str] = []
+
+        async def answer(address, packed, lent=None):  # RemoteExperts._call's stand-in
+            if 0 in packed.experts:
+                sent_to.append(address)
+            return packed.hidden_states * 2  # [N, H]
+
+        experts._call = answer
+        try:
+            for others in (2, 2, 0, 2, 1, 3, 2, 2):
+                await experts.run(0, {e: torch.ones(1, 4) for e in range(others + 1)})  # expert 0's group first
+        finally:
+            await experts.close()
+        return sent_to
+
+    sent_to = asyncio.run(main())
+    assert sent_to == ["b:1", "a:1"] * 4, sent_to
 
 
 def test_spread_invariants_on_random_cases():

@@ -92,7 +92,7 @@ async def scripted_run(failures: int, general: bool, groups) -> tuple:
             answer = {e: outputs[e] for e in groups}
         except Unavailable as error:
             answer = str(error)
-        return answer, server.calls, experts.failovers, sorted(experts._down), experts._turn
+        return answer, server.calls, experts.failovers, sorted(experts._down), experts._turns
     finally:
         await experts.close()
 
