@@ -11,15 +11,20 @@ unchanged: every result is bit-identical.
 
 `to_huge_pages` lays the tensors out one after another in one anonymous region, 2 MiB-aligned, and
 advises its whole 2 MiB pages only: the tail (< 2 MiB) stays in small pages, so no memory is wasted
-(under 2 MiB in all there is nothing to gain: the tensors are returned as they were). Off
-(SHARDMESH_HUGE_PAGES=0), off Linux, for tensors not on the CPU, or when madvise fails, it returns the
-tensors as they were (a log line says why when switched off or when madvise fails).
+(under 2 MiB in all there is nothing to gain: the tensors are returned as they were). The region is
+a private mapping of its own (mmap), never malloc's: once a process has freed a block malloc had
+mapped (torch frees such tensors all the time), glibc raises its mapping threshold up to 32 MiB, and
+a smaller block then comes from heap memory already touched, in small pages, which madvise does not
+turn into huge ones. Off (SHARDMESH_HUGE_PAGES=0), off Linux, for tensors not on the CPU, or when
+madvise fails, it returns the tensors as they were (a log line says why when switched off or when
+madvise fails).
 """
 
 import ctypes
 import ctypes.util
 import functools
 import logging
+import mmap
 import os
 import sys
 
@@ -59,7 +64,10 @@ def to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     length = total // HUGE_PAGE * HUGE_PAGE  # the whole huge pages
     if length == 0:
         return tensors
-    region = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # [bytes], not touched yet: no pages
+    # [bytes], fresh and private (a shared one is not anonymous memory THP backs): no page touched
+    # yet. The tensors made over it keep the mapping alive.
+    region = torch.frombuffer(mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                              dtype=torch.uint8)
     start = -region.data_ptr() % HUGE_PAGE
     if madvise(region.data_ptr() + start, length, MADV_HUGEPAGE) != 0:
         log.info("madvise(MADV_HUGEPAGE) failed (errno %d): weights stay in small pages", ctypes.get_errno())

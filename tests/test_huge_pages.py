@@ -3,6 +3,7 @@ where the kernel grants them, and the same logits and expert outputs bit for bit
 weights and an expert server's experts; off by switch, for tensors not on the CPU, or under 2 MiB."""
 
 import asyncio
+import gc
 import pathlib
 
 import pytest
@@ -53,6 +54,23 @@ def test_copies_hold_the_same_bytes_aligned(switch):
     assert copies[0].data_ptr() % huge_pages.HUGE_PAGE == 0  # the region starts on a huge page
     if pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().find("[never]") < 0:
         assert anon_huge_kb(copies[3].data_ptr()) >= 2048  # the region holds >= 1 huge page (THP "madvise"/"always")
+
+
+def test_huge_pages_after_malloc_raised_its_mapping_threshold(switch):
+    """A freed 20 MiB block (malloc had mapped it) raises glibc's mapping threshold to 20 MiB; an
+    18 MiB block is then taken from the heap, touched and freed. A region of 8 MiB from malloc would
+    reuse those touched small pages: the region must be a fresh mapping, on huge pages all the same."""
+    switch(True)
+    source = torch.randn(1536, 1024)  # 6 MiB
+    big = torch.ones(20 << 18)
+    del big
+    warm = torch.ones(18 << 18)
+    del warm
+    copy = huge_pages.to_huge_pages([source])[0]
+    gc.collect()  # the copy alone keeps the region's mapping alive
+    assert torch.equal(copy, source)
+    if pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().find("[never]") < 0:
+        assert anon_huge_kb(copy.data_ptr()) == 6144
 
 
 def test_off_switch_other_devices_and_small_sets_keep_the_tensors(switch):
