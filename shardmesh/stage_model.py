@@ -22,6 +22,7 @@ from shardmesh.checkpoint import CheckpointReader
 from shardmesh.compute_pool import parallel_linear
 from shardmesh.config import ModelConfig
 from shardmesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shardmesh.greedy_head import GreedyHead
 from shardmesh.huge_pages import to_huge_pages
 from shardmesh.kv_cache import KVCache
 from shardmesh.models import get_family
@@ -30,6 +31,7 @@ from shardmesh.models.decode_layer import DecodeLayerStep, DecodeLayerWeights
 from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryTable, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
+from shardmesh.sampling import GreedyTokens
 from shardmesh.tp_group import SINGLE, TPGroup
 
 
@@ -39,6 +41,7 @@ class StageBatch:
     start_positions: list[int]   # per sequence; must equal tokens already cached for it (0 = new sequence)
     num_tokens: list[int]        # per sequence, >= 1; N = sum(num_tokens); tokens packed in sequence order
     inputs: torch.Tensor         # first stage: token ids int64 [N]; other stages: hidden_states [N, H] (stage dtype)
+    greedy: bool = False         # every sequence samples greedily: the last stage may answer GreedyTokens
 
 
 class ExpertBackend(typing.Protocol):
@@ -94,6 +97,8 @@ class StageModel:
             else:
                 self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
         self._weights_to_huge_pages()
+        # the greedy tokens without every logit (shardmesh/greedy_head.py; + V H 2 bytes; None: off or no AMX)
+        self.greedy_head = GreedyHead.of(self.lm_head, self.tp.world_size) if self.device.type == "cpu" else None
         # each layer's attention half as the decode-layer kernel reads it (None: torch only; models/decode_layer.py)
         self._decode_layers = [DecodeLayerWeights.of(layer.input_layernorm, layer.self_attn,
                                                      layer.post_attention_layernorm, self.tp.world_size)
@@ -181,11 +186,13 @@ class StageModel:
                 raise InvalidArgument("hidden_states", f"{inputs.dtype} {list(inputs.shape)} is not "
                                                        f"{self.dtype} {expected}")
 
-    async def forward(self, batch: StageBatch, experts: "ExpertBackend | None", validated: bool = False) -> torch.Tensor:
+    async def forward(self, batch: StageBatch, experts: "ExpertBackend | None",
+                      validated: bool = False) -> torch.Tensor | GreedyTokens:
         """Run the stage's layers on the step's new tokens; atomic with respect to the KV cache.
 
         Returns hidden_states [N, H] (stage dtype), or on the last stage logits float32 [S, V] at each
-        sequence's last new token. The cache of this step's sequences is extended only when the whole
+        sequence's last new token; or, when batch.greedy and the greedy head can take the step,
+        GreedyTokens: each row's argmax of those logits, without computing them all. The cache of this step's sequences is extended only when the whole
         step succeeds; on any exception it is as it was before the call. validated: the caller has
         just passed `batch` through `validate`, with no await since (nothing can have changed)."""
         if not validated:
@@ -200,7 +207,7 @@ class StageModel:
                    for sid, s in zip(batch.sequence_ids, segments)]  # each [layers, 2, G, capacity, D]
         self._in_flight.update(batch.sequence_ids)
         try:
-            output = await self._run_layers(batch.inputs.to(self.device), segments, buffers, experts)
+            output = await self._run_layers(batch.inputs.to(self.device), segments, buffers, experts, batch.greedy)
         finally:
             self._in_flight.difference_update(batch.sequence_ids)
             freed = self._freed_in_flight.intersection(batch.sequence_ids)
@@ -211,7 +218,7 @@ class StageModel:
         return output
 
     async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
-                          experts: "ExpertBackend | None") -> torch.Tensor:
+                          experts: "ExpertBackend | None", greedy: bool = False) -> torch.Tensor | GreedyTokens:
         values = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
         for segment in segments:
             values.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
@@ -253,8 +260,13 @@ class StageModel:
             last = hidden_states                                                  # [S, H]
         else:
             last = hidden_states[torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)]
+        normed = self.norm(last)                                                  # [S, H]
+        if greedy and self.greedy_head is not None:
+            tokens = self.greedy_head.tokens(normed)  # None: a premise failed, the full head decides
+            if tokens is not None:
+                return GreedyTokens(tokens)
         # The LM head is the stage's largest matmul: split over the compute threads (compute_pool).
-        return parallel_linear(self.norm(last), self.lm_head).float()  # [S, V]
+        return parallel_linear(normed, self.lm_head).float()  # [S, V]
 
     def free(self, sequence_ids: Iterable[int]) -> int:
         """Drop these sequences' KV cache; returns how many were cached (unknown ids are ignored).

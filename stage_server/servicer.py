@@ -8,7 +8,7 @@ import torch
 from shardmesh import codec
 from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError
 from shardmesh.grpc_util import abort_for, translate_errors
-from shardmesh.sampling import greedy_token_ids
+from shardmesh.sampling import GreedyTokens, greedy_token_ids
 from shardmesh.stage_model import StageBatch, StageModel
 from shardmesh.telemetry import metrics, tracing
 from shardmesh.v1 import router_pb2, stage_pb2, stage_pb2_grpc
@@ -71,7 +71,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             start_positions.append(piece.start_position)
             num_tokens.append(piece.num_tokens)
         return StageBatch(sequence_ids=sequence_ids, start_positions=start_positions, num_tokens=num_tokens,
-                          inputs=inputs)
+                          inputs=inputs, greedy=self.model.is_last and request.greedy_token_ids)
 
     async def Step(self, request_iterator, context):
         """Bidi stream: one response per request, in request order, the stream ending with the first
@@ -86,7 +86,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     await abort_for(context, error)
                     return
                 response = stage_pb2.StepResponse(step_id=request.step_id, refused=refused)
-                if output is not None and self.model.is_last and request.greedy_token_ids:
+                if isinstance(output, GreedyTokens):  # the greedy head chose them (batch.greedy)
+                    response.greedy_token_ids.extend(output.token_ids)
+                elif output is not None and self.model.is_last and request.greedy_token_ids:
                     response.greedy_token_ids.extend(greedy_token_ids(output))  # [S, V] -> [S]
                 elif output is not None:  # None: every sequence was refused
                     (response.logits if self.model.is_last else response.hidden_states).CopyFrom(codec.encode(output))

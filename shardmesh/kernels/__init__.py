@@ -40,7 +40,8 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-pthread")
 MAX_KEPT_SCRATCH = 4 << 20  # floats (16 MiB): expert scratch up to this is one buffer per thread, reused
 WIDE_PASS_ROWS = 64  # rows per pass of linear_wide (WIDE_MAX_VECTORS x 16 lanes at most)
 calls = {"expert_ffn": 0, "expert_ffn_many": 0, "linear": 0, "linear_wide": 0,
-         "decode_attention": 0, "decode_layer": 0, "linear_team": 0}  # kernel calls in this process, by kernel
+         "decode_attention": 0, "decode_layer": 0, "linear_team": 0,
+         "greedy_head": 0, "greedy_head_fallback": 0}  # kernel calls in this process, by kernel
 units = {"by_helpers": 0, "team_by_helpers": 0}  # units computed by helper threads in this process (tests, benches):
 # expert_ffn_many's (expert_team.c), decode_layer's and linear_team's (team.c)
 

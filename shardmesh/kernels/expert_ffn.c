@@ -239,3 +239,4 @@ void shardmesh_expert_ffn(long n, long H, long I, const float *x, const float *w
 #include "expert_team.c" /* a layer's experts over several threads (on the team) */
 #include "decode_layer.c" /* a decode layer's attention half, and a linear, on a team of threads (team.c) */
 #include "moe_routing.c" /* the stage's MoE gate, routing, dispatch and combine */
+#include "lm_head_amx.c" /* the greedy LM head: argmax by a bf16 AMX product, its error bound and fp32 refinement */
