@@ -64,19 +64,20 @@ def pack(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def select(hidden_states: torch.Tensor, lm_head: torch.Tensor, norms: torch.Tensor,
-           scores: torch.Tensor) -> tuple[int, list[int], list[int]]:
-    """The selection and refinement without AMX (tests): (status, tokens [S], candidates [S]) from
-    approximate logits `scores` [S, G * 64] fp32 (columns < V read) standing for the bf16 product.
-    status 0: tokens hold; else the premise that failed (FALLBACKS)."""
+           scores: torch.Tensor) -> tuple[int, list[int], list[int], torch.Tensor]:
+    """The selection and refinement without AMX (tests): (status, tokens [S], candidates [S], the
+    tokens' fp32 logits [S]) from approximate logits `scores` [S, G * 64] fp32 (columns < V read)
+    standing for the bf16 product. status 0: tokens hold; else the premise that failed (FALLBACKS)."""
     function = _function("shardmesh_greedy_select", [_long] * 3 + [_pointer] * 3 + [ctypes.c_float]
-                         + [_pointer] * 5, ctypes.c_int)
+                         + [_pointer] * 6, ctypes.c_int)
     rows, groups = hidden_states.shape[0], norms.shape[0] // GROUP
     maxima = torch.empty(2, groups, MAX_ROWS, dtype=torch.float32)
     tokens, candidates = (_long * max(rows, 1))(), (_long * max(rows, 1))()
+    values = torch.zeros(max(rows, 1), dtype=torch.float32)
     status = function(rows, lm_head.shape[1], lm_head.shape[0], hidden_states.data_ptr(), lm_head.data_ptr(),
                       norms.data_ptr(), float(norms.max()), scores.data_ptr(), maxima[0].data_ptr(),
-                      maxima[1].data_ptr(), tokens, candidates)
-    return status, list(tokens)[:rows], list(candidates)[:rows]
+                      maxima[1].data_ptr(), tokens, candidates, values.data_ptr())
+    return status, list(tokens)[:rows], list(candidates)[:rows], values[:rows]
 
 
 def row_bounds(hidden_states: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -139,6 +140,12 @@ class GreedyHead:
             return self._call(hidden_states, self._scratch, self._tokens, self._candidates)
         finally:
             self._lock.release()
+
+    def last_scores(self, rows: int) -> torch.Tensor:
+        """The bf16 product A [rows, V] of the last call made with `rows` rows on the kept scratch
+        (tests check the bound on it)."""
+        padded = self.norms.shape[0]
+        return self._scratch[:rows * padded].view(rows, padded)[:, :self.lm_head.shape[0]]
 
     def _call(self, hidden_states, scratch, tokens, candidates) -> list[int] | None:
         rows = hidden_states.shape[0]

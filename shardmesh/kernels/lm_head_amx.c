@@ -154,10 +154,11 @@ static void greedy_group_maxima(struct greedy_call *call, long g) {
     }
 }
 
-/* Each row's token from A (call->scores) and the bound: tokens [n]; candidates [n] the sizes of C_s.
- * x [n, K], head [V, K] fp32. Returns 0, or 3 when a row has more than GREEDY_CANDIDATES. */
+/* Each row's token from A (call->scores) and the bound: tokens [n]; candidates [n] the sizes of C_s;
+ * values [n] (or NULL) the token's fp32 logit (tests: the full head's bits). x [n, K], head [V, K]
+ * fp32. Returns 0, or 3 when a row has more than GREEDY_CANDIDATES. */
 static int greedy_select(const struct greedy_call *call, const float *x, const float *head, long *tokens,
-                         long *candidates) {
+                         long *candidates, float *values) {
     long K = call->K;
     for (long s = 0; s < call->n; s++) {
         const float *scores = call->scores + s * call->Vp, a = call->a[s], b = call->b[s];
@@ -186,16 +187,17 @@ static int greedy_select(const struct greedy_call *call, const float *x, const f
         }
         tokens[s] = best;
         candidates[s] = count;
+        if (values) values[s] = best_logit;
     }
     return 0;
 }
 
-/* Without AMX (tests, any machine): tokens from A given as scores [n, Vp] (only columns < V read),
- * x [n, K], head [V, K], norms [Vp]; low_max, high_max [G, 16] scratch. Returns 0, or the premise
- * that failed: 1 (x / ||x||), 2 (an A not finite), 3 (too many candidates). */
+/* Without AMX (tests, any machine): tokens (and candidates, values) from A given as scores [n, Vp]
+ * (only columns < V read), x [n, K], head [V, K], norms [Vp]; low_max, high_max [G, 16] scratch.
+ * Returns 0, or the premise that failed: 1 (x / ||x||), 2 (an A not finite), 3 (too many candidates). */
 int shardmesh_greedy_select(long n, long K, long V, const float *x, const float *head, const float *norms,
                             float max_norm, float *scores, float *low_max, float *high_max, long *tokens,
-                            long *candidates) {
+                            long *candidates, float *values) {
     float a[GREEDY_ROWS], b[GREEDY_ROWS];
     long groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP;
     if (n < 1 || n > GREEDY_ROWS || shardmesh_greedy_row_bounds(n, K, x, max_norm, a, b)) return 1;
@@ -204,7 +206,7 @@ int shardmesh_greedy_select(long n, long K, long V, const float *x, const float 
                                .high_max = high_max};
     for (long g = 0; g < groups; g++) greedy_group_maxima(&call, g);
     if (atomic_load(&call.bad)) return 2;
-    return greedy_select(&call, x, head, tokens, candidates);
+    return greedy_select(&call, x, head, tokens, candidates, values);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -283,7 +285,7 @@ long shardmesh_greedy_head(long n, long K, long V, const float *x, const float *
     job.ends[0] = units_of(groups, call.groups_per_unit);
     team_run(&job, threads);
     if (atomic_load(&call.bad)) return 2;
-    return greedy_select(&call, x, head, tokens, candidates);
+    return greedy_select(&call, x, head, tokens, candidates, NULL);
 #else
     (void)n, (void)K, (void)V, (void)x, (void)head, (void)packed, (void)norms, (void)max_norm, (void)scratch;
     (void)tokens, (void)candidates, (void)threads, (void)groups_per_unit;
