@@ -121,12 +121,13 @@ def test_refinement_overrules_the_bf16_argmax(kernel):
 
 
 def test_the_bound_holds_and_is_tight(kernel):
-    """|L - A| <= e on random cases (emulated A, and AMX's A where it runs); in the worst case for
+    """|L - A| <= e on random cases (emulated A, and AMX's A where it runs), incl. weights that bf16
+    flushes to zero and products that underflow; in the worst case for
     the rounding (x_j = w_j = 1 + 2^-8, both rounded down by 2^-8 relative, Cauchy-Schwarz an
     equality) e is within 4% of the error: halving c or dropping a factor fails here."""
     generator = torch.Generator().manual_seed(5)
     cases = [(torch.randn(4, 300, generator=generator) * 0.1, torch.randn(500, 300, generator=generator) * scale)
-             for scale in (1e-20, 1.0, 1e10)]
+             for scale in (1e-38, 1e-20, 1.0, 1e10)]  # 1e-38: weights below 2^-126, flushed in bf16
     cases.append((torch.full((1, 512), 1 + 2**-8), torch.full((64, 512), 1 + 2**-8)))
     for x, lm_head in cases:
         _, norms = greedy_head.pack(lm_head)
@@ -137,7 +138,8 @@ def test_the_bound_holds_and_is_tight(kernel):
         assert (error <= bound).all()
         head = GreedyHead.of(lm_head)
         if head is not None:
-            assert head.tokens(x) == greedy_token_ids(kernel.linear(x, lm_head))
+            tokens = head.tokens(x)  # None at 1e-38: the underflow terms open every column (> 64: fall back)
+            assert tokens == greedy_token_ids(kernel.linear(x, lm_head)) or (tokens is None and lm_head.abs().max() < 1e-30)
             assert ((logits - head.last_scores(x.shape[0]).double()).abs() <= bound).all()
     assert (error / bound).min() > 0.96  # the last case: the bound is tight
 
