@@ -49,14 +49,22 @@ def _function(name: str, argtypes: list, restype):
 
 
 def pack(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed bf16 copy as int16 [G * Kp * 64], norms fp32 [G * 64]) of lm_head [V, H] (contiguous
-    fp32 CPU), or None when a weight is not finite or the kernels are unavailable."""
+    """(packed bf16 copy as int16 [G * Kp * 64], in huge pages where they are on; norms fp32 [G * 64])
+    of lm_head [V, H] (contiguous fp32 CPU), or None when a weight is not finite or the kernels are
+    unavailable."""
     function = _function("shardmesh_greedy_pack", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
     if function is None:
         return None
     vocab, hidden = lm_head.shape
     groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 32) * 32
-    packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int16)
+    # Packed in place in the huge-page region (copied there from a broadcast zero, no buffer): a
+    # packed buffer of 32.8 MB made and freed would raise glibc's mmap threshold (freed mmapped
+    # chunks up to 32 MiB do), and later allocations below it, huge_pages' regions included, would
+    # come from the already-touched heap, in small pages.
+    zeros = torch.zeros(1, dtype=torch.int16).expand(groups * GROUP * padded_hidden)
+    packed = to_huge_pages([zeros])[0]
+    if packed is zeros:  # huge pages off, or too small for one
+        packed = torch.empty(zeros.shape, dtype=torch.int16)
     norms = torch.empty(groups * GROUP, dtype=torch.float32)
     if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), norms.data_ptr()):
         return None
@@ -123,8 +131,7 @@ class GreedyHead:
         if made is None:
             log.info("greedy LM head off: the head has a weight that is not finite")
             return None
-        packed, norms = made
-        return cls(lm_head, to_huge_pages([packed])[0], norms)
+        return cls(lm_head, *made)
 
     def tokens(self, hidden_states: torch.Tensor) -> list[int] | None:
         """Each row's argmax of hidden_states [S, H] lm_head^T as the full head + numpy argmax give it,
