@@ -16,8 +16,10 @@
  *    (gamma_K = K 2^-24 / (1 - K 2^-24)) plus <= t per operation where results underflow (2K
  *    operations); AMX's A errs from S' by <= gamma'_2K sum |x'_j w'_j| (gamma' with 2^-23: its
  *    rounding is not documented to be to nearest; 2K roundings per output bound any pairing),
- *    sum |x'_j w'_j| <= (1 + u)^2 ||x|| ||w||, plus t per flushed product or sum (3K). So
- *        e = c ||x|| ||w|| + t (sqrt(K) ||w|| + 2 sqrt(K) ||x|| + 16 K),
+ *    sum |x'_j w'_j| <= (1 + u)^2 ||x|| ||w||, plus t per flushed product or sum (3K). Should the
+ *    fp32 kernel run with denormal inputs read as zero (MXCSR.DAZ, torch.set_flush_denormal), L
+ *    loses at most t (||w||_1 + ||x||_1) more. So
+ *        e = c ||x|| ||w|| + t (2 sqrt(K) ||w|| + 3 sqrt(K) ||x|| + 16 K),
  *        c = 2u + u^2 + gamma_K + gamma'_2K (1 + u)^2,
  *    evaluated as a_s ||w_i|| + b_s in fp32, a_s and b_s (from doubles) and ||w_i|| (greedy_pack:
  *    double, times 1 + 2^-20) carrying a relative slack of 2^-10: it covers the fp32 roundings of
@@ -98,8 +100,8 @@ int shardmesh_greedy_row_bounds(long n, long K, const float *x, float max_norm, 
         }
         double norm = sqrt(squares) * (1 + 0x1p-20);
         if (norm * max_norm >= 0x1p100) return 1;
-        a[s] = (float)((c * norm + t * root) * slack);
-        b[s] = (float)(t * (2 * root * norm + 16.0 * K) * slack);
+        a[s] = (float)((c * norm + 2 * t * root) * slack);
+        b[s] = (float)(t * (3 * root * norm + 16.0 * K) * slack);
     }
     return 0;
 }
