@@ -1,0 +1,169 @@
+/* The greedy LM head's selection, on any CPU: the bf16 copy's layout (greedy_pack), the error bound,
+ * the candidates and their fp32 refinement (steps 2-4 of lm_head_amx.c's header, which derives the
+ * bound and proves the selection). Included by lm_head_amx.c, not compiled alone;
+ * shardmesh_greedy_select runs it on a product given from outside (tests, on any machine),
+ * shardmesh_greedy_head on AMX's.
+ *
+ * Shape legend: as lm_head_amx.c's. */
+
+#include <stdint.h>
+
+#define GREEDY_GROUP 64          /* vocab columns per group: 4 tiles of 16 (4 C tiles + 1 A + 3 B of the 8) */
+#define GREEDY_ROWS 16           /* a tile's rows: the most x rows */
+#define GREEDY_CANDIDATES 64     /* per row; more and the caller falls back (the bound is too loose there) */
+
+/* bf16 of f, rounded to nearest even; |f| < 2^-126 flushed to a signed zero (AMX reads bf16 denormals as 0). */
+static inline uint16_t greedy_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7F800000u) == 0) return (uint16_t)((bits >> 16) & 0x8000u);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16); /* finite inputs only (callers check) */
+}
+
+/* packed [G * Kp / 32 * 4 * 512] bf16 <- head [V, K] (zeros past V and K); norms [Vp] <- ||w_i||
+ * rounded up (0 past V). Returns 1 if a weight is not finite (the greedy head must stay off), else 0. */
+int shardmesh_greedy_pack(long V, long K, const float *head, uint16_t *packed, float *norms) {
+    long Kp = (K + 31) / 32 * 32, groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP;
+    for (long i = 0; i < groups * GREEDY_GROUP; i++) {
+        double squares = 0;
+        for (long k = 0; k < K && i < V; k++) {
+            float w = head[i * K + k];
+            if (!isfinite(w)) return 1;
+            squares += (double)w * w;
+        }
+        norms[i] = (float)(sqrt(squares) * (1 + 0x1p-20));
+        long group = i / GREEDY_GROUP, tile = i % GREEDY_GROUP / 16, column = i % 16;
+        for (long k = 0; k < Kp; k++) {
+            uint16_t *block = packed + ((group * (Kp / 32) + k / 32) * 4 + tile) * 512;
+            block[(k % 32 / 2) * 32 + column * 2 + k % 2] = i < V && k < K ? greedy_bf16(head[i * K + k]) : 0;
+        }
+    }
+    return 0;
+}
+
+/* e[s, i] = a[s] norms[i] + b[s] for the rows' x [n, K] (the bound of the header, its slack in).
+ * Returns 1 when a premise fails (x not finite, or ||x|| max_norm >= 2^100), else 0. */
+int shardmesh_greedy_row_bounds(long n, long K, const float *x, float max_norm, float *a, float *b) {
+    const double u = 0x1p-8, t = 0x1p-126, slack = 1 + 0x1p-10;
+    double gamma = K * 0x1p-24 / (1 - K * 0x1p-24), gamma_amx = 2 * K * 0x1p-23 / (1 - 2 * K * 0x1p-23);
+    double c = 2 * u + u * u + gamma + gamma_amx * (1 + u) * (1 + u), root = sqrt((double)K);
+    for (long s = 0; s < n; s++) {
+        double squares = 0;
+        for (long k = 0; k < K; k++) {
+            if (!isfinite(x[s * K + k])) return 1;
+            squares += (double)x[s * K + k] * x[s * K + k];
+        }
+        double norm = sqrt(squares) * (1 + 0x1p-20);
+        if (norm * max_norm >= 0x1p100) return 1;
+        a[s] = (float)((c * norm + 2 * t * root) * slack);
+        b[s] = (float)(t * (3 * root * norm + 16.0 * K) * slack);
+    }
+    return 0;
+}
+
+struct greedy_call {
+    long n, K, Kp, V, Vp, groups, groups_per_unit;
+    const uint16_t *x_bf16, *packed;   /* [n, Kp]; the layout above */
+    const float *norms, *a, *b;        /* [Vp], [n], [n] */
+    float *scores;                     /* A [n, Vp] */
+    float *low_max, *high_max;         /* [G, 16] each: per group and row, max (A - e), max (A + e) */
+    atomic_int bad;                    /* an A was not finite */
+};
+
+/* The maxima of A -+ e over group g's columns below V, per row; flags a non-finite A. Vectors over
+ * whole groups (the compares are written out: fmaxf's NaN rule keeps GCC from vectorising it; a NaN
+ * or inf A is caught by `poison` instead), scalars on the last group's columns past V. */
+static inline vec greedy_max(vec a, vec b) {
+    typedef int ivec __attribute__((vector_size(LANES * 4)));
+    ivec bigger = a > b, a_bits, b_bits; /* -1 where a > b */
+    memcpy(&a_bits, &a, sizeof a);
+    memcpy(&b_bits, &b, sizeof b);
+    a_bits = (a_bits & bigger) | (b_bits & ~bigger);
+    memcpy(&a, &a_bits, sizeof a);
+    return a;
+}
+
+static void greedy_group_maxima(struct greedy_call *call, long g) {
+    long start = g * GREEDY_GROUP, end = start + GREEDY_GROUP < call->V ? start + GREEDY_GROUP : call->V;
+    for (long s = 0; s < call->n; s++) {
+        const float *scores = call->scores + s * call->Vp, a = call->a[s], b = call->b[s];
+        vec low = (vec){0} - INFINITY, high = low, poison = (vec){0}; /* poison: NaN when an A is inf or NaN */
+        long i = start;
+        for (; i + LANES <= end; i += LANES) {
+            vec score = load(scores + i), e = a * load(call->norms + i) + b, down = score - e, up = score + e;
+            low = greedy_max(down, low);
+            high = greedy_max(up, high);
+            poison += score * 0.0f;
+        }
+        float lowest = low[0], highest = high[0], poisoned = 0;
+        for (int lane = 0; lane < LANES; lane++) {
+            lowest = low[lane] > lowest ? low[lane] : lowest;
+            highest = high[lane] > highest ? high[lane] : highest;
+            poisoned += poison[lane];
+        }
+        for (; i < end; i++) {
+            float e = a * call->norms[i] + b;
+            lowest = scores[i] - e > lowest ? scores[i] - e : lowest;
+            highest = scores[i] + e > highest ? scores[i] + e : highest;
+            poisoned += scores[i] * 0.0f;
+        }
+        if (poisoned != 0 || !isfinite(lowest) || !isfinite(highest)) atomic_store(&call->bad, 1);
+        call->low_max[g * GREEDY_ROWS + s] = lowest;
+        call->high_max[g * GREEDY_ROWS + s] = highest;
+    }
+}
+
+/* Each row's token from A (call->scores) and the bound: tokens [n]; candidates [n] the sizes of C_s;
+ * values [n] (or NULL) the token's fp32 logit (tests: the full head's bits). x [n, K], head [V, K]
+ * fp32. Returns 0, or 3 when a row has more than GREEDY_CANDIDATES. */
+static int greedy_select(const struct greedy_call *call, const float *x, const float *head, long *tokens,
+                         long *candidates, float *values) {
+    long K = call->K;
+    for (long s = 0; s < call->n; s++) {
+        const float *scores = call->scores + s * call->Vp, a = call->a[s], b = call->b[s];
+        float floor = -INFINITY; /* m_s */
+        for (long g = 0; g < call->groups; g++) floor = fmaxf(floor, call->low_max[g * GREEDY_ROWS + s]);
+        long chosen[GREEDY_CANDIDATES + 1], count = 0;
+        for (long g = 0; g < call->groups; g++) {
+            if (call->high_max[g * GREEDY_ROWS + s] < floor) continue;
+            long end = (g + 1) * GREEDY_GROUP < call->V ? (g + 1) * GREEDY_GROUP : call->V;
+            for (long i = g * GREEDY_GROUP; i < end; i++) {
+                if (scores[i] + (a * call->norms[i] + b) < floor) continue;
+                if (count == GREEDY_CANDIDATES) return 3;
+                chosen[count++] = i;
+            }
+        }
+        if (count == 0) return 3; /* not under the premises (m_s comes from a column whose A + e >= A - e) */
+        chosen[count] = chosen[count - 1]; /* an odd last candidate pairs with itself */
+        long best = -1;
+        float best_logit = 0;
+        for (long j = 0; j < count; j += 2) { /* in index order: the first maximum wins ties */
+            float logits[2];
+            pair_dots_any(head + chosen[j] * K, head + chosen[j + 1] * K, x + s * K, K, K, 1, &logits[0],
+                          &logits[1], NULL, NULL, 0);
+            for (int q = 0; q < 2 && j + q < count; q++)
+                if (best < 0 || logits[q] > best_logit) best = chosen[j + q], best_logit = logits[q];
+        }
+        tokens[s] = best;
+        candidates[s] = count;
+        if (values) values[s] = best_logit;
+    }
+    return 0;
+}
+
+/* Without AMX (tests, any machine): tokens (and candidates, values) from A given as scores [n, Vp]
+ * (only columns < V read), x [n, K], head [V, K], norms [Vp]; low_max, high_max [G, 16] scratch.
+ * Returns 0, or the premise that failed: 1 (x / ||x||), 2 (an A not finite), 3 (too many candidates). */
+int shardmesh_greedy_select(long n, long K, long V, const float *x, const float *head, const float *norms,
+                            float max_norm, float *scores, float *low_max, float *high_max, long *tokens,
+                            long *candidates, float *values) {
+    float a[GREEDY_ROWS], b[GREEDY_ROWS];
+    long groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP;
+    if (n < 1 || n > GREEDY_ROWS || shardmesh_greedy_row_bounds(n, K, x, max_norm, a, b)) return 1;
+    struct greedy_call call = {.n = n, .K = K, .V = V, .Vp = groups * GREEDY_GROUP, .groups = groups,
+                               .norms = norms, .a = a, .b = b, .scores = scores, .low_max = low_max,
+                               .high_max = high_max};
+    for (long g = 0; g < groups; g++) greedy_group_maxima(&call, g);
+    if (atomic_load(&call.bad)) return 2;
+    return greedy_select(&call, x, head, tokens, candidates, values);
+}
