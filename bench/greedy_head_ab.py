@@ -5,14 +5,14 @@ in one process, from memory.
         [--calls 40] [--copies 6] [--vocab 32000] [--hidden 512]
 
 Makes `--copies` heads [V, H] (each 65.5 MB fp32 + its 32.8 MB bf16 copy at the issue's shape, in
-2 MiB pages; 6 copies are ~590 MB, past the 480 MiB L3), and times per call, each on the next
-copy: A = kernels.linear_team (the stage's LM head at 1-16 rows, on the team) + greedy_token_ids;
+2 MiB pages; 6 copies are ~590 MB, past the 480 MiB L3), and times calls, each on the next copy:
+A = kernels.linear_team (the stage's LM head at 1-16 rows, on the team) + greedy_token_ids;
 B = GreedyHead.tokens (AMX product, bound, refinement). Calls alternate A B / B A. Prints per side
-the median and 25th percentile wall time, A / B of the medians (> 1: B faster), the mean candidate
-count per row, whether every call's tokens were the copy's expected ones (shardmesh_linear + argmax, untimed), and the load. x rows are N(0, 1), the heads
-N(0, 0.05^2), as bench/lm_head_team_ab.py; `--real <model dir>` takes the last stage's head and
-normed hidden states: the candidate counts of a real model's decode come from the mesh (the stage logs
-none; see the issue note).
+the median and 25th percentile wall time, A / B of the medians (> 1: B faster), the mean and most
+candidates per row, whether every call's tokens were its copy's (shardmesh_linear + argmax,
+computed untimed beforehand), and the load. x rows are N(0, 1), the heads N(0, 0.05^2), as
+bench/lm_head_team_ab.py: candidate counts on a real model's decode differ (the bench checkpoint's:
+see the issue note).
 """
 
 import argparse

@@ -192,9 +192,10 @@ class StageModel:
 
         Returns hidden_states [N, H] (stage dtype), or on the last stage logits float32 [S, V] at each
         sequence's last new token; or, when batch.greedy and the greedy head can take the step,
-        GreedyTokens: each row's argmax of those logits, without computing them all. The cache of this step's sequences is extended only when the whole
-        step succeeds; on any exception it is as it was before the call. validated: the caller has
-        just passed `batch` through `validate`, with no await since (nothing can have changed)."""
+        GreedyTokens: each row's argmax of those logits, without computing them all. The cache of
+        this step's sequences is extended only when the whole step succeeds; on any exception it is
+        as it was before the call. validated: the caller has just passed `batch` through `validate`,
+        with no await since (nothing can have changed)."""
         if not validated:
             self.validate(batch)
         if experts is None and self.config.is_moe:
