@@ -131,6 +131,24 @@ def test_refinement_overrules_the_bf16_argmax(kernel):
     assert check_both(kernel, x, lm_head) == [0]
 
 
+def test_the_winner_may_have_a_bf16_score_more_than_its_bound_below_the_best(kernel):
+    """Row 0's product rounds down in bf16 (x_j = w_j = 1 + 2^-8 on the first half of k), row 100's
+    up (w_j = 1 + 3 2^-8 rounds to 1 + 2^-6 on 255 of the second half, where x_j = 1): row 100's A is
+    more than e above row 0's, its logit below. Row 0 sits in a group whose best A is under the
+    floor m_s (the group's A + e at its largest norm is not): bounds per group that lose e, or take
+    the group's smallest norm, skip it."""
+    hidden, half = 512, 256
+    lm_head = torch.zeros(130, hidden)
+    lm_head[0, :half] = 1 + 2**-8
+    lm_head[100, half:half + 255] = 1 + 3 * 2**-8
+    x = torch.ones(1, hidden)
+    x[0, :half] = 1 + 2**-8
+    scores = x.bfloat16().float() @ lm_head.bfloat16().float().T  # [1, 130]
+    logits = kernel.linear(x, lm_head)
+    assert scores.argmax().item() == 100 and scores[0, 100] - scores[0, 0] > 2.9 and logits.argmax().item() == 0
+    assert check_both(kernel, x, lm_head) == [0]
+
+
 def test_the_bound_holds_and_is_tight(kernel):
     """|L - A| <= e on random cases (emulated A, and AMX's A where it runs), incl. weights that bf16
     flushes to zero and products that underflow; in the worst case for

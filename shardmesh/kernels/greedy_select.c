@@ -70,9 +70,12 @@ struct greedy_call {
     atomic_int bad;                    /* an A was not finite */
 };
 
-/* The maxima of A -+ e over group g's columns below V, per row; flags a non-finite A. Vectors over
- * whole groups (the compares are written out: fmaxf's NaN rule keeps GCC from vectorising it; a NaN
- * or inf A is caught by `poison` instead), scalars on the last group's columns past V. */
+/* Per row, bounds over group g's columns below V: low_max = max A - e(top) <= A_k - e_k <= L_k for
+ * the k with the largest A, high_max = max A + e(top) >= A_i + e_i for every i (e grows with ||w||:
+ * a >= 0, and rounding is monotone), top the group's largest norm; one max per element instead of
+ * an e each (16 rows x 32000: 1.1x faster head at 16 rows); flags a non-finite A. Vectors over whole
+ * groups (the compares written out: fmaxf's NaN rule keeps GCC from vectorising it; a NaN or inf A
+ * is caught by `poison` instead), scalars on the last group's columns past V. */
 static inline vec greedy_max(vec a, vec b) {
     typedef int ivec __attribute__((vector_size(LANES * 4)));
     ivec bigger = a > b, a_bits, b_bits; /* -1 where a > b */
@@ -85,31 +88,31 @@ static inline vec greedy_max(vec a, vec b) {
 
 static void greedy_group_maxima(struct greedy_call *call, long g) {
     long start = g * GREEDY_GROUP, end = start + GREEDY_GROUP < call->V ? start + GREEDY_GROUP : call->V;
+    float top = 0;
+    for (long i = start; i < end; i++) top = call->norms[i] > top ? call->norms[i] : top;
     for (long s = 0; s < call->n; s++) {
-        const float *scores = call->scores + s * call->Vp, a = call->a[s], b = call->b[s];
-        vec low = (vec){0} - INFINITY, high = low, poison = (vec){0}; /* poison: NaN when an A is inf or NaN */
+        const float *scores = call->scores + s * call->Vp;
+        vec best = (vec){0} - INFINITY, poison = (vec){0}; /* poison: NaN when an A is inf or NaN */
         long i = start;
         for (; i + LANES <= end; i += LANES) {
-            vec score = load(scores + i), e = a * load(call->norms + i) + b, down = score - e, up = score + e;
-            low = greedy_max(down, low);
-            high = greedy_max(up, high);
+            vec score = load(scores + i);
+            best = greedy_max(score, best);
             poison += score * 0.0f;
         }
-        float lowest = low[0], highest = high[0], poisoned = 0;
+        float largest = best[0], poisoned = 0;
         for (int lane = 0; lane < LANES; lane++) {
-            lowest = low[lane] > lowest ? low[lane] : lowest;
-            highest = high[lane] > highest ? high[lane] : highest;
+            largest = best[lane] > largest ? best[lane] : largest;
             poisoned += poison[lane];
         }
         for (; i < end; i++) {
-            float e = a * call->norms[i] + b;
-            lowest = scores[i] - e > lowest ? scores[i] - e : lowest;
-            highest = scores[i] + e > highest ? scores[i] + e : highest;
+            largest = scores[i] > largest ? scores[i] : largest;
             poisoned += scores[i] * 0.0f;
         }
-        if (poisoned != 0 || !isfinite(lowest) || !isfinite(highest)) atomic_store(&call->bad, 1);
-        call->low_max[g * GREEDY_ROWS + s] = lowest;
-        call->high_max[g * GREEDY_ROWS + s] = highest;
+        float e = call->a[s] * top + call->b[s];
+        if (poisoned != 0 || !isfinite(largest) || !isfinite(largest - e) || !isfinite(largest + e))
+            atomic_store(&call->bad, 1);
+        call->low_max[g * GREEDY_ROWS + s] = largest - e;
+        call->high_max[g * GREEDY_ROWS + s] = largest + e;
     }
 }
 

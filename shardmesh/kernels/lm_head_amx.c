@@ -26,8 +26,9 @@
  *    a_s ||w_i|| + b_s and of A +- e (|A| <= ~2^7 e, so those err by < 2^-16 e). The premises:
  *    x and w finite, ||x|| max ||w|| < 2^100 (no partial sum can overflow), A finite; else the
  *    caller falls back to the full head.
- * 3. m_s = max_i (A - e); candidates C_s = {i : A + e >= m_s}. If L_k = max L, then L_k >= L_j >=
- *    A_j - e_j = m_s for the j giving m_s, and A_k + e_k >= L_k >= m_s: k is in C_s.
+ * 3. m_s <= max_i (A - e) (greedy_group_maxima: per group of columns, its largest A less e at its
+ *    largest ||w||, <= that column's A - e); candidates C_s = {i : A + e >= m_s}. If L_k = max L,
+ *    then L_k >= L_j >= A_j - e_j >= m_s for the j giving m_s, and A_k + e_k >= L_k >= m_s: k is in C_s.
  * 4. L[s, i] for i in C_s by pair_dots_any (the dot product shardmesh_linear sums, in its order:
  *    the same bits as the full head's element); the token is the smallest index of C_s with the
  *    largest L, which is numpy's argmax (the first maximum; L has no NaN under the premises).
