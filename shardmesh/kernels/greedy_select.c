@@ -72,10 +72,11 @@ struct greedy_call {
 
 /* Per row, bounds over group g's columns below V: low_max = max A - e(top) <= A_k - e_k <= L_k for
  * the k with the largest A, high_max = max A + e(top) >= A_i + e_i for every i (e grows with ||w||:
- * a >= 0, and rounding is monotone), top the group's largest norm; one max per element instead of
- * an e each (the whole head at 16 rows, cold, 2 threads: 2.04 -> 1.93 ms, load 2); flags a non-finite A. Vectors over whole
- * groups (the compares written out: fmaxf's NaN rule keeps GCC from vectorising it; a NaN or inf A
- * is caught by `poison` instead), scalars on the last group's columns past V. */
+ * a >= 0, and rounding is monotone), top the group's largest norm. One max per element instead of
+ * an e each: the whole head at 16 rows, cold, 2 threads, 2.04 -> 1.93 ms (load 2). Flags a
+ * non-finite A. Vectors over whole groups (the compares written out: fmaxf's NaN rule keeps GCC
+ * from vectorising it; a NaN or inf A is caught by `poison` instead), scalars on the last group's
+ * columns past V. */
 static inline vec greedy_max(vec a, vec b) {
     typedef int ivec __attribute__((vector_size(LANES * 4)));
     ivec bigger = a > b, a_bits, b_bits; /* -1 where a > b */
