@@ -47,4 +47,4 @@ def split_over_capacity(model: StageModel, batch: StageBatch) -> tuple[StageBatc
     return StageBatch(sequence_ids=[batch.sequence_ids[i] for i in kept],
                       start_positions=[batch.start_positions[i] for i in kept],
                       num_tokens=[batch.num_tokens[i] for i in kept],
-                      inputs=batch.inputs.index_select(0, rows)), refused  # [N'] or [N', H]
+                      inputs=batch.inputs.index_select(0, rows), greedy=batch.greedy), refused  # [N'] or [N', H]

@@ -60,9 +60,11 @@ def test_a_step_is_split_around_the_sequences_that_do_not_fit(llama_dir):
     stage = StageModel(config, 0, config.num_layers, CheckpointReader(llama_dir))
     stage.max_cached_sequences = 2
     step(stage, [1], [0], [3])
-    batch = StageBatch([1, 2, 3, 4], [3, 0, 0, 0], [1, 2, 3, 1], torch.tensor([10, 20, 21, 30, 31, 32, 40]))
+    batch = StageBatch([1, 2, 3, 4], [3, 0, 0, 0], [1, 2, 3, 1], torch.tensor([10, 20, 21, 30, 31, 32, 40]),
+                       greedy=True)
     kept, refused = split_over_capacity(stage, batch)
     assert kept.sequence_ids == [1, 2] and kept.num_tokens == [1, 2] and kept.inputs.tolist() == [10, 20, 21]
+    assert kept.greedy  # the kept sequences still want greedy tokens only (the greedy head may serve them)
     assert [(r.index, r.code, r.field) for r in refused] == [(2, "RESOURCE_EXHAUSTED", "sequences[2].sequence_id"),
                                                              (3, "RESOURCE_EXHAUSTED", "sequences[3].sequence_id")]
     assert "--max-cached-sequences" in refused[0].message
