@@ -12,13 +12,18 @@ from collections.abc import Callable, Iterable, Sequence
 
 BUCKET_S = 1.0
 MAX_WINDOW_S = 600.0
+# record_soon's calls are counted in batches, on the event loop, at most this long after they ended
+# (a timer per batch rather than a callback per call: the per-call part stays one append, on the
+# cold caches a kernel leaves); report() counts them at once.
+RECORD_DELAY_S = 0.25
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
 
 class ExpertLoadMeter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, record_delay_s: float = RECORD_DELAY_S):
         self.clock = clock
+        self.record_delay_s = record_delay_s
         self.started = clock()
         # bucket index (int(t / BUCKET_S)) -> (tokens per expert, busy seconds); oldest first
         self._buckets: collections.OrderedDict[int, tuple[collections.Counter, list[float]]] = collections.OrderedDict()
@@ -27,7 +32,7 @@ class ExpertLoadMeter:
         # The calls computing now (in a dict as an ordered set): which experts are in use is asked
         # rarely (drains), so it is worked out then rather than counted around every call.
         self._calls: dict[_Computing, None] = {}
-        self._pending: list[tuple[list, float, float]] = []  # record_soon's calls not recorded yet
+        self._pending: list[tuple] = []  # record_soon's calls not recorded yet: (layer, experts, counts, start, end)
         self._released = asyncio.Event()
 
     def _bucket(self, now: float) -> tuple[collections.Counter, list[float]]:
@@ -47,21 +52,23 @@ class ExpertLoadMeter:
     def record_soon(self, layer: int, experts: Sequence[int], counts: Sequence[int], start: float, end: float) -> None:
         """A call that computed counts[i] tokens of experts[i] of `layer` from `start` to `end` (this
         meter's clock) without yielding to the event loop, so that no drain could find them in use:
-        recorded at the loop's next turn (after the call's reply went out), or now without a loop.
-        report() counts it at once either way. `experts` and `counts` are kept as they are."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._record([(layer, experts, counts)], start, end)
-            return
-        if not self._pending:
-            loop.call_soon(self._record_pending)
-        self._pending.append(([(layer, experts, counts)], start, end))
+        recorded on the loop within `record_delay_s` (with the other calls of that while, in one
+        batch), or now without a loop. report() counts it at once either way. `experts` and
+        `counts` are kept as they are."""
+        pending = self._pending
+        pending.append((layer, experts, counts, start, end))
+        if len(pending) == 1:  # the first of a batch: the loop records them all in a while
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._record_pending()
+                return
+            loop.call_later(self.record_delay_s, self._record_pending)
 
     def _record_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for runs, start, end in pending:
-            self._record(runs, start, end)
+        for layer, experts, counts, start, end in pending:
+            self._record([(layer, experts, counts)], start, end)
 
     def _record(self, runs: list, start: float, end: float) -> None:
         tokens, busy = self._bucket(end)

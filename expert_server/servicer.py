@@ -17,6 +17,7 @@ from expert_server.load import ExpertLoadMeter
 from expert_server.placement_rpcs import ExpertPlacementRpcs
 
 log = logging.getLogger(__name__)
+MAX_KEPT_REPLIES = 64  # responses kept by reply span (shared-memory plane): a session's calls reuse a few
 
 
 class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
@@ -25,6 +26,10 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         self.shard = shard
         self.dtype = dtype
         self.hidden_size = shard.config.hidden_size
+        self._on_cpu = shard.device.type == "cpu"
+        # (offset, length) of a reply in the call's shared-memory segment -> the response naming it
+        # (dtype and H are this server's, so the span says the shape): _compute_packed's, made once each
+        self._replies: dict[tuple[int, int], expert_pb2.ComputeExpertsResponse] = {}
         self.tokens_computed = 0
         self.meter = ExpertLoadMeter()  # load accounting and drains (placement_rpcs.py)
         metrics.watch_expert(name, self.meter)  # per-expert tokens and busy time, read at scrape time
@@ -110,25 +115,36 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
     def _compute_packed(self, packed: expert_pb2.PackedGroups, traceparent: str) -> expert_pb2.ComputeExpertsResponse:
         """Packed groups -> the response of their outputs [N, H], row for row. On the CPU computed in
         place into the reply (codec.claim_reply: on the shared-memory plane the reply arena, so nothing
-        is copied) and the response built around it in place."""
+        is copied) and the response built around it in place: on that plane one response per reply
+        span, made once and returned again (it names only the span, dtype and shape; never mutated)."""
         plan, counts, hidden_states = self._decode_packed(packed)  # [N, H]
-        response = expert_pb2.ComputeExpertsResponse()
-        if self.shard.device.type != "cpu":  # device tensors: as one group each (the reply from the device)
+        if not self._on_cpu:  # device tensors: as one group each (the reply from the device)
+            response = expert_pb2.ComputeExpertsResponse()
             outputs = self._compute_all([(packed.layer, expert, 0, x) for expert, x in
                                          zip(plan.experts, hidden_states.split_with_sizes(counts))], traceparent)
             codec.encode_into(response.packed_outputs, torch.cat(outputs) if outputs
                               else hidden_states.new_empty(0, self.hidden_size))
             return response
         output, placed = codec.claim_reply(hidden_states.shape, self.dtype)  # [N, H]
+        # Computed without yielding to the event loop, so no drain can find these experts in use
+        # meanwhile: the meter records the call afterwards, once the reply is on its way.
         meter = self.meter
-        with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
-            # Computed without yielding to the event loop, so no drain can find these experts in use
-            # meanwhile: the meter records the call afterwards, once the reply is on its way.
-            start = meter.clock()
+        start = meter.clock()
+        if traceparent:  # (a traced caller's call: its span; there is none otherwise)
+            with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
+                self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
+        else:
             self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
-            meter.record_soon(packed.layer, plan.experts, counts, start, meter.clock())
+        meter.record_soon(packed.layer, plan.experts, counts, start, meter.clock())
         self.tokens_computed += output.shape[0]
-        codec.encode_into(response.packed_outputs, output, placed)
+        response = self._replies.get(placed) if placed is not None else None
+        if response is None:
+            response = expert_pb2.ComputeExpertsResponse()
+            codec.encode_into(response.packed_outputs, output, placed)
+            if placed is not None:
+                if len(self._replies) >= MAX_KEPT_REPLIES:
+                    self._replies.clear()
+                self._replies[placed] = response
         return response
 
     def _compute_all(self, work: list[tuple[int, int, int, torch.Tensor]], traceparent: str) -> list[torch.Tensor]:

@@ -55,7 +55,7 @@ def test_a_failed_compute_counts_no_tokens_and_releases_its_experts():
 
 def test_runs_recorded_soon_count_each_expert_and_reports_see_them_at_once():
     clock = FakeClock()
-    meter = ExpertLoadMeter(clock)
+    meter = ExpertLoadMeter(clock, record_delay_s=0.0)  # (recorded at the loop's next turn)
     meter.record_soon(2, (4, 7), [3, 1], 1000.0, 1000.5)  # no event loop: recorded now
     assert meter.report(0)[:2] == ({(2, 4): 3, (2, 7): 1}, pytest.approx(0.5))
 
@@ -72,6 +72,24 @@ def test_runs_recorded_soon_count_each_expert_and_reports_see_them_at_once():
     tokens, busy, _ = meter.report(10)
     assert tokens == {(2, 4): 4, (2, 7): 4} and busy == pytest.approx(0.75)
     assert dict(meter.total_tokens) == tokens
+
+
+def test_runs_recorded_soon_are_recorded_together_after_the_delay():
+    clock = FakeClock()
+    meter = ExpertLoadMeter(clock, record_delay_s=0.05)
+
+    async def main():
+        meter.record_soon(1, (0, 3), [2, 1], 1000.0, 1000.25)
+        await asyncio.sleep(0)
+        meter.record_soon(1, (3,), [5], 1000.25, 1000.5)
+        await asyncio.sleep(0)
+        not_yet = dict(meter.total_tokens), meter.total_busy_s  # not one callback per call
+        await asyncio.sleep(0.2)
+        return not_yet
+
+    assert asyncio.run(main()) == ({}, 0.0)
+    assert dict(meter.total_tokens) == {(1, 0): 2, (1, 3): 6}  # the loop recorded both
+    assert meter.total_busy_s == pytest.approx(0.5) and not meter._pending
 
 
 def test_drained_waits_for_calls_using_the_experts():
