@@ -35,6 +35,7 @@ WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
 # bf16 has no numpy dtype: move it as int16 bits.
 _VIEW_AS = {torch.bfloat16: torch.int16}
 
+MAX_DECODED = 64  # tensors a segment keeps by their wire bytes (decode)
 INBOUND = object()  # default of `arena` / `segment`: the shared-memory call served in this context, if any
 # (shm_segment.Segment, shm_segment.ReplyArena[, cuda_ipc.CudaSegment]) of the shared-memory call this
 # context serves, or (None, nccl_dispatch.PayloadArena, None, nccl_dispatch.Payload) of a call over an
@@ -96,6 +97,32 @@ def _name_span(message: tensor_pb2.Tensor, tensor: torch.Tensor, placed: tuple) 
 
 def decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,
            nccl_payload=INBOUND) -> torch.Tensor:
+    """Decode a wire tensor without copying its bytes (see _decode); raises InvalidArgument naming `field`.
+
+    A tensor in a shared-memory segment (`shm`) decoded once is looked up after that by the
+    message's own bytes (the segment's `decoded`): a session's calls name the same spans call after
+    call, and one serialization and one lookup cost less than the checks (each op counts on the
+    cold caches between kernels). Only what decoded without error is kept."""
+    if message.HasField("shm"):
+        where = segment
+        if where is INBOUND:
+            call = inbound_call.get()
+            where = call[0] if call is not None else None
+        decoded = getattr(where, "decoded", None)  # shm_segment.Segment's: wire bytes -> tensor
+        if decoded is not None:
+            key = message.SerializeToString()
+            tensor = decoded.get(key)
+            if tensor is None:
+                tensor = _decode(message, field, where, cuda_segment, nccl_payload)
+                if len(decoded) >= MAX_DECODED:
+                    decoded.clear()
+                decoded[key] = tensor
+            return tensor
+    return _decode(message, field, segment, cuda_segment, nccl_payload)
+
+
+def _decode(message: tensor_pb2.Tensor, field: str = "tensor", segment=INBOUND, cuda_segment=INBOUND,
+            nccl_payload=INBOUND) -> torch.Tensor:
     """Decode a wire tensor without copying its bytes; raises InvalidArgument naming `field`.
 
     The result shares memory with the message's bytes and is read-only in spirit: clone it

@@ -50,6 +50,8 @@ class Segment:
         # (offset, length, dtype, shape) -> its view: a session's calls put the same tensors at the
         # same offsets call after call (a layer's groups, their reply), so most views are made once.
         self._views: dict[tuple, torch.Tensor] = {}
+        # A wire Tensor's bytes -> what codec.decode made of it in this segment (codec keeps it)
+        self.decoded: dict[bytes, torch.Tensor] = {}
 
     @classmethod
     def available(cls) -> bool:
@@ -106,7 +108,7 @@ class Segment:
     def close(self) -> None:
         """Unlink (if ours) and unmap; a view still alive keeps the mapping until it dies."""
         self.unlink()
-        self._bytes, self._typed, self._numpy, self._views = None, {}, None, {}
+        self._bytes, self._typed, self._numpy, self._views, self.decoded = None, {}, None, {}, {}
         try:
             self.buffer.close()
         except BufferError:

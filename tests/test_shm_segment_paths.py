@@ -8,6 +8,7 @@ import torch
 from shardmesh import codec
 from shardmesh.errors import InvalidArgument
 from shardmesh.shm_segment import NUMPY_DTYPES, ReplyArena, Segment
+from shardmesh.v1 import tensor_pb2
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32]
 
@@ -83,3 +84,30 @@ def test_a_span_viewed_again_is_the_same_view_and_other_spans_and_shapes_are_not
     assert len(segment._views) <= MAX_CACHED_VIEWS
     with pytest.raises(InvalidArgument, match=r"t\.shm"):
         segment.view(129, 24, torch.float32, [2, 3], "t")  # misaligned, even beside a cached span
+
+
+def test_codec_decodes_a_message_seen_before_by_its_bytes_and_never_keeps_a_refused_one(segment):
+    arena = ReplyArena(segment, 0)
+    a, b = sample(torch.float32, [2, 8]), sample(torch.int64, [5])
+    message_a, message_b = codec.encode(a, arena=arena), codec.encode(b, arena=arena)
+    first = codec.decode(message_a, "t", segment=segment)
+    again = tensor_pb2.Tensor.FromString(message_a.SerializeToString())  # the same bytes, another message
+    assert codec.decode(again, "t", segment=segment) is first  # looked up, not made again
+    assert torch.equal(codec.decode(message_b, "t", segment=segment), b)  # other bytes: its own tensor
+    reshaped = tensor_pb2.Tensor.FromString(message_a.SerializeToString())
+    reshaped.shape[:] = [4, 4]
+    assert list(codec.decode(reshaped, "t", segment=segment).shape) == [4, 4]
+    bad = tensor_pb2.Tensor.FromString(message_a.SerializeToString())
+    bad.shape[:] = [3, 8]  # 96 bytes named, 64 in the span
+    for _ in range(2):  # refused each time: what failed is not kept
+        with pytest.raises(InvalidArgument, match=r"t\.shm\.length"):
+            codec.decode(bad, "t", segment=segment)
+    both = tensor_pb2.Tensor.FromString(message_a.SerializeToString())
+    both.data = b"\0" * 64
+    with pytest.raises(InvalidArgument, match=r"t\.data"):
+        codec.decode(both, "t", segment=segment)
+    for offset in range(0, 64 * (codec.MAX_DECODED + 4), 64):  # the segment keeps a bounded number
+        message = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1])
+        message.shm.offset, message.shm.length = offset, 4
+        codec.decode(message, "t", segment=segment)
+    assert len(segment.decoded) <= codec.MAX_DECODED
