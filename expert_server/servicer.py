@@ -27,6 +27,8 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         self.dtype = dtype
         self.hidden_size = shard.config.hidden_size
         self._on_cpu = shard.device.type == "cpu"
+        # _decode_packed checks rows of this dtype: when it is the shard's, the kernel need not check again
+        self._rows_checked = dtype == shard.dtype
         # (offset, length) of a reply in the call's shared-memory segment -> the response naming it
         # (dtype and H are this server's, so the span says the shape): _compute_packed's, made once each
         self._replies: dict[tuple[int, int], expert_pb2.ComputeExpertsResponse] = {}
@@ -132,9 +134,11 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         start = meter.clock()
         if traceparent:  # (a traced caller's call: its span; there is none otherwise)
             with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
-                self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
-        else:
-            self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan)
+                self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan,
+                                          self._rows_checked)
+        else:  # (decoded rows and the claimed reply: contiguous on the CPU; their counts summed)
+            self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan,
+                                      self._rows_checked)
         meter.record_soon(packed.layer, plan.experts, counts, start, meter.clock())
         self.tokens_computed += output.shape[0]
         response = self._replies.get(placed) if placed is not None else None

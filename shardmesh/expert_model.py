@@ -152,12 +152,15 @@ class ExpertShard:
         return plan
 
     def compute_packed(self, layer: int, experts: Sequence[int], counts: list[int], hidden_states: torch.Tensor,
-                       out: torch.Tensor, plan: PackedPlan | None = None) -> torch.Tensor:
+                       out: torch.Tensor, plan: PackedPlan | None = None, checked: bool = False) -> torch.Tensor:
         """compute_many over one packed tensor: hidden_states [N, H], its first counts[0] rows for
         experts[0], the next counts[1] for experts[1], ...; each row's output into the same row of
         `out` [N, H] (the dtype of `hidden_states`; rows of no expert are left as they are). Returns
         `out`. On the C kernel no tensor per expert is made (kernels.Kernel.expert_ffn_packed).
-        `plan`: packed_plan(layer, experts), from a caller that has checked hidden_states [N, H]."""
+        `plan`: packed_plan(layer, experts), from a caller that has checked hidden_states [N, H].
+        `checked`: that caller has also checked that hidden_states and `out` are contiguous CPU
+        tensors of the shard's dtype and sum(counts) == N == out's rows (the expert server: its
+        decoded request and claimed reply), so the kernel takes them without asking again."""
         if plan is None:
             plan = self.packed_plan(layer, experts)
             if plan is None:  # NotFound naming the first expert not held (or the shape, as one by one)
@@ -166,8 +169,8 @@ class ExpertShard:
             elif experts:  # the shape, which is the same for every expert: [n, H]
                 self._checked(layer, experts[0], hidden_states)
         kernel = plan.kernel
-        if kernel is not None and kernels.usable(hidden_states, out) \
-                and sum(counts) == hidden_states.shape[0] == out.shape[0]:
+        if kernel is not None and (checked or kernels.usable(hidden_states, out)
+                                   and sum(counts) == hidden_states.shape[0] == out.shape[0]):
             kernel.expert_ffn_packed(hidden_states, plan.table, counts, compute_pool.threads(), out)
             return out
         if experts:  # torch (or another device): group by group, then into `out`
