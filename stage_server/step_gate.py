@@ -98,39 +98,86 @@ async def _held(before: list[asyncio.Future], done: asyncio.Future):
 async def read_ahead(requests: AsyncIterable, start: Callable[[object], Awaitable], limit: int):
     """Yield (request, task) in request order, each task (`start(request)`) done. A request's task is
     created as soon as it is read, while up to `limit` are not yet yielded, so later steps run while
-    earlier ones compute; the task's context is the consumer's at that moment. Closing this
-    generator (use contextlib.aclosing) cancels every task not yet yielded and the read in progress."""
-    iterator = aiter(requests)
-    pending: collections.deque = collections.deque()  # (request, task), in request order
-    reading: asyncio.Task | None = None
-    ended = False
+    earlier ones compute; the task's context is the consumer's at that moment (the consumer creates
+    it, from what one reading task, kept for the whole stream, has read). Closing this generator
+    (use contextlib.aclosing) cancels every task not yet yielded and the read in progress.
+
+    Per request: one task (the step) and one future for each wait of the consumer, which a read or
+    the oldest step's end resolves (no task per read, no asyncio.wait: on a stage's cold caches
+    between steps each costs tens of microseconds)."""
     loop = asyncio.get_running_loop()
+    ahead = _Ahead(aiter(requests), limit, loop)
+    pending: collections.deque = collections.deque()  # (request, task) started, in request order
+    watched = None  # the oldest task, once it has ahead.wake_up as a done callback
     try:
         while True:
-            if reading is None and not ended and len(pending) < limit:
-                reading = loop.create_task(_next(iterator))
+            while ahead.arrived:  # start what was read, here: in the consumer's context
+                request = ahead.arrived.popleft()
+                pending.append((request, loop.create_task(start(request))))
             if pending and pending[0][1].done():
+                ahead.yielded()
                 yield pending.popleft()
                 continue
-            waiting = [t for t in (reading, pending[0][1] if pending else None) if t is not None]
-            if not waiting:
+            if ahead.error is not None:
+                raise ahead.error
+            if ahead.ended and not pending:
                 return
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if reading is not None and reading.done():
-                read, reading = reading, None
-                try:
-                    request = read.result()
-                except StopAsyncIteration:
-                    ended = True
-                    continue
-                pending.append((request, loop.create_task(start(request))))
+            if pending and pending[0][1] is not watched:
+                watched = pending[0][1]
+                watched.add_done_callback(ahead.wake_up)
+            ahead.wake = loop.create_future()
+            try:
+                await ahead.wake
+            finally:
+                ahead.wake = None
     finally:
-        for task in [reading, *(task for _, task in pending)]:
-            if task is not None and not task.done():
+        for task in [ahead.task, *(task for _, task in pending)]:
+            if not task.done():
                 task.cancel()
-            elif task is not None and not task.cancelled():
+            elif not task.cancelled():
                 task.exception()  # retrieved: the stream has ended, nobody will ask
 
 
-async def _next(iterator):
-    return await anext(iterator)
+class _Ahead:
+    """read_ahead's reading task: reads while fewer than `limit` requests are read and not yielded,
+    appends them to `arrived` and wakes the consumer (its `wake` future) at each, at the end and at
+    an error (kept in `error`; the consumer raises it)."""
+
+    def __init__(self, iterator, limit: int, loop: asyncio.AbstractEventLoop):
+        self.iterator, self.limit, self.loop = iterator, limit, loop
+        self.arrived: collections.deque = collections.deque()  # read, not started yet
+        self.held = 0  # read and not yielded yet
+        self.ended, self.error = False, None
+        self.wake: asyncio.Future | None = None  # the consumer's, while it waits
+        self.room: asyncio.Future | None = None  # the reader's, while `limit` are held
+        self.task = loop.create_task(self._read())
+
+    def wake_up(self, _=None) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def yielded(self) -> None:
+        self.held -= 1
+        room = self.room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                while self.held >= self.limit:
+                    self.room = self.loop.create_future()
+                    await self.room
+                request = await anext(self.iterator)
+                self.held += 1
+                self.arrived.append(request)
+                self.wake_up()
+        except StopAsyncIteration:
+            self.ended = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the stream broke: the consumer raises it
+            self.error = error
+        finally:
+            self.wake_up()

@@ -5,6 +5,7 @@ earlier ones answer while their results go out in request order."""
 
 import asyncio
 import contextlib
+import contextvars
 
 import pytest
 
@@ -194,3 +195,32 @@ def test_closing_read_ahead_cancels_the_steps_not_yet_answered():
         return cancelled
 
     assert run(main()) == [1, 2]
+
+
+def test_read_ahead_starts_each_step_in_the_consumer_s_context_of_its_read():
+    """The shared-memory plane sets the call being served (codec.inbound_call) around each request it
+    feeds the stream: the step read then must run in that call's context, not the first one's."""
+    call = contextvars.ContextVar("call")
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def fed():
+            while (item := await queue.get()) is not None:
+                yield item
+
+        async def step(value):
+            return call.get()
+
+        seen = []
+        async with contextlib.aclosing(read_ahead(fed(), step, limit=2)) as steps:
+            for i in range(3):
+                call.set(f"call {i}")
+                queue.put_nowait(i)
+                request, task = await anext(steps)
+                seen.append((request, await task))
+            queue.put_nowait(None)
+            assert [item async for item in steps] == []  # the stream's end ends it
+        return seen
+
+    assert run(main()) == [(0, "call 0"), (1, "call 1"), (2, "call 2")]
