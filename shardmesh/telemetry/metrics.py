@@ -6,6 +6,7 @@ depth, KV cache use, per-expert tokens and busy time) are read when Prometheus s
 objects that already count them (the scheduler, the KV cache, expert_server.load.ExpertLoadMeter),
 so nothing is counted twice. `serve` exposes them in the text format over HTTP (`--metrics-port`)."""
 
+import collections
 import time
 import weakref
 
@@ -13,6 +14,21 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class _RecordCalls:
+    """Registered first, so a scrape collects it before the families: it records data_plane_call's
+    calls not recorded yet (a scrape runs on the HTTP server's thread: the deque is shared safely)."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        _record_calls()
+        return []
+
+
+REGISTRY.register(_RecordCalls())
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
@@ -45,18 +61,37 @@ def tensor_bytes(payload) -> int:
 
 
 _EDGES: dict[tuple[str, str, str], tuple] = {}  # (server, edge, peer) -> its three series (labels() once)
+# data_plane_call's calls not recorded yet: (series, seconds, sent bytes, received bytes). Recorded in
+# batches of RECORD_CALLS (a call's own part is one append: each of the three series' updates takes a
+# lock, on the cold caches of a decode step's hops) and by every scrape, before it reads the families.
+_PENDING_CALLS: collections.deque = collections.deque()
+RECORD_CALLS = 64
 
 
 def data_plane_call(server: str, edge: str, peer: str, started: float, sent_bytes: int, received_bytes: int) -> None:
-    """Record one call that began at `started` (time.perf_counter()) and has just been answered."""
+    """Record one call that began at `started` (time.perf_counter()) and has just been answered (in
+    the metrics by the next scrape at the latest)."""
     series = _EDGES.get((server, edge, peer))
     if series is None:  # a new edge: look its labelled series up once (labels() takes a lock and hashes)
         series = _EDGES[server, edge, peer] = (DATA_PLANE_SECONDS.labels(server, edge, peer),
                                                DATA_PLANE_BYTES.labels(server, edge, peer, "sent"),
                                                DATA_PLANE_BYTES.labels(server, edge, peer, "received"))
-    series[0].observe(time.perf_counter() - started)
-    series[1].inc(sent_bytes)
-    series[2].inc(received_bytes)
+    pending = _PENDING_CALLS
+    pending.append((series, time.perf_counter() - started, sent_bytes, received_bytes))
+    if len(pending) >= RECORD_CALLS:
+        _record_calls()
+
+
+def _record_calls() -> None:
+    pending = _PENDING_CALLS
+    while pending:
+        try:
+            (seconds, sent, received), elapsed, sent_bytes, received_bytes = pending.popleft()
+        except IndexError:  # a scrape took the last one meanwhile
+            return
+        seconds.observe(elapsed)
+        sent.inc(sent_bytes)
+        received.inc(received_bytes)
 
 
 class _StateCollector:
