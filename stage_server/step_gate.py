@@ -22,7 +22,6 @@ out in request order.
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
 READ_AHEAD = 4  # steps of one Step stream started before the oldest of them has answered
@@ -39,60 +38,69 @@ class StepGate:
         """sequences() holders admitted and not finished (running or waiting)."""
         return len(self._running)
 
-    @contextlib.asynccontextmanager
-    async def sequences(self, sequence_ids: Iterable[int]):
+    def sequences(self, sequence_ids: Iterable[int]) -> "_Hold":
         """Hold these sequences: waits for earlier holders of any of them and for an earlier exclusive()."""
-        sequence_ids = list(dict.fromkeys(sequence_ids))
-        done = asyncio.get_running_loop().create_future()
-        before = _pending({self._tails.get(i) for i in sequence_ids} | {self._barrier})
-        for sequence_id in sequence_ids:
-            self._tails[sequence_id] = done
-        self._running.add(done)
-        try:
-            async with _held(before, done):
-                yield
-        finally:
-            self._running.discard(done)
-            for sequence_id in sequence_ids:
-                if self._tails.get(sequence_id) is done:
-                    del self._tails[sequence_id]
+        return _Hold(self, sequence_ids)
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self):
+    def exclusive(self) -> "_Hold":
         """Hold the whole stage: waits for every earlier holder; later ones wait for this one."""
-        done = asyncio.get_running_loop().create_future()
-        before = _pending({*self._running, self._barrier})
-        self._barrier = done
-        try:
-            async with _held(before, done):
-                yield
-        finally:
-            if self._barrier is done:
-                self._barrier = None
+        return _Hold(self, None)
 
 
 def _pending(futures) -> list[asyncio.Future]:
     return [f for f in futures if f is not None and not f.done()]
 
 
-@contextlib.asynccontextmanager
-async def _held(before: list[asyncio.Future], done: asyncio.Future):
-    """Wait for `before`, then run the body; `done` resolves when the body ends or, if the wait
-    itself was cancelled, once `before` has finished (successors never overtake a predecessor)."""
-    try:
-        if before:
-            await asyncio.wait(before)  # never cancels what it waits for
-    except BaseException:
-        remaining = _pending(before)
-        if remaining:
-            asyncio.gather(*remaining).add_done_callback(lambda _: done.done() or done.set_result(None))
+class _Hold:
+    """One holder of a StepGate (an async context; a class, not a generator-based context manager:
+    every step enters one, on a stage's cold caches between steps). Admitted when entered, before
+    any await; then waits for `before`. Its `done` future resolves when the body ends or, if the
+    wait itself was cancelled, once `before` has finished (successors never overtake a predecessor)."""
+
+    __slots__ = ("gate", "sequence_ids", "done")
+
+    def __init__(self, gate: StepGate, sequence_ids: Iterable[int] | None):
+        self.gate, self.sequence_ids = gate, sequence_ids  # None: exclusive()
+
+    async def __aenter__(self) -> None:
+        gate = self.gate
+        done = self.done = asyncio.get_running_loop().create_future()
+        if self.sequence_ids is None:
+            before = _pending({*gate._running, gate._barrier})
+            gate._barrier = done
         else:
-            done.set_result(None)
-        raise
-    try:
-        yield
-    finally:
-        done.set_result(None)
+            sequence_ids = self.sequence_ids = list(dict.fromkeys(self.sequence_ids))
+            before = _pending({gate._tails.get(i) for i in sequence_ids} | {gate._barrier})
+            for sequence_id in sequence_ids:
+                gate._tails[sequence_id] = done
+            gate._running.add(done)
+        if before:
+            try:
+                await asyncio.wait(before)  # never cancels what it waits for
+            except BaseException:
+                remaining = _pending(before)
+                if remaining:
+                    asyncio.gather(*remaining).add_done_callback(lambda _: done.done() or done.set_result(None))
+                else:
+                    done.set_result(None)
+                self._leave()
+                raise
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        self.done.set_result(None)
+        self._leave()
+        return False
+
+    def _leave(self) -> None:
+        gate, done = self.gate, self.done
+        if self.sequence_ids is None:
+            if gate._barrier is done:
+                gate._barrier = None
+            return
+        gate._running.discard(done)
+        for sequence_id in self.sequence_ids:
+            if gate._tails.get(sequence_id) is done:
+                del gate._tails[sequence_id]
 
 
 async def read_ahead(requests: AsyncIterable, start: Callable[[object], Awaitable], limit: int):

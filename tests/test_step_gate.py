@@ -115,6 +115,24 @@ def test_a_waiter_cancelled_does_not_let_a_later_step_overtake_a_running_one():
     assert events == ["+a", "-a", "+c", "-c"]
 
 
+def test_waiters_cancelled_leave_nothing_behind():
+    async def main():
+        gate = StepGate()
+        trace = Trace(gate)
+        a = asyncio.create_task(trace.hold("a", [1, 2]))
+        waiters = [asyncio.create_task(trace.hold("b", [2, 3])), asyncio.create_task(trace.hold("x"))]
+        await settle()
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        left_while_a_runs = set(gate._tails), gate.busy, gate._barrier
+        trace.release("a")
+        await a
+        return left_while_a_runs, (gate._tails, gate.busy, gate._barrier)
+
+    assert run(main()) == (({1}, 1, None), ({}, 0, None))  # a only (b took over 2, and left), then nothing
+
+
 def test_the_gate_forgets_sequences_once_their_steps_end():
     async def main():
         gate = StepGate()
