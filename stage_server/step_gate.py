@@ -79,12 +79,18 @@ class _Hold:
                 await asyncio.wait(before)  # never cancels what it waits for
             except BaseException:
                 remaining = _pending(before)
-                if remaining:
-                    asyncio.gather(*remaining).add_done_callback(lambda _: done.done() or done.set_result(None))
+                if remaining:  # its successors (admitted before or after this) wait for it: it goes after these
+                    asyncio.gather(*remaining).add_done_callback(lambda _: self._resolve())
+                    if self.sequence_ids is not None:
+                        gate._running.discard(done)  # (not waiting any more: it counts as finished)
                 else:
-                    done.set_result(None)
-                self._leave()
+                    self._resolve()
                 raise
+
+    def _resolve(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+        self._leave()
 
     async def __aexit__(self, kind, error, traceback) -> bool:
         self.done.set_result(None)

@@ -115,7 +115,7 @@ def test_a_waiter_cancelled_does_not_let_a_later_step_overtake_a_running_one():
     assert events == ["+a", "-a", "+c", "-c"]
 
 
-def test_waiters_cancelled_leave_nothing_behind():
+def test_waiters_cancelled_leave_nothing_behind_and_later_holders_still_wait_for_the_running_step():
     async def main():
         gate = StepGate()
         trace = Trace(gate)
@@ -125,12 +125,19 @@ def test_waiters_cancelled_leave_nothing_behind():
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
-        left_while_a_runs = set(gate._tails), gate.busy, gate._barrier
+        c = asyncio.create_task(trace.hold("c", [2]))  # admitted after b's cancel: still after a
+        await settle()
+        while_a_runs = set(trace.inside), gate.busy
         trace.release("a")
-        await a
-        return left_while_a_runs, (gate._tails, gate.busy, gate._barrier)
+        trace.release("c")
+        await asyncio.gather(a, c)
+        await settle()
+        return while_a_runs, trace.events, (gate._tails, gate.busy, gate._barrier)
 
-    assert run(main()) == (({1}, 1, None), ({}, 0, None))  # a only (b took over 2, and left), then nothing
+    while_a_runs, events, left = run(main())
+    assert while_a_runs == ({"a"}, 2)  # a running, c waiting; the cancelled ones count no more
+    assert events == ["+a", "-a", "+c", "-c"]
+    assert left == ({}, 0, None)
 
 
 def test_the_gate_forgets_sequences_once_their_steps_end():
