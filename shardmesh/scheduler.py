@@ -153,11 +153,13 @@ class Scheduler:
                     continue  # its prompt goes on at a later step; the others decode meanwhile
                 piece, ids = sequence.next_slice(int(min(budget, sequence.context_length)))
                 budget -= piece.num_tokens
-            else:
-                piece, ids = sequence.next_slice(1)  # its last generated token
+                token_ids += ids
+            else:  # its last generated token (Sequence.next_slice(1), inline: every sequence, every step)
+                generated = sequence.generated
+                piece = SequenceSlice(sequence.sequence_id, len(sequence.prompt) + len(generated) - 1, 1)
+                token_ids.append(generated[-1])
             stepping.append(sequence)
             slices.append(piece)
-            token_ids += ids
             greedy_step = greedy_step and sequence.sampler.greedy and not sequence.return_logits
         if not stepping:
             return False
@@ -202,23 +204,22 @@ class Scheduler:
             greedy, logits = logits.token_ids, [None] * len(stepping)
         else:
             greedy = greedy_token_ids(logits) if any(s.sampler.greedy for s in stepping) else None  # [B]
+        emit = self._emit
         for index, (sequence, piece, row) in enumerate(zip(stepping, slices, logits)):
             sequence.lost_steps = 0
-            sequence.fed_tokens += piece.num_tokens
-            if sequence.fed_tokens < sequence.context_length:
+            generated = sequence.generated
+            fed = sequence.fed_tokens = sequence.fed_tokens + piece.num_tokens
+            if fed < len(sequence.prompt) + len(generated):  # (Sequence.context_length)
                 continue  # a prompt (or replay) chunk short of its end: no token to sample yet
             if sequence.cancelled:
                 done.append(sequence)
                 continue
-            token_id = greedy[index] if sequence.sampler.greedy else sequence.sampler(row)
-            sequence.generated.append(token_id)
-            finish = None
-            if token_id in sequence.stop_token_ids:
-                finish = "stop"
-            elif len(sequence.generated) >= sequence.max_new_tokens:
-                finish = "length"
-            self._emit(sequence, TokenEvent(token_id, len(sequence.generated) - 1, finish,
-                                            row.clone() if sequence.return_logits else None))
+            sampler = sequence.sampler
+            token_id = greedy[index] if sampler.greedy else sampler(row)
+            generated.append(token_id)
+            count = len(generated)
+            finish = "stop" if token_id in sequence.stop_token_ids else "length" if count >= sequence.max_new_tokens else None
+            emit(sequence, TokenEvent(token_id, count - 1, finish, row.clone() if sequence.return_logits else None))
             if finish:
                 done.append(sequence)
         await self._retire(lane, done)
