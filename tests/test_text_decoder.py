@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from shardmesh.checkpoint_maker import write_tokenizer
+from shardmesh import text
 from shardmesh.text import IncrementalDecoder, TextCodec
 
 TEXT = ["the café serves crème brûlée, 日本語 and naïve piñatas", "don't stop: it's 3.5 km, isn't it?",
@@ -104,3 +105,18 @@ def test_each_push_decodes_a_short_window(codec):
 
 def test_no_tokenizer_no_text():
     assert IncrementalDecoder(None).push(5) == ""
+
+
+def test_remembered_window_texts_are_exact_and_bounded(codec, monkeypatch):
+    """The context texts a codec remembers (shared by every decoder of the codec) give the same
+    pieces as decoding afresh, for sequences decoded one after another and interleaved, and the
+    memory stays within its bound."""
+    monkeypatch.setattr(text, "MAX_WINDOW_TEXTS", 8)
+    codec.window_texts.clear()
+    all_ids = list(sequences(codec))
+    pairs = [(IncrementalDecoder(codec), ReferenceDecoder(codec)) for _ in all_ids]
+    for index in range(max(map(len, all_ids))):
+        for ids, (ours, reference) in zip(all_ids, pairs):
+            if index < len(ids):
+                assert ours.push(ids[index]) == reference.push(ids[index]), (index, ids[max(0, index - 4):index + 1])
+                assert len(codec.window_texts) <= 8
