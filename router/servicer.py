@@ -18,6 +18,7 @@ from router.admission import held_refusal, refusal_details
 from router.load import add_load_to_status
 
 log = logging.getLogger(__name__)
+GenerateResponse = router_pb2.GenerateResponse
 FINISH_REASONS = {None: router_pb2.FINISH_REASON_UNSPECIFIED, "length": router_pb2.FINISH_REASON_LENGTH,
                   "stop": router_pb2.FINISH_REASON_STOP}
 
@@ -70,6 +71,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         Sampler(params), return_logits=request.return_logits)
 
     async def Generate(self, request, context):
+        """Server streaming: one GenerateResponse per token, written as the scheduler hands it over.
+
+        A coroutine that awaits `context.write` for each token rather than an async generator: the
+        generator (and the request guard's generator around it: shardmesh/request_guard.py) would
+        be resumed, and would yield, for every token of every sequence, on the router's loop."""
         try:
             if self.state.admission_full():  # router.admission.AdmissionGate refuses first, for less; this is the race
                 raise ResourceExhausted("router", refusal_details(self.state.max_queued).partition(": ")[2])
@@ -82,26 +88,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 error = ResourceExhausted("caller", error.message + await held_refusal(self.state, context))
             await abort_for(context, error)
             return
-        decoder = IncrementalDecoder(self.state.text)
+        push = IncrementalDecoder(self.state.text).push
         telemetry = RequestTelemetry(sequence.sequence_id, context)  # metrics, trace, request id in logs
         outcome = "cancelled"
+        events, write, prompt_tokens = sequence.events, context.write, len(sequence.prompt)
         self.state.scheduler.submit(sequence)
         try:
             while True:
-                event = await sequence.events.get()
+                event = await events.get()
                 if isinstance(event, Exception):
                     code = outcome = event.code if isinstance(event, RequestError) else "UNAVAILABLE"
                     await context.abort(getattr(grpc.StatusCode, code), str(event))
                     return
-                response = router_pb2.GenerateResponse(
-                    token_id=event.token_id, text=decoder.push(event.token_id), index=event.index,
-                    finish_reason=FINISH_REASONS[event.finish_reason], prompt_tokens=len(sequence.prompt))
+                response = GenerateResponse(token_id=event.token_id, text=push(event.token_id), index=event.index,
+                                            prompt_tokens=prompt_tokens)
+                finish = event.finish_reason
+                if finish:
+                    response.finish_reason = FINISH_REASONS[finish]
                 if event.logits is not None:
                     response.logits.CopyFrom(codec.encode(event.logits))
                 telemetry.token()
-                yield response
-                if event.finish_reason:
-                    outcome = event.finish_reason
+                await write(response)
+                if finish:
+                    outcome = finish
                     return
         finally:
             telemetry.finish(outcome)
