@@ -10,6 +10,7 @@ from shardmesh.errors import FailedPrecondition, InvalidArgument, RequestError, 
 from shardmesh.grpc_util import abort_for, translate_errors
 from shardmesh.sampling import Sampler, SamplingParams
 from shardmesh.scheduler import Sequence
+from shardmesh.sequence import RenderFailed, TokenEvent
 from shardmesh.telemetry.requests import RequestTelemetry
 from shardmesh.text import IncrementalDecoder
 from shardmesh.v1 import router_pb2, router_pb2_grpc
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 GenerateResponse = router_pb2.GenerateResponse
 FINISH_REASONS = {None: router_pb2.FINISH_REASON_UNSPECIFIED, "length": router_pb2.FINISH_REASON_LENGTH,
                   "stop": router_pb2.FINISH_REASON_STOP}
+FINISH_NAMES = {code: name for name, code in FINISH_REASONS.items()}
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -73,9 +75,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(self, request, context):
         """Server streaming: one GenerateResponse per token, written as the scheduler hands it over.
 
-        A coroutine that awaits `context.write` for each token rather than an async generator: the
-        generator (and the request guard's generator around it: shardmesh/request_guard.py) would
-        be resumed, and would yield, for every token of every sequence, on the router's loop."""
+        Each token's response (its text piece, metrics, the message) is made by `render` in the
+        scheduler's hand-over of the step (SequenceEvents.render), back to back with the other
+        sequences'; this call only writes it. A coroutine awaiting `context.write` rather than an async
+        generator: the generator (and the request guard's generator around it:
+        shardmesh/request_guard.py) would be resumed, and would yield, for every token."""
         try:
             if self.state.admission_full():  # router.admission.AdmissionGate refuses first, for less; this is the race
                 raise ResourceExhausted("router", refusal_details(self.state.max_queued).partition(": ")[2])
@@ -91,26 +95,33 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         push = IncrementalDecoder(self.state.text).push
         telemetry = RequestTelemetry(sequence.sequence_id, context)  # metrics, trace, request id in logs
         outcome = "cancelled"
-        events, write, prompt_tokens = sequence.events, context.write, len(sequence.prompt)
+        prompt_tokens = len(sequence.prompt)
+
+        def render(event: TokenEvent) -> router_pb2.GenerateResponse:  # in the scheduler's hand-over
+            response = GenerateResponse(token_id=event.token_id, text=push(event.token_id), index=event.index,
+                                        prompt_tokens=prompt_tokens)
+            if event.finish_reason:
+                response.finish_reason = FINISH_REASONS[event.finish_reason]
+            if event.logits is not None:
+                response.logits.CopyFrom(codec.encode(event.logits))
+            telemetry.token()
+            return response
+
+        events, write = sequence.events, context.write
+        events.render = render  # shardmesh/sequence.py: each token's response is made as it is handed over
         self.state.scheduler.submit(sequence)
         try:
             while True:
-                event = await events.get()
-                if isinstance(event, Exception):
-                    code = outcome = event.code if isinstance(event, RequestError) else "UNAVAILABLE"
-                    await context.abort(getattr(grpc.StatusCode, code), str(event))
+                response = await events.get()
+                if type(response) is not GenerateResponse:
+                    if isinstance(response, RenderFailed):
+                        raise response.error
+                    code = outcome = response.code if isinstance(response, RequestError) else "UNAVAILABLE"
+                    await context.abort(getattr(grpc.StatusCode, code), str(response))
                     return
-                response = GenerateResponse(token_id=event.token_id, text=push(event.token_id), index=event.index,
-                                            prompt_tokens=prompt_tokens)
-                finish = event.finish_reason
-                if finish:
-                    response.finish_reason = FINISH_REASONS[finish]
-                if event.logits is not None:
-                    response.logits.CopyFrom(codec.encode(event.logits))
-                telemetry.token()
                 await write(response)
-                if finish:
-                    outcome = finish
+                if response.finish_reason:
+                    outcome = FINISH_NAMES[response.finish_reason]
                     return
         finally:
             telemetry.finish(outcome)

@@ -31,19 +31,36 @@ class TokenEvent(typing.NamedTuple):
     logits: torch.Tensor | None      # [V] fp32 when asked for
 
 
+class RenderFailed(typing.NamedTuple):
+    """What a SequenceEvents reader gets where its `render` raised on a token event."""
+    error: Exception
+
+
 class SequenceEvents:
     """A sequence's events (TokenEvent | Exception) for its one reader, the router's Generate call:
     `put_nowait` (the scheduler) and `await get()`, in order, as with an asyncio.Queue without a
     bound, at a fraction of its cost: it runs for every token of every sequence on the router's
-    event loop. One reader at a time; a `get` cancelled while waiting loses no event."""
+    event loop. One reader at a time; a `get` cancelled while waiting loses no event.
 
-    __slots__ = ("_items", "_waiter")
+    `render` (the reader's, optional): put_nowait stores render(event) for each TokenEvent instead
+    of the event (RenderFailed(error) where it raises; exceptions as they are). The scheduler hands a
+    step's events over in one loop, so the readers' per-token work (the router: text, metrics, the
+    response message) runs back to back on warm caches, not each between two gRPC writes."""
+
+    __slots__ = ("_items", "_waiter", "render")
 
     def __init__(self):
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None  # the reader's, while it waits on no events
+        self.render = None  # TokenEvent -> the reader's item
 
     def put_nowait(self, event) -> None:
+        render = self.render
+        if render is not None and not isinstance(event, Exception):
+            try:
+                event = render(event)
+            except Exception as error:  # (the putter's loop must go on to the other sequences)
+                event = RenderFailed(error)
         self._items.append(event)
         waiter = self._waiter
         if waiter is not None:

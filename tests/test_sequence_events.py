@@ -3,7 +3,7 @@ reader waiting is woken by the next put, and a get cancelled while waiting loses
 
 import asyncio
 
-from shardmesh.sequence import SequenceEvents
+from shardmesh.sequence import RenderFailed, SequenceEvents
 
 
 def test_events_in_order_before_and_while_the_reader_waits():
@@ -44,3 +44,28 @@ def test_a_cancelled_get_loses_no_event():
         return first, late.cancelled(), await asyncio.wait_for(events.get(), 5)
 
     assert asyncio.run(main()) == ("a", True, "b")
+
+
+def test_render_makes_each_token_events_item_as_it_is_put():
+    async def main():
+        events = SequenceEvents()
+        rendered = []
+
+        def render(event):
+            if event == "bad":
+                raise ValueError("cannot render")
+            rendered.append(event)
+            return f"<{event}>"
+
+        events.render = render
+        events.put_nowait("a")
+        assert rendered == ["a"]  # made in put_nowait, not when read
+        error = RuntimeError("step failed")
+        events.put_nowait(error)  # exceptions pass as they are
+        events.put_nowait("bad")
+        events.put_nowait("b")
+        return [await events.get() for _ in range(4)], error
+
+    items, error = asyncio.run(main())
+    assert items[0] == "<a>" and items[1] is error and items[3] == "<b>"
+    assert isinstance(items[2], RenderFailed) and str(items[2].error) == "cannot render"
