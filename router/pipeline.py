@@ -47,6 +47,14 @@ def _observe_batch(sequences: int, tokens: int) -> None:
     _BATCH_SERIES[1].observe(tokens)
 
 
+def _record_call(stage: str, seconds: float, sent, received) -> None:
+    """metrics.data_plane_call of one stage's part of a step that took `seconds`, run at the loop's
+    next turn: after the next step is written (the whole mesh waits for that write, not for this)."""
+    received_bytes = 8 * len(received.token_ids) if isinstance(received, GreedyTokens) else metrics.tensor_bytes(received)
+    metrics.data_plane_call("router", "router_stage", stage, time.perf_counter() - seconds,
+                            metrics.tensor_bytes(sent), received_bytes)
+
+
 class StagePipeline:
     def __init__(self, security=None, data_plane: str = "grpc", step_timeout: float = DEFAULT_STEP_TIMEOUT_S):
         self.security = security  # shardmesh.security.Security of the router's outgoing channels
@@ -96,11 +104,12 @@ class StagePipeline:
         epoch, links = self.epoch, self.links
         deadline = self.step_timeout + STEP_SECONDS_PER_TOKEN * token_ids.shape[0]
         live, refused = list(range(len(slices))), {}  # slices still in the step; index -> its RequestError
-        asyncio.get_running_loop().call_soon(_observe_batch, len(slices), token_ids.shape[0])  # (once the step is sent)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(_observe_batch, len(slices), token_ids.shape[0])  # (once the step is sent)
         with tracing.router_step([s.sequence_id for s in slices]) if tracing.enabled() else _UNTRACED:
             for link in links:
                 self._check(epoch)
-                started, sent = time.perf_counter(), metrics.tensor_bytes(payload)
+                started, sent = time.perf_counter(), payload
                 try:
                     payload, refusals = await link.forward(step_id, sequences, field, payload, deadline, greedy)
                 except StageLost as error:
@@ -111,8 +120,7 @@ class StagePipeline:
                     live, sequences = self._refused(link, refusals, live, sequences, refused)
                     if not live:
                         raise SequencesRefused(refused, None)
-                received = 8 * len(payload.token_ids) if isinstance(payload, GreedyTokens) else metrics.tensor_bytes(payload)
-                metrics.data_plane_call("router", "router_stage", link.name, started, sent, received)
+                loop.call_soon(_record_call, link.name, time.perf_counter() - started, sent, payload)
                 field = "hidden_states"
         if isinstance(payload, GreedyTokens) and len(payload.token_ids) != len(sequences):
             raise Unavailable("stage", f"stage {links[-1].name} answered {len(payload.token_ids)} greedy token ids "
