@@ -124,6 +124,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     outcome = FINISH_NAMES[response.finish_reason]
                     return
         finally:
+            events.render = None  # tokens of a step still in flight: not counted once the call ended
             telemetry.finish(outcome)
             # Client cancelled or disconnected (or the stream ended): free the sequence everywhere.
             self.state.scheduler.cancel(sequence)
