@@ -116,9 +116,11 @@ class Scheduler:
                 await self._wake.wait()
 
     def _emit(self, sequence: Sequence, event: TokenEvent | Exception) -> None:
-        """Put `event` on its sequence's queue at the event loop's next turn, in the order emitted:
+        """Put `event` on its sequence's events at the event loop's next turn, in the order emitted:
         after this lane's next step request is written (a step does not wait before that write),
-        so that handing tokens to the client streams is not on the path of every step."""
+        so that handing tokens to the client streams is not on the path of every step. The step's
+        events are put in one loop (`_hand_over`): each reader's SequenceEvents.render (the router's
+        response per token) runs there, back to back."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._hand_over)
         self._outbox.append((sequence, event))
