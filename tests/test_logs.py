@@ -53,15 +53,20 @@ def test_each_request_logs_its_end_with_its_id(mixtral_dir):
     async def main():
         async with local_mesh(mixtral_dir) as mesh, AsyncClient(mesh.address, timeout=60) as client:
             for max_new_tokens in (2, 3):
-                assert len([t async for t in client.generate([1, 5], max_new_tokens=max_new_tokens,
-                                                             ignore_eos=True)]) == max_new_tokens
+                tokens = [t.token_id async for t in client.generate([1, 5], max_new_tokens=max_new_tokens,
+                                                                    ignore_eos=True)]
+                assert len(tokens) == max_new_tokens
+            stopped = await client.generate_all([1, 5], max_new_tokens=3, stop_token_ids=[tokens[1]], ignore_eos=True)
+            return tokens.index(tokens[1]) + 1, stopped.finish_reason
 
     try:
-        asyncio.run(main())
+        stop_length, finish = asyncio.run(main())
     finally:
         logger.handlers.clear()
         logger.setLevel(logging.NOTSET)
     ended = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert finish == "stop"
     assert [e["message"].split(" in ")[0] for e in ended] == ["request finished: length, 2 tokens",
-                                                              "request finished: length, 3 tokens"]
-    assert len({e["request_id"] for e in ended}) == 2
+                                                              "request finished: length, 3 tokens",
+                                                              f"request finished: stop, {stop_length} tokens"]
+    assert len({e["request_id"] for e in ended}) == 3
