@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from shardmesh.client import AsyncClient, UnavailableError
 
-from fault_helpers import health_status, launched_mesh, pid_at, wait_for
+from fault_helpers import health_status, launched_mesh, pid_at, stage_info, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,10 @@ def test_an_idle_frozen_stage_is_noticed_without_a_request(llama_dir, tmp_path):
                 baseline = (await client.generate_all(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True)).token_ids
                 status = await client.cluster_status()
                 stage_1 = next(s for s in status.servers if s.name == "stage-1").address
+
+                async def freed() -> bool:  # idle means idle: the router frees each sequence just after its
+                    return not (await stage_info(stage_1)).cached_sequence_ids  # last token went out
+                assert await wait_for(freed, 5.0)  # (a free still on its way would wait out its deadline)
                 frozen_pid = pid_at(launcher, stage_1)
                 os.kill(frozen_pid, signal.SIGSTOP)
                 frozen_at = time.monotonic()
