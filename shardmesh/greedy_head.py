@@ -57,18 +57,11 @@ def pack(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     vocab, hidden = lm_head.shape
     groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 32) * 32
-    # Packed in place in the huge-page region (copied there from a broadcast zero, no buffer): a
-    # packed buffer of 32.8 MB made and freed would raise glibc's mmap threshold (freed mmapped
-    # chunks up to 32 MiB do), and later allocations below it, huge_pages' regions included, would
-    # come from the already-touched heap, in small pages.
-    zeros = torch.zeros(1, dtype=torch.int16).expand(groups * GROUP * padded_hidden)
-    packed = to_huge_pages([zeros])[0]
-    if packed is zeros:  # huge pages off, or too small for one
-        packed = torch.empty(zeros.shape, dtype=torch.int16)
+    packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int16)
     norms = torch.empty(groups * GROUP, dtype=torch.float32)
     if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), norms.data_ptr()):
         return None
-    return packed, norms
+    return to_huge_pages([packed])[0], norms
 
 
 def select(hidden_states: torch.Tensor, lm_head: torch.Tensor, norms: torch.Tensor,
