@@ -132,11 +132,8 @@ class ExpertServicer(ExpertPlacementRpcs, expert_pb2_grpc.ExpertServicer):
         # meanwhile: the meter records the call afterwards, once the reply is on its way.
         meter = self.meter
         start = meter.clock()
-        if traceparent:  # (a traced caller's call: its span; there is none otherwise)
-            with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off
-                self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan,
-                                          self._rows_checked)
-        else:  # (decoded rows and the claimed reply: contiguous on the CPU; their counts summed)
+        with tracing.server_span("expert.compute", traceparent, self.name):  # no-op when off or untraced
+            # (decoded rows and the claimed reply: contiguous on the CPU; their counts summed)
             self.shard.compute_packed(packed.layer, plan.experts, counts, hidden_states, output, plan,
                                       self._rows_checked)
         meter.record_soon(packed.layer, plan.experts, counts, start, meter.clock())
