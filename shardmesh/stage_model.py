@@ -15,7 +15,6 @@ import dataclasses
 import typing
 from collections.abc import Iterable
 
-import numpy
 import torch
 import torch.nn.functional as F
 
@@ -106,8 +105,9 @@ class StageModel:
                                for layer in self.layers]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, self.device)
         self.rotary_rows = RotaryTable(self.rotary, dtype)  # its rows per position, made once
-        # (the rotary table's cos tensor, its cos, signed_sin and the embedding as numpy arrays): _host_rows
-        self._host_tables: tuple | None = None
+        # the first stage's embedding [V, H] as a numpy view on the CPU in float32 (gathered by take), else None
+        self._embedding_rows = (self.embed_tokens.numpy() if self.is_first and self.device.type == "cpu"
+                                and dtype == torch.float32 else None)
         self._decode_workspace: dict = {}  # DecodeLayerStep's scratch, kept from step to step (steps run on one thread)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -227,17 +227,13 @@ class StageModel:
         for segment in segments:
             values.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
         end = max(s.start_position + s.num_tokens for s in segments)
-        rows = self._host_rows(values, end, inputs)
-        if rows is not None:
-            cos, sin, hidden_states = rows
+        cos, sin = self.rotary_rows.rows_at(values, end)  # [N, D] each
+        if self._embedding_rows is not None:  # the embedding's rows by a numpy gather, as for the rotary rows
+            hidden_states = torch.from_numpy(self._embedding_rows.take(inputs.numpy(), 0))  # [N, H]
+        elif self.is_first:
+            hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
         else:
-            # (over the array's memory: torch.tensor of a list costs several times more)
-            positions = torch.frombuffer(values, dtype=torch.int64).to(self.device)  # [N]
-            cos, sin = self.rotary_rows(positions, end)  # [N, D] each
-            if self.is_first:
-                hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
-            else:
-                hidden_states = inputs                                          # [N, H]
+            hidden_states = inputs                                          # [N, H]
         decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
         # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
         fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace)
@@ -276,23 +272,6 @@ class StageModel:
                 return GreedyTokens(tokens)
         # The LM head is the stage's largest matmul: split over the compute threads (compute_pool).
         return parallel_linear(normed, self.lm_head).float()  # [S, V]
-
-    def _host_rows(self, values: array.array, end: int, inputs: torch.Tensor):
-        """On the CPU, (cos, signed_sin [N, D], hidden_states [N, H]) of a step: the rotary table's rows
-        at `values` (positions [N], each < end) and, on the first stage, the embedding's rows of the
-        token ids `inputs` [N] (validated), as numpy gathers: the same rows copied as index_select
-        and F.embedding copy them, at a fraction of a torch op's cost on the cold caches between
-        steps. None (torch's path) off the CPU or float32, and when the rotary table must first grow to `end`."""
-        table = self.rotary_rows
-        if self.dtype is not torch.float32 or self.device.type != "cpu" or end > table.cos.shape[0]:
-            return None
-        if self._host_tables is None or self._host_tables[0] is not table.cos:  # made again when the table grew
-            embedding = self.embed_tokens.numpy() if self.is_first else None  # [V, H]
-            self._host_tables = (table.cos, table.cos.numpy(), table.signed_sin.numpy(), embedding)
-        _, cos, signed_sin, embedding = self._host_tables
-        positions = numpy.frombuffer(values, dtype=numpy.int64)  # [N]
-        hidden_states = torch.from_numpy(embedding.take(inputs.numpy(), 0)) if self.is_first else inputs  # [N, H]
-        return torch.from_numpy(cos.take(positions, 0)), torch.from_numpy(signed_sin.take(positions, 0)), hidden_states
 
     def free(self, sequence_ids: Iterable[int]) -> int:
         """Drop these sequences' KV cache; returns how many were cached (unknown ids are ignored).

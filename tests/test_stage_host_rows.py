@@ -1,7 +1,9 @@
-"""StageModel._host_rows (the step's rotary rows and embedding rows gathered with numpy on the CPU)
-gives the same bits as torch's path (RotaryTable's index_select, F.embedding), across the rotary
-table's growth (it holds positions in chunks of RotaryTable.CHUNK: the numpy arrays follow it)."""
+"""The step's rotary rows (RotaryTable.rows_at) and the first stage's embedding rows gathered with
+numpy on the CPU give the same bits as torch's path (RotaryTable's index_select, F.embedding),
+across the rotary table's growth (it holds positions in chunks of RotaryTable.CHUNK: the numpy
+views follow it)."""
 
+import array
 import asyncio
 
 import torch
@@ -9,19 +11,29 @@ import torch
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.config import ModelConfig
 from shardmesh.expert_model import ExpertShard, LocalExperts
-from shardmesh.models.layers import RotaryTable
+from shardmesh.models.layers import RotaryEmbedding, RotaryTable
 from shardmesh.stage_model import StageBatch, StageModel
 
 
-def test_host_rows_match_torch_s_rows_across_the_rotary_table_s_growth(mixtral_dir):
+def test_rows_at_matches_index_select_across_growth():
+    table = RotaryTable(RotaryEmbedding(16, 10000.0, torch.device("cpu")), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    for end in (5, RotaryTable.CHUNK + 1, 3 * RotaryTable.CHUNK):  # grows twice
+        positions = torch.randint(0, end, (7,), generator=generator)
+        cos, sin = table.rows_at(array.array("q", positions.tolist()), end)
+        want_cos, want_sin = table(positions, end)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin), end
+        assert table._host is not None and table._host[0].shape[0] == table.cos.shape[0]  # numpy's gather
+
+
+def test_host_rows_match_torch_s_rows_over_a_decode(mixtral_dir):
     config = ModelConfig.from_dir(mixtral_dir)
     experts = LocalExperts([ExpertShard(config, [(l, e) for l in range(config.num_layers)
                                                  for e in range(config.num_experts)], CheckpointReader(mixtral_dir))])
     host, plain = (StageModel(config, 0, config.num_layers, CheckpointReader(mixtral_dir)) for _ in range(2))
-    plain._host_rows = lambda *_: None  # torch's path throughout
-    used = []
-    real = host._host_rows
-    host._host_rows = lambda *args: used.append(real(*args) is not None) or real(*args)
+    assert host._embedding_rows is not None
+    plain._embedding_rows = None  # torch's path throughout: F.embedding and index_select
+    plain.rotary_rows.rows_at = lambda values, end: plain.rotary_rows(torch.frombuffer(values, dtype=torch.int64), end)
     ids, length = [3, 9], 2 * RotaryTable.CHUNK + 5
     prompt = torch.arange(4, 4 + 2 * 6) % config.vocab_size  # 6 tokens each
 
@@ -38,4 +50,3 @@ def test_host_rows_match_torch_s_rows_across_the_rotary_table_s_growth(mixtral_d
 
     asyncio.run(main())
     assert host.rotary_rows.cos.shape[0] >= length  # grown twice past its first chunk
-    assert used.count(False) == 3 and used.count(True) > 100  # torch grew it (to 64, 128, 192 rows), numpy the rest
