@@ -49,68 +49,84 @@ def _function(name: str, argtypes: list, restype):
 
 
 def pack(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(packed bf16 copy as int16 [G * Kp * 64], in huge pages where they are on; norms fp32 [G * 64])
-    of lm_head [V, H] (contiguous fp32 CPU), or None when a weight is not finite or the kernels are
-    unavailable."""
-    function = _function("shardmesh_greedy_pack", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
+    """(packed int8 copy [G * 2 * Kp / 64 * 2048], in huge pages where they are on; columns fp32 [3, G * 64]:
+    norms, residuals, scales) of lm_head [V, H] (contiguous fp32 CPU), or None when a weight is not
+    finite or the kernels are unavailable."""
+    function = _function("shardmesh_greedy_pack_int8", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
     if function is None:
         return None
     vocab, hidden = lm_head.shape
+    groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 64) * 64
+    packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int8)
+    columns = torch.empty(3, groups * GROUP, dtype=torch.float32)
+    if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), columns.data_ptr()):
+        return None
+    return to_huge_pages([packed])[0], columns
+
+
+def pack_bf16(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The bf16 copy (int16 [G * Kp / 32 * 2048]) and columns [3, G * 64] (norms; zeros) (the A/B bench)."""
+    function = _function("shardmesh_greedy_pack", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
+    vocab, hidden = lm_head.shape
     groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 32) * 32
     packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int16)
-    norms = torch.empty(groups * GROUP, dtype=torch.float32)
-    if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), norms.data_ptr()):
+    columns = torch.zeros(3, groups * GROUP, dtype=torch.float32)
+    if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), columns.data_ptr()):
         return None
-    return to_huge_pages([packed])[0], norms
+    return to_huge_pages([packed])[0], columns
 
 
-def select(hidden_states: torch.Tensor, lm_head: torch.Tensor, norms: torch.Tensor,
+def select(hidden_states: torch.Tensor, lm_head: torch.Tensor, columns: torch.Tensor,
            scores: torch.Tensor) -> tuple[int, list[int], list[int], torch.Tensor]:
     """The selection and refinement without AMX (tests): (status, tokens [S], candidates [S], the
     tokens' fp32 logits [S]) from approximate logits `scores` [S, G * 64] fp32 (columns < V read)
-    standing for the bf16 product. status 0: tokens hold; else the premise that failed (FALLBACKS)."""
+    standing for the int8 product. status 0: tokens hold; else the premise that failed (FALLBACKS)."""
     function = _function("shardmesh_greedy_select", [_long] * 3 + [_pointer] * 3 + [ctypes.c_float]
                          + [_pointer] * 6, ctypes.c_int)
-    rows, groups = hidden_states.shape[0], norms.shape[0] // GROUP
+    rows, groups = hidden_states.shape[0], columns.shape[1] // GROUP
     maxima = torch.empty(2, groups, MAX_ROWS, dtype=torch.float32)
     tokens, candidates = (_long * max(rows, 1))(), (_long * max(rows, 1))()
     values = torch.zeros(max(rows, 1), dtype=torch.float32)
     status = function(rows, lm_head.shape[1], lm_head.shape[0], hidden_states.data_ptr(), lm_head.data_ptr(),
-                      norms.data_ptr(), float(norms.max()), scores.data_ptr(), maxima[0].data_ptr(),
+                      columns.data_ptr(), float(columns[0].max()), scores.data_ptr(), maxima[0].data_ptr(),
                       maxima[1].data_ptr(), tokens, candidates, values.data_ptr())
     return status, list(tokens)[:rows], list(candidates)[:rows], values[:rows]
 
 
-def row_bounds(hidden_states: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(a [S], b [S]): the bound e[s, i] = a[s] ||w_i|| + b[s] of lm_head_amx.c, or None (premise failed)."""
-    function = _function("shardmesh_greedy_row_bounds", [_long, _long, _pointer, ctypes.c_float, _pointer,
-                                                         _pointer], ctypes.c_int)
+def quantize_rows(hidden_states: torch.Tensor, max_norm: float) -> dict[str, torch.Tensor] | None:
+    """The rows' two int8 levels and the bound of lm_head_amx.c (tests): {"levels": [2, S, Kp] int8,
+    "step": t [S], "a", "b", "c": [S]} (e = a ||w_i|| + c r_i + b), or None (a premise failed)."""
+    function = _function("shardmesh_greedy_quantize_rows", [_long, _long, _pointer, ctypes.c_float]
+                         + [_pointer] * 5, ctypes.c_int)
     rows, hidden = hidden_states.shape
-    a, b = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
-    if function(rows, hidden, hidden_states.data_ptr(), max_norm, a.data_ptr(), b.data_ptr()):
+    out = {name: torch.empty(rows, dtype=torch.float32) for name in ("a", "b", "c", "step")}
+    out["levels"] = torch.empty(2, rows, -(-hidden // 64) * 64, dtype=torch.int8)
+    if function(rows, hidden, hidden_states.data_ptr(), max_norm, out["a"].data_ptr(), out["b"].data_ptr(),
+                out["c"].data_ptr(), out["step"].data_ptr(), out["levels"].data_ptr()):
         return None
-    return a, b
+    return out
 
 
 class GreedyHead:
-    """The greedy tokens of one LM head [V, H] (fp32, contiguous, CPU), kept with its bf16 copy."""
+    """The greedy tokens of one LM head [V, H] (fp32, contiguous, CPU), kept with its int8 copy."""
 
-    def __init__(self, lm_head: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor):
-        self.lm_head, self.packed, self.norms = lm_head, packed, norms
-        self.max_norm = float(norms.max())
+    def __init__(self, lm_head: torch.Tensor, packed: torch.Tensor, columns: torch.Tensor, variant: str = "int8"):
+        self.lm_head, self.packed, self.columns = lm_head, packed, columns
+        self.max_norm = float(columns[0].max())
         vocab, hidden = lm_head.shape
-        groups = norms.shape[0] // GROUP
-        # A [16, G * 64], the maxima [2, G, 16], x' [16, Kp] bf16 (as floats: Kp / 2)
-        self._scratch_floats = MAX_ROWS * groups * GROUP + 2 * MAX_ROWS * groups + MAX_ROWS * (-(-hidden // 32) * 16)
+        groups = columns.shape[1] // GROUP
+        # A [16, G * 64], the maxima [2, G, 16], the levels [2, 16, Kp] int8 (as floats: 8 Kp)
+        self._scratch_floats = MAX_ROWS * groups * GROUP + 2 * MAX_ROWS * groups + 8 * (-(-hidden // 64) * 64)
         self._scratch = torch.empty(self._scratch_floats, dtype=torch.float32)
         self._lock = threading.Lock()  # one call at a time uses _scratch; another makes its own
         self._tokens, self._candidates = (_long * MAX_ROWS)(), (_long * MAX_ROWS)()
-        self._run = _function("shardmesh_greedy_head", [_long] * 3 + [_pointer] * 4 + [ctypes.c_float]
+        name = "shardmesh_greedy_head_int8" if variant == "int8" else "shardmesh_greedy_head"
+        self._run = _function(name, [_long] * 3 + [_pointer] * 4 + [ctypes.c_float]
                               + [_pointer] * 3 + [ctypes.c_int, _long], _long)
         self.last_candidates: list[int] = []  # the sizes of the candidate sets of the last call (benches)
 
     @classmethod
-    def of(cls, lm_head: torch.Tensor | None, tp_world_size: int = 1) -> "GreedyHead | None":
+    def of(cls, lm_head: torch.Tensor | None, tp_world_size: int = 1, variant: str = "int8") -> "GreedyHead | None":
         """A GreedyHead for this head, or None (off, no AMX, no kernels, a head it cannot take)."""
         if lm_head is None or tp_world_size != 1 or os.environ.get("SHARDMESH_GREEDY_HEAD", "1") == "0":
             return None
@@ -120,11 +136,11 @@ class GreedyHead:
         if enable is None or not enable():
             log.info("greedy LM head off: no AMX here (or the kernel refused it); the full head picks tokens")
             return None
-        made = pack(lm_head)
+        made = pack(lm_head) if variant == "int8" else pack_bf16(lm_head)
         if made is None:
             log.info("greedy LM head off: the head has a weight that is not finite")
             return None
-        return cls(lm_head, *made)
+        return cls(lm_head, *made, variant=variant)
 
     def tokens(self, hidden_states: torch.Tensor) -> list[int] | None:
         """Each row's argmax of hidden_states [S, H] lm_head^T as the full head + numpy argmax give it,
@@ -144,14 +160,14 @@ class GreedyHead:
     def last_scores(self, rows: int) -> torch.Tensor:
         """The bf16 product A [rows, V] of the last call made with `rows` rows on the kept scratch
         (tests check the bound on it)."""
-        padded = self.norms.shape[0]
+        padded = self.columns.shape[1]
         return self._scratch[:rows * padded].view(rows, padded)[:, :self.lm_head.shape[0]]
 
     def _call(self, hidden_states, scratch, tokens, candidates) -> list[int] | None:
         rows = hidden_states.shape[0]
         vocab, hidden = self.lm_head.shape
         status = self._run(rows, hidden, vocab, hidden_states.data_ptr(), self.lm_head.data_ptr(),
-                           self.packed.data_ptr(), self.norms.data_ptr(), self.max_norm, scratch.data_ptr(),
+                           self.packed.data_ptr(), self.columns.data_ptr(), self.max_norm, scratch.data_ptr(),
                            tokens, candidates, compute_pool.threads(), GROUPS_PER_UNIT)
         if status:
             kernels.calls["greedy_head_fallback"] += 1

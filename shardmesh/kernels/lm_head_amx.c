@@ -49,14 +49,14 @@ static int greedy_amx_ready; /* shardmesh_greedy_amx_enable succeeded in this pr
 /* Ask the kernel for AMX tile data (per process: the team's helpers, started before or after, get it
  * too). Returns 1 when AMX code may run, 0 when not (not compiled in, or the kernel refused). */
 int shardmesh_greedy_amx_enable(void) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
     if (!greedy_amx_ready) greedy_amx_ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
                                                       18 /* XFEATURE_XTILEDATA */) == 0;
 #endif
     return greedy_amx_ready;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__)
 #include <immintrin.h>
 
 struct greedy_tiles { /* LDTILECFG's 64 bytes, palette 1 */
@@ -64,6 +64,8 @@ struct greedy_tiles { /* LDTILECFG's 64 bytes, palette 1 */
     uint16_t bytes_per_row[16];
     uint8_t rows[16];
 };
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
 /* One unit: groups [index * groups_per_unit, ...): A by tiles, then their maxima. Tiles 0-3: C (n x
  * 16 fp32, the group's 4 blocks of columns), 4: A (n rows of 32 bf16 of x'), 5-7: B (16 pairs x 16
@@ -107,6 +109,96 @@ static void greedy_amx_unit(void *context, int phase, long index, int worker) {
     _tile_release(); /* no tile state kept: a context switch saves none */
 }
 #endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define GREEDY_AHEAD_INT8 8 /* k-steps (2 KiB each) fetched ahead: 16 KiB, as the bf16 kernel */
+
+/* One unit of the int8 head: groups [index * groups_per_unit, ...), each as two blocks of 32 columns:
+ * P = p . q and P' = p' . q by TDPBSSD (tiles 0-3: C, int32 n x 16: block columns 0-15 by p, by p',
+ * 16-31 by p, by p'; 4, 5: p and p' (n rows of 64 bytes); 6, 7: B (16 quads x 16 columns)), then
+ * A = fl(fl(fl(256 P + P') s_i) t_s) (P, P' exact in fp32: |P| < 2^24), then the group's maxima. */
+static void greedy_int8_unit(void *context, int phase, long index, int worker) {
+    struct greedy_call *call = context;
+    (void)phase, (void)worker;
+    struct greedy_tiles tiles = {.palette = 1};
+    for (int t = 0; t < 8; t++) tiles.bytes_per_row[t] = 64, tiles.rows[t] = t < 6 ? (uint8_t)call->n : 16;
+    _tile_loadconfig(&tiles);
+    typedef int ivec __attribute__((vector_size(LANES * 4)));
+    int32_t sums[4][16][16] __attribute__((aligned(64))); /* the C tiles of a block: [tile][row][column] */
+    long steps = call->Kp / 64, n = call->n;
+    const int8_t *coarse = call->levels, *fine = call->levels + n * call->Kp;
+    long first = index * call->groups_per_unit, last = unit_end(index, call->groups_per_unit, call->groups);
+    for (long g = first; g < last; g++) {
+        for (long half = 0; half < 2; half++) {
+            const int8_t *block = call->packed_int8 + (g * 2 + half) * steps * 2048;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long k = 0; k < steps; k++, block += 2048) {
+                for (int line = 0; line < 32; line++)
+                    __builtin_prefetch(block + GREEDY_AHEAD_INT8 * 2048 + line * 64, 0, 3);
+                _tile_loadd(4, coarse + k * 64, call->Kp);
+                _tile_loadd(5, fine + k * 64, call->Kp);
+                _tile_loadd(6, block, 64);
+                _tile_dpbssd(0, 4, 6);
+                _tile_dpbssd(1, 5, 6);
+                _tile_loadd(7, block + 1024, 64);
+                _tile_dpbssd(2, 4, 7);
+                _tile_dpbssd(3, 5, 7);
+            }
+            _tile_stored(0, sums[0], 64); /* tile numbers are immediates */
+            _tile_stored(1, sums[1], 64);
+            _tile_stored(2, sums[2], 64);
+            _tile_stored(3, sums[3], 64);
+            long column = g * GREEDY_GROUP + half * 32;
+            for (long s = 0; s < n; s++)
+                for (int j = 0; j < 2; j++)
+                    for (int lane = 0; lane < 16; lane += LANES) {
+                        ivec p, q;
+                        memcpy(&p, &sums[2 * j][s][lane], sizeof p);
+                        memcpy(&q, &sums[2 * j + 1][s][lane], sizeof q);
+                        long i = column + j * 16 + lane;
+                        vec sum = __builtin_convertvector(p, vec) * 256.0f + __builtin_convertvector(q, vec);
+                        vec score = sum * load(call->scales + i) * call->t[s];
+                        memcpy(call->scores + s * call->Vp + i, &score, sizeof score);
+                    }
+        }
+        greedy_group_maxima(call, g);
+    }
+    _tile_release();
+}
+#endif
+
+/* The greedy head on AMX-INT8: as shardmesh_greedy_head, from shardmesh_greedy_pack_int8's packed copy
+ * and columns [3, Vp] (norms, residuals, scales). scratch: floats for A [n, Vp], low_max and high_max
+ * [G, 16] each, the levels [2, 16, Kp] int8 (Vp n + 32 G + 8 Kp). Returns 0, or why the caller must
+ * fall back: 1 (a premise on x or K), 2 (an A not finite), 3 (too many candidates), 4 (no AMX). */
+long shardmesh_greedy_head_int8(long n, long K, long V, const float *x, const float *head, const int8_t *packed,
+                                const float *columns, float max_norm, float *scratch, long *tokens, long *candidates,
+                                int threads, long groups_per_unit) {
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    float a[GREEDY_ROWS], b[GREEDY_ROWS], c[GREEDY_ROWS], t[GREEDY_ROWS];
+    if (!greedy_amx_ready) return 4;
+    long Kp = (K + 63) / 64 * 64, groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP, Vp = groups * GREEDY_GROUP;
+    int8_t *levels = (int8_t *)(scratch + n * Vp + 2 * GREEDY_ROWS * groups); /* [2, n, Kp] */
+    if (n < 1 || n > GREEDY_ROWS || shardmesh_greedy_quantize_rows(n, K, x, max_norm, a, b, c, t, levels)) return 1;
+    struct greedy_call call = {.n = n, .K = K, .Kp = Kp, .V = V, .Vp = Vp, .groups = groups,
+                               .groups_per_unit = groups_per_unit > 0 ? groups_per_unit : 1, .levels = levels,
+                               .packed_int8 = packed, .norms = columns, .residuals = columns + Vp,
+                               .scales = columns + 2 * Vp, .a = a, .b = b, .c = c, .t = t, .scores = scratch,
+                               .low_max = scratch + n * Vp, .high_max = scratch + n * Vp + GREEDY_ROWS * groups};
+    struct phased_job job = {.phases = 1, .run = greedy_int8_unit, .context = &call};
+    job.ends[0] = units_of(groups, call.groups_per_unit);
+    team_run(&job, threads);
+    if (atomic_load(&call.bad)) return 2;
+    return greedy_select(&call, x, head, tokens, candidates, NULL);
+#else
+    (void)n, (void)K, (void)V, (void)x, (void)head, (void)packed, (void)columns, (void)max_norm, (void)scratch;
+    (void)tokens, (void)candidates, (void)threads, (void)groups_per_unit;
+    return 4;
+#endif
+}
 
 /* The greedy head on AMX: tokens [n] (and candidates [n], the sizes of C_s) for x [n, K] against
  * head [V, K] (fp32) and its packed copy and norms (shardmesh_greedy_pack). scratch: floats for
