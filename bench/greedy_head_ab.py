@@ -2,14 +2,14 @@
 in one process, cold (from memory) and warm.
 
     PYTHONPATH=<tree> .venv/bin/python bench/greedy_head_ab.py [--rows 1,8,16] [--threads 2]
-        [--calls 40] [--copies 6] [--vocab 32000] [--hidden 512] [--sides full,int8] [--checkpoint]
+        [--calls 40] [--copies 6] [--vocab 32000] [--hidden 512] [--checkpoint]
 
 Makes `--copies` heads [V, H] (each 65.5 MB fp32 + its packed copies at the issue's shape, in 2 MiB
 pages; 6 copies are past the L3 of the machines here) and times calls, each on the next copy
 (cold), then the same on copy 0 alone (warm). Sides: full = kernels.linear_team (the stage's LM
 head at 1-16 rows, on the team) + greedy_token_ids; int8 = GreedyHead.tokens (AMX-INT8 product,
-bound, refinement); bf16 = the same on a bf16 copy (TDPBF16PS), where the tree still has it. The
-sides' order rotates call by call. Prints per side the median and 25th percentile wall time, the
+bound, refinement; the tree at 115c665 also had bf16, the TDPBF16PS head it replaced). The sides'
+order alternates call by call. Prints per side the median and 25th percentile wall time, the
 full head's median over each side's (> 1: that side faster), the mean and most candidates per
 row, whether every call's tokens were its copy's (shardmesh_linear + argmax, computed untimed
 beforehand), and the load. x rows are N(0, 1), the heads N(0, 0.05^2), as bench/lm_head_team_ab.py;
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--sides", default="full,int8", help="of full, int8, bf16 (bf16 where the tree has it)")
     parser.add_argument("--checkpoint", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compute_pool.set_threads(args.threads)
     kernel = kernels.kernel()
-    sides = args.sides.split(",")
+    sides = ["full", "int8"]
     generator = torch.Generator().manual_seed(0)
     if args.checkpoint:
         head, hidden_states = checkpoint_inputs()
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         heads = to_huge_pages([torch.randn(args.vocab, args.hidden, generator=generator) * 0.05
                                for _ in range(args.copies)])
-    greedy = [{side: GreedyHead.of(head, variant=side) for side in sides if side != "full"} for head in heads]
+    greedy = [{"int8": GreedyHead.of(head)} for head in heads]
     if any(g is None for g in greedy[0].values()):
         print("no greedy head here (no AMX, or SHARDMESH_GREEDY_HEAD=0)")
         return 1

@@ -1,18 +1,19 @@
 """GreedyHead: a step's greedy tokens from the LM head without computing every logit.
 
 When every sequence of a step samples greedily, the last stage needs only each row's argmax of
-logits = hidden_states lm_head^T. GreedyHead gets it from a bf16 copy of the head on AMX (half the
-bytes of the fp32 head, and AMX's arithmetic), a rigorous bound on that product's error, and the
-fp32 logits of the few columns the bound leaves open, computed by the same C dot product as the
-full head (shardmesh/kernels/lm_head_amx.c says why the token is always the one numpy's argmax
-gives on the full head's fp32 logits, and derives the bound). It answers None, and the caller takes
-the full head, whenever a premise fails: rows outside 1-16 (the full head would not take the C
-kernel's dot-product form), hidden states not finite or too large, a product not finite, or more
-than 64 candidates in a row.
+logits = hidden_states lm_head^T. GreedyHead gets it from an int8 copy of the head (a scale per
+vocab row) against the rows in two int8 levels on AMX (a quarter of the bytes of the fp32 head,
+and AMX's exact int8 products), a rigorous bound on that product's error, and the fp32 logits of
+the few columns the bound leaves open, computed by the same C dot product as the full head
+(shardmesh/kernels/lm_head_amx.c says why the token is always the one numpy's argmax gives on the
+full head's fp32 logits, and derives the bound). It answers None, and the caller takes the full
+head, whenever a premise fails: rows outside 1-16 (the full head would not take the C kernel's
+dot-product form), hidden size over 1040, hidden states not finite, all zero or too large, a
+product not finite, or more than 64 candidates in a row.
 
-Memory: the copy adds V H 2 bytes to the last stage (32.8 MB for 32000 x 512), in huge pages. On
-where the library has AMX code and the kernel grants AMX (Linux arch_prctl); SHARDMESH_GREEDY_HEAD=0
-switches it off (A/B runs, or to save that memory).
+Memory: the copy adds about V H bytes to the last stage (16.4 MB for 32000 x 512), in huge pages,
+and 12 bytes a vocab row. On where the library has AMX-INT8 code and the kernel grants AMX (Linux
+arch_prctl); SHARDMESH_GREEDY_HEAD=0 switches it off (A/B runs, or to save that memory).
 
 Shape legend: S rows (one per sequence), H hidden_size, V vocab_size.
 """
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 
 GROUP = 64          # vocab columns per group of the packed copy (GREEDY_GROUP in lm_head_amx.c)
 MAX_ROWS = 16       # a tile's rows (GREEDY_ROWS)
-GROUPS_PER_UNIT = 4  # a team unit's groups: 256 columns, 256 KiB of bf16 at H 512
-FALLBACKS = {1: "hidden states not finite or too large", 2: "a bf16 product not finite",
+MAX_HIDDEN = 1040   # H 127^2 < 2^24: the int32 sums exact in fp32 (shardmesh_greedy_quantize_rows)
+GROUPS_PER_UNIT = 4  # a team unit's groups: 256 columns, 128 KiB of int8 at H 512
+FALLBACKS = {1: "hidden states not finite, all zero or too large, or hidden size over 1040",
+             2: "an int8 product not finite",
              3: "too many candidates", 4: "no AMX"}
 
 _pointer, _long = ctypes.c_void_p, ctypes.c_long
@@ -52,25 +55,13 @@ def pack(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed int8 copy [G * 2 * Kp / 64 * 2048], in huge pages where they are on; columns fp32 [3, G * 64]:
     norms, residuals, scales) of lm_head [V, H] (contiguous fp32 CPU), or None when a weight is not
     finite or the kernels are unavailable."""
-    function = _function("shardmesh_greedy_pack_int8", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
+    function = _function("shardmesh_greedy_pack", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
     if function is None:
         return None
     vocab, hidden = lm_head.shape
     groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 64) * 64
     packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int8)
     columns = torch.empty(3, groups * GROUP, dtype=torch.float32)
-    if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), columns.data_ptr()):
-        return None
-    return to_huge_pages([packed])[0], columns
-
-
-def pack_bf16(lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The bf16 copy (int16 [G * Kp / 32 * 2048]) and columns [3, G * 64] (norms; zeros) (the A/B bench)."""
-    function = _function("shardmesh_greedy_pack", [_long, _long, _pointer, _pointer, _pointer], ctypes.c_int)
-    vocab, hidden = lm_head.shape
-    groups, padded_hidden = -(-vocab // GROUP), -(-hidden // 32) * 32
-    packed = torch.empty(groups * GROUP * padded_hidden, dtype=torch.int16)
-    columns = torch.zeros(3, groups * GROUP, dtype=torch.float32)
     if function(vocab, hidden, lm_head.data_ptr(), packed.data_ptr(), columns.data_ptr()):
         return None
     return to_huge_pages([packed])[0], columns
@@ -110,7 +101,7 @@ def quantize_rows(hidden_states: torch.Tensor, max_norm: float) -> dict[str, tor
 class GreedyHead:
     """The greedy tokens of one LM head [V, H] (fp32, contiguous, CPU), kept with its int8 copy."""
 
-    def __init__(self, lm_head: torch.Tensor, packed: torch.Tensor, columns: torch.Tensor, variant: str = "int8"):
+    def __init__(self, lm_head: torch.Tensor, packed: torch.Tensor, columns: torch.Tensor):
         self.lm_head, self.packed, self.columns = lm_head, packed, columns
         self.max_norm = float(columns[0].max())
         vocab, hidden = lm_head.shape
@@ -120,27 +111,26 @@ class GreedyHead:
         self._scratch = torch.empty(self._scratch_floats, dtype=torch.float32)
         self._lock = threading.Lock()  # one call at a time uses _scratch; another makes its own
         self._tokens, self._candidates = (_long * MAX_ROWS)(), (_long * MAX_ROWS)()
-        name = "shardmesh_greedy_head_int8" if variant == "int8" else "shardmesh_greedy_head"
-        self._run = _function(name, [_long] * 3 + [_pointer] * 4 + [ctypes.c_float]
+        self._run = _function("shardmesh_greedy_head", [_long] * 3 + [_pointer] * 4 + [ctypes.c_float]
                               + [_pointer] * 3 + [ctypes.c_int, _long], _long)
         self.last_candidates: list[int] = []  # the sizes of the candidate sets of the last call (benches)
 
     @classmethod
-    def of(cls, lm_head: torch.Tensor | None, tp_world_size: int = 1, variant: str = "int8") -> "GreedyHead | None":
+    def of(cls, lm_head: torch.Tensor | None, tp_world_size: int = 1) -> "GreedyHead | None":
         """A GreedyHead for this head, or None (off, no AMX, no kernels, a head it cannot take)."""
         if lm_head is None or tp_world_size != 1 or os.environ.get("SHARDMESH_GREEDY_HEAD", "1") == "0":
             return None
-        if not kernels.usable(lm_head) or lm_head.dim() != 2:
+        if not kernels.usable(lm_head) or lm_head.dim() != 2 or lm_head.shape[1] > MAX_HIDDEN:
             return None
         enable = _function("shardmesh_greedy_amx_enable", [], ctypes.c_int)
         if enable is None or not enable():
             log.info("greedy LM head off: no AMX here (or the kernel refused it); the full head picks tokens")
             return None
-        made = pack(lm_head) if variant == "int8" else pack_bf16(lm_head)
+        made = pack(lm_head)
         if made is None:
             log.info("greedy LM head off: the head has a weight that is not finite")
             return None
-        return cls(lm_head, *made, variant=variant)
+        return cls(lm_head, *made)
 
     def tokens(self, hidden_states: torch.Tensor) -> list[int] | None:
         """Each row's argmax of hidden_states [S, H] lm_head^T as the full head + numpy argmax give it,
@@ -158,7 +148,7 @@ class GreedyHead:
             self._lock.release()
 
     def last_scores(self, rows: int) -> torch.Tensor:
-        """The bf16 product A [rows, V] of the last call made with `rows` rows on the kept scratch
+        """The int8 product A [rows, V] of the last call made with `rows` rows on the kept scratch
         (tests check the bound on it)."""
         padded = self.columns.shape[1]
         return self._scratch[:rows * padded].view(rows, padded)[:, :self.lm_head.shape[0]]

@@ -97,7 +97,7 @@ class StageModel:
             else:
                 self.lm_head = self.embed_tokens if self.embed_tokens is not None else reader.get(family.EMBED_TOKENS, dtype)
         self._weights_to_huge_pages()
-        # the greedy tokens without every logit (shardmesh/greedy_head.py; + V H 2 bytes; None: off or no AMX)
+        # the greedy tokens without every logit (shardmesh/greedy_head.py; + V H bytes; None: off or no AMX)
         self.greedy_head = GreedyHead.of(self.lm_head, self.tp.world_size) if self.device.type == "cpu" else None
         # each layer's attention half as the decode-layer kernel reads it (None: torch only; models/decode_layer.py)
         self._decode_layers = [DecodeLayerWeights.of(layer.input_layernorm, layer.self_attn,

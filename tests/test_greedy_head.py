@@ -249,7 +249,8 @@ def test_premises_fall_back(kernel):
         assert head.tokens(x.double()) is None and kernels.calls["greedy_head_fallback"] == before + 1
         assert head.tokens(x * 1e-30) == full_tokens(kernel, x * 1e-30, lm_head)
         assert head.tokens(zero) is None and kernels.calls["greedy_head_fallback"] == before + 2
-        assert GreedyHead.of(wide).tokens(torch.randn(2, 1041)) is None
+    assert GreedyHead.of(wide) is None  # H over 1040: never packed
+    assert (GreedyHead.of(wide[:, :1040].contiguous()) is None) == (head is None)  # 1040: on where AMX is
 
 
 def test_off_switch_and_no_tp(monkeypatch):

@@ -13,7 +13,7 @@ parallel (shardmesh.compute_pool). `expert_ffn_many` runs a layer's experts on h
 its own (expert_team.c: pthreads, asleep between calls; no OpenMP: torch ships its own);
 `linear_team` and decode_layer.c (models/decode_layer.py: a decode layer's attention half in one call)
 run on another such team (team.c), as does lm_head_amx.c (shardmesh/greedy_head.py: the greedy LM head
-on AMX, compiled in only where -march=native gives AMX-BF16).
+on AMX, compiled in only where -march=native gives AMX-INT8).
 
 Off (`SHARDMESH_CPU_KERNELS=0`), without a compiler, or when compiling fails, `kernel()` is None
 and callers keep their torch path; one log line says why. `calls` counts kernel calls (tests read it).

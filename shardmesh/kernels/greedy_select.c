@@ -1,6 +1,6 @@
-/* The greedy LM head's selection, on any CPU: the bf16 copy's layout (greedy_pack), the error bound,
- * the candidates and their fp32 refinement (steps 2-4 of lm_head_amx.c's header, which derives the
- * bound and proves the selection). Included by lm_head_amx.c, not compiled alone;
+/* The greedy LM head's selection, on any CPU: the int8 copy's layout (shardmesh_greedy_pack), the rows'
+ * two int8 levels and the error bound, the candidates and their fp32 refinement (steps 1 and 3-5 of
+ * lm_head_amx.c's header, which derives the bound and proves the selection). Included by lm_head_amx.c, not compiled alone;
  * shardmesh_greedy_select runs it on a product given from outside (tests, on any machine),
  * shardmesh_greedy_head on AMX's.
  *
@@ -8,65 +8,16 @@
 
 #include <stdint.h>
 
-#define GREEDY_GROUP 64          /* vocab columns per group: 4 tiles of 16 (4 C tiles + 1 A + 3 B of the 8) */
+#define GREEDY_GROUP 64          /* vocab columns per group (of maxima): 2 AMX blocks of 32 */
 #define GREEDY_ROWS 16           /* a tile's rows: the most x rows */
 #define GREEDY_CANDIDATES 64     /* per row; more and the caller falls back (the bound is too loose there) */
-
-/* bf16 of f, rounded to nearest even; |f| < 2^-126 flushed to a signed zero (AMX reads bf16 denormals as 0). */
-static inline uint16_t greedy_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7F800000u) == 0) return (uint16_t)((bits >> 16) & 0x8000u);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16); /* finite inputs only (callers check) */
-}
-
-/* packed [G * Kp / 32 * 4 * 512] bf16 <- head [V, K] (zeros past V and K); norms [Vp] <- ||w_i||
- * rounded up (0 past V). Returns 1 if a weight is not finite (the greedy head must stay off), else 0. */
-int shardmesh_greedy_pack(long V, long K, const float *head, uint16_t *packed, float *norms) {
-    long Kp = (K + 31) / 32 * 32, groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP;
-    for (long i = 0; i < groups * GREEDY_GROUP; i++) {
-        double squares = 0;
-        for (long k = 0; k < K && i < V; k++) {
-            float w = head[i * K + k];
-            if (!isfinite(w)) return 1;
-            squares += (double)w * w;
-        }
-        norms[i] = (float)(sqrt(squares) * (1 + 0x1p-20));
-        long group = i / GREEDY_GROUP, tile = i % GREEDY_GROUP / 16, column = i % 16;
-        for (long k = 0; k < Kp; k++) {
-            uint16_t *block = packed + ((group * (Kp / 32) + k / 32) * 4 + tile) * 512;
-            block[(k % 32 / 2) * 32 + column * 2 + k % 2] = i < V && k < K ? greedy_bf16(head[i * K + k]) : 0;
-        }
-    }
-    return 0;
-}
-
-/* e[s, i] = a[s] norms[i] + b[s] for the rows' x [n, K] (the bound of the header, its slack in).
- * Returns 1 when a premise fails (x not finite, or ||x|| max_norm >= 2^100), else 0. */
-int shardmesh_greedy_row_bounds(long n, long K, const float *x, float max_norm, float *a, float *b) {
-    const double u = 0x1p-8, t = 0x1p-126, slack = 1 + 0x1p-10;
-    double gamma = K * 0x1p-24 / (1 - K * 0x1p-24), gamma_amx = 2 * K * 0x1p-23 / (1 - 2 * K * 0x1p-23);
-    double c = 2 * u + u * u + gamma + gamma_amx * (1 + u) * (1 + u), root = sqrt((double)K);
-    for (long s = 0; s < n; s++) {
-        double squares = 0;
-        for (long k = 0; k < K; k++) {
-            if (!isfinite(x[s * K + k])) return 1;
-            squares += (double)x[s * K + k] * x[s * K + k];
-        }
-        double norm = sqrt(squares) * (1 + 0x1p-20);
-        if (norm * max_norm >= 0x1p100) return 1;
-        a[s] = (float)((c * norm + 2 * t * root) * slack);
-        b[s] = (float)(t * (3 * root * norm + 16.0 * K) * slack);
-    }
-    return 0;
-}
 
 /* packed [G * 2 * Kp / 64 * 2048] int8 <- head [V, K] (zeros past V and K), in the order the AMX kernel
  * streams it: blocks of 32 columns, each [Kp / 64][2 tiles][16 quads of k][16 columns][4 k];
  * columns [3, Vp]: norms ||w_i||, residuals ||w_i - s_i q_i|| (both in double, rounded up; 0 past V)
  * and scales s_i = fl(max_j |w_ij| / 127) (0 for a zero row). q_ij = round(w_ij / s_i) (to nearest,
  * in double; in [-127, 127]). Returns 1 if a weight is not finite (the greedy head must stay off). */
-int shardmesh_greedy_pack_int8(long V, long K, const float *head, int8_t *packed, float *columns) {
+int shardmesh_greedy_pack(long V, long K, const float *head, int8_t *packed, float *columns) {
     long Kp = (K + 63) / 64 * 64, groups = (V + GREEDY_GROUP - 1) / GREEDY_GROUP, Vp = groups * GREEDY_GROUP;
     float *norms = columns, *residuals = columns + Vp, *scales = columns + 2 * Vp;
     for (long i = 0; i < Vp; i++) {
@@ -136,9 +87,8 @@ int shardmesh_greedy_quantize_rows(long n, long K, const float *x, float max_nor
 
 struct greedy_call {
     long n, K, Kp, V, Vp, groups, groups_per_unit;
-    const uint16_t *x_bf16, *packed;   /* [n, Kp]; the layout above */
-    const int8_t *levels, *packed_int8; /* [2, n, Kp]; shardmesh_greedy_pack_int8's layout */
-    const float *norms, *residuals, *scales, *a, *b, *c, *t; /* [Vp] x 3 (residuals NULL: bf16), [n] x 4 */
+    const int8_t *levels, *packed;     /* [2, n, Kp]; shardmesh_greedy_pack's layout */
+    const float *norms, *residuals, *scales, *a, *b, *c, *t; /* [Vp] x 3, [n] x 4 */
     float *scores;                     /* A [n, Vp] */
     float *low_max, *high_max;         /* [G, 16] each: per group and row, max (A - e), max (A + e) */
     atomic_int bad;                    /* an A was not finite */
@@ -146,7 +96,7 @@ struct greedy_call {
 
 /* e[s, i] (the header's bound, in fp32). */
 static inline float greedy_bound(const struct greedy_call *call, long s, float norm, float residual) {
-    return call->residuals ? call->a[s] * norm + call->c[s] * residual + call->b[s] : call->a[s] * norm + call->b[s];
+    return call->a[s] * norm + call->c[s] * residual + call->b[s];
 }
 
 /* Per row, bounds over group g's columns below V: low_max = max A - e(top) <= A_k - e_k <= L_k for
@@ -171,7 +121,7 @@ static void greedy_group_maxima(struct greedy_call *call, long g) {
     float top = 0, top_residual = 0;
     for (long i = start; i < end; i++) {
         top = call->norms[i] > top ? call->norms[i] : top;
-        if (call->residuals) top_residual = call->residuals[i] > top_residual ? call->residuals[i] : top_residual;
+        top_residual = call->residuals[i] > top_residual ? call->residuals[i] : top_residual;
     }
     for (long s = 0; s < call->n; s++) {
         const float *scores = call->scores + s * call->Vp;
@@ -214,8 +164,7 @@ static int greedy_select(const struct greedy_call *call, const float *x, const f
             if (call->high_max[g * GREEDY_ROWS + s] < floor) continue;
             long end = (g + 1) * GREEDY_GROUP < call->V ? (g + 1) * GREEDY_GROUP : call->V;
             for (long i = g * GREEDY_GROUP; i < end; i++) {
-                float residual = call->residuals ? call->residuals[i] : 0;
-                if (scores[i] + greedy_bound(call, s, call->norms[i], residual) < floor) continue;
+                if (scores[i] + greedy_bound(call, s, call->norms[i], call->residuals[i]) < floor) continue;
                 if (count == GREEDY_CANDIDATES) return 3;
                 chosen[count++] = i;
             }
@@ -240,7 +189,7 @@ static int greedy_select(const struct greedy_call *call, const float *x, const f
 
 /* Without AMX (tests, any machine): tokens (and candidates, values) from A given as scores [n, Vp]
  * (only columns < V read) standing for the int8 product, x [n, K], head [V, K], columns [3, Vp]
- * (shardmesh_greedy_pack_int8's); low_max, high_max [G, 16] scratch. Returns 0, or the premise that
+ * (shardmesh_greedy_pack's); low_max, high_max [G, 16] scratch. Returns 0, or the premise that
  * failed: 1 (x / ||x|| / K), 2 (an A not finite), 3 (too many candidates). */
 int shardmesh_greedy_select(long n, long K, long V, const float *x, const float *head, const float *columns,
                             float max_norm, float *scores, float *low_max, float *high_max, long *tokens,
