@@ -119,19 +119,27 @@ void shardmesh_linear_wide(long n, long K, long M, const float *x, const float *
     }
 }
 
-/* out[r, m] = x[r] . W[m] for r < rows (<= WIDE_MAX_VECTORS * LANES) and m in [m0, m1): x's rows packed
- * by wide_pack into xt (ceil(rows / LANES) vectors), W [M, K], out [rows, M]. Every output is the
- * sum shardmesh_linear_wide computes (its weight row's accumulators do not depend on the rows
- * beside it in a block): any cut of [0, M) gives linear_wide's bits. */
+/* out[r, m] = x[r] . W[m] for r < rows and m in [m0, m1): x's rows packed by wide_pack into xt
+ * (ceil(rows / LANES) vectors, any number), W [M, K], out [rows, M]; in passes of up to
+ * WIDE_MAX_VECTORS vectors, as shardmesh_linear_wide (with LANES 8, 64 rows are two passes of 32).
+ * Every output is the sum shardmesh_linear_wide computes (its weight row's accumulators do not
+ * depend on the rows beside it in a block or a pass): any cut of [0, M) or of the rows gives
+ * linear_wide's bits. */
 static void wide_columns(long rows, long K, long M, const float *xt, const float *weight, float *out, long m0,
                          long m1) {
     int V = (int)((rows + LANES - 1) / LANES);
     long ldt = (long)V * LANES;
     const float *w = weight + m0 * K;
-    switch (V) {
-    case 1: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB1, 1, rows, out + m0, M); break;
-    case 2: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB2, 2, rows, out + m0, M); break;
-    case 3: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB3, 3, rows, out + m0, M); break;
-    default: wide_pass(w, K, m1 - m0, xt, ldt, WIDE_MB4, 4, rows, out + m0, M); break;
+    for (int v0 = 0; v0 < V; v0 += WIDE_MAX_VECTORS) {
+        int pass = V - v0 < WIDE_MAX_VECTORS ? V - v0 : WIDE_MAX_VECTORS;
+        long first = (long)v0 * LANES, pass_rows = rows - first < pass * LANES ? rows - first : pass * LANES;
+        const float *x = xt + first; /* aligned as xt: first is a multiple of WIDE_MAX_VECTORS * LANES floats */
+        float *o = out + first * M + m0;
+        switch (pass) {
+        case 1: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB1, 1, pass_rows, o, M); break;
+        case 2: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB2, 2, pass_rows, o, M); break;
+        case 3: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB3, 3, pass_rows, o, M); break;
+        default: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB4, 4, pass_rows, o, M); break;
+        }
     }
 }
