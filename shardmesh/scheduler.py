@@ -138,6 +138,9 @@ class Scheduler:
         share = -(-self.active // self.micro_batches) - len(self.lanes[lane])  # ceil(active / M) - mine
         count = max(0, min(room, share, len(self.waiting)))
         joining, self.waiting = self.waiting[:count], self.waiting[count:]
+        epoch = getattr(self.pipeline, "epoch", 0)
+        for sequence in joining:  # nothing cached anywhere yet: consistent with the pipeline as it is now
+            sequence.kv_epoch = epoch
         return joining
 
     async def step(self, lane: int = 0) -> bool:
@@ -238,17 +241,20 @@ class Scheduler:
         exactly once; the intact stages after the replaced one are the only avoidable work."""
         epoch = getattr(self.pipeline, "epoch", 0)
         stale = [s for s in batch if s.kv_epoch != epoch]
+        if not stale:
+            return
         for sequence in stale:
             sequence.kv_epoch = epoch
         lost = [s for s in stale if s.fed_tokens]
-        if not lost:
-            return
         for sequence in lost:
             sequence.fed_tokens = 0
             sequence.replays += 1
-        log.warning("replaying %d sequences (%d tokens) after a stage was replaced", len(lost),
-                    sum(s.context_length for s in lost))
-        await self.pipeline.free([s.sequence_id for s in lost])
+        if lost:
+            log.warning("replaying %d sequences (%d tokens) after a stage was replaced", len(lost),
+                        sum(s.context_length for s in lost))
+        # Every stale one, also one with nothing fed: its first step may have failed on a later stage
+        # after the earlier ones cached it (a stage that lives is replayed on, its caches kept).
+        await self.pipeline.free([s.sequence_id for s in stale])
 
     async def _drop_cancelled(self, lane: int) -> None:
         self.waiting = [s for s in self.waiting if not s.cancelled]

@@ -16,14 +16,18 @@ VOCAB = 31
 
 class KVPipeline:
     """Next token = (sum of the sequence's cached tokens + its length) % VOCAB. `lose_at` step
-    numbers replace the stage during that step: caches emptied, epoch + 1, KVLost raised."""
+    numbers replace the stage during that step: caches emptied, epoch + 1, KVLost raised. With
+    `keep_partial`, the stage failed but lives (router/failover.py: replayed on it): the caches stay,
+    and the stages before it already hold the failed step's tokens."""
 
-    def __init__(self, lose_at=()):
+    def __init__(self, lose_at=(), keep_partial=False):
+        self.keep_partial = keep_partial
         self.epoch = 0
         self.cache: dict[int, list[int]] = {}
         self.steps = 0
         self.lose_at = set(lose_at)
         self.received: list[tuple[int, int, int, int]] = []  # (epoch, sequence_id, start, num_tokens)
+        self.frees: list[tuple[int, list[int]]] = []  # (steps taken before, sequence ids)
 
     async def step(self, slices, token_ids, greedy=False):
         epoch = self.epoch
@@ -32,7 +36,13 @@ class KVPipeline:
             raise KVLost("stage replaced during this step")
         self.steps += 1
         if self.steps in self.lose_at:
-            self.cache.clear()
+            if self.keep_partial:  # the first stage took the step before a later one failed it
+                offset = 0
+                for piece in slices:
+                    self.cache.setdefault(piece.sequence_id, []).extend(token_ids[offset:offset + piece.num_tokens].tolist())
+                    offset += piece.num_tokens
+            else:
+                self.cache.clear()
             self.epoch += 1
             raise KVLost("stage replaced")
         rows, offset = [], 0
@@ -47,6 +57,7 @@ class KVPipeline:
         return torch.nn.functional.one_hot(torch.tensor(rows), VOCAB).float()  # [B, V]
 
     async def free(self, sequence_ids):
+        self.frees.append((self.steps, sorted(sequence_ids)))
         for sequence_id in sequence_ids:
             self.cache.pop(sequence_id, None)
 
@@ -89,6 +100,23 @@ def test_replay_after_a_lost_stage_gives_the_same_tokens(scheduler_args):
             pieces = [(start, n) for e, i, start, n in pipeline.received if e == epoch and i == sequence_id]
             positions = [p for start, n in pieces for p in range(start, start + n)]
             assert positions == list(range(len(positions))), (epoch, sequence_id, pieces)
+
+
+@pytest.mark.parametrize("lose_at", [{1}, {2}, {5}])
+def test_a_step_lost_on_a_later_stage_is_replayed_over_what_the_earlier_stages_kept(lose_at):
+    """The step that failed may have reached the stages before the failing one (their caches hold
+    it), also a sequence's first step (its prefill: nothing fed yet, as far as the router knows):
+    the replay frees it everywhere first (CI saw a replayed prefill refused: 'start_position: 0 but
+    sequence 4 has 2 tokens cached')."""
+    expected = run(generate(KVPipeline()))
+    assert run(generate(KVPipeline(lose_at=lose_at, keep_partial=True))) == expected
+
+
+def test_sequences_that_join_after_a_replacement_are_not_freed_before_their_first_step():
+    pipeline = KVPipeline()
+    pipeline.epoch = 3  # stages were replaced before these requests came
+    run(generate(pipeline, new_tokens=2))
+    assert pipeline.frees and all(steps > 0 for steps, _ in pipeline.frees), pipeline.frees
 
 
 def test_replay_carries_prompt_and_generated_tokens_in_one_prefill():
