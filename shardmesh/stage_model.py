@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from shardmesh import kernels
 from shardmesh.checkpoint import CheckpointReader
 from shardmesh.compute_pool import parallel_linear
 from shardmesh.config import ModelConfig
@@ -108,6 +109,8 @@ class StageModel:
         # the first stage's embedding [V, H] as a numpy view on the CPU in float32 (gathered by take), else None
         self._embedding_rows = (self.embed_tokens.numpy() if self.is_first and self.device.type == "cpu"
                                 and dtype == torch.float32 else None)
+        # a decode step's final norm by the decode layer's C norm (DecodeLayerStep.norm) where it takes the weight
+        self._kernel_final_norm = self.norm is not None and self.device.type == "cpu" and kernels.usable(self.norm.weight)
         self._decode_workspace: dict = {}  # DecodeLayerStep's scratch, kept from step to step (steps run on one thread)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -238,16 +241,17 @@ class StageModel:
         # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
         fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace)
         skip = decode.indices if decode is not None else ()
-        caches = [[None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
-                  for i, (buffer, segment) in enumerate(zip(buffers, segments))]  # [S][layers]
+        caches = [] if fused is not None else [  # [S][layers] (the kernel reads the buffers through decode's table)
+            [None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
+            for i, (buffer, segment) in enumerate(zip(buffers, segments))]
         for index, layer in enumerate(self.layers):
-            # inference_mode saves per-op work (no version counters or view tracking) on these many
-            # small ops. Only around code with no await: the mode is per thread, and other coroutines
-            # run at an await. The KV buffers and what leaves this method stay normal tensors.
-            with torch.inference_mode():
-                if fused is not None:  # norms, attention, residual add: one threaded C call
-                    residual, hidden_states = fused.attention_half(index, hidden_states)
-                else:
+            if fused is not None:  # norms, attention, residual add: one threaded C call (no torch op to spare)
+                residual, hidden_states = fused.attention_half(index, hidden_states)
+            else:
+                # inference_mode saves per-op work (no version counters or view tracking) on these many
+                # small ops. Only around code with no await: the mode is per thread, and other coroutines
+                # run at an await. The KV buffers and what leaves this method stay normal tensors.
+                with torch.inference_mode():
                     residual = hidden_states
                     hidden_states = layer.input_layernorm(hidden_states)
                     hidden_states = layer.self_attn(hidden_states, cos, sin, segments, [c[index] for c in caches],
@@ -265,7 +269,10 @@ class StageModel:
             last = hidden_states                                                  # [S, H]
         else:
             last = hidden_states[torch.tensor([s.offset + s.num_tokens - 1 for s in segments], device=self.device)]
-        normed = self.norm(last)                                                  # [S, H]
+        if fused is not None and self._kernel_final_norm:  # the decode layer's C norm: one call, no torch op
+            normed = fused.norm(last, self.norm)                                  # [S, H]
+        else:
+            normed = self.norm(last)                                              # [S, H]
         if greedy and self.greedy_head is not None:
             tokens = self.greedy_head.tokens(normed)  # None: a premise failed, the full head decides
             if tokens is not None:

@@ -108,6 +108,18 @@ def test_kernel_equals_the_torch_path(kernel, shape, rows):
     assert torch.equal(fast_residual, hidden_states + linear(step.attended, layer.attention.o_proj.weight))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_step_norm_is_the_attention_halfs_norm(kernel, shape):
+    """DecodeLayerStep.norm (a stage's final norm at decode): the bits of the attention half's post
+    norm on the same rows, torch's RMSNorm up to rounding, a new tensor."""
+    layer = Layer(*shape, seed=sum(shape) + 1)
+    inputs = layer.step_inputs(STARTS[6], seed=2)
+    residual, normed, _, step = layer.fused(*inputs, threads=2)
+    again = step.norm(residual, layer.post_attention_layernorm)
+    assert torch.equal(again, normed) and again.data_ptr() != normed.data_ptr()
+    torch.testing.assert_close(again, layer.post_attention_layernorm(residual), rtol=1e-5, atol=1e-5)
+
+
 def test_a_workspace_reuses_the_scratch_with_the_same_bits(kernel):
     """DecodeLayerStep's scratch from a workspace kept across steps (a stage's): the same outputs and
     cache writes as fresh scratch, step after step, across batch sizes (the outer-product form too)
@@ -236,14 +248,18 @@ def decode_logits(model_dir, switch: str, monkeypatch, steps=4) -> list[torch.Te
         if config.is_moe else None
     prompts = [[5, 9, 2, 7], [11, 3], [4, 4, 8, 1, 6]]
     ids = [1, 2, 3]
+    final_norms = []  # DecodeLayerStep.norm's calls
+    norm = DecodeLayerStep.norm
+    monkeypatch.setattr(DecodeLayerStep, "norm", lambda *args: final_norms.append(1) or norm(*args))
 
     async def run():
         batch = StageBatch(ids, [0, 0, 0], [len(p) for p in prompts], torch.tensor(sum(prompts, [])))
         tokens, outputs = (await stage.forward(batch, experts)).argmax(-1), []
         for step in range(steps):
-            before = kernels.calls["decode_layer"]
+            before, norms = kernels.calls["decode_layer"], len(final_norms)
             logits = await stage.forward(StageBatch(ids, [len(p) + step for p in prompts], [1, 1, 1], tokens), experts)
             assert kernels.calls["decode_layer"] - before == (config.num_layers if switch == "1" else 0)
+            assert len(final_norms) - norms == (1 if switch == "1" else 0)  # the final norm by the kernel's
             outputs.append(logits)
             tokens = logits.argmax(-1)
         return outputs

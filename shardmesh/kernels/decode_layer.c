@@ -154,6 +154,12 @@ long shardmesh_decode_layer(const struct shardmesh_decode_weights *w, const stru
     return team_run(&job, step->threads);
 }
 
+/* out [S, H] = rmsnorm(x [S, H], weight [H], eps): the decode layer's norm, on this thread (a stage's
+ * final norm of a decode step, where the torch op's overhead on cold caches is most of its cost). */
+void shardmesh_rms_norm(long S, long H, const float *x, const float *weight, float eps, float *out) {
+    rms_norm_rows(0, S, H, x, weight, eps, out);
+}
+
 struct linear_team_call {
     long n, K, M, rows;
     const float *x, *weight;

@@ -153,6 +153,27 @@ class DecodeLayerStep:
             hidden_states.data_ptr(), residual.data_ptr(), normed.data_ptr())
         return residual, normed
 
+    def norm(self, hidden_states: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm(hidden_states) [S, H] (a new tensor) by the kernel's RMSNorm, the one of the attention
+        half: torch's result up to rounding. hidden_states [S, H] and norm.weight [H]: contiguous fp32
+        on the CPU (the stage's final norm; it checked the weight once)."""
+        if not hidden_states.is_contiguous():
+            hidden_states = hidden_states.contiguous()
+        assert hidden_states.dtype == torch.float32 and tuple(hidden_states.shape) == self.shape
+        normed = torch.empty(self.shape, dtype=torch.float32)  # [S, H]
+        _norm_function()(self.shape[0], self.shape[1], hidden_states.data_ptr(), norm.weight.data_ptr(), norm.eps,
+                         normed.data_ptr())
+        return normed
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_function():
+    """The kernel's RMSNorm (decode_layer.c's rms_norm_rows) as a ctypes function (the library is
+    loaded: a DecodeLayerStep exists)."""
+    return kernels.switched_function("SHARDMESH_DECODE_LAYER", "shardmesh_rms_norm",
+                                     [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                      ctypes.c_void_p], None)
+
 
 SCRATCH_STEP = 256  # a workspace's attention scratch grows by this many floats per thread at a time
 MAX_WORKSPACE_TENSORS = 16
