@@ -31,6 +31,7 @@ from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.decode_layer import DecodeLayerStep, DecodeLayerWeights
 from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryTable, Segment, layer_caches
 from shardmesh.models.moe import MoEGate
+from shardmesh.models.moe_step import MoEStep
 from shardmesh.models.parallel import HeadShard, ParallelSwiGLUMLP, check_tp_shapes, moe_block
 from shardmesh.sampling import GreedyTokens
 from shardmesh.tp_group import SINGLE, TPGroup
@@ -111,6 +112,9 @@ class StageModel:
                                 and dtype == torch.float32 else None)
         # a decode step's final norm by the decode layer's C norm (DecodeLayerStep.norm) where it takes the weight
         self._kernel_final_norm = self.norm is not None and self.device.type == "cpu" and kernels.usable(self.norm.weight)
+        # (H, E, K) of the MoE gates when a decode step's MoE layers can share one MoEStep (one rank), else None
+        self._moe_step_shape = MoEStep.shape_of([layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEGate)]) \
+            if self.tp.world_size == 1 else None
         self._decode_workspace: dict = {}  # DecodeLayerStep's scratch, kept from step to step (steps run on one thread)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -240,6 +244,8 @@ class StageModel:
         decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
         # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
         fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace)
+        # and then the MoE glue's table and output made once for every layer (models/moe_step.py)
+        moe_step = MoEStep.of(len(segments), self._moe_step_shape) if fused is not None else None
         skip = decode.indices if decode is not None else ()
         caches = [] if fused is not None else [  # [S][layers] (the kernel reads the buffers through decode's table)
             [None] * len(self.layers) if i in skip else layer_caches(buffer, segment)
@@ -260,7 +266,7 @@ class StageModel:
                     hidden_states = layer.post_attention_layernorm(residual)
             if isinstance(layer.ffn, MoEGate):  # the residual added in combine's pass
                 hidden_states = await moe_block(layer.ffn, hidden_states, experts, self.start_layer + index, self.tp,
-                                                residual)
+                                                residual, moe_step)
             else:
                 hidden_states = residual + layer.ffn(hidden_states)
         if not self.is_last:

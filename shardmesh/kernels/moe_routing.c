@@ -147,3 +147,13 @@ void shardmesh_moe_combine(long T, long H, long K, const float *const *outputs, 
         }
     }
 }
+
+/* shardmesh_moe_combine of a packed answer: every expert's output rows back to back in packed [T*K, H],
+ * as the dispatch packed its rows (expert e's at offsets[e]). */
+void shardmesh_moe_combine_packed(long T, long H, long E, long K, const float *packed, const long *offsets,
+                                  const long *token_experts, const long *token_rows, const float *weights,
+                                  const float *residual, float *out) {
+    const float *outputs[E];
+    for (long e = 0; e < E; e++) outputs[e] = packed + offsets[e] * H;
+    shardmesh_moe_combine(T, H, K, outputs, offsets, token_experts, token_rows, weights, residual, out);
+}

@@ -29,14 +29,17 @@ calls = {"dispatch": 0, "combine": 0}  # kernel calls in this process (tests rea
 
 @functools.lru_cache(maxsize=None)
 def _functions():
-    """(dispatch, combine) ctypes functions, or None (no kernels, or SHARDMESH_MOE_KERNEL=0)."""
+    """(dispatch, combine, combine of a packed answer) ctypes functions, or None (no kernels, or
+    SHARDMESH_MOE_KERNEL=0)."""
     dispatch = kernels.switched_function("SHARDMESH_MOE_KERNEL", "shardmesh_moe_dispatch", [ctypes.c_long] * 4
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 4, ctypes.c_long)
     if dispatch is None:
         return None
     combine = kernels.switched_function("SHARDMESH_MOE_KERNEL", "shardmesh_moe_combine",
                                         [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7, None)
-    return dispatch, combine
+    combine_packed = kernels.switched_function("SHARDMESH_MOE_KERNEL", "shardmesh_moe_combine_packed",
+                                               [ctypes.c_long] * 4 + [ctypes.c_void_p] * 7, None)
+    return dispatch, combine, combine_packed
 
 
 def usable(hidden_states: torch.Tensor, gate_weight: torch.Tensor) -> bool:
@@ -49,14 +52,18 @@ def usable(hidden_states: torch.Tensor, gate_weight: torch.Tensor) -> bool:
 class KernelRouting:
     """One dispatch's routing as the kernel wrote it: `table`, ctypes int64 (moe_routing.c: counts [E] |
     offsets [E] | topk_idx [T, K] | token_experts [T, K] | token_rows [T, K] | row_tokens [T*K]) and
-    `floats`, ctypes float32 (weights [T*K], each packed row's routing weight | probs [T, E])."""
+    `floats`, ctypes float32 (weights [T*K], each packed row's routing weight | probs [T, E]); `addresses`:
+    where the kernels' arguments lie in them (probs, offsets, token_experts, token_rows)."""
 
-    __slots__ = ("table", "floats", "num_tokens", "num_experts", "top_k")
+    __slots__ = ("table", "floats", "num_tokens", "num_experts", "top_k", "addresses")
 
     def __init__(self, num_tokens: int, num_experts: int, top_k: int):
         self.num_tokens, self.num_experts, self.top_k = num_tokens, num_experts, top_k
         self.table = (ctypes.c_int64 * (2 * num_experts + 4 * num_tokens * top_k))()
         self.floats = (ctypes.c_float * (num_tokens * (top_k + num_experts)))()
+        base, rows = ctypes.addressof(self.table), num_tokens * top_k
+        self.addresses = (ctypes.addressof(self.floats) + 4 * rows, base + 8 * num_experts,
+                          base + 8 * (2 * num_experts + rows), base + 8 * (2 * num_experts + 2 * rows))
 
     def _ints(self, start: int, count: int) -> torch.Tensor:
         if not count:  # (frombuffer refuses a count of 0)
@@ -95,7 +102,6 @@ def gate_dispatch(hidden_states: torch.Tensor, gate_weight: torch.Tensor, top_k:
     """hidden_states [T, H], gate_weight [E, H] (both `usable`) -> (packed float32 [T*K, H]: each
     expert's tokens in token order, experts ascending; routing). out: where to write packed (float32
     [T*K, H], contiguous, on the CPU), or None: a new tensor."""
-    dispatch = _functions()[0]
     num_tokens, hidden = hidden_states.shape
     num_experts = gate_weight.shape[0]
     assert 0 < top_k <= num_experts, (top_k, num_experts)
@@ -103,19 +109,30 @@ def gate_dispatch(hidden_states: torch.Tensor, gate_weight: torch.Tensor, top_k:
     if out is None:
         packed = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32)  # [T*K, H]
     else:
-        assert out.shape == (num_tokens * top_k, hidden) and out.dtype is torch.float32 and out.is_cpu \
-            and out.is_contiguous(), (out.shape, out.dtype, out.device)
+        check_packed(out, num_tokens * top_k, hidden)
         packed = out
-    table, floats = routing.table, routing.floats
-    probs = ctypes.addressof(floats) + 4 * num_tokens * top_k
+    route(routing, hidden, hidden_states.data_ptr(), gate_weight.data_ptr(), packed.data_ptr())
+    return packed, routing
+
+
+def check_packed(out: torch.Tensor, rows: int, hidden: int) -> None:
+    """AssertionError unless `out` can take a dispatch's packed rows: float32 [rows, hidden] contiguous on the CPU."""
+    assert out.shape == (rows, hidden) and out.dtype is torch.float32 and out.is_cpu \
+        and out.is_contiguous(), (out.shape, out.dtype, out.device)
+
+
+def route(routing: KernelRouting, hidden: int, hidden_states: int, gate_weight: int, packed: int) -> None:
+    """The dispatch kernel into `routing` (its T, E, K): hidden_states [T, H], gate_weight [E, H] and
+    packed [T*K, H] given by address (float32, contiguous: the caller checked)."""
+    dispatch = _functions()[0]
+    num_tokens, num_experts, top_k = routing.num_tokens, routing.num_experts, routing.top_k
+    table, floats, probs = routing.table, routing.floats, routing.addresses[0]
     calls["dispatch"] += 1
-    if num_tokens and dispatch(num_tokens, hidden, num_experts, top_k, hidden_states.data_ptr(), gate_weight.data_ptr(),
-                               0, probs, table, floats, packed.data_ptr()):
+    if num_tokens and dispatch(num_tokens, hidden, num_experts, top_k, hidden_states, gate_weight, 0, probs, table,
+                               floats, packed):
         # an ambiguous set: torch.topk picks (as transformers does), the kernel gathers
         routing.topk_idx().copy_(torch.topk(routing.probs(), top_k, dim=-1).indices)
-        dispatch(num_tokens, hidden, num_experts, top_k, hidden_states.data_ptr(), gate_weight.data_ptr(),
-                 1, probs, table, floats, packed.data_ptr())
-    return packed, routing
+        dispatch(num_tokens, hidden, num_experts, top_k, hidden_states, gate_weight, 1, probs, table, floats, packed)
 
 
 def combine_rows(outputs: list[torch.Tensor], experts: tuple[int, ...], routing: KernelRouting,
@@ -126,29 +143,36 @@ def combine_rows(outputs: list[torch.Tensor], experts: tuple[int, ...], routing:
     addresses = (ctypes.c_void_p * routing.num_experts)()
     for expert, output in zip(experts, outputs):
         addresses[expert] = output.data_ptr()
-    return _combine(addresses, outputs[0].shape[1], routing, residual)
+    hidden = outputs[0].shape[1]
+    out = _combine_out(routing, hidden, residual)  # [T, H]
+    _, offsets, token_experts, token_rows = routing.addresses
+    calls["combine"] += 1
+    _functions()[1](routing.num_tokens, hidden, routing.top_k, addresses, offsets, token_experts, token_rows,
+                    routing.floats, residual.data_ptr() if residual is not None else None, out.data_ptr())
+    return out
 
 
 def combine_packed(rows: torch.Tensor, routing: KernelRouting, residual: torch.Tensor | None) -> torch.Tensor:
     """combine_rows of the experts' outputs as they lie in one tensor rows [T*K, H] (contiguous fp32 on
     the CPU, the caller checked), each expert's at its packed rows (the routing's offsets): a packed
     answer read in place, with no per-expert views."""
-    row_bytes = rows.shape[1] * 4
-    base, offsets = rows.data_ptr(), routing.table[routing.num_experts:2 * routing.num_experts]
-    addresses = (ctypes.c_void_p * routing.num_experts)(*(base + offset * row_bytes for offset in offsets))
-    return _combine(addresses, rows.shape[1], routing, residual)
-
-
-def _combine(addresses, hidden: int, routing: KernelRouting, residual: torch.Tensor | None) -> torch.Tensor:
-    """The combine kernel over `addresses` [E] (each expert's first row) -> [T, H] float32."""
-    combine = _functions()[1]
-    num_tokens, top_k, table = routing.num_tokens, routing.top_k, routing.table
-    assert residual is None or residual.shape == (num_tokens, hidden), (residual.shape, num_tokens, hidden)
-    out = torch.empty(num_tokens, hidden, dtype=torch.float32)  # [T, H]
-    base = ctypes.addressof(table)
-    calls["combine"] += 1
-    combine(num_tokens, hidden, top_k, addresses, base + 8 * routing.num_experts,  # offsets
-            base + 8 * (2 * routing.num_experts + num_tokens * top_k),               # token_experts
-            base + 8 * (2 * routing.num_experts + 2 * num_tokens * top_k),           # token_rows
-            routing.floats, residual.data_ptr() if residual is not None else None, out.data_ptr())
+    out = _combine_out(routing, rows.shape[1], residual)  # [T, H]
+    combine_packed_into(routing, rows.shape[1], rows.data_ptr(), residual.data_ptr() if residual is not None else None,
+                        out.data_ptr())
     return out
+
+
+def combine_packed_into(routing: KernelRouting, hidden: int, rows: int, residual: int | None, out: int) -> None:
+    """The combine kernel of a packed answer rows [T*K, H] (+ residual [T, H], or None) into out [T, H],
+    all given by address (float32, contiguous: the caller checked)."""
+    _, offsets, token_experts, token_rows = routing.addresses
+    calls["combine"] += 1
+    _functions()[2](routing.num_tokens, hidden, routing.num_experts, routing.top_k, rows, offsets, token_experts,
+                    token_rows, routing.floats, residual, out)
+
+
+def _combine_out(routing: KernelRouting, hidden: int, residual: torch.Tensor | None) -> torch.Tensor:
+    """A new [T, H] float32 for a combine (residual, when given, checked to be [T, H])."""
+    num_tokens = routing.num_tokens
+    assert residual is None or residual.shape == (num_tokens, hidden), (residual.shape, num_tokens, hidden)
+    return torch.empty(num_tokens, hidden, dtype=torch.float32)

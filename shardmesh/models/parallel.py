@@ -17,6 +17,7 @@ I intermediate_size, T world size.
 """
 
 import dataclasses
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from shardmesh.config import ModelConfig
 from shardmesh.models.matmul import linear
 from shardmesh.models.moe import MoEGate, combine
 from shardmesh.tp_group import SINGLE, TPGroup, TPStepFailed, all_reduce_agreeing
+
+if typing.TYPE_CHECKING:
+    from shardmesh.models.moe_step import MoEStep
 
 
 def check_tp_shapes(config: ModelConfig, world_size: int) -> None:
@@ -158,7 +162,8 @@ class ParallelSwiGLUMLP:
 
 
 async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: int,
-                    group: TPGroup = SINGLE, residual: torch.Tensor | None = None) -> torch.Tensor:
+                    group: TPGroup = SINGLE, residual: torch.Tensor | None = None,
+                    step: "MoEStep | None" = None) -> torch.Tensor:
     """The MoE block of a stage: gate (replicated), dispatch to `experts` (an ExpertBackend), combine.
 
     hidden_states [N, H] -> [N, H] (+ residual [N, H] when given: combined in the same pass). At T
@@ -166,9 +171,17 @@ async def moe_block(gate: MoEGate, hidden_states: torch.Tensor, experts, layer: 
     to the experts and the ranks' outputs (zeros outside their rows) are summed, so each token's
     experts run once rather than T times. At one rank, a backend with `lend` (RemoteExperts.lend) may
     give room for the dispatched rows where its call sends them from, and lends its outputs for the
-    combine where the answer arrived (no copy either way)."""
+    combine where the answer arrived (no copy either way). step: the step's MoEStep (models/moe_step.py:
+    hidden_states and residual are then its [T, H] contiguous fp32), whose glue it uses at one rank:
+    the same bits."""
     if group.world_size == 1:
         lend = getattr(experts, "lend", None)  # RemoteExperts.lend: groups and answer where the call moves them
+        if step is not None:
+            if lend is None:
+                return step.combine(await experts.run(layer, step.dispatch(gate, hidden_states, None)), residual)
+            async with lend(layer) as lent:  # (the answer is read inside the block, as below)
+                rows = lent.rows(step.rows, step.hidden, torch.float32)
+                return step.combine(await lent.run(step.dispatch(gate, hidden_states, rows)), residual)
         if lend is None:
             groups, handle = gate.dispatch(hidden_states)
             return combine(await experts.run(layer, groups), handle, residual)  # in hidden_states' dtype
