@@ -115,6 +115,7 @@ class StageModel:
         # (H, E, K) of the MoE gates when a decode step's MoE layers can share one MoEStep (one rank), else None
         self._moe_step_shape = MoEStep.shape_of([layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEGate)]) \
             if self.tp.world_size == 1 else None
+        self._decode_reuse: tuple | None = None  # (DecodeTable, DecodeLayerStep | None) of the last step, or None
         self._decode_workspace: dict = {}  # DecodeLayerStep's scratch, kept from step to step (steps run on one thread)
         self.cache = KVCache(end_layer - start_layer, HeadShard.of(config, self.tp).num_kv_heads, config.head_dim,
                              config.max_position_embeddings, dtype, self.device)
@@ -241,9 +242,14 @@ class StageModel:
             hidden_states = F.embedding(inputs.long(), self.embed_tokens)  # [N, H]
         else:
             hidden_states = inputs                                          # [N, H]
-        decode = DecodeTable.of(segments, buffers)  # one-token sequences: attention in one C call per layer
+        # an earlier step's table and decode layer step, taken again (updated in place) when this step has
+        # the same sequences with the same cache buffers; none of their sequences is in a step now (validate)
+        previous_decode, previous_fused = self._decode_reuse or (None, None)
+        decode = DecodeTable.of(segments, buffers, previous_decode)  # one-token sequences: attention in one C call per layer
         # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
-        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace)
+        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace,
+                                   previous=previous_fused)
+        self._decode_reuse = (decode, fused) if decode is not None else None
         # and then the MoE glue's table and output made once for every layer (models/moe_step.py)
         moe_step = MoEStep.of(len(segments), self._moe_step_shape) if fused is not None else None
         skip = decode.indices if decode is not None else ()
@@ -291,6 +297,7 @@ class StageModel:
         A sequence freed while a step runs on it is not cached when that step ends."""
         sequence_ids = list(sequence_ids)
         self._freed_in_flight.update(self._in_flight.intersection(sequence_ids))
+        self._decode_reuse = None  # it holds the last step's cache buffers: let them go
         return self.cache.free(sequence_ids)
 
     def cached_sequence_ids(self) -> list[int]:

@@ -38,18 +38,26 @@ class DecodeTable:
 
     def __init__(self, indices: frozenset[int], table: torch.Tensor, max_length: int, buffers: list[torch.Tensor],
                  head_dim: int):
-        self.indices, self.table = indices, table
+        self.indices, self.table, self.head_dim = indices, table, head_dim
         self.scratch_length = max_length + head_dim  # L_max + D floats: a call's rotated query and scores
         self._scratch: torch.Tensor | None = None    # [L_max + D], made at the first attend (the decode-layer
                                                      # kernel has scratch of its own)
         self.buffers = buffers  # the table holds their addresses: keep them alive as long as it
+        self.whole = False  # every row of its step decodes, row i at offset i (of: then reusable by _reuse)
+        self._lengths = None  # a numpy view of the table's lengths column, made at the first reuse
 
     @classmethod
-    def of(cls, segments: list[Segment], buffers: list[torch.Tensor]) -> "DecodeTable | None":
+    def of(cls, segments: list[Segment], buffers: list[torch.Tensor],
+           previous: "DecodeTable | None" = None) -> "DecodeTable | None":
         """buffers[i]: segment i's cache [layers, 2, G, capacity, D] (kv_cache.KVCache.reserve).
-        None when the kernel is off or unavailable, no segment decodes, or a buffer is not fp32 on the CPU."""
+        None when the kernel is off or unavailable, no segment decodes, or a buffer is not fp32 on the CPU.
+        previous: a table of an earlier step, no longer in use, which is updated in place and returned
+        when both steps are all one-token sequences over the same buffer objects in the same order
+        (the addresses and capacities it holds are then theirs: only the lengths change)."""
         if _function() is None:
             return None
+        if previous is not None and previous._reuse(segments, buffers):
+            return previous
         picks, picked, rows, longest = [], [], [], 0
         for i, segment in enumerate(segments):  # one pass (it runs every step, on cold caches)
             if segment.num_tokens == 1:
@@ -64,7 +72,27 @@ class DecodeTable:
         if not picks:
             return None
         # (one torch op: on a stage's cold caches each op costs more than the Python around it)
-        return cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), longest, picked, picked[0].shape[4])
+        table = cls(frozenset(picks), torch.tensor(rows, dtype=torch.int64), longest, picked, picked[0].shape[4])
+        table.whole = len(picks) == len(segments) and all(row[0] == i for i, row in enumerate(rows))
+        return table
+
+    def _reuse(self, segments: list[Segment], buffers: list[torch.Tensor]) -> bool:
+        """Whether this table (whole: every row of its step a decode, in order) takes this step (the same
+        buffers, one token each, in order): then its lengths and scratch length are set for it."""
+        kept = self.buffers
+        if not self.whole or len(kept) != len(segments):
+            return False
+        lengths = []
+        for i, (segment, buffer) in enumerate(zip(segments, buffers)):  # (segments packed in order: offset i)
+            if buffer is not kept[i] or segment.num_tokens != 1:
+                return False
+            lengths.append(segment.start_position + 1)
+        if self._lengths is None:
+            self._lengths = self.table.numpy()[:, 3]  # [S]: the lengths column (a view of the table), kept
+        self._lengths[:] = lengths
+        self.scratch_length = max(lengths) + self.head_dim
+        self._scratch = None  # (sized for the lengths: made again at the first attend)
+        return True
 
     def attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, scale: float,
                attended: torch.Tensor) -> None:

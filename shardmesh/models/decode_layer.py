@@ -118,11 +118,21 @@ class DecodeLayerStep:
     @classmethod
     def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
            layers: list[DecodeLayerWeights | None], threads: int | None = None,
-           workspace: dict | None = None) -> "DecodeLayerStep | None":
+           workspace: dict | None = None, previous: "DecodeLayerStep | None" = None) -> "DecodeLayerStep | None":
         """None (the torch path) unless every segment adds one token (decode covers them all, rows
         in order), in a number the kernel's products take (KERNEL_ROWS or WIDE_KERNEL_ROWS), every layer takes the kernel (DecodeLayerWeights.of),
         all have one shape, cos/signed_sin [S, D] are contiguous fp32, and the kernel is on.
-        threads: the team's size (default: the process's compute threads, shardmesh.compute_pool)."""
+        threads: the team's size (default: the process's compute threads, shardmesh.compute_pool).
+        previous: an earlier step's, no longer in use, returned with this step's cos/signed_sin when
+        it was made over this very `decode` (DecodeTable.of reused it: the same sequences), the same
+        layers and threads, and its scratch still holds the longest sequence's; its outputs are reused."""
+        threads = threads or compute_pool.threads()
+        if (previous is not None and previous.decode is decode and previous.layers is layers
+                and previous.struct.threads == threads and decode.scratch_length <= previous.struct.scratch_stride
+                and _function() is not None and kernels.usable(cos, signed_sin)):
+            previous.cos, previous.signed_sin = cos, signed_sin
+            previous.struct.cos, previous.struct.signed_sin = cos.data_ptr(), signed_sin.data_ptr()
+            return previous
         rows = len(segments)
         if decode is None or len(decode.indices) != rows \
                 or not any(low <= rows <= high for low, high in (KERNEL_ROWS, WIDE_KERNEL_ROWS)):
@@ -133,7 +143,7 @@ class DecodeLayerStep:
             return None
         if any(segment.offset != i for i, segment in enumerate(segments)):  # one token each: rows 0..S-1
             return None
-        return cls(decode, cos, signed_sin, layers, threads or compute_pool.threads(), workspace=workspace)
+        return cls(decode, cos, signed_sin, layers, threads, workspace=workspace)
 
     def attention_half(self, index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index` (of the stage's layers and cache buffers): hidden_states [S, H] -> (residual
