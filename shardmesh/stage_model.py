@@ -231,11 +231,7 @@ class StageModel:
 
     async def _run_layers(self, inputs: torch.Tensor, segments: list[Segment], buffers: list[torch.Tensor],
                           experts: "ExpertBackend | None", greedy: bool = False) -> torch.Tensor | GreedyTokens:
-        values = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
-        for segment in segments:
-            values.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
         end = max(s.start_position + s.num_tokens for s in segments)
-        cos, sin = self.rotary_rows.rows_at(values, end)  # [N, D] each
         if self._embedding_rows is not None:  # the embedding's rows by a numpy gather, as for the rotary rows
             hidden_states = torch.from_numpy(self._embedding_rows.take(inputs.numpy(), 0))  # [N, H]
         elif self.is_first:
@@ -246,10 +242,16 @@ class StageModel:
         # the same sequences with the same cache buffers; none of their sequences is in a step now (validate)
         previous_decode, previous_fused = self._decode_reuse or (None, None)
         decode = DecodeTable.of(segments, buffers, previous_decode)  # one-token sequences: attention in one C call per layer
-        # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py)
-        fused = DecodeLayerStep.of(segments, decode, cos, sin, self._decode_layers, workspace=self._decode_workspace,
-                                   previous=previous_fused)
+        # a step of one-token sequences only: each layer's attention half in one C call (models/decode_layer.py),
+        # which reads each sequence's RoPE rows from the tables by its position
+        fused = DecodeLayerStep.of(segments, decode, *self.rotary_rows.covering(end), self._decode_layers,
+                                   workspace=self._decode_workspace, previous=previous_fused, by_position=True)
         self._decode_reuse = (decode, fused) if decode is not None else None
+        if fused is None:
+            values = array.array("q")  # [N], each segment's start_position, start_position + 1, ...
+            for segment in segments:
+                values.extend(range(segment.start_position, segment.start_position + segment.num_tokens))
+            cos, sin = self.rotary_rows.rows_at(values, end)  # [N, D] each
         # and then the MoE glue's table and output made once for every layer (models/moe_step.py)
         moe_step = MoEStep.of(len(segments), self._moe_step_shape) if fused is not None else None
         skip = decode.indices if decode is not None else ()

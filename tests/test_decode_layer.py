@@ -16,7 +16,7 @@ from shardmesh.expert_model import ExpertShard, LocalExperts
 from shardmesh.models import decode_layer
 from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.decode_layer import DecodeLayerStep, DecodeLayerWeights
-from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, Segment
+from shardmesh.models.layers import Attention, RMSNorm, RotaryEmbedding, RotaryTable, Segment
 from shardmesh.models.parallel import HeadShard, QKVParallelLinear, RowParallelLinear
 from shardmesh.stage_model import StageBatch, StageModel
 from shardmesh.tp_group import SINGLE
@@ -106,6 +106,29 @@ def test_kernel_equals_the_torch_path(kernel, shape, rows):
     hidden_states, linear = inputs[2], kernel.linear if rows <= 16 else kernel.linear_wide
     assert torch.equal(step.qkv, linear(step.normed, layer.attention.qkv_proj.weight))
     assert torch.equal(fast_residual, hidden_states + linear(step.attended, layer.attention.o_proj.weight))
+
+
+@pytest.mark.parametrize("rows", [6, 24])
+def test_rope_tables_by_position_give_the_rows_bits(kernel, rows):
+    """cos/signed_sin as whole tables [P, D] read at each sequence's position (by_position, as a stage
+    gives them: RotaryTable.covering) == the rows gathered per sequence; a table short of the longest
+    sequence's position is refused."""
+    layer = Layer(64, 8, 2, 16, seed=31)
+    segments, buffers, hidden_states, cos, sin = layer.step_inputs(STARTS[rows], seed=4)
+    written = [buffer.clone() for buffer in buffers]
+    by_rows = DecodeLayerStep(DecodeTable.of(segments, written), cos, sin, [layer.weights] * LAYERS, 2)
+    expected = (*by_rows.attention_half(1, hidden_states), *written)
+    longest = max(STARTS[rows]) + 1
+    table = RotaryTable(RotaryEmbedding(16, 10000.0), torch.float32)
+    table_cos, table_sin = table.covering(longest)
+    assert table_cos.shape[0] >= longest and torch.equal(table_cos[torch.tensor(STARTS[rows])], cos)
+    written = [buffer.clone() for buffer in buffers]
+    decode = DecodeTable.of(segments, written)
+    step = DecodeLayerStep.of(segments, decode, table_cos, table_sin, [layer.weights] * LAYERS, 2, by_position=True)
+    got = (*step.attention_half(1, hidden_states), *written)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    short = table_cos[:longest - 1], table_sin[:longest - 1]
+    assert DecodeLayerStep.of(segments, decode, *short, [layer.weights] * LAYERS, 2, by_position=True) is None
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -18,7 +18,7 @@ from shardmesh.expert_model import ExpertShard, LocalExperts
 from shardmesh.models import decode_layer
 from shardmesh.models.decode_attention import DecodeTable
 from shardmesh.models.decode_layer import SCRATCH_STEP, DecodeLayerStep
-from shardmesh.models.layers import RotaryEmbedding, Segment
+from shardmesh.models.layers import RotaryEmbedding, RotaryTable, Segment
 from shardmesh.stage_model import StageBatch, StageModel
 
 from test_decode_layer import Layer
@@ -142,5 +142,15 @@ def test_a_layer_step_is_kept_only_while_its_scratch_and_threads_fit(kernel):
     assert grown is not first and grown.decode is first.decode
     assert grown.struct.scratch_stride >= SCRATCH_STEP + 1
     assert decode_step(layer, buffers, longer, 1, grown, workspace) is not grown  # another team size
+    segments = [Segment(i, start, 1) for i, start in enumerate(longer)]
+    cos, sin = RotaryTable(RotaryEmbedding(16, 10000.0), torch.float32).covering(SCRATCH_STEP)
+    by_position = DecodeLayerStep.of(segments, grown.decode, cos, sin, layer.layers, 2, workspace=workspace,
+                                     previous=grown, by_position=True)  # another form of the RoPE rows
+    assert by_position is not grown and by_position.struct.by_position
+    assert DecodeLayerStep.of(segments, grown.decode, cos, sin, layer.layers, 2, workspace=workspace,
+                              previous=by_position, by_position=True) is by_position
+    short = cos[:SCRATCH_STEP - 16], sin[:SCRATCH_STEP - 16]  # no row for the longest sequence's position
+    assert DecodeLayerStep.of(segments, grown.decode, *short, layer.layers, 2, workspace=workspace,
+                              previous=by_position, by_position=True) is None
     other = [torch.zeros_like(buffers[0]), *buffers[1:]]
     assert decode_step(layer, other, [12, 22, 32], 2, grown, workspace).decode is not grown.decode

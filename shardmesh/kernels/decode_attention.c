@@ -102,16 +102,17 @@ static void attn_rotate(const float *restrict x, const float *restrict cos, cons
 /* One sequence's key/value head g of a decode step, and the query heads that read it: its new key rotated and
  * written with its new value into the cache, then attention of query heads [g * A / G, (g + 1) * A / G).
  * entry: the sequence's table row (4 longs: row in the packed batch, cache buffer address, capacity, length
- * after this token); the other arguments as shardmesh_decode_attention's. A head's result does not depend on
- * which other heads or sequences run, or in which order (decode_layer.c runs these on several threads). */
+ * after this token); row_cos, row_sin: its token's RoPE rows [D]; the other arguments as
+ * shardmesh_decode_attention's. A head's result does not depend on which other heads or sequences run, or
+ * in which order (decode_layer.c runs these on several threads). */
 void shardmesh_decode_attention_head(long A, long G, long D, long layer, float scale, const long *entry,
-                                     const float *qkv, const float *cos, const float *signed_sin, float *scratch,
+                                     const float *qkv, const float *row_cos, const float *row_sin, float *scratch,
                                      float *out, long g) {
     long group = A / G, row_stride = (A + 2 * G) * D;
     long row = entry[0], capacity = entry[2], length = entry[3];
     float *cache_keys = (float *)entry[1] + layer * 2 * G * capacity * D; /* [G, capacity, D] */
     float *cache_values = cache_keys + G * capacity * D;
-    const float *new = qkv + row * row_stride, *row_cos = cos + row * D, *row_sin = signed_sin + row * D;
+    const float *new = qkv + row * row_stride;
     float *q = scratch, *scores = scratch + D;
     attn_rotate(new + (A + g) * D, row_cos, row_sin, D, cache_keys + (g * capacity + length - 1) * D);
     memcpy(cache_values + (g * capacity + length - 1) * D, new + (A + G + g) * D, D * sizeof(float));
@@ -137,5 +138,6 @@ void shardmesh_decode_attention(long S, long A, long G, long D, long layer, floa
                                 float *out) {
     for (long s = 0; s < S; s++)
         for (long g = 0; g < G; g++)
-            shardmesh_decode_attention_head(A, G, D, layer, scale, table + 4 * s, qkv, cos, signed_sin, scratch, out, g);
+            shardmesh_decode_attention_head(A, G, D, layer, scale, table + 4 * s, qkv, cos + table[4 * s] * D,
+                                            signed_sin + table[4 * s] * D, scratch, out, g);
 }

@@ -38,7 +38,7 @@ struct shardmesh_decode_weights {
 struct shardmesh_decode_step {
     long S;
     const long *table;                    /* [S, 4]: decode_attention.c's table (row s of the batch is table[4s]) */
-    const float *cos, *signed_sin;        /* [S, D] each */
+    const float *cos, *signed_sin;        /* [S, D] each: row s for row s; by_position: [P, D], row p for position p */
     float *normed, *qkv, *attended;       /* [S, H], [S, (A + 2G) D], [S, A D] */
     float *scratch;                       /* [threads, scratch_stride]: the attention's query and scores */
     float *packed;                        /* wide: [max(H, A D), 64], 64-byte aligned (wide_pack's x^T); else unused */
@@ -46,6 +46,7 @@ struct shardmesh_decode_step {
     long unit_bytes;                      /* weight bytes per unit of the products */
     int threads;
     int wide;                             /* 1: the outer-product form (17-64 rows), 0: dot products (any rows) */
+    int by_position;                      /* 1: cos/signed_sin are tables by position (a row's: its length - 1) */
 };
 
 struct decode_layer_call {
@@ -58,7 +59,7 @@ struct decode_layer_call {
 };
 
 void shardmesh_decode_attention_head(long A, long G, long D, long layer, float scale, const long *entry,
-                                     const float *qkv, const float *cos, const float *signed_sin, float *scratch,
+                                     const float *qkv, const float *row_cos, const float *row_sin, float *scratch,
                                      float *out, long g);
 
 /* out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * weight for r in [r0, r1), each rounded as torch
@@ -116,11 +117,14 @@ static void decode_layer_unit(void *context, int phase, long index, int worker) 
         step_columns(step, H, qkv_features, step->normed, w->qkv, step->qkv, index * call->qkv_rows,
                      unit_end(index, call->qkv_rows, qkv_features));
         break;
-    case 3:
-        shardmesh_decode_attention_head(w->A, w->G, w->D, call->layer, w->scale, step->table + 4 * (index / w->G),
-                                        step->qkv, step->cos, step->signed_sin,
-                                        step->scratch + worker * step->scratch_stride, step->attended, index % w->G);
+    case 3: {
+        const long *entry = step->table + 4 * (index / w->G);
+        long rope = (step->by_position ? entry[3] - 1 : entry[0]) * w->D; /* the token's RoPE row */
+        shardmesh_decode_attention_head(w->A, w->G, w->D, call->layer, w->scale, entry, step->qkv, step->cos + rope,
+                                        step->signed_sin + rope, step->scratch + worker * step->scratch_stride,
+                                        step->attended, index % w->G);
         break;
+    }
     case 4:
         wide_pack(step->attended, attended_features, S, V, step->packed);
         break;

@@ -52,7 +52,7 @@ class StepState(ctypes.Structure):
     _fields_ = [("S", ctypes.c_long)] + [(name, ctypes.c_void_p) for name in (
         "table", "cos", "signed_sin", "normed", "qkv", "attended", "scratch", "packed")] + \
         [("scratch_stride", ctypes.c_long), ("unit_bytes", ctypes.c_long), ("threads", ctypes.c_int),
-         ("wide", ctypes.c_int)]
+         ("wide", ctypes.c_int), ("by_position", ctypes.c_int)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +94,7 @@ class DecodeLayerStep:
 
     def __init__(self, decode: DecodeTable, cos: torch.Tensor, signed_sin: torch.Tensor,
                  layers: list[DecodeLayerWeights], threads: int, unit_bytes: int = UNIT_BYTES,
-                 workspace: dict | None = None):
+                 workspace: dict | None = None, by_position: bool = False):
         S = decode.table.shape[0]
         H, (A, G, D) = layers[0].struct.H, layers[0].heads
         stride = decode.scratch_length  # max(length) + D
@@ -111,25 +111,30 @@ class DecodeLayerStep:
         packed = self.spare.data_ptr() + 4 * ((-self.spare.data_ptr() // 4) % 16) if wide else None
         self.struct = StepState(S, decode.table.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
                                 self.normed.data_ptr(), self.qkv.data_ptr(), self.attended.data_ptr(),
-                                self.scratch.data_ptr(), packed, stride, unit_bytes, threads, wide)
+                                self.scratch.data_ptr(), packed, stride, unit_bytes, threads, wide, by_position)
         self.shape = (S, H)
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # attention_half's, made once per step
 
     @classmethod
     def of(cls, segments: list[Segment], decode: DecodeTable | None, cos: torch.Tensor, signed_sin: torch.Tensor,
            layers: list[DecodeLayerWeights | None], threads: int | None = None,
-           workspace: dict | None = None, previous: "DecodeLayerStep | None" = None) -> "DecodeLayerStep | None":
+           workspace: dict | None = None, previous: "DecodeLayerStep | None" = None,
+           by_position: bool = False) -> "DecodeLayerStep | None":
         """None (the torch path) unless every segment adds one token (decode covers them all, rows
         in order), in a number the kernel's products take (KERNEL_ROWS or WIDE_KERNEL_ROWS), every layer takes the kernel (DecodeLayerWeights.of),
-        all have one shape, cos/signed_sin [S, D] are contiguous fp32, and the kernel is on.
+        all have one shape, cos/signed_sin are contiguous fp32, and the kernel is on: [S, D], row s
+        the RoPE row of row s; or by_position: [P, D] tables (layers.RotaryTable.covering), row p that
+        of position p, P past every sequence's new token (the kernel reads each sequence's row itself).
         threads: the team's size (default: the process's compute threads, shardmesh.compute_pool).
         previous: an earlier step's, no longer in use, returned with this step's cos/signed_sin when
         it was made over this very `decode` (DecodeTable.of reused it: the same sequences), the same
-        layers and threads, and its scratch still holds the longest sequence's; its outputs are reused."""
+        layers, threads and form of cos/signed_sin, and its scratch still holds the longest sequence's;
+        its outputs are reused."""
         threads = threads or compute_pool.threads()
         if (previous is not None and previous.decode is decode and previous.layers is layers
                 and previous.struct.threads == threads and decode.scratch_length <= previous.struct.scratch_stride
-                and _function() is not None and kernels.usable(cos, signed_sin)):
+                and previous.struct.by_position == by_position and _function() is not None
+                and _rope_rows(decode, cos, signed_sin, by_position)):
             previous.cos, previous.signed_sin = cos, signed_sin
             previous.struct.cos, previous.struct.signed_sin = cos.data_ptr(), signed_sin.data_ptr()
             return previous
@@ -139,11 +144,12 @@ class DecodeLayerStep:
             return None
         if not layers or any(layer is None for layer in layers) or _function() is None:
             return None
-        if len({(layer.struct.H, layer.heads) for layer in layers}) != 1 or not kernels.usable(cos, signed_sin):
+        if len({(layer.struct.H, layer.heads) for layer in layers}) != 1 or not _rope_rows(decode, cos, signed_sin,
+                                                                                          by_position):
             return None
         if any(segment.offset != i for i, segment in enumerate(segments)):  # one token each: rows 0..S-1
             return None
-        return cls(decode, cos, signed_sin, layers, threads, workspace=workspace)
+        return cls(decode, cos, signed_sin, layers, threads, workspace=workspace, by_position=by_position)
 
     def attention_half(self, index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index` (of the stage's layers and cache buffers): hidden_states [S, H] -> (residual
@@ -183,6 +189,15 @@ def _norm_function():
     return kernels.switched_function("SHARDMESH_DECODE_LAYER", "shardmesh_rms_norm",
                                      [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_void_p], None)
+
+
+def _rope_rows(decode: DecodeTable, cos: torch.Tensor, signed_sin: torch.Tensor, by_position: bool) -> bool:
+    """Whether cos/signed_sin are contiguous fp32 (by_position: with a row for every position up to the
+    longest sequence's new token; [S, D] otherwise is the caller's word)."""
+    if not kernels.usable(cos, signed_sin):
+        return False
+    longest = decode.scratch_length - decode.head_dim  # L_max: positions [0, L_max) are read
+    return not by_position or (cos.shape[0] >= longest and signed_sin.shape[0] >= longest)
 
 
 SCRATCH_STEP = 256  # a workspace's attention scratch grows by this many floats per thread at a time

@@ -109,6 +109,13 @@ class RotaryTable:
             self._grow(end)
         return self.cos.index_select(0, positions), self.signed_sin.index_select(0, positions)
 
+    def covering(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed_sin) [P, D] each, contiguous, row p of position p, for every position < end <= P:
+        the tables themselves (a kernel that reads its rows by position: models/decode_layer.py)."""
+        if end > self.cos.shape[0]:
+            self._grow(end)
+        return self.cos, self.signed_sin
+
     def rows_at(self, positions: array.array, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """As __call__ for positions given as an int64 array ('q'). On the CPU in float32 by numpy
         gathers (take): the same rows copied, at a fraction of index_select's cost on the cold
