@@ -3,7 +3,8 @@
 torch's path (layers.Attention) spends ~45 us per sequence and layer on per-op overhead (cache copy,
 views, one SDPA call) for microseconds of arithmetic; the kernel rotates (RoPE) and writes the new keys/values into
 each sequence's cache and attends, for every decode sequence of the step at once. `DecodeTable.of` is
-built once per step (None: torch for everything); `Attention` gives it each layer's q/k/v. Sequences
+built once per step, or kept from the step before for the same sequences (DecodeTable.of's previous; None:
+torch for everything); `Attention` gives it each layer's q/k/v. Sequences
 with more than one new token (prompts, prompt chunks) keep SDPA. Each sequence's result is computed
 alone: it does not depend on what else is in the step. Measured (bench machine, load 2-3): a stage's
 attention per step, in process (bench/stage_parts.py), 11.1 -> 7.8 ms at batch 16, 4.5 -> 3.6 at batch 1;

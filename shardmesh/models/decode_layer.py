@@ -24,6 +24,11 @@ at 32. End to end (bench/tree_ab.py 1s1e-shm-c2, main vs this) at load 1.0-1.3: 
 ms/token (1.16x), batch 16 61.6 -> 61.1 (1.01x); at load 3-10 batch 16 1.03-1.21x in 4 runs, batch 1
 0.84-1.42x. On a busy host the team may wait for a descheduled helper: team.c then runs alone a while.
 
+A stage (StageModel) gives the kernel its RoPE tables whole (by_position: each sequence's row read at
+its position), keeps the step from one decode step to the next while the sequences and their cache
+buffers stay the same (DecodeLayerStep.of's previous), and runs its final norm with the same norm
+(DecodeLayerStep.norm): on a stage's cold caches each torch op or tensor read saved is microseconds.
+
 Shape legend: S sequences (= N rows, one token each), H hidden, A/G query/KV heads, D head_dim.
 """
 
