@@ -52,6 +52,23 @@ static inline float lane_sum(vec v) {
 }
 #endif
 
+/* *a += wa[t] * x[t], *b += wb[t] * x[t] for t = k..K-1 in order: the scalar tail of a pair's dot
+ * products (K - k < LANES), one source for pair_dots and linear_tiles.c's tiles on AVX2. GCC compiles
+ * it with some products rounded before their addition and some fused; which, it decides from what it
+ * knows of wa and wb (a row paired with itself, seen as such, shares its products): hidden from it
+ * here, so every call site compiles to the same code and the same bits. */
+static inline __attribute__((always_inline)) void pair_tail(const float *wa, const float *wb, const float *x, long k,
+                                                           long K, float *a, float *b) {
+    __asm__("" : "+r"(wa), "+r"(wb), "+r"(x));
+    float sum_a = *a, sum_b = *b;
+    for (long t = k; t < K; t++) {
+        sum_a += wa[t] * x[t];
+        sum_b += wb[t] * x[t];
+    }
+    *a = sum_a;
+    *b = sum_b;
+}
+
 /* dots_a[r] = wa . x[r], dots_b[r] = wb . x[r] for r < rows (rows <= ROWS_BLOCK, a constant after
  * inlining so the accumulators live in registers). wa, wb: [K]; x: rows rows of stride ldx.
  * next_a, next_b (or NULL): the weight rows of the next call, fetched into the caches one line per
@@ -84,10 +101,14 @@ static inline __attribute__((always_inline)) void pair_dots(const float *wa, con
     }
     for (int r = 0; r < rows; r++) {
         float a = lane_sum(acc_a[r]), b = lane_sum(acc_b[r]);
+#if LANES == 8 /* the tail linear_tiles.c's tiles take: one source, one compiled form, the same bits */
+        pair_tail(wa, wb, x + r * ldx, k, K, &a, &b);
+#else
         for (long t = k; t < K; t++) {
             a += wa[t] * x[r * ldx + t];
             b += wb[t] * x[r * ldx + t];
         }
+#endif
         dots_a[r] = a;
         dots_b[r] = b;
     }
@@ -111,12 +132,15 @@ static void pair_dots_any(const float *wa, const float *wb, const float *x, long
 }
 
 #include "linear_triple.c" /* linear_columns at 9-16 rows: weight rows in threes (pair_dots' bits) */
+#if LANES == 8
+#include "linear_tiles.c" /* linear_columns and expert_activations on AVX2: register tiles (pair_dots' bits) */
+#endif
 
 /* out[r, m] = x[r] . W[m] for m in [m0, m1), r < n: out [n, M] = x [n, K] W^T, W [M, K], its
  * columns m0..m1-1 only; each pair (at 9-16 rows with AVX-512: triple) of weight rows streamed once
  * for all n rows. Every output is one dot product summed in one order, so any cut of [0, M) into
- * ranges gives the same bits. */
-static void linear_columns(long n, long K, long M, const float *x, const float *weight, float *out, long m0, long m1) {
+ * ranges gives the same bits. linear_columns, except on AVX2 (linear_tiles.c). */
+static void pair_columns(long n, long K, long M, const float *x, const float *weight, float *out, long m0, long m1) {
     float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
 #if LANES == 16
     if (n > ROWS_BLOCK && n <= 2 * ROWS_BLOCK) m0 = triple_columns(n, K, M, x, weight, out, m0, m1);
@@ -145,9 +169,25 @@ static void linear_columns(long n, long K, long M, const float *x, const float *
     }
 }
 
+static void linear_columns(long n, long K, long M, const float *x, const float *weight, float *out, long m0, long m1) {
+#if LANES == 8 /* linear_tiles.c from 2 rows; at 1 row the pairs were 1.04-1.1x faster (bench/kernel_tree_ab.py) */
+    if (n > 1) {
+        tile_columns(n, K, M, x, weight, out, m0, m1);
+        return;
+    }
+#endif
+    pair_columns(n, K, M, x, weight, out, m0, m1);
+}
+
 /* out [n, M] = x [n, K] W^T, W [M, K]. */
 void shardmesh_linear(long n, long K, long M, const float *x, const float *weight, float *out) {
     linear_columns(n, K, M, x, weight, out, 0, M);
+}
+
+/* shardmesh_linear by pair_columns (pair_dots), whatever form linear_columns takes here: the
+ * reference whose bits tests hold the other forms to (tests/test_linear_rows.py). */
+void shardmesh_linear_pairs(long n, long K, long M, const float *x, const float *weight, float *out) {
+    pair_columns(n, K, M, x, weight, out, 0, M);
 }
 
 /* exp(v) for |v| < ~87 (silu's argument is clamped below), about 2 ulp: 2^j * p(f) with
@@ -207,6 +247,14 @@ static void expert_activations(long n, long H, long I, const float *x, const flo
                                float *gate, float *up, long i0, long i1) {
     float dots_a[ROWS_BLOCK], dots_b[ROWS_BLOCK];
     for (long i = i0; i < i1; i++) {
+#if LANES == 8 /* linear_tiles.c from 2 rows: the gate and up rows as a pair of weight rows */
+        if (n > 1) {
+            const float *w[3] = {w1 + i * H, w3 + i * H}, *next[3] = {w1 + (i + 1) * H, w3 + (i + 1) * H};
+            float *const columns[3] = {gate + i, up + i};
+            tile_pass(w, 2, 2, n, H, x, columns, I, next);
+            continue;
+        }
+#endif
         for (long r0 = 0; r0 < n; r0 += ROWS_BLOCK) {
             int rows = n - r0 < ROWS_BLOCK ? (int)(n - r0) : ROWS_BLOCK;
             int first = r0 == 0; /* the next gate and up rows, during the first block */
