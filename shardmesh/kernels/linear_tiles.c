@@ -88,6 +88,11 @@ static inline __attribute__((always_inline)) void tile_dots(const float *const w
         vec4 four = lane_sums4(*flat[i], *flat[i + 1], *flat[i + 2], *flat[i + 3]);
         memcpy(sums + i, &four, sizeof four);
     }
+    if (k == K) { /* no tail (K a multiple of LANES, as in the models) */
+        for (int j = 0; j < WR; j++)
+            for (int r = 0; r < R; r++) dots[j][r] = sums[j * R + r];
+        return;
+    }
     for (int j = 0; j < WR; j += 2) { /* the tails in pairs, as pair_dots takes them (a third row with itself) */
         int other = j + 1 < WR ? j + 1 : j;
         for (int r = 0; r < R; r++) {
