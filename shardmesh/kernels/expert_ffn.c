@@ -7,7 +7,8 @@
  * blocked: the two weight rows are read from memory once and from L1 for further blocks of x.
  * Vectorised with GCC vector extensions (AVX-512 with -march=native on the bench machines, AVX or
  * SSE elsewhere, from one source); lengths that are not a multiple of the vector width finish in a
- * scalar tail.
+ * scalar tail. On AVX2 (8 lanes, 16 registers) linear_tiles.c's register tiles take the products
+ * from 2 rows, with pair_dots' bits.
  *
  * Shape legend: n rows (tokens), H hidden, I intermediate, K input features, M output features.
  * Every matrix is row-major and contiguous; nothing here allocates or keeps state.
