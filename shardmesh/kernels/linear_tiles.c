@@ -27,27 +27,24 @@
 
 #include <immintrin.h>
 
-typedef float vec4 __attribute__((vector_size(16)));
-
-/* v's lanes 4 * half .. 4 * half + 3 (half a constant): vextractf128 for the high ones, which GCC
- * would make a vperm2f128, 8 micro-ops on Zen 1 */
-static inline vec4 quarter_of(vec v, int half) {
-    return half ? (vec4)_mm256_extractf128_ps((__m256)v, 1) : __builtin_shufflevector(v, v, 0, 1, 2, 3);
-}
-
 /* {lane_sum(a), lane_sum(b), lane_sum(c), lane_sum(d)}, bit for bit: lane_sum adds 0 + v[0] + v[1] +
  * ... + v[7] in order; here the four vectors' lanes are transposed (the 128-bit halves, 4 x 4 each)
- * so that each of those eight additions runs for the four at once. */
-static inline vec4 lane_sums4(vec a, vec b, vec c, vec d) {
-    vec4 sum = (vec4){0};
+ * so that each of those eight additions runs for the four at once. SSE/AVX intrinsics (any GCC;
+ * __builtin_shufflevector needs 12), vextractf128 for the high halves (GCC makes a shuffle of them a
+ * vperm2f128, 8 micro-ops on Zen 1). */
+static inline __m128 lane_sums4(vec a, vec b, vec c, vec d) {
+    __m128 sum = _mm_setzero_ps();
     for (int half = 0; half < 2; half++) {
-        vec4 qa = quarter_of(a, half), qb = quarter_of(b, half), qc = quarter_of(c, half), qd = quarter_of(d, half);
-        vec4 ab_low = __builtin_shufflevector(qa, qb, 0, 4, 1, 5), ab_high = __builtin_shufflevector(qa, qb, 2, 6, 3, 7);
-        vec4 cd_low = __builtin_shufflevector(qc, qd, 0, 4, 1, 5), cd_high = __builtin_shufflevector(qc, qd, 2, 6, 3, 7);
-        sum += __builtin_shufflevector(ab_low, cd_low, 0, 1, 4, 5);   /* lane 4 half + 0 of each */
-        sum += __builtin_shufflevector(ab_low, cd_low, 2, 3, 6, 7);   /* lane 4 half + 1 */
-        sum += __builtin_shufflevector(ab_high, cd_high, 0, 1, 4, 5); /* lane 4 half + 2 */
-        sum += __builtin_shufflevector(ab_high, cd_high, 2, 3, 6, 7); /* lane 4 half + 3 */
+        __m128 qa = half ? _mm256_extractf128_ps((__m256)a, 1) : _mm256_castps256_ps128((__m256)a);
+        __m128 qb = half ? _mm256_extractf128_ps((__m256)b, 1) : _mm256_castps256_ps128((__m256)b);
+        __m128 qc = half ? _mm256_extractf128_ps((__m256)c, 1) : _mm256_castps256_ps128((__m256)c);
+        __m128 qd = half ? _mm256_extractf128_ps((__m256)d, 1) : _mm256_castps256_ps128((__m256)d);
+        __m128 ab_low = _mm_unpacklo_ps(qa, qb), ab_high = _mm_unpackhi_ps(qa, qb); /* a0 b0 a1 b1, a2 b2 a3 b3 */
+        __m128 cd_low = _mm_unpacklo_ps(qc, qd), cd_high = _mm_unpackhi_ps(qc, qd);
+        sum = _mm_add_ps(sum, _mm_movelh_ps(ab_low, cd_low));   /* lane 4 half + 0 of each */
+        sum = _mm_add_ps(sum, _mm_movehl_ps(cd_low, ab_low));   /* lane 4 half + 1 */
+        sum = _mm_add_ps(sum, _mm_movelh_ps(ab_high, cd_high)); /* lane 4 half + 2 */
+        sum = _mm_add_ps(sum, _mm_movehl_ps(cd_high, ab_high)); /* lane 4 half + 3 */
     }
     return sum;
 }
@@ -85,8 +82,7 @@ static inline __attribute__((always_inline)) void tile_dots(const float *const w
     for (int i = count; i < 12; i++) flat[i] = flat[count - 1];
     float sums[12];
     for (int i = 0; i < count; i += 4) {
-        vec4 four = lane_sums4(*flat[i], *flat[i + 1], *flat[i + 2], *flat[i + 3]);
-        memcpy(sums + i, &four, sizeof four);
+        _mm_storeu_ps(sums + i, lane_sums4(*flat[i], *flat[i + 1], *flat[i + 2], *flat[i + 3]));
     }
     if (k == K) { /* no tail (K a multiple of LANES, as in the models) */
         for (int j = 0; j < WR; j++)
