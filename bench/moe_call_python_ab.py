@@ -1,14 +1,14 @@
 """The stage's own Python per MoE layer around a shared-memory expert call, two source trees alternated:
 moe_block (gate + dispatch, RemoteExperts' call, combine) with the stage's real RemoteExperts and
-shared-memory session, over a fake transport (the frame written is answered at once by an echo of
-its packed tensor where it lies, as an identity expert server would: no socket, no other process,
-no expert compute), default shape (hidden 512, 8 experts, top-2), one torch thread.
+shared-memory session, over a fake transport (shm_stub.py: the call written is answered at once by
+an echo of its packed tensor where it lies, as an identity expert server would: no socket, no other
+process, no expert compute), default shape (hidden 512, 8 experts, top-2), one torch thread.
 
     .venv/bin/python bench/moe_call_python_ab.py --a /work/main --b /path/to/clone [--batch 1 16]
         [--layers 4000] [--rounds 4]
 
 Each round runs each tree in its own process (PYTHONPATH = the tree), A B then B A, and prints the
-process CPU us per layer (the echo's own cost, timed apart, subtracted). Caches are warm here: in a
+process CPU us per layer (the echo's own cost, timed as it runs, subtracted). Caches are warm here: in a
 mesh the same code runs 2-4x slower (after the attention's and the expert's memory traffic), so the
 ratio says more than the microseconds. Not a test.
 """
@@ -22,35 +22,27 @@ import sys
 
 CALLER = r'''
 import asyncio, sys, time, torch, uvloop
+sys.path.insert(0, sys.argv[3])  # bench/ (shm_stub.py)
 from stage_server.remote_experts import Placement, RemoteExperts
 from shardmesh.models.moe import MoEGate
 from shardmesh.models.parallel import moe_block
-from shardmesh.shm_plane import HEADER, ShmChannel
 from shardmesh.shm_pool import ShmPool
 from shardmesh.shm_segment import Segment
-from shardmesh.v1 import dataplane_pb2, expert_pb2
+from shardmesh.v1 import expert_pb2
+from shm_stub import stub_channel, stub_seconds
 
 HIDDEN, EXPERTS, TOP_K = 512, 8, 2
 batch, layers = int(sys.argv[1]), int(sys.argv[2])
 
 
-class Echo:
-    """The session's socket: a call frame written is answered by a reply whose packed_outputs is the
-    request's own packed tensor (in the segment, where the request put it)."""
-
-    def __init__(self):
-        self.frames = []
-
-    def write(self, data):
-        call = dataplane_pb2.ShmFrame.FromString(data[HEADER.size:]).call
-        request = expert_pb2.ComputeExpertsRequest.FromString(call.request)
-        response = expert_pb2.ComputeExpertsResponse(packed_outputs=request.packed.hidden_states).SerializeToString()
-        payload = dataplane_pb2.ShmFrame(reply=dataplane_pb2.ShmReply(call_id=call.call_id, response=response))
-        payload = payload.SerializeToString()
-        self.frames = [HEADER.pack(len(payload)), payload]
-
-    async def readexactly(self, count):
-        return self.frames.pop(0)
+def echo(request, reply):
+    """A call answered by a reply whose packed_outputs is the request's own packed tensor (in the
+    segment, where the request put it)."""
+    start = time.thread_time()
+    request = expert_pb2.ComputeExpertsRequest.FromString(request)
+    response = expert_pb2.ComputeExpertsResponse(packed_outputs=request.packed.hidden_states).SerializeToString()
+    stub_seconds[0] += time.thread_time() - start
+    reply(response)
 
 
 async def main():
@@ -58,27 +50,18 @@ async def main():
     experts = RemoteExperts(data_plane="shm", flops_per_row=1.0)
     address = "127.0.0.1:1"  # never dialled: the session below is the address's pool
     await experts.update(Placement(1, {(layer, e): (address,) for layer in range(8) for e in range(EXPERTS)}))
-    echo = Echo()
-    experts.data_planes._channels[address] = ShmPool(address, ShmChannel(address, Segment.create(8 << 20), echo, echo), None)
+    experts.data_planes._channels[address] = ShmPool(address, stub_channel(address, Segment.create(8 << 20), echo), None)
     generator = torch.Generator().manual_seed(batch)
     gates = [MoEGate(torch.randn(EXPERTS, HIDDEN, generator=generator) * 0.05, TOP_K) for _ in range(8)]
     hidden_states = torch.randn(batch, HIDDEN, generator=generator)  # [T, H]
     residual = torch.randn(batch, HIDDEN, generator=generator)       # [T, H]
     for index in range(200):  # warm-up
         await moe_block(gates[index % 8], hidden_states, experts, index % 8, residual=residual)
-    frame = dataplane_pb2.ShmFrame()
-    frame.call.call_id, frame.call.method = 1, "m"
-    frame.call.request = expert_pb2.ComputeExpertsRequest(packed=expert_pb2.PackedGroups(
-        layer=1, experts=range(EXPERTS), num_tokens=[max(1, batch // 4)] * EXPERTS)).SerializeToString()
-    data = HEADER.pack(0) + frame.SerializeToString()
-    start = time.process_time()
-    for _ in range(layers):
-        echo.write(data)
-    echo_us = (time.process_time() - start) / layers * 1e6
+    stub_seconds[0] = 0.0
     start = time.process_time()
     for index in range(layers):
         await moe_block(gates[index % 8], hidden_states, experts, index % 8, residual=residual)
-    print((time.process_time() - start) / layers * 1e6 - echo_us)
+    print((time.process_time() - start - stub_seconds[0]) / layers * 1e6)
 
 uvloop.run(main())
 '''
@@ -86,8 +69,8 @@ uvloop.run(main())
 
 def run(tree: pathlib.Path, batch: int, layers: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))  # (and cwd: `python -c` puts the cwd first on sys.path)
-    out = subprocess.run([sys.executable, "-c", CALLER, str(batch), str(layers)], env=env, cwd=tree, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", CALLER, str(batch), str(layers), str(pathlib.Path(__file__).resolve().parent)],
+                         env=env, cwd=tree, capture_output=True, text=True, timeout=600)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.split()[-1])

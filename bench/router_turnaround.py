@@ -8,8 +8,8 @@ end is a stub stage in the same process: it answers every Step at the next turn 
 with greedy token ids (after streaming `--evict-mib` of memory, as a stage's compute would, so the
 router's code and data are cold again as in a real mesh). `--batch` sequences decode, each read by
 a consumer task as a Generate stream would. Figures per step, medians over the run:
-- turnaround_us: from the stage's reply read (shm_plane.read_frame returned) to the next step's
-  request written (write_frame): what the whole mesh waits for, every step;
+- turnaround_us: from the stage's reply read (its frame handed to the waiting call) to the next
+  step's request written: what the whole mesh waits for, every step;
 - after_write_us: from that write to the next reply read, less the stub's own time: the router's
   other work per step (the consumers), which overlaps the stages' compute in a real mesh;
 - cpu_us: the process's CPU per step, less the stub's.
@@ -25,54 +25,55 @@ import harness
 
 RUN = r'''
 import asyncio, statistics, sys, time, torch, uvloop
+sys.path.insert(0, sys.argv[4])  # bench/ (shm_stub.py)
 from shardmesh import shm_plane
 from shardmesh.sampling import Sampler, SamplingParams
 from shardmesh.scheduler import Scheduler, Sequence
 from shardmesh.shm_pool import ShmPool
 from shardmesh.shm_segment import Segment
-from shardmesh.v1 import dataplane_pb2, stage_pb2
+from shardmesh.v1 import stage_pb2
 from router.pipeline import StagePipeline
+from shm_stub import stub_channel, stub_seconds
 batch, steps, evict_mib = map(int, sys.argv[1:4])
 torch.set_num_threads(1)
 stamps = {"read": [], "write": [], "stub": []}
 clock = time.perf_counter
-read_frame = shm_plane.read_frame
-async def timed_read(reader):
-    frame = await read_frame(reader)
-    stamps["read"].append(clock())
-    return frame
-shm_plane.read_frame = timed_read
+if hasattr(shm_plane, "FrameStream"):  # fixed call headers: the reply is read when its future resumes the call
+    stream_read = shm_plane.FrameStream.read
+    def timed_read(stream):
+        future = stream_read(stream)
+        future.add_done_callback(lambda _: stamps["read"].append(clock()))  # (run after the call's wake-up)
+        return future
+    shm_plane.FrameStream.read = timed_read
+else:
+    read_frame = shm_plane.read_frame
+    async def timed_read(reader):
+        frame = await read_frame(reader)
+        stamps["read"].append(clock())
+        return frame
+    shm_plane.read_frame = timed_read
 evict = [torch.ones(evict_mib * 2**18), torch.empty(evict_mib * 2**18)]  # fp32: evict_mib MiB each
 
-class StubStage:
+def stub_stage(request, reply):
     """The far end of the session: answers each Step with greedy ids at the loop's next turn."""
-    def __init__(self, reader):
-        self.reader, self.loop = reader, asyncio.get_running_loop()
-    def write(self, data):
-        stamps["write"].append(clock())
-        start = time.thread_time()
-        call = dataplane_pb2.ShmFrame.FromString(data[4:]).call
-        request = stage_pb2.StepRequest.FromString(call.request)
-        ids = [(s.sequence_id * 7919 + s.start_position) % 30000 + 1 for s in request.sequences]
-        response = stage_pb2.StepResponse(step_id=request.step_id, greedy_token_ids=ids)
-        frame = dataplane_pb2.ShmFrame(reply=dataplane_pb2.ShmReply(call_id=call.call_id,
-                                                                     response=response.SerializeToString()))
-        payload = frame.SerializeToString()
-        stamps["stub"].append(time.thread_time() - start)
-        self.loop.call_soon(self.answer, shm_plane.HEADER.pack(len(payload)) + payload)
-    def answer(self, data):
-        start = time.thread_time()
-        evict[1].copy_(evict[0])
-        self.reader.feed_data(data)
-        if stamps["stub"]:
-            stamps["stub"][-1] += time.thread_time() - start
-    def close(self):
-        pass
+    stamps["write"].append(clock())
+    start = time.thread_time()
+    request = stage_pb2.StepRequest.FromString(request)
+    ids = [(s.sequence_id * 7919 + s.start_position) % 30000 + 1 for s in request.sequences]
+    response = stage_pb2.StepResponse(step_id=request.step_id, greedy_token_ids=ids).SerializeToString()
+    stamps["stub"].append(time.thread_time() - start)
+    asyncio.get_running_loop().call_soon(answer, reply, response)
+
+def answer(reply, response):
+    start = time.thread_time()
+    evict[1].copy_(evict[0])
+    if stamps["stub"]:  # (not when the warm-up's end cleared them since the call)
+        stamps["stub"][-1] += time.thread_time() - start
+    reply(response)
 
 async def main():
     pipeline = StagePipeline(data_plane="shm")
-    reader = asyncio.StreamReader()
-    channel = shm_plane.ShmChannel("stub", Segment.create(8 << 20), reader, StubStage(reader))
+    channel = stub_channel("stub", Segment.create(8 << 20), stub_stage)
     pool = ShmPool("stub", channel, lambda size: None)
     async def get(address, grpc_channel):
         return pool
@@ -92,6 +93,7 @@ async def main():
         await asyncio.sleep(0.01)
     for values in stamps.values():
         values.clear()
+    stub_seconds[0] = 0.0
     cpu = time.thread_time()
     while len(stamps["read"]) < steps:
         await asyncio.sleep(0.01)
@@ -106,8 +108,8 @@ async def main():
             (turnaround if kind == "write" else after).append(t - last[0])
         last = (t, kind)
     stub = statistics.median(stamps["stub"])
-    cpu_step = (cpu - sum(stamps["stub"])) / len(stamps["read"])
-    print(f"{statistics.median(turnaround) * 1e6:.1f} {(statistics.median(after) - stub) * 1e6:.1f} {cpu_step * 1e6:.1f}")
+    cpu_step = (cpu - sum(stamps["stub"]) - stub_seconds[0]) / len(stamps["read"])
+    print(f"{statistics.median(turnaround) * 1e6:.1f} {(statistics.median(after) - stub - stub_seconds[0] / len(stamps['read'])) * 1e6:.1f} {cpu_step * 1e6:.1f}")
 uvloop.run(main())
 '''
 FIGURES = ("turnaround_us", "after_write_us", "cpu_us")
@@ -115,7 +117,8 @@ FIGURES = ("turnaround_us", "after_write_us", "cpu_us")
 
 def run(tree: pathlib.Path, batch: int, steps: int, evict_mib: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", RUN, str(batch), str(steps), str(evict_mib)], env=env, cwd=tree,
+    out = subprocess.run([sys.executable, "-c", RUN, str(batch), str(steps), str(evict_mib),
+                          str(pathlib.Path(__file__).resolve().parent)], env=env, cwd=tree,
                          capture_output=True, text=True, timeout=600)  # (cwd: `-c` puts it first on sys.path)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])

@@ -163,7 +163,7 @@ class DeviceArena:
         self.used_device = False
 
     @property
-    def next(self) -> int:  # the host arena's next offset (ShmCall.reply_offset)
+    def next(self) -> int:  # the host arena's next offset (the call header's reply_offset, shm_frames.py)
         return self.host.next if self.host is not None else 0
 
     def put(self, tensor: torch.Tensor):

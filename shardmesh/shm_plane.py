@@ -14,7 +14,8 @@ server's gRPC port (authenticated like any internal call) returns the socket and
 session key; the client creates a segment, writes a random probe at its start and says hello;
 the server maps the segment and echoes the probe, which proves both processes share it. Any
 failure on the way (another host, no /dev/shm, an older server) leaves the peer on gRPC bytes.
-Frames are protobuf (dataplane.proto), length-prefixed; nothing is pickled.
+The hello and its reply are protobuf frames (dataplane.proto, ShmFrame); calls and replies a fixed
+header and the request or response message as it is (shm_frames.py); nothing is pickled.
 
 GPU services (`DataPlanes(device="cuda:N")`) add a CUDA IPC segment to the hello when the server
 offers `cuda_ipc`: tensors on that device then move through device memory both map (cuda_ipc.py),
@@ -26,7 +27,6 @@ import contextlib
 import logging
 import secrets
 import socket
-import struct
 
 import grpc
 import torch
@@ -34,12 +34,11 @@ import torch
 from shardmesh import codec
 from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.grpc_util import CONTROL_DEADLINE_S
+from shardmesh.shm_frames import FRAME_VERSION, HEADER, REPLY_FRAME, FrameStream, call_frame
 from shardmesh.shm_segment import MAX_SEGMENT_BYTES, PROBE_BYTES, ReplyArena, Segment, align
 from shardmesh.v1 import dataplane_pb2
 
 log = logging.getLogger(__name__)
-HEADER = struct.Struct("<I")
-MAX_FRAME_BYTES = 512 * 2**20  # inline fallbacks included
 
 
 class DataPlaneError(Exception):
@@ -54,25 +53,19 @@ def status_code(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dataplane_pb2.ShmFrame:
-    """The next frame; EOFError at a clean end, ValueError for a frame too large or unparsable."""
+async def read_frame(stream: FrameStream) -> dataplane_pb2.ShmFrame:
+    """The next frame as a ShmFrame (the hello, its reply); EOFError at a clean end, ValueError for a
+    frame too large or unparsable."""
+    frame = await stream.read()
     try:
-        (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    except asyncio.IncompleteReadError as error:
-        raise EOFError("the data plane socket closed") from error
-    if length > MAX_FRAME_BYTES:
-        raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
-    try:
-        return dataplane_pb2.ShmFrame.FromString(await reader.readexactly(length))
-    except asyncio.IncompleteReadError as error:
-        raise EOFError("the data plane socket closed inside a frame") from error
+        return dataplane_pb2.ShmFrame.FromString(frame[HEADER.size:])
     except Exception as error:  # protobuf's DecodeError
         raise ValueError(f"not a ShmFrame: {error}") from error
 
 
-def write_frame(writer: asyncio.StreamWriter, frame: dataplane_pb2.ShmFrame) -> None:
+def write_frame(stream: FrameStream, frame: dataplane_pb2.ShmFrame) -> None:
     payload = frame.SerializeToString()
-    writer.write(HEADER.pack(len(payload)) + payload)
+    stream.write(HEADER.pack(len(payload)) + payload)
 
 
 def socket_path(name: str) -> str:
@@ -94,6 +87,12 @@ def connect_unix(name: str) -> socket.socket:
     return sock
 
 
+async def open_stream(name: str) -> FrameStream:
+    """A FrameStream connected to the plane's socket `name` (an offered shm_socket)."""
+    _, stream = await asyncio.get_running_loop().create_unix_connection(FrameStream, sock=connect_unix(name))
+    return stream
+
+
 class ShmCall:
     """One call in progress: encode request tensors into the segment, invoke, decode replies."""
 
@@ -113,35 +112,34 @@ class ShmCall:
     async def invoke(self, method: str, request, response_type, timeout: float | None):
         """The call's reply (response_type); DataPlaneError with the status otherwise. timeout: seconds,
         or None when the caller bounds the call itself (a cancelled call leaves the session broken)."""
-        channel = self.channel
+        channel, arena = self.channel, self.arena
         channel.call_ids += 1
-        frame = dataplane_pb2.ShmFrame()
-        call = frame.call  # built in place: no copy of the request into the frame
-        call.call_id, call.method, call.request = channel.call_ids, method, request.SerializeToString()
-        call.reply_offset = align(self.arena.next)
-        if isinstance(self.arena, DeviceArena):
-            call.cuda_reply_offset = align(self.arena.device.next)
-            self.arena.publish()  # the device has written the request tensors before the server reads them
+        call_id, cuda_reply_offset = channel.call_ids, 0
+        if isinstance(arena, DeviceArena):
+            cuda_reply_offset = align(arena.device.next)
+            arena.publish()  # the device has written the request tensors before the server reads them
+        stream = channel.stream
         try:
-            write_frame(channel.writer, frame)
+            stream.write(call_frame(call_id, method.encode(), request.SerializeToString(), align(arena.next),
+                                    cuda_reply_offset))
             if timeout is None:
-                frame = await read_frame(channel.reader)
+                frame = await stream.read()
             else:
                 async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
-                    frame = await read_frame(channel.reader)
+                    frame = await stream.read()
         except (OSError, EOFError, ValueError, asyncio.TimeoutError) as error:
             channel.broken = True
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"shared-memory plane to {channel.peer}: {error!r}") from error
         except asyncio.CancelledError:  # the reply may still come: the session is out of step
             channel.broken = True
             raise
-        reply = frame.reply
-        if frame.WhichOneof("kind") != "reply" or reply.call_id != call.call_id:
+        if len(frame) < REPLY_FRAME.size or REPLY_FRAME.unpack_from(frame)[1] != call_id:
             channel.broken = True
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"{channel.peer} answered out of turn")
-        if reply.status_code:
-            raise DataPlaneError(status_code(reply.status_code), reply.status_details)
-        return response_type.FromString(reply.response)
+        code, body = REPLY_FRAME.unpack_from(frame)[2], frame[REPLY_FRAME.size:]
+        if code:
+            raise DataPlaneError(status_code(code), body.decode(errors="replace"))
+        return response_type.FromString(body)
 
     def decode(self, message, field: str) -> torch.Tensor:
         """A copy of a reply tensor (the segment is reused by the next call)."""
@@ -155,10 +153,10 @@ class ShmCall:
 
 
 class ShmChannel:
-    """One shared-memory session with one server: its segment and socket."""
+    """One shared-memory session with one server: its segment and socket (`stream`)."""
 
-    def __init__(self, peer: str, segment: Segment, reader, writer, cuda: CudaSegment | None = None):
-        self.peer, self.segment, self.reader, self.writer = peer, segment, reader, writer
+    def __init__(self, peer: str, segment: Segment, stream: FrameStream, cuda: CudaSegment | None = None):
+        self.peer, self.segment, self.stream = peer, segment, stream
         self.cuda = cuda  # the CUDA IPC segment, when the server mapped it
         self.lock = asyncio.Lock()
         self.call_ids = 0
@@ -168,6 +166,10 @@ class ShmChannel:
     @classmethod
     async def open(cls, peer: str, offer: dataplane_pb2.DataPlaneOffer, size: int,
                    cuda_device: str | None = None, ipc_backend=None) -> "ShmChannel":
+        if offer.shm_frame_version != FRAME_VERSION:
+            raise DataPlaneError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"{peer} frames shared-memory calls in version {offer.shm_frame_version}, this "
+                                 f"client in {FRAME_VERSION} (an older server? upgrade it)")
         segment = Segment.create(size)
         cuda = None
         try:
@@ -175,14 +177,14 @@ class ShmChannel:
             segment.buffer[:PROBE_BYTES] = probe
             if offer.cuda_ipc and cuda_device is not None:
                 cuda = _cuda_segment(peer, size, cuda_device, ipc_backend, probe)
-            reader, writer = await asyncio.open_unix_connection(sock=connect_unix(offer.shm_socket))
-            channel = cls(peer, segment, reader, writer)
+            stream = await open_stream(offer.shm_socket)
+            channel = cls(peer, segment, stream)
             hello = dataplane_pb2.ShmHello(session_key=offer.shm_session_key, segment=segment.name,
-                                           segment_bytes=segment.size, probe=probe)
+                                           segment_bytes=segment.size, probe=probe, frame_version=FRAME_VERSION)
             if cuda is not None:
                 hello.cuda_ipc_handle, hello.cuda_segment_bytes = cuda.handle, cuda.size
-            write_frame(writer, dataplane_pb2.ShmFrame(hello=hello))
-            reply = (await asyncio.wait_for(read_frame(reader), CONTROL_DEADLINE_S)).hello_reply
+            write_frame(stream, dataplane_pb2.ShmFrame(hello=hello))
+            reply = (await asyncio.wait_for(read_frame(stream), CONTROL_DEADLINE_S)).hello_reply
             segment.unlink()  # mapped by both (or refused): nothing stays under /dev/shm
             if reply.status_code:
                 await channel.close()
@@ -223,9 +225,9 @@ class ShmChannel:
 
     async def close(self) -> None:
         self.broken = True
-        self.writer.close()
+        self.stream.close()
         with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+            await self.stream.wait_closed()
         self.segment.close()
         if self.cuda is not None:
             self.cuda.close()

@@ -5,7 +5,8 @@ sessions whose key came from `OfferDataPlanes` on the authenticated gRPC port, m
 segment and serves its calls one at a time by calling the service's own servicer methods, with
 `codec.inbound_call` set so that the servicer's codec.decode views request tensors in the
 segment and codec.encode writes reply tensors there. Every bad frame gets a precise status (or,
-when the frame cannot even be read, the session is closed); the server keeps serving.
+when the frame cannot even be read, the session is closed); the server keeps serving. Calls and
+replies are framed with fixed headers (shm_frames.py), nothing trusted from them unchecked.
 
 A server on a CUDA device (`device="cuda:N"`) offers `cuda_ipc`: it maps a client's CUDA IPC
 segment named in the hello (cuda_ipc.py) and serves device tensors there (the inbound call's third
@@ -26,6 +27,7 @@ from shardmesh import codec
 from shardmesh.cuda_ipc import CudaSegment, DeviceArena
 from shardmesh.errors import RequestError
 from shardmesh.nccl_plane import NcclEndpoint, communicator_for
+from shardmesh.shm_frames import CALL_FRAME, FRAME_VERSION, HEADER, FrameStream, reply_frame
 from shardmesh.shm_plane import read_frame, socket_path, write_frame
 from shardmesh.shm_segment import ReplyArena, Segment
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
@@ -86,6 +88,7 @@ class _Stream:
 class ShmPlaneServer:
     def __init__(self, name: str, methods: dict[str, Method], device: str = "cpu", ipc_backend=None):
         self.name, self.methods = name, methods
+        self._served = {method.encode(): (method, served) for method, served in methods.items()}  # by the frame's bytes
         # Where client CUDA IPC segments are mapped (None: not offered); `ipc_backend` replaces CuPy (tests).
         self.cuda_device = device if device.startswith("cuda") or ipc_backend is not None else None
         self.ipc_backend = ipc_backend
@@ -99,7 +102,13 @@ class ShmPlaneServer:
         listener.bind(socket_path(self.socket))
         listener.listen(64)
         listener.setblocking(False)
-        self._server = await asyncio.start_unix_server(self._serve, sock=listener)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: FrameStream(on_open=self._open_session), sock=listener)
+
+    def _open_session(self, frames: FrameStream) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(frames))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
 
     def offer(self) -> dataplane_pb2.DataPlaneOffer:
         now = time.monotonic()
@@ -109,7 +118,7 @@ class ShmPlaneServer:
         key = secrets.token_bytes(32)
         self._keys[key] = now
         return dataplane_pb2.DataPlaneOffer(shm_socket=self.socket, shm_session_key=key,
-                                            cuda_ipc=self.cuda_device is not None)
+                                            cuda_ipc=self.cuda_device is not None, shm_frame_version=FRAME_VERSION)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -118,37 +127,34 @@ class ShmPlaneServer:
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._sessions.add(asyncio.current_task())
+    async def _serve(self, frames: FrameStream) -> None:
         segment, cuda, streams = None, None, {}
         try:
-            segment, cuda = await self._hello(reader, writer)
+            segment, cuda = await self._hello(frames)
             while segment is not None:
-                frame = await read_frame(reader)
-                if frame.WhichOneof("kind") != "call":
-                    log.warning("%s: shm session sent %s instead of a call: closing it", self.name,
-                                frame.WhichOneof("kind"))
-                    return
-                write_frame(writer, await self._call(segment, streams, frame.call, cuda))
+                frames.write(await self._call(segment, streams, await frames.read(), cuda))
         except EOFError:
             pass
         except (ValueError, OSError) as error:
             log.warning("%s: shm session closed: %s", self.name, error)
         finally:
-            for stream in streams.values():
-                await stream.close()
+            for step_stream in streams.values():
+                await step_stream.close()
             if segment is not None:
                 segment.close()
             if cuda is not None:
                 cuda.close()
-            writer.close()
-            self._sessions.discard(asyncio.current_task())
+            frames.close()
 
-    async def _hello(self, reader, writer) -> tuple[Segment | None, CudaSegment | None]:
-        hello = (await read_frame(reader)).hello
+    async def _hello(self, frames: FrameStream) -> tuple[Segment | None, CudaSegment | None]:
+        hello = (await read_frame(frames)).hello
         code, details, segment, cuda = grpc.StatusCode.OK, "", None, None
         if self._keys.pop(hello.session_key, None) is None:
             code, details = grpc.StatusCode.UNAUTHENTICATED, "hello.session_key: unknown or already used"
+        elif hello.frame_version != FRAME_VERSION:
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, (
+                f"hello.frame_version: {hello.frame_version}, but this server frames calls in version {FRAME_VERSION} "
+                f"(an older client? upgrade it)")
         else:
             try:
                 segment = Segment.attach(hello.segment, hello.segment_bytes)
@@ -165,65 +171,70 @@ class ShmPlaneServer:
                 except RequestError as error:
                     details = str(error)
         probe = segment.probe() if segment is not None else b""
-        write_frame(writer, dataplane_pb2.ShmFrame(hello_reply=dataplane_pb2.ShmHelloReply(
+        write_frame(frames, dataplane_pb2.ShmFrame(hello_reply=dataplane_pb2.ShmHelloReply(
             probe=probe, status_code=code.value[0], status_details=details,
             cuda_probe=cuda.probe() if cuda is not None else b"")))
-        await writer.drain()
         return segment, cuda
 
-    async def _call(self, segment: Segment, streams: dict, call: dataplane_pb2.ShmCall,
-                    cuda: CudaSegment | None = None) -> dataplane_pb2.ShmFrame:
-        """The reply frame to one call."""
-        method = self.methods.get(call.method)
+    async def _call(self, segment: Segment, streams: dict, frame: bytes, cuda: CudaSegment | None = None) -> bytes:
+        """The reply frame to one call frame (shm_frames.CALL_FRAME, its length prefix included, which
+        FrameStream has checked); ValueError for a frame too short for a call's header."""
+        if len(frame) < CALL_FRAME.size:
+            raise ValueError(f"a call frame of {len(frame) - HEADER.size} bytes is shorter than a call's "
+                             f"{CALL_FRAME.size - HEADER.size}-byte header")
+        _, call_id, reply_offset, cuda_reply_offset, method_length = CALL_FRAME.unpack_from(frame)
+        start = CALL_FRAME.size + method_length  # of the request
+        if start > len(frame):
+            return _status(call_id, grpc.StatusCode.INVALID_ARGUMENT, f"method_length: {method_length} bytes run past "
+                                                                      f"the {len(frame) - HEADER.size}-byte frame")
+        name, method = self._served.get(frame[CALL_FRAME.size:start], (None, None))
         if method is None:
-            return _status(call, grpc.StatusCode.UNIMPLEMENTED, f"method: {call.method!r} is not served on this plane")
-        if call.reply_offset > segment.size:
-            return _status(call, grpc.StatusCode.INVALID_ARGUMENT,
-                           f"reply_offset: {call.reply_offset} is past the {segment.size}-byte segment")
-        if call.cuda_reply_offset > (cuda.size if cuda is not None else 0):
-            return _status(call, grpc.StatusCode.INVALID_ARGUMENT, f"cuda_reply_offset: {call.cuda_reply_offset} is "
-                                                                   f"past the session's CUDA segment")
+            return _status(call_id, grpc.StatusCode.UNIMPLEMENTED, f"method: "
+                           f"{frame[CALL_FRAME.size:start].decode(errors='replace')!r} is not served on this plane")
+        if reply_offset > segment.size:
+            return _status(call_id, grpc.StatusCode.INVALID_ARGUMENT,
+                           f"reply_offset: {reply_offset} is past the {segment.size}-byte segment")
+        if cuda_reply_offset > (cuda.size if cuda is not None else 0):
+            return _status(call_id, grpc.StatusCode.INVALID_ARGUMENT, f"cuda_reply_offset: {cuda_reply_offset} is "
+                                                                      f"past the session's CUDA segment")
         try:
-            request = method.request_type.FromString(call.request)
+            request = method.request_type.FromString(frame[start:])
         except Exception as error:  # protobuf's DecodeError
-            return _status(call, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a {method.request_type.__name__}: {error}")
-        arena = ReplyArena(segment, call.reply_offset)
+            return _status(call_id, grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request: not a {method.request_type.__name__}: {error}")
+        arena = ReplyArena(segment, reply_offset)
         if cuda is not None:
-            arena = DeviceArena(arena, ReplyArena(cuda, call.cuda_reply_offset))
+            arena = DeviceArena(arena, ReplyArena(cuda, cuda_reply_offset))
         token = codec.inbound_call.set((segment, arena, cuda))
         try:
             if method.streaming:
-                if call.method not in streams:
-                    streams[call.method] = _Stream(method.handler, ShmContext())
-                response = await streams[call.method].call(request)
+                if name not in streams:
+                    streams[name] = _Stream(method.handler, ShmContext())
+                response = await streams[name].call(request)
             else:
                 response = await method.handler(request, _CONTEXT)
         except _Aborted as error:
-            streams.pop(call.method, None)  # a stream ends with its first error, as over gRPC
-            return _status(call, error.code, error.details)
+            streams.pop(name, None)  # a stream ends with its first error, as over gRPC
+            return _status(call_id, error.code, error.details)
         except RequestError as error:  # core code's error the servicer did not translate
-            streams.pop(call.method, None)
-            return _status(call, getattr(grpc.StatusCode, error.code), str(error))
+            streams.pop(name, None)
+            return _status(call_id, getattr(grpc.StatusCode, error.code), str(error))
         except StopAsyncIteration:
-            streams.pop(call.method, None)
-            return _status(call, grpc.StatusCode.UNAVAILABLE, f"{self.name} ended its {call.method} stream")
+            streams.pop(name, None)
+            return _status(call_id, grpc.StatusCode.UNAVAILABLE, f"{self.name} ended its {name} stream")
         except Exception as error:
-            log.exception("%s: %s failed on the shm plane", self.name, call.method)
-            streams.pop(call.method, None)
-            return _status(call, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            log.exception("%s: %s failed on the shm plane", self.name, name)
+            streams.pop(name, None)
+            return _status(call_id, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
         finally:
             codec.inbound_call.reset(token)
         if cuda is not None:
             arena.publish()  # the device has written the reply tensors before the client reads them
-        frame = dataplane_pb2.ShmFrame()
-        reply = frame.reply  # (in place: not built apart, then copied into the frame)
-        reply.call_id, reply.response = call.call_id, response.SerializeToString()
-        return frame
+        return reply_frame(call_id, 0, response.SerializeToString())
 
 
-def _status(call: dataplane_pb2.ShmCall, code: grpc.StatusCode, details: str) -> dataplane_pb2.ShmFrame:
-    return dataplane_pb2.ShmFrame(reply=dataplane_pb2.ShmReply(call_id=call.call_id, status_code=code.value[0],
-                                                               status_details=details))
+def _status(call_id: int, code: grpc.StatusCode, details: str) -> bytes:
+    return reply_frame(call_id, code.value[0], details.encode(errors="replace"))
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServicer):

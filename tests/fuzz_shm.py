@@ -1,9 +1,8 @@
-"""Hostile ShmCall frames on the shared-memory data plane (shardmesh.shm_server), for the
+"""Hostile call frames on the shared-memory data plane (shardmesh.shm_server), for the
 property-based tests: a genuine session (key from OfferDataPlanes, a segment of ours that the
-server maps), then calls one at a time whose method, reply offset and request bytes are generated;
+server maps), then calls one at a time whose method, reply offsets and request bytes are generated;
 every reply is checked as fuzz_strategies.check_answer checks a gRPC status."""
 
-import asyncio
 import struct
 
 import grpc
@@ -12,8 +11,9 @@ from hypothesis import strategies as st
 
 from fuzz_strategies import FUZZ_SETTINGS, REQUESTS_PER_RPC, TEXT, U64, Counter, check_answer
 from shardmesh import grpc_util
-from shardmesh.shm_plane import ShmChannel, read_frame, write_frame
+from shardmesh.shm_plane import ShmChannel
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc
+from shm_helpers import raw_call
 
 SEGMENT_BYTES = 1 << 16
 SPAN_ROWS_AT = 64  # valid float32 rows (0.25 each) fill the segment from this offset: spans may point there
@@ -36,19 +36,15 @@ def fuzz_shm_calls(harness, address: str, method: str, requests: st.SearchStrate
     counter = Counter()
     session = harness.run(shm_session(address))
     names = st.integers(0, 7).flatmap(lambda k: TEXT if k == 0 else st.just(method))  # mostly the method served
-    calls = st.tuples(names,
-                      st.one_of(st.integers(0, 2 * SEGMENT_BYTES), U64), requests)
+    offsets = st.one_of(st.integers(0, 2 * SEGMENT_BYTES), U64)
+    calls = st.tuples(names, offsets, st.one_of(st.just(0), offsets), requests)  # reply offsets: host, CUDA
 
     async def send(batch):
         codes = []
-        for name, offset, request in batch:  # one call at a time on a session, as the plane requires
-            session.call_ids += 1
-            write_frame(session.writer, dataplane_pb2.ShmFrame(call=dataplane_pb2.ShmCall(
-                call_id=session.call_ids, method=name, request=request, reply_offset=offset)))
-            frame = await asyncio.wait_for(read_frame(session.reader), 20)
-            assert frame.WhichOneof("kind") == "reply" and frame.reply.call_id == session.call_ids, frame
-            code = next(c for c in grpc.StatusCode if c.value[0] == frame.reply.status_code)
-            check_answer(f"shm {name}", request, code, frame.reply.status_details)
+        for name, offset, cuda_offset, request in batch:  # one call at a time on a session, as the plane requires
+            status, details = await raw_call(session, name, request, offset, cuda_offset)
+            code = next(c for c in grpc.StatusCode if c.value[0] == status)
+            check_answer(f"shm {name}", request, code, details.decode() if status else "")
             codes.append(code)
         counter.add(label, codes)
 

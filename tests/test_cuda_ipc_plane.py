@@ -16,9 +16,10 @@ from shardmesh import codec, grpc_util
 from shardmesh.cuda_ipc import HANDLE_BYTES, CudaSegment
 from shardmesh.errors import InvalidArgument
 from shardmesh.data_planes import DataPlanes
-from shardmesh.shm_plane import connect_unix, read_frame, write_frame
+from shardmesh.shm_frames import FRAME_VERSION
 from shardmesh.shm_segment import Segment
 from shardmesh.v1 import dataplane_pb2, expert_pb2, tensor_pb2
+from shm_helpers import hello, raw_call
 
 
 class FakeIpc:
@@ -115,14 +116,6 @@ def test_no_device_segment_is_made_for_a_server_that_does_not_offer_it():
     assert doubler.inputs == [("shm", "cpu")] and torch.equal(outputs[0], torch.full((2, 3), 2.0))
 
 
-async def hello(socket: str, message: dataplane_pb2.ShmHello) -> dataplane_pb2.ShmHelloReply:
-    reader, writer = await asyncio.open_unix_connection(sock=connect_unix(socket))
-    write_frame(writer, dataplane_pb2.ShmFrame(hello=message))
-    reply = (await read_frame(reader)).hello_reply
-    writer.close()
-    return reply
-
-
 def test_bad_device_segments_in_a_hello_leave_the_session_host_only_and_say_why():
     ipc = FakeIpc()
 
@@ -139,7 +132,7 @@ def test_bad_device_segments_in_a_hello_leave_the_session_host_only_and_say_why(
                 offer = plane.offer()
                 replies[case] = await hello(offer.shm_socket, dataplane_pb2.ShmHello(
                     session_key=offer.shm_session_key, segment=segment.name, segment_bytes=4096, probe=bytes(16),
-                    cuda_ipc_handle=handle, cuda_segment_bytes=size))
+                    cuda_ipc_handle=handle, cuda_segment_bytes=size, frame_version=FRAME_VERSION))
                 segment.close()
             return replies
 
@@ -157,7 +150,7 @@ def cuda_span(offset: int, length: int, shape: list[int]) -> tensor_pb2.Tensor:
                              cuda_ipc=tensor_pb2.SharedMemorySpan(offset=offset, length=length))
 
 
-BAD_CALLS = {  # (ShmCall fields, the tensor sent, whether the session has a device segment) -> field named
+BAD_CALLS = {  # (call header fields, the tensor sent, whether the session has a device segment) -> field named
     "cuda reply offset past the segment": (dict(cuda_reply_offset=1 << 40), None, True, "cuda_reply_offset"),
     "cuda reply offset without a segment": (dict(cuda_reply_offset=64), None, False, "cuda_reply_offset"),
     "span outside the device segment": ({}, cuda_span(1 << 30, 256, [1, 64]), True, "groups[0].hidden_states.cuda_ipc"),
@@ -177,11 +170,8 @@ def test_bad_device_spans_get_a_precise_status_and_the_session_goes_on(case):
             async with grpc_util.insecure_channel(address) as grpc_channel:
                 channel = (await planes.get(address, grpc_channel)).sessions[0]  # driven by hand
                 groups = [expert_pb2.ExpertGroup(hidden_states=tensor)] if tensor is not None else []
-                channel.call_ids += 1
-                write_frame(channel.writer, dataplane_pb2.ShmFrame(call=dataplane_pb2.ShmCall(
-                    call_id=channel.call_ids, method=DOUBLE, reply_offset=1024, **fields,
-                    request=expert_pb2.ComputeExpertsRequest(groups=groups).SerializeToString())))
-                reply = (await read_frame(channel.reader)).reply
+                reply = await raw_call(channel, DOUBLE, expert_pb2.ComputeExpertsRequest(groups=groups).SerializeToString(),
+                                       1024, **fields)
                 async with channel.session() as call:  # the same session still serves
                     good = await call.invoke(DOUBLE, request_of(call.encode, torch.ones(2, 3)),
                                              expert_pb2.ComputeExpertsResponse, 5)
@@ -191,8 +181,8 @@ def test_bad_device_spans_get_a_precise_status_and_the_session_goes_on(case):
 
     channel, reply, good = run(main())
     assert (channel.cuda is not None) == with_segment
-    assert reply.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0], reply
-    assert reply.status_details.startswith(named + ":"), reply.status_details
+    assert reply[0] == grpc.StatusCode.INVALID_ARGUMENT.value[0], reply
+    assert reply[1].decode().startswith(named + ":"), reply
     assert torch.equal(good, torch.full((2, 3), 2.0))
 
 

@@ -97,7 +97,7 @@ def test_placement_without_a_server_closes_its_channel_and_shared_memory(mixtral
             await experts.update(Placement(2, {(0, e): (first.address,) for e in range(5)}))
             assert experts.connected() == {first.address}
             assert second.address not in experts.data_planes._channels
-            assert session.broken and session.writer.is_closing()  # its socket closed, segment unmapped
+            assert session.broken and session.stream.transport.is_closing()  # its socket closed, segment unmapped
             with pytest.raises(Exception):  # the gRPC channel is closed: no call goes out on it
                 await channel.channel_ready()
 

@@ -7,7 +7,6 @@ tokens and the experts compute what they computed before. LoadExperts / DropExpe
 expert server of their own (dropping an expert the mesh's placement uses would stop the mesh by
 design: the router only drops what it has moved away)."""
 
-import asyncio
 
 import grpc
 import pytest
@@ -19,9 +18,10 @@ from bad_input_harness import (HIDDEN, TOPOLOGY, compute_experts, hidden_states,
 from fuzz_strategies import (F32, FUZZ_SETTINGS, REQUESTS_PER_RPC, TEXT, U32, U64, Counter, batches, check_answer,
                              mangled, open_channel, perturbed, send_batch, tensors)
 from shardmesh.service_config import ServiceConfig
-from shardmesh.shm_plane import read_frame, write_frame
+from shardmesh.shm_frames import FRAME_VERSION
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc, expert_pb2, router_pb2, tensor_pb2
 from fuzz_shm import SEGMENT_BYTES, SPAN_ROWS_AT, fuzz_shm_calls
+from shm_helpers import hello as shm_hello
 from wire_helpers import Rpc
 
 from expert_server.main import start_expert_server
@@ -143,8 +143,8 @@ def test_fuzz_shared_memory_plane_compute_experts(harness):
 
 def test_fuzz_shared_memory_hello(harness):
     """Hellos with hostile session keys, segment names and sizes, each on a new connection: refused
-    with a status naming the field unless key, segment and size are all genuine; the server keeps serving."""
-    from shardmesh.shm_plane import connect_unix
+    with a status naming the field unless key, segment, size and frame version are all genuine; the server
+    keeps serving."""
     from shardmesh.shm_segment import Segment
     counter = Counter()
     segment = Segment.create(4096)  # a real segment of ours (kept linked while the test runs)
@@ -153,20 +153,18 @@ def test_fuzz_shared_memory_hello(harness):
     hellos = st.tuples(st.booleans(),  # a fresh genuine key, else hostile bytes
                        st.one_of(st.just(segment.name), st.just(segment.name), TEXT,
                                  st.just("shardmesh-" + "0" * 32), st.just("../../dev/zero")),
-                       st.one_of(st.just(segment.size), U64), st.binary(max_size=40))
+                       st.one_of(st.just(segment.size), U64), st.binary(max_size=40),
+                       st.one_of(st.just(FRAME_VERSION), st.just(FRAME_VERSION), U32))  # how calls are framed
 
     async def send(batch):
         codes = []
-        for fresh, name, size, key in batch:
+        for fresh, name, size, key, version in batch:
             offer = await offer_stub.OfferDataPlanes(dataplane_pb2.OfferDataPlanesRequest(), timeout=10)
             hello = dataplane_pb2.ShmHello(session_key=offer.shm_session_key if fresh else key, segment=name,
-                                           segment_bytes=size, probe=bytes(16))
-            reader, writer = await asyncio.open_unix_connection(sock=connect_unix(offer.shm_socket))
-            write_frame(writer, dataplane_pb2.ShmFrame(hello=hello))
-            reply = (await asyncio.wait_for(read_frame(reader), 20)).hello_reply
-            writer.close()
+                                           segment_bytes=size, probe=bytes(16), frame_version=version)
+            reply = await shm_hello(offer.shm_socket, hello)
             code = next(c for c in grpc.StatusCode if c.value[0] == reply.status_code)
-            genuine = fresh and name == segment.name and size == segment.size
+            genuine = fresh and name == segment.name and size == segment.size and version == FRAME_VERSION
             assert (code == grpc.StatusCode.OK) == genuine, (hello, reply)
             check_answer("shm hello", hello.SerializeToString(), code, reply.status_details)
             codes.append(code)

@@ -13,10 +13,13 @@ from shardmesh import codec, grpc_util
 from shardmesh.errors import InvalidArgument
 from shardmesh.grpc_util import translate_errors
 from shardmesh.data_planes import DataPlanes
-from shardmesh.shm_plane import DataPlaneError, ShmChannel, connect_unix, read_frame, write_frame
+from shardmesh.shm_frames import CALL_FRAME, FRAME_VERSION, HEADER, MAX_FRAME_BYTES, REPLY_FRAME
+from shardmesh.shm_plane import DataPlaneError, ShmChannel
 from shardmesh.shm_segment import SHM_DIR, Segment
 from shardmesh.shm_server import SERVICE_NAME, DataPlaneServicer, Method, ShmPlaneServer
 from shardmesh.v1 import dataplane_pb2, dataplane_pb2_grpc, expert_pb2, tensor_pb2
+
+from shm_helpers import hello, raw_call
 
 DOUBLE = "test.Echo/Double"
 REFUSE = "test.Echo/Refuse"
@@ -114,9 +117,19 @@ def test_fallbacks_to_grpc_bytes():
             unimplemented = await DataPlanes(enabled=True).get(running.address, channel)
         await running.stop(None)
         disabled = await DataPlanes(enabled=False).get(running.address, None)
-        return not_offered, unimplemented, disabled
+        async with plane_server() as (plane, _, channel, address):
+            offer = plane.offer
 
-    assert run(main()) == (None, None, None)
+            def older_offer():  # as a server from before the fixed call headers offers: no shm_frame_version
+                message = offer()
+                message.ClearField("shm_frame_version")
+                return message
+
+            plane.offer = older_offer
+            older_server = await DataPlanes(enabled=True).get(address, channel)
+        return not_offered, unimplemented, disabled, older_server
+
+    assert run(main()) == (None, None, None, None)
 
 
 def test_a_payload_larger_than_the_segment_goes_inline_then_the_segment_grows():
@@ -142,11 +155,6 @@ def test_a_payload_larger_than_the_segment_goes_inline_then_the_segment_grows():
     assert doubler.inputs_in_shm == [False, True]
     assert grown is not shm and grown.segment.size > 4 * x.numel() and shm.segment.buffer.closed
     assert sessions == [grown]  # the small session was replaced, not kept beside the new one
-
-
-async def raw_call(shm: ShmChannel, call: dataplane_pb2.ShmCall) -> dataplane_pb2.ShmReply:
-    write_frame(shm.writer, dataplane_pb2.ShmFrame(call=call))
-    return (await read_frame(shm.reader)).reply
 
 
 def span_tensor(offset: int, length: int, shape: list[int]) -> tensor_pb2.Tensor:
@@ -180,9 +188,7 @@ def test_bad_calls_get_a_precise_status_and_the_session_goes_on(case):
             groups = fields.get("groups", [])
             request = fields.get("request", expert_pb2.ComputeExpertsRequest(groups=[
                 expert_pb2.ExpertGroup(layer=0, expert=0, hidden_states=t) for t in groups]).SerializeToString())
-            reply = await raw_call(shm, dataplane_pb2.ShmCall(call_id=1, method=fields["method"], request=request,
-                                                              reply_offset=fields.get("reply_offset", 1024)))
-            shm.call_ids = 1
+            reply = await raw_call(shm, fields["method"], request, fields.get("reply_offset", 1024))
             async with shm.session() as call:  # the same session still serves
                 good = await call.invoke(DOUBLE, request_of(call.encode, torch.ones(2, 3)),
                                          expert_pb2.ComputeExpertsResponse, 5)
@@ -190,18 +196,52 @@ def test_bad_calls_get_a_precise_status_and_the_session_goes_on(case):
             await planes.close()
             return reply, good
 
-    reply, good = run(main())
-    assert reply.status_code == code.value[0], (reply.status_code, reply.status_details)
-    assert reply.status_details.startswith(named), reply.status_details
+    (status, details), good = run(main())
+    assert status == code.value[0], (status, details)
+    assert details.decode().startswith(named), details
     assert torch.equal(good, torch.full((2, 3), 2.0))
 
 
-async def hello(socket: str, hello_message: dataplane_pb2.ShmHello) -> dataplane_pb2.ShmHelloReply:
-    reader, writer = await asyncio.open_unix_connection(sock=connect_unix(socket))
-    write_frame(writer, dataplane_pb2.ShmFrame(hello=hello_message))
-    reply = (await read_frame(reader)).hello_reply
-    writer.close()
-    return reply
+BAD_FRAMES = {  # frame bytes (call id 1) -> what the server answers: a status code and the field named, or None
+    "method past the frame": (CALL_FRAME.pack(CALL_FRAME.size - HEADER.size + 3, 1, 1024, 0, 500) + b"abc",
+                              (grpc.StatusCode.INVALID_ARGUMENT, "method_length: 500 bytes run past the 29-byte frame")),
+    "shorter than a call's header": (HEADER.pack(3) + b"abc", None),  # no call id to answer: the session closes
+    "longer than any frame": (HEADER.pack(MAX_FRAME_BYTES + 1) + bytes(64), None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FRAMES)
+def test_bad_call_frames_get_a_precise_status_or_close_their_session_only(case):
+    frame, answer = BAD_FRAMES[case]
+
+    async def main():
+        async with plane_server() as (_, _, channel, address):
+            planes = DataPlanes(enabled=True)
+            pool = await planes.get(address, channel)
+            async with pool.session() as call:  # the session driven by hand (another serves after, if it closes)
+                call.channel.stream.write(frame)
+                try:
+                    reply = await asyncio.wait_for(call.channel.stream.read(), 10)
+                except EOFError:
+                    reply = None
+                    call.channel.broken = True
+                call.channel.call_ids = 1
+            async with pool.session() as call:
+                good = await call.invoke(DOUBLE, request_of(call.encode, torch.ones(2, 3)),
+                                         expert_pb2.ComputeExpertsResponse, 5)
+                good = call.decode(good.outputs[0], "outputs[0]")
+            await planes.close()
+            return reply, good
+
+    reply, good = run(main())
+    if answer is None:
+        assert reply is None, reply
+    else:
+        assert reply is not None, "the session closed"
+        code, details = answer
+        assert REPLY_FRAME.unpack_from(reply)[1:] == (1, code.value[0])
+        assert reply[REPLY_FRAME.size:].decode() == details
+    assert torch.equal(good, torch.full((2, 3), 2.0))
 
 
 def test_bad_hellos_are_refused_and_leave_nothing_behind():
@@ -212,20 +252,25 @@ def test_bad_hellos_are_refused_and_leave_nothing_behind():
             segment = Segment.create(4096)
             offer = plane.offer()
             good = dataplane_pb2.ShmHello(session_key=offer.shm_session_key, segment=segment.name, segment_bytes=4096,
-                                          probe=bytes(16))
+                                          probe=bytes(16), frame_version=FRAME_VERSION)
             replies = {
+                "calls framed otherwise": await hello(offer.shm_socket, dataplane_pb2.ShmHello(
+                    session_key=plane.offer().shm_session_key, segment=segment.name, segment_bytes=4096)),
                 "wrong key": await hello(offer.shm_socket, dataplane_pb2.ShmHello(
                     session_key=b"x" * 32, segment=segment.name, segment_bytes=4096)),
                 "path outside /dev/shm": await hello(offer.shm_socket, dataplane_pb2.ShmHello(
-                    session_key=plane.offer().shm_session_key, segment="../../etc/passwd", segment_bytes=4096)),
+                    session_key=plane.offer().shm_session_key, segment="../../etc/passwd", segment_bytes=4096,
+                    frame_version=FRAME_VERSION)),
                 "size mismatch": await hello(offer.shm_socket, dataplane_pb2.ShmHello(
-                    session_key=plane.offer().shm_session_key, segment=segment.name, segment_bytes=8192)),
+                    session_key=plane.offer().shm_session_key, segment=segment.name, segment_bytes=8192,
+                    frame_version=FRAME_VERSION)),
                 "good": await hello(offer.shm_socket, good),
                 "key used twice": await hello(offer.shm_socket, good),
             }
             segment.close()
             with pytest.raises(DataPlaneError) as refused:  # a refused client removes its own segment
-                bad_offer = dataplane_pb2.DataPlaneOffer(shm_socket=offer.shm_socket, shm_session_key=b"y" * 32)
+                bad_offer = dataplane_pb2.DataPlaneOffer(shm_socket=offer.shm_socket, shm_session_key=b"y" * 32,
+                                                       shm_frame_version=FRAME_VERSION)
                 await ShmChannel.open(address, bad_offer, 4096)
             served = await DataPlanes(enabled=True).get(address, channel)  # still serving
             await served.close()
@@ -241,6 +286,8 @@ def test_bad_hellos_are_refused_and_leave_nothing_behind():
                                                  "hello.segment: '../../etc/passwd' is not a shardmesh segment name")
     assert statuses["size mismatch"][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert statuses["size mismatch"][1].startswith("hello.segment_bytes")
+    assert statuses["calls framed otherwise"][0] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert statuses["calls framed otherwise"][1].startswith("hello.frame_version: 0,")
     assert refused.code == grpc.StatusCode.UNAUTHENTICATED
     assert our_segments() == before
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardmesh/v1/dataplane.proto\x12\x0cshardmesh.v1\"\x18\n\x16OfferDataPlanesRequest\"i\n\x14JoinNcclGroupRequest\x12\x11\n\tunique_id\x18\x01 \x01(\x0c\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05group\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"2\n\x12JoinNcclGroupReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"O\n\x0e\x44\x61taPlaneOffer\x12\x12\n\nshm_socket\x18\x01 \x01(\t\x12\x17\n\x0fshm_session_key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63uda_ipc\x18\x03 \x01(\x08\"\xbf\x01\n\x08ShmFrame\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.shardmesh.v1.ShmHelloH\x00\x12\x32\n\x0bhello_reply\x18\x02 \x01(\x0b\x32\x1b.shardmesh.v1.ShmHelloReplyH\x00\x12%\n\x04\x63\x61ll\x18\x03 \x01(\x0b\x32\x15.shardmesh.v1.ShmCallH\x00\x12\'\n\x05reply\x18\x04 \x01(\x0b\x32\x16.shardmesh.v1.ShmReplyH\x00\x42\x06\n\x04kind\"\x8b\x01\n\x08ShmHello\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x15\n\rsegment_bytes\x18\x03 \x01(\x04\x12\r\n\x05probe\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63uda_ipc_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63uda_segment_bytes\x18\x06 \x01(\x04\"_\n\rShmHelloReply\x12\r\n\x05probe\x18\x01 \x01(\x0c\x12\x13\n\x0bstatus_code\x18\x02 \x01(\r\x12\x16\n\x0estatus_details\x18\x03 \x01(\t\x12\x12\n\ncuda_probe\x18\x04 \x01(\x0c\"l\n\x07ShmCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x14\n\x0creply_offset\x18\x04 \x01(\x04\x12\x19\n\x11\x63uda_reply_offset\x18\x05 \x01(\x04\"Z\n\x08ShmReply\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x10\n\x08response\x18\x02 \x01(\x0c\x12\x13\n\x0bstatus_code\x18\x03 \x01(\r\x12\x16\n\x0estatus_details\x18\x04 \x01(\t2\xb9\x01\n\tDataPlane\x12U\n\x0fOfferDataPlanes\x12$.shardmesh.v1.OfferDataPlanesRequest\x1a\x1c.shardmesh.v1.DataPlaneOffer\x12U\n\rJoinNcclGroup\x12\".shardmesh.v1.JoinNcclGroupRequest\x1a .shardmesh.v1.JoinNcclGroupReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardmesh/v1/dataplane.proto\x12\x0cshardmesh.v1\"\x18\n\x16OfferDataPlanesRequest\"i\n\x14JoinNcclGroupRequest\x12\x11\n\tunique_id\x18\x01 \x01(\x0c\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05group\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"2\n\x12JoinNcclGroupReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\"j\n\x0e\x44\x61taPlaneOffer\x12\x12\n\nshm_socket\x18\x01 \x01(\t\x12\x17\n\x0fshm_session_key\x18\x02 \x01(\x0c\x12\x10\n\x08\x63uda_ipc\x18\x03 \x01(\x08\x12\x19\n\x11shm_frame_version\x18\x04 \x01(\r\"{\n\x08ShmFrame\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.shardmesh.v1.ShmHelloH\x00\x12\x32\n\x0bhello_reply\x18\x02 \x01(\x0b\x32\x1b.shardmesh.v1.ShmHelloReplyH\x00\x42\x06\n\x04kindJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\xa2\x01\n\x08ShmHello\x12\x13\n\x0bsession_key\x18\x01 \x01(\x0c\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x15\n\rsegment_bytes\x18\x03 \x01(\x04\x12\r\n\x05probe\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63uda_ipc_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12\x63uda_segment_bytes\x18\x06 \x01(\x04\x12\x15\n\rframe_version\x18\x07 \x01(\r\"_\n\rShmHelloReply\x12\r\n\x05probe\x18\x01 \x01(\x0c\x12\x13\n\x0bstatus_code\x18\x02 \x01(\r\x12\x16\n\x0estatus_details\x18\x03 \x01(\t\x12\x12\n\ncuda_probe\x18\x04 \x01(\x0c\x32\xb9\x01\n\tDataPlane\x12U\n\x0fOfferDataPlanes\x12$.shardmesh.v1.OfferDataPlanesRequest\x1a\x1c.shardmesh.v1.DataPlaneOffer\x12U\n\rJoinNcclGroup\x12\".shardmesh.v1.JoinNcclGroupRequest\x1a .shardmesh.v1.JoinNcclGroupReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINNCCLGROUPREPLY']._serialized_start=179
   _globals['_JOINNCCLGROUPREPLY']._serialized_end=229
   _globals['_DATAPLANEOFFER']._serialized_start=231
-  _globals['_DATAPLANEOFFER']._serialized_end=310
-  _globals['_SHMFRAME']._serialized_start=313
-  _globals['_SHMFRAME']._serialized_end=504
-  _globals['_SHMHELLO']._serialized_start=507
-  _globals['_SHMHELLO']._serialized_end=646
-  _globals['_SHMHELLOREPLY']._serialized_start=648
-  _globals['_SHMHELLOREPLY']._serialized_end=743
-  _globals['_SHMCALL']._serialized_start=745
-  _globals['_SHMCALL']._serialized_end=853
-  _globals['_SHMREPLY']._serialized_start=855
-  _globals['_SHMREPLY']._serialized_end=945
-  _globals['_DATAPLANE']._serialized_start=948
-  _globals['_DATAPLANE']._serialized_end=1133
+  _globals['_DATAPLANEOFFER']._serialized_end=337
+  _globals['_SHMFRAME']._serialized_start=339
+  _globals['_SHMFRAME']._serialized_end=462
+  _globals['_SHMHELLO']._serialized_start=465
+  _globals['_SHMHELLO']._serialized_end=627
+  _globals['_SHMHELLOREPLY']._serialized_start=629
+  _globals['_SHMHELLOREPLY']._serialized_end=724
+  _globals['_DATAPLANE']._serialized_start=727
+  _globals['_DATAPLANE']._serialized_end=912
 # @@protoc_insertion_point(module_scope)
