@@ -102,6 +102,10 @@ class FrameStream(asyncio.Protocol):
         return future
 
     def write(self, frame: bytes) -> None:
+        """Send one frame; EOFError once the socket is closed or closing (the peer died: uvloop's
+        transport would raise RuntimeError, which callers would not read as a lost session)."""
+        if self.transport.is_closing():
+            raise EOFError(self._error[1] if self._error is not None else "the data plane socket is closed")
         self.transport.write(frame)
 
     def connection_lost(self, error: Exception | None) -> None:

@@ -22,7 +22,11 @@ class Transport:
         self.paused = False
 
     def write(self, data):
-        pass
+        if self.closed:  # as uvloop's transport does
+            raise RuntimeError("unable to perform operation on <UnixTransport closed=True>; the handler is closed")
+
+    def is_closing(self):
+        return self.closed
 
     def close(self):
         if not self.closed:
@@ -100,3 +104,16 @@ def test_the_end_of_the_stream():
 
     first, closed = run(main())
     assert first == FRAMES[0] and closed  # the stream closed its socket after the frame too long
+
+
+def test_a_write_after_the_peer_closed_is_a_lost_session():
+    """EOFError (what the shm plane's callers read as a lost session: UNAVAILABLE, fail over), not the
+    transport's RuntimeError (an expert replica killed mid-run failed the stage's step INTERNAL)."""
+    async def main():
+        stream, transport = opened()
+        stream.write(FRAMES[0])
+        transport.close()
+        with pytest.raises(EOFError, match="socket closed"):
+            stream.write(FRAMES[0])
+
+    run(main())
