@@ -101,30 +101,11 @@ static void wide_pack(const float *x, long K, long rows, int V, float *xt) {
 #define WIDE_MB4 2
 #endif
 
-/* out [n, M] = x [n, K] W^T, W [M, K], in passes of up to WIDE_MAX_VECTORS * LANES rows.
- * scratch: K * WIDE_MAX_VECTORS * LANES floats, aligned to 64 bytes (the packed x). */
-void shardmesh_linear_wide(long n, long K, long M, const float *x, const float *weight, float *out, float *scratch) {
-    for (long r0 = 0; r0 < n; r0 += WIDE_MAX_VECTORS * LANES) {
-        long rows = n - r0 < WIDE_MAX_VECTORS * LANES ? n - r0 : WIDE_MAX_VECTORS * LANES;
-        int V = (int)((rows + LANES - 1) / LANES);
-        long ldt = (long)V * LANES;
-        wide_pack(x + r0 * K, K, rows, V, scratch);
-        float *o = out + r0 * M;
-        switch (V) {
-        case 1: wide_pass(weight, K, M, scratch, ldt, WIDE_MB1, 1, rows, o, M); break;
-        case 2: wide_pass(weight, K, M, scratch, ldt, WIDE_MB2, 2, rows, o, M); break;
-        case 3: wide_pass(weight, K, M, scratch, ldt, WIDE_MB3, 3, rows, o, M); break;
-        default: wide_pass(weight, K, M, scratch, ldt, WIDE_MB4, 4, rows, o, M); break;
-        }
-    }
-}
-
 /* out[r, m] = x[r] . W[m] for r < rows and m in [m0, m1): x's rows packed by wide_pack into xt
  * (ceil(rows / LANES) vectors, any number), W [M, K], out [rows, M]; in passes of up to
- * WIDE_MAX_VECTORS vectors, as shardmesh_linear_wide (with LANES 8, 64 rows are two passes of 32).
- * Every output is the sum shardmesh_linear_wide computes (its weight row's accumulators do not
- * depend on the rows beside it in a block or a pass): any cut of [0, M) or of the rows gives
- * linear_wide's bits. */
+ * WIDE_MAX_VECTORS vectors (with LANES 8, 64 rows are two passes of 32). A weight row's accumulators
+ * do not depend on the rows beside it in a block or a pass: any cut of [0, M) or of the rows gives
+ * the same bits (shardmesh_linear_wide's, which packs and calls this one pass at a time). */
 static void wide_columns(long rows, long K, long M, const float *xt, const float *weight, float *out, long m0,
                          long m1) {
     int V = (int)((rows + LANES - 1) / LANES);
@@ -141,5 +122,16 @@ static void wide_columns(long rows, long K, long M, const float *xt, const float
         case 3: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB3, 3, pass_rows, o, M); break;
         default: wide_pass(w, K, m1 - m0, x, ldt, WIDE_MB4, 4, pass_rows, o, M); break;
         }
+    }
+}
+
+/* out [n, M] = x [n, K] W^T, W [M, K], in passes of up to WIDE_MAX_VECTORS * LANES rows, each packed
+ * then taken by wide_columns (one pass of it). scratch: K * WIDE_MAX_VECTORS * LANES floats, aligned to
+ * 64 bytes (the packed x). */
+void shardmesh_linear_wide(long n, long K, long M, const float *x, const float *weight, float *out, float *scratch) {
+    for (long r0 = 0; r0 < n; r0 += WIDE_MAX_VECTORS * LANES) {
+        long rows = n - r0 < WIDE_MAX_VECTORS * LANES ? n - r0 : WIDE_MAX_VECTORS * LANES;
+        wide_pack(x + r0 * K, K, rows, (int)((rows + LANES - 1) / LANES), scratch);
+        wide_columns(rows, K, M, scratch, weight, out + r0 * M, 0, M);
     }
 }
