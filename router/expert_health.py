@@ -39,9 +39,10 @@ PROBE_CHANNEL_OPTIONS = {"grpc.initial_reconnect_backoff_ms": 200, "grpc.max_rec
 
 class ExpertProber:
     def __init__(self, state, period: float = PROBE_PERIOD_S, deadline: float = PROBE_DEADLINE_S,
-                 failures_to_down: int = FAILURES_TO_DOWN):
+                 failures_to_down: int = FAILURES_TO_DOWN, channel_options: dict | None = None):
         self.state = state  # router.main.RouterState
         self.period, self.deadline, self.failures_to_down = period, deadline, failures_to_down
+        self.channel_options = PROBE_CHANNEL_OPTIONS if channel_options is None else channel_options
         self._probes: dict[str, asyncio.Task] = {}  # address -> its probe loop
         self._task: asyncio.Task | None = None
 
@@ -73,8 +74,19 @@ class ExpertProber:
             await asyncio.sleep(self.period)
 
     async def _probe_loop(self, address: str) -> None:
+        while True:
+            await self._probe_channel(address)
+
+    async def _probe_channel(self, address: str) -> None:
+        """Probe `address` on one channel until the server registers again after a verdict of
+        unreachable. That server is new and gets a new channel: the old one, refused while it was
+        down, may wait out a reconnect backoff (up to max_reconnect_backoff_ms) failing every probe
+        at once, and three of those would drop the server that just registered."""
         failures = 0
-        async with open_channel(address, self.state.security, PROBE_CHANNEL_OPTIONS) as channel:
+        # its own subchannel: another channel to the address with the same options would share the
+        # process-wide pool's subchannel, backoff included
+        options = {**self.channel_options, "grpc.use_local_subchannel_pool": 1}
+        async with open_channel(address, self.state.security, options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             loop = asyncio.get_running_loop()
             while True:
@@ -87,7 +99,7 @@ class ExpertProber:
                     continue
                 unreachable = self.state.cluster.unreachable
                 if failures >= self.failures_to_down and address not in unreachable:
-                    failures = 0  # it registered again since our verdict: a new server, counted afresh
+                    return  # it registered again since our verdict: a new server, on a new channel
                 failures = failures + 1 if failure else 0
                 if (failures >= self.failures_to_down) != (address in unreachable):
                     try:
