@@ -18,14 +18,28 @@
 #define WIDE_PREFETCH 64
 #endif
 
-#if LANES == 16
 #include <immintrin.h>
+#if LANES == 16
 /* *p in every lane, as a memory operand of the multiply-add ({1to16}): a load-port micro-op, not a
  * shuffle-port broadcast from a register (which bounds the loop at one weight per cycle). */
 static inline vec broadcast(const float *p) { return (vec)_mm512_set1_ps(*p); }
 #else
 static inline vec broadcast(const float *p) { return (vec){0} + *p; }
 #endif
+
+/* acc + a * b rounded once wherever the CPU has a fused multiply-add: by the instruction, not left
+ * to the compiler's contraction of `acc += a * b`, which GCC 12 fuses at every accumulator here but
+ * another compiler or version may leave unfused at some (V, MB) and not others, and then a row's
+ * bits would depend on how many rows share its pass. */
+static inline vec fused_multiply_add(vec a, vec b, vec acc) {
+#if LANES == 16
+    return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif LANES == 8 && defined(__FMA__)
+    return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+    return acc + a * b; /* no FMA instruction: no contraction either */
+#endif
+}
 
 /* out[r, m0 + i] for i < MB, r < rows (rows of this pass, starting at x's row r0 already applied):
  * MB weight rows from w (stride K) against V vectors of xt (stride ldt). */
@@ -51,7 +65,7 @@ static inline __attribute__((always_inline)) void wide_block(const float *w, lon
             for (int v = 0; v < V; v++) xv[v] = *(const vec *)(xt + k * ldt + v * LANES); /* aligned: see wide_pack */
             for (int i = 0; i < MB; i++) {
                 vec wv = broadcast(w + i * K + k);
-                for (int v = 0; v < V; v++) acc[i][v] += wv * xv[v];
+                for (int v = 0; v < V; v++) acc[i][v] = fused_multiply_add(wv, xv[v], acc[i][v]);
             }
         }
     }
