@@ -14,7 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from router.expert_health import ExpertProber
 
-PERIOD_S, DEADLINE_S, FAILURES = 0.1, 1.0, 3
+PERIOD_S, DEADLINE_S, FAILURES = 0.1, 2.0, 3
 # The dead replica's channel reconnects only after this (jitter: +-20 %): far longer than the
 # FAILURES probes that would drop the restarted replica, so a prober still on that channel fails.
 BACKOFF_MS = 10_000
