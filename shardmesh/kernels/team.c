@@ -19,8 +19,13 @@
  * holds a unit, and the caller then waits at the next barrier, or at the end, for the scheduler
  * to run it again: milliseconds, where the whole job takes a fraction of one (bench/stage_parts.py
  * at load 5 on 2 cores: a stage's decode step at batch 16 took 63 ms with a team of 2 against 40
- * alone). So when the caller has waited longer than TEAM_SLOW_WAIT_NS in a job, it runs the next
- * TEAM_ALONE_JOBS jobs alone, then tries the helpers again. */
+ * alone). So when the caller has waited longer than TEAM_SLOW_WAIT_NS in TEAM_SLOW_JOBS of the last
+ * 64 jobs it ran with helpers, it runs the next TEAM_ALONE_JOBS jobs alone, then tries the helpers
+ * again. One slow job is not enough: on a quiet 2-core host a mesh's other processes (the router
+ * streaming tokens, an event loop waking) take a helper's core now and then, and going alone for 64
+ * jobs (~8 decode steps) after each such wait cost a 1-stage mesh 1.15x at batch 16 there
+ * (bench/tree_ab.py); a host that is really oversubscribed makes most jobs slow and still goes alone
+ * (never going alone was 1.15x slower at load 5). */
 
 #include <pthread.h>
 #include <sched.h>
@@ -33,9 +38,14 @@
 #define TEAM_HELPERS_MAX 15
 #define TEAM_SLOW_WAIT_NS 300000L /* a unit takes ~10-20 us: a wait this long is a descheduled helper */
 #define TEAM_ALONE_JOBS 64        /* ~8 decode steps of an 8-layer stage */
+#ifndef TEAM_SLOW_JOBS
+#define TEAM_SLOW_JOBS 3          /* slow jobs among the last 64 with helpers that send the next ones alone */
+#endif
 
-static atomic_long team_alone_jobs; /* jobs the next callers run alone (a caller waited too long) */
-atomic_long shardmesh_team_slow_waits; /* how often that happened in this process (tests, benches) */
+static atomic_long team_alone_jobs; /* jobs the next callers run alone (callers waited too long) */
+static atomic_int team_job_slow;    /* the running job's caller waited too long (one caller at a time) */
+static atomic_ulong team_recent_jobs; /* bit i: the (i + 1)-th last job with helpers was slow */
+atomic_long shardmesh_team_slow_waits; /* how often a caller waited too long in this process (tests, benches) */
 
 static long team_now_ns(void) {
     struct timespec now;
@@ -43,12 +53,34 @@ static long team_now_ns(void) {
     return now.tv_sec * 1000000000L + now.tv_nsec;
 }
 
-/* After a wait of the caller (worker 0) that began at `start` (ns): too long, and the next jobs run alone. */
+/* After a wait of the caller (worker 0) that began at `start` (ns): too long, and its job counts as slow. */
 static void team_note_wait(long start) {
     if (team_now_ns() - start > TEAM_SLOW_WAIT_NS) {
-        atomic_store(&team_alone_jobs, TEAM_ALONE_JOBS);
+        atomic_store(&team_job_slow, 1);
         atomic_fetch_add(&shardmesh_team_slow_waits, 1);
     }
+}
+
+/* At the end of a job run with helpers: TEAM_SLOW_JOBS slow ones among the last 64 send the next
+ * TEAM_ALONE_JOBS jobs alone (and the count starts afresh after them). */
+static void team_note_job(void) {
+    unsigned long recent = atomic_load(&team_recent_jobs) << 1 | (unsigned long)atomic_exchange(&team_job_slow, 0);
+    if (__builtin_popcountl(recent) >= TEAM_SLOW_JOBS) {
+        atomic_store(&team_alone_jobs, TEAM_ALONE_JOBS);
+        recent = 0;
+    }
+    atomic_store(&team_recent_jobs, recent);
+}
+
+/* The policy above on its own, for tests (tests/test_team_alone.py): `reset` bit 0 clears the history,
+ * bit 1 the jobs to run alone; then a job run with helpers is noted, slow or not. Returns the jobs the
+ * next callers run alone. Not for use while jobs run. */
+long shardmesh_team_note_job(int slow, int reset) {
+    if (reset & 1) atomic_store(&team_recent_jobs, 0);
+    if (reset & 2) atomic_store(&team_alone_jobs, 0);
+    atomic_store(&team_job_slow, slow != 0);
+    team_note_job();
+    return atomic_load(&team_alone_jobs);
 }
 
 struct phased_job {
@@ -209,6 +241,7 @@ static long team_run(struct phased_job *job, int threads) {
     while (atomic_load(&job->inside) > 0) pthread_cond_wait(&team_state.left, &team_state.lock);
     pthread_mutex_unlock(&team_state.lock);
     if (start) team_note_wait(start);
+    team_note_job();
     atomic_store(&team_state.busy, 0);
     return atomic_load(&job->helper_units);
 }
