@@ -6,12 +6,16 @@ dead again, it is dropped again."""
 
 import asyncio
 import socket
-import types
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from shardmesh.config import ModelConfig
+from shardmesh.topology import Topology
+from shardmesh.v1 import router_pb2
+
+from router.cluster import ClusterMap
 from router.expert_health import ExpertProber
 
 PERIOD_S, DEADLINE_S, FAILURES = 0.1, 2.0, 3
@@ -21,38 +25,28 @@ BACKOFF_MS = 10_000
 BACKOFF = {"grpc.initial_reconnect_backoff_ms": BACKOFF_MS, "grpc.min_reconnect_backoff_ms": BACKOFF_MS,
            "grpc.max_reconnect_backoff_ms": BACKOFF_MS}
 BOUND_S = 5.0  # a verdict on a loaded 2-core machine (FAILURES * PERIOD_S when idle)
+MOE = ModelConfig(family="mixtral", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                  max_position_embeddings=64, tie_word_embeddings=False, num_experts=2, experts_per_token=1)
+TOPOLOGY = '[[stage]]\nname = "s0"\nlayers = [0, 2]\n[[expert_server]]\nname = "experts-a"\nexperts = [0, 1]\n'
 
 
-class Cluster:
-    """What the prober reads and calls of router.cluster.ClusterMap: one expert server, one replica."""
-
-    def __init__(self, address: str):
-        self.topology = types.SimpleNamespace(expert_servers=[types.SimpleNamespace(name="experts-a")])
-        self.servers = {"experts-a": types.SimpleNamespace(addresses=[address])}
-        self.unreachable: set[str] = set()
-        self.placement_version = 1
-
-    def set_reachable(self, address: str, reachable: bool) -> bool:
-        if reachable == (address not in self.unreachable):
-            return False
-        (self.unreachable.discard if reachable else self.unreachable.add)(address)
-        self.placement_version += 1
-        return True
-
-    def register_again(self, address: str) -> None:
-        """As ClusterMap.register for a replica that restarted at its address: it answers again."""
-        self.unreachable.discard(address)
-        self.placement_version += 1
+def register(cluster: ClusterMap, address: str) -> None:
+    """experts-a at `address` registers (again, after a restart: ClusterMap.register takes it back)."""
+    spec = cluster.topology.server("experts-a")
+    cluster.register(router_pb2.RegisterServerRequest(
+        name="experts-a", role=router_pb2.SERVER_ROLE_EXPERT, address=address, model_fingerprint=MOE.fingerprint,
+        experts=[router_pb2.ExpertKey(layer=layer, expert=expert) for layer, expert in spec.experts]))
 
 
 class RouterState:
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: ClusterMap):
         self.cluster, self.security = cluster, None
         self.registry_lock = asyncio.Lock()
         self.verdicts: list[bool] = []  # reachable? per cluster change the prober made
 
     async def on_cluster_change(self) -> None:
-        self.verdicts.append(self.cluster.servers["experts-a"].addresses[0] not in self.cluster.unreachable)
+        self.verdicts.append(not self.cluster.unreachable)
 
 
 async def health_server(port: int) -> grpc.aio.Server:
@@ -83,7 +77,8 @@ def test_a_replica_restarted_at_its_address_is_not_dropped_by_the_channel_that_s
     async def body():
         port = free_port()
         address = f"127.0.0.1:{port}"
-        cluster = Cluster(address)
+        cluster = ClusterMap(Topology.from_toml(TOPOLOGY, MOE.num_layers).validate(MOE), MOE)
+        register(cluster, address)
         state = RouterState(cluster)
         prober = ExpertProber(state, period=PERIOD_S, deadline=DEADLINE_S, failures_to_down=FAILURES,
                               channel_options=BACKOFF).start()
@@ -94,7 +89,7 @@ def test_a_replica_restarted_at_its_address_is_not_dropped_by_the_channel_that_s
             assert state.verdicts == [False]
 
             server = await health_server(port)  # restarted at the same address
-            cluster.register_again(address)
+            register(cluster, address)
             await asyncio.sleep(20 * PERIOD_S)  # well inside the old channel's backoff (>= 8 s)
             assert address not in cluster.unreachable, "the restarted replica was dropped again"
             assert state.verdicts == [False]
